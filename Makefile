@@ -1,0 +1,53 @@
+# zddd — see README.md. Every target runs as root on Debian 12.
+PY      := /usr/bin/python3
+VENV    := .venv
+VPY     := $(VENV)/bin/python
+PYTEST  := $(VPY) -m pytest
+
+DEBS := nftables python3-nftables python3-pyroute2 python3-dbus-fast python3-sdnotify \
+        python3-prometheus-client python3-pytest python3-venv python3-pip python3-setuptools iproute2 dbus curl \
+        haproxy nginx-light wrk
+
+.PHONY: setup test test-fast test-integration test-e2e test-system lint demo bench deb clean
+
+setup: $(VENV)/.setup-done
+
+# Idempotent: apt-get only when a package is missing, the venv only when absent.
+$(VENV)/.setup-done: pyproject.toml Makefile
+	@missing=$$(for p in $(DEBS); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null \
+	    | grep -q 'install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	    echo "installing:" $$missing; \
+	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
+	fi
+	test -x $(VPY) || $(PY) -m venv --system-site-packages $(VENV)
+	$(VPY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+# The whole suite. pytest's exit code 5 ("no tests ran") fails like any other.
+test: setup
+	$(PYTEST) tests
+
+test-fast: setup
+	$(PYTEST) -m unit tests
+
+test-integration: setup
+	$(PYTEST) -m integration tests
+
+test-e2e: setup
+	$(PYTEST) -m e2e tests
+
+test-system: setup
+	$(PYTEST) -m system tests
+
+lint: setup
+	$(VPY) -m pyflakes zddd tests bench 2>/dev/null || $(VPY) -m compileall -q zddd tests bench
+
+demo: setup
+	$(VPY) examples/demo.py
+
+bench: setup
+	$(VPY) bench/switch_and_throughput.py
+
+clean:
+	rm -rf $(VENV) dist build *.egg-info

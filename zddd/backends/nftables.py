@@ -1,0 +1,239 @@
+"""The nftables backend: one table, `inet zddd`, changed only in atomic libnftables JSON batches.
+
+Layout (what `nft list table inet zddd` shows):
+
+    table inet zddd {
+        counter flows_main { }            # new connections steered, per target
+        counter flows_backup { }
+        map steer { type inet_service : verdict; elements = { 8888 : goto steer_main } }
+        chain steer_main { meta l4proto tcp counter name "flows_main" redirect to :8080 }
+        chain steer_backup { meta l4proto tcp counter name "flows_backup" redirect to :80 }
+        chain prerouting { type nat hook prerouting priority dstnat; policy accept;
+            tcp dport 8888 fib daddr type local tcp dport vmap @steer }
+        chain output { type nat hook output priority dstnat; policy accept;
+            tcp dport 8888 fib daddr type local tcp dport vmap @steer }
+    }
+
+A switch replaces the one element of `steer` (flush + add in one transaction), so it is atomic
+and costs one small batch. `off` leaves the map empty: the rule no longer matches and nothing
+listens on the listen port, so new connections are refused. The NAT chains stay registered in
+`off`, because conntrack keeps translating connections that were redirected before, and that
+needs the NAT hooks. Nothing outside the table is ever read or written.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from . import ApplyError, Backend, BackendUnavailable, Desired, KernelState, Plan
+
+FAMILY = "inet"
+TABLE = "zddd"
+MAP = "steer"
+NAT_PRIORITY = -100  # dstnat
+_REF = {"family": FAMILY, "table": TABLE}
+
+
+def _chain_for(target: str) -> str:
+    return f"steer_{target}"
+
+
+def _counter_for(target: str) -> str:
+    return f"flows_{target}"
+
+
+def _tcp_dport() -> dict:
+    return {"payload": {"protocol": "tcp", "field": "dport"}}
+
+
+def _hook_rule(listen_port: int) -> list:
+    # The first match is the cheap one; fib keeps zddd from hijacking traffic routed through
+    # this host to another machine's port.
+    return [
+        {"match": {"op": "==", "left": _tcp_dport(), "right": listen_port}},
+        {"match": {"op": "==", "left": {"fib": {"result": "type", "flags": ["daddr"]}},
+                   "right": "local"}},
+        {"vmap": {"key": _tcp_dport(), "data": "@" + MAP}},
+    ]
+
+
+def _steer_rule(target: str, port: int) -> list:
+    return [
+        {"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": "tcp"}},
+        {"counter": _counter_for(target)},
+        {"redirect": {"port": port}},
+    ]
+
+
+def _layout(desired: Desired) -> dict[tuple[str, str], dict]:
+    """Every object of the table as nft lists it (minus handles and counter values), by
+    (kind, name); chains carry their rules' expressions under "rules"."""
+    base = {"family": FAMILY, "table": TABLE}
+    objects: dict[tuple[str, str], dict] = {}
+    for target, port in desired.ports:
+        objects[("counter", _counter_for(target))] = {**base, "name": _counter_for(target)}
+        objects[("chain", _chain_for(target))] = {
+            **base, "name": _chain_for(target), "rules": [_steer_rule(target, port)]}
+    objects[("map", MAP)] = {**base, "name": MAP, "type": "inet_service", "map": "verdict"}
+    for hook in ("prerouting", "output"):
+        objects[("chain", hook)] = {
+            **base, "name": hook, "type": "nat", "hook": hook, "prio": NAT_PRIORITY,
+            "policy": "accept", "rules": [_hook_rule(desired.listen_port)]}
+    return objects
+
+
+def _element(desired: Desired) -> list:
+    assert desired.active is not None
+    return [desired.listen_port, {"goto": {"target": _chain_for(desired.active)}}]
+
+
+_VOLATILE = ("handle", "packets", "bytes", "elem", "table")
+
+
+def _comparable(obj: dict) -> dict:
+    return {k: v for k, v in obj.items() if k not in _VOLATILE}
+
+
+class NftablesBackend(Backend):
+    name = "nftables"
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+
+    def _nft(self):
+        # A libnftables context is not thread-safe; the metrics scrape runs in its own thread.
+        nft = getattr(self._local, "nft", None)
+        if nft is None:
+            import nftables
+
+            nft = nftables.Nftables()
+            nft.set_json_output(True)
+            nft.set_handle_output(False)
+            self._local.nft = nft
+        return nft
+
+    def _cmd(self, commands: list) -> dict | None:
+        rc, out, err = self._nft().json_cmd({"nftables": commands})
+        if rc != 0:
+            raise ApplyError((err or "nftables refused the batch").strip())
+        return out
+
+    def probe(self) -> None:
+        try:
+            import nftables  # noqa: F401
+        except ImportError:
+            raise BackendUnavailable(
+                "the nftables backend needs libnftables' Python binding: "
+                "apt-get install python3-nftables") from None
+        try:
+            self._cmd([{"list": {"tables": {"family": FAMILY}}}])
+        except ApplyError as e:
+            raise BackendUnavailable(f"nftables is not usable here: {e}") from None
+
+    def _list(self) -> list[dict] | None:
+        rc, out, err = self._nft().json_cmd(
+            {"nftables": [{"list": {"table": {"family": FAMILY, "name": TABLE}}}]})
+        if rc != 0:
+            if "No such file or directory" in (err or ""):
+                return None
+            raise ApplyError((err or "cannot list the table").strip())
+        return out["nftables"]
+
+    def read(self, desired: Desired) -> KernelState | None:
+        listing = self._list()
+        if listing is None:
+            return None
+        found, rules, elements = self._parse(listing)
+        expected = _layout(desired)
+        intact = set(found) == set(expected)
+        for key, obj in expected.items():
+            if not intact:
+                break
+            want = {k: v for k, v in obj.items() if k != "rules"}
+            intact = _comparable(found[key]) == _comparable(want)
+            if key[0] == "chain":
+                intact = intact and rules.get(key[1], []) == obj["rules"]
+        active = None
+        by_chain = {_chain_for(t): t for t, _ in desired.ports}
+        for key, verdict in elements:
+            target = by_chain.get(verdict.get("goto", {}).get("target"))
+            if key == desired.listen_port and target and active is None:
+                active = target
+            else:
+                intact = False
+        return KernelState(active=active, intact=intact)
+
+    @staticmethod
+    def _parse(listing: list[dict]):
+        found: dict[tuple[str, str], dict] = {}
+        rules: dict[str, list] = {}
+        elements: list = []
+        for item in listing:
+            (kind, obj), = item.items()
+            if kind in ("metainfo", "table"):
+                continue
+            if kind == "rule":
+                rules.setdefault(obj["chain"], []).append(obj["expr"])
+                continue
+            found[(kind, obj["name"])] = obj
+            if kind == "map" and obj["name"] == MAP:
+                elements = [tuple(e) for e in obj.get("elem", [])]
+        return found, rules, elements
+
+    def plan(self, current: KernelState | None, desired: Desired) -> Plan:
+        if current is not None and current.intact:
+            if current.active == desired.active:
+                return Plan((), steering_only=True)
+            return Plan(tuple(self._steering(desired)), steering_only=True)
+        return Plan(tuple(self._full(desired)), steering_only=False)
+
+    @staticmethod
+    def _steering(desired: Desired) -> list:
+        ref = {"family": FAMILY, "table": TABLE, "name": MAP}
+        commands: list = [{"flush": {"map": ref}}]
+        if desired.active is not None:
+            commands.append({"add": {"element": {**ref, "elem": [_element(desired)]}}})
+        return commands
+
+    def _full(self, desired: Desired) -> list:
+        """Declare the whole table. Objects that are there but differ, or that zddd would not
+        have written, are removed first; the table itself is never deleted, so the NAT hooks
+        stay registered throughout."""
+        expected = _layout(desired)
+        table = {"family": FAMILY, "name": TABLE}
+        listing = self._list()
+        found, _, _ = self._parse(listing) if listing is not None else ({}, {}, [])
+        commands: list = [{"add": {"table": table}}]
+        # References first: rules and map elements can point at objects about to go.
+        for (kind, name) in found:
+            if kind == "chain":
+                commands.append({"flush": {"chain": {**_REF, "name": name}}})
+            elif kind in ("map", "set"):
+                commands.append({"flush": {kind: {**_REF, "name": name}}})
+        for key, obj in found.items():
+            want = expected.get(key)
+            if want is None or _comparable(obj) != _comparable(
+                    {k: v for k, v in want.items() if k != "rules"}):
+                commands.append({"delete": {key[0]: {**_REF, "name": key[1]}}})
+        for (kind, name), obj in expected.items():
+            commands.append({"add": {kind: {k: v for k, v in obj.items() if k != "rules"}}})
+        for (kind, name), obj in expected.items():
+            for expr in obj.get("rules", []):
+                commands.append({"add": {"rule": {**_REF, "chain": name, "expr": expr}}})
+        commands.extend(self._steering(desired))
+        return commands
+
+    def apply(self, plan: Plan) -> None:
+        if plan.commands:
+            self._cmd(list(plan.commands))
+
+    def flows_steered(self) -> dict[str, int]:
+        listing = self._list() or []
+        counts = {}
+        for item in listing:
+            obj = item.get("counter")
+            if obj and obj["name"].startswith("flows_"):
+                counts[obj["name"][len("flows_"):]] = int(obj.get("packets", 0))
+        return counts
+

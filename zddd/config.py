@@ -1,0 +1,259 @@
+"""The TOML configuration, parsed into frozen dataclasses.
+
+Everything is validated here, before anything touches the kernel. Every error names the key it is
+about, so an operator can find the line to fix.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEFAULT_PATH = "/etc/zddd/zddd.toml"
+TARGET_NAMES = ("main", "backup")
+OFF = "off"
+ALL_TARGETS = TARGET_NAMES + (OFF,)
+BACKENDS = ("nftables", "tc", "xdp")
+# Keys whose change a running daemon cannot take over: they name what it owns in the kernel.
+RESTART_KEYS = ("backend", "listen_port", "bpf_pin_dir")
+
+
+class ConfigError(ValueError):
+    """An invalid configuration. `key` is the dotted key at fault ("" for the file itself)."""
+
+    def __init__(self, key: str, problem: str):
+        self.key = key
+        self.problem = problem
+        super().__init__(f"{key}: {problem}" if key else problem)
+
+
+@dataclass(frozen=True)
+class Health:
+    """How a target is probed: kind is "tcp", "http" (with path) or "none"."""
+
+    kind: str = "tcp"
+    path: str = ""
+
+    def __str__(self) -> str:
+        return f"http:{self.path}" if self.kind == "http" else self.kind
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    port: int
+    health: Health = Health()
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """A listen address; `host` is an IP literal ("::" listens on IPv4 and IPv6)."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Config:
+    listen_port: int = 8888
+    backend: str = "nftables"
+    interfaces: tuple[str, ...] | None = None  # None: every interface up at start
+    xdp_mode: str = "native"
+    bpf_pin_dir: str = "/sys/fs/bpf/zddd"
+    bpf_flow_entries: int = 1048576
+    initial: str = "main"
+    state_file: str = "/var/lib/zddd/state.json"
+    drain_timeout: float = 30.0
+    targets: dict[str, Target] = field(
+        default_factory=lambda: {
+            "main": Target("main", 8080),
+            "backup": Target("backup", 80),
+        }
+    )
+    health_interval: float = 1.0
+    health_timeout: float = 0.5
+    agent_listen: Endpoint | None = Endpoint("::", 8889)
+    metrics_listen: Endpoint | None = Endpoint("127.0.0.1", 9488)
+
+    def target_port(self, name: str) -> int:
+        return self.targets[name].port
+
+    def restart_changes(self, new: "Config") -> list[str]:
+        """The keys that differ between self and new and that only a restart can apply."""
+        return [k for k in RESTART_KEYS if getattr(self, k) != getattr(new, k)]
+
+
+_SCHEMA_TOP = {
+    "listen_port", "backend", "interfaces", "xdp_mode", "bpf_pin_dir", "bpf_flow_entries",
+    "initial", "state_file", "drain_timeout", "targets", "health", "agent", "metrics",
+}
+
+
+def _expect(value: Any, types: type | tuple[type, ...], key: str, what: str) -> Any:
+    # bool is an int in Python; TOML's true must never pass for a port or a number.
+    if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
+        raise ConfigError(key, f"must be {what}, not a boolean")
+    if not isinstance(value, types):
+        raise ConfigError(key, f"must be {what}, not {type(value).__name__} {value!r}")
+    return value
+
+
+def _port(value: Any, key: str) -> int:
+    _expect(value, int, key, "an integer port")
+    if not 1 <= value <= 65535:
+        raise ConfigError(key, f"port {value} is out of range 1-65535")
+    return value
+
+
+def _seconds(value: Any, key: str, *, allow_zero: bool) -> float:
+    _expect(value, (int, float), key, "a number of seconds")
+    if value < 0 or (value == 0 and not allow_zero) or value != value:
+        raise ConfigError(key, f"{value} is not a valid duration")
+    return float(value)
+
+
+def _choice(value: Any, key: str, choices: tuple[str, ...]) -> str:
+    _expect(value, str, key, "a string")
+    if value not in choices:
+        raise ConfigError(key, f"{value!r} is not one of {', '.join(choices)}")
+    return value
+
+
+def _unknown(table: dict, allowed: set[str], prefix: str) -> None:
+    for key in table:
+        if key not in allowed:
+            raise ConfigError(f"{prefix}{key}", "unknown key")
+
+
+def parse_health(value: Any, key: str) -> Health:
+    _expect(value, str, key, 'a string ("tcp", "http:/path" or "none")')
+    if value in ("tcp", "none"):
+        return Health(value)
+    if value.startswith("http:/") and not any(c.isspace() for c in value):
+        return Health("http", value[len("http:"):])
+    raise ConfigError(key, f'{value!r} is not "tcp", "http:/path" or "none"')
+
+
+def parse_endpoint(value: Any, key: str) -> Endpoint | None:
+    _expect(value, str, key, 'a string "host:port" or ""')
+    if value == "":
+        return None
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ConfigError(key, f"{value!r} is not host:port (IPv6 as [addr]:port)")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        version = 6
+    else:
+        version = 4
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        raise ConfigError(key, f"{host!r} is not an IP address") from None
+    if addr.version != version:
+        raise ConfigError(key, f"{value!r}: write IPv6 addresses in brackets, [addr]:port")
+    return Endpoint(str(addr), _port(int(port), key))
+
+
+def from_dict(data: dict) -> Config:
+    """Build a Config from parsed TOML; raises ConfigError naming the key at fault."""
+    _unknown(data, _SCHEMA_TOP, "")
+    defaults = Config()
+    kw: dict[str, Any] = {}
+    if "listen_port" in data:
+        kw["listen_port"] = _port(data["listen_port"], "listen_port")
+    if "backend" in data:
+        kw["backend"] = _choice(data["backend"], "backend", BACKENDS)
+    if "interfaces" in data:
+        ifaces = _expect(data["interfaces"], list, "interfaces", "a list of interface names")
+        for i, name in enumerate(ifaces):
+            _expect(name, str, f"interfaces[{i}]", "an interface name")
+            if not name or len(name) > 15 or "/" in name or any(c.isspace() for c in name):
+                raise ConfigError(f"interfaces[{i}]", f"{name!r} is not a valid interface name")
+        kw["interfaces"] = tuple(ifaces)
+    if "xdp_mode" in data:
+        kw["xdp_mode"] = _choice(data["xdp_mode"], "xdp_mode", ("native", "generic"))
+    for key in ("bpf_pin_dir", "state_file"):
+        if key in data:
+            value = _expect(data[key], str, key, "an absolute path")
+            if not value.startswith("/"):
+                raise ConfigError(key, f"{value!r} is not an absolute path")
+            kw[key] = value
+    if "bpf_flow_entries" in data:
+        value = _expect(data["bpf_flow_entries"], int, "bpf_flow_entries", "an integer")
+        if not 1024 <= value <= 1 << 26:
+            raise ConfigError("bpf_flow_entries", f"{value} is out of range 1024-{1 << 26}")
+        kw["bpf_flow_entries"] = value
+    if "initial" in data:
+        kw["initial"] = _choice(data["initial"], "initial", ALL_TARGETS)
+    if "drain_timeout" in data:
+        kw["drain_timeout"] = _seconds(data["drain_timeout"], "drain_timeout", allow_zero=True)
+
+    targets = dict(defaults.targets)
+    if "targets" in data:
+        table = _expect(data["targets"], dict, "targets", "a table")
+        _unknown(table, set(TARGET_NAMES), "targets.")
+        for name, spec in table.items():
+            prefix = f"targets.{name}"
+            _expect(spec, dict, prefix, "a table")
+            _unknown(spec, {"port", "health"}, prefix + ".")
+            port = _port(spec["port"], prefix + ".port") if "port" in spec else targets[name].port
+            health = (parse_health(spec["health"], prefix + ".health")
+                      if "health" in spec else targets[name].health)
+            targets[name] = Target(name, port, health)
+    kw["targets"] = targets
+
+    if "health" in data:
+        table = _expect(data["health"], dict, "health", "a table ([health])")
+        _unknown(table, {"interval", "timeout"}, "health.")
+        if "interval" in table:
+            kw["health_interval"] = _seconds(table["interval"], "health.interval", allow_zero=False)
+        if "timeout" in table:
+            kw["health_timeout"] = _seconds(table["timeout"], "health.timeout", allow_zero=False)
+    for section in ("agent", "metrics"):
+        if section in data:
+            table = _expect(data[section], dict, section, f"a table ([{section}])")
+            _unknown(table, {"listen"}, section + ".")
+            if "listen" in table:
+                kw[f"{section}_listen"] = parse_endpoint(table["listen"], f"{section}.listen")
+
+    config = Config(**kw)
+    _check_ports(config)
+    return config
+
+
+def _check_ports(config: Config) -> None:
+    """Two roles on one port would make zddd steer into itself or fight its own vhosts."""
+    owners: dict[int, str] = {config.listen_port: "listen_port"}
+    claims = [(f"targets.{t.name}.port", t.port) for t in config.targets.values()]
+    if config.agent_listen:
+        claims.append(("agent.listen", config.agent_listen.port))
+    if config.metrics_listen:
+        claims.append(("metrics.listen", config.metrics_listen.port))
+    for key, port in claims:
+        if port in owners:
+            raise ConfigError(key, f"port {port} is already used by {owners[port]}")
+        owners[port] = key
+
+
+def load(path: str | Path | None) -> Config:
+    """Read and validate a config file. A missing file at the default path gives the defaults."""
+    if path is None:
+        path = DEFAULT_PATH
+        if not Path(path).exists():
+            return Config()
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise ConfigError("", f"cannot read {path}: {e.strerror}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError("", f"{path}: not valid TOML: {e}") from None
+    return from_dict(data)

@@ -1,0 +1,114 @@
+"""Health probes of the targets, on an interval, without blocking the event loop.
+
+A probe connects to the target's port on the loopback address (IPv4, then IPv6): `tcp` passes when
+the connection is accepted, `http:/path` when a GET of the path is answered 2xx or 3xx, `none`
+always passes. The client ports of probes in flight are exposed so connection counts can leave
+zddd's own probes out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Callable
+
+from .config import Config, Target
+
+log = logging.getLogger("zddd")
+
+LOOPBACKS = ("127.0.0.1", "::1")
+
+
+class HealthMonitor:
+    def __init__(self, config: Config, on_change: Callable[[str, bool], None] = lambda t, u: None):
+        self.config = config
+        self.on_change = on_change
+        self._up: dict[str, bool] = {}
+        self._reasons: dict[str, str] = {}
+        self._probe_ports: set[int] = set()
+        self._task: asyncio.Task | None = None
+
+    def is_up(self, target: str) -> bool:
+        return self._up.get(target, False)
+
+    def reason(self, target: str) -> str:
+        return self._reasons.get(target, "not probed yet")
+
+    def probe_ports(self) -> set[int]:
+        return set(self._probe_ports)
+
+    async def probe_all(self) -> None:
+        """Probe every target once, concurrently, and record the results."""
+        targets = list(self.config.targets.values())
+        results = await asyncio.gather(*(self._probe(t) for t in targets))
+        for target, (up, reason) in zip(targets, results):
+            self._record(target.name, up, reason)
+
+    def _record(self, name: str, up: bool, reason: str) -> None:
+        before = self._up.get(name)
+        self._up[name] = up
+        self._reasons[name] = reason
+        if before is not None and before != up:
+            log.info("event=health target=%s up=%s reason=%r", name, "yes" if up else "no",
+                     reason)
+        if before != up:
+            self.on_change(name, up)
+
+    async def _probe(self, target: Target) -> tuple[bool, str]:
+        if target.health.kind == "none":
+            return True, "not probed (health = none)"
+        try:
+            return await asyncio.wait_for(self._connect_and_check(target),
+                                          self.config.health_timeout)
+        except asyncio.TimeoutError:
+            return False, f"no answer within {self.config.health_timeout} s"
+        except OSError as e:
+            return False, e.strerror or str(e)
+
+    async def _connect_and_check(self, target: Target) -> tuple[bool, str]:
+        last: OSError | None = None
+        for host in LOOPBACKS:
+            try:
+                reader, writer = await asyncio.open_connection(host, target.port)
+            except OSError as e:
+                last = e
+                continue
+            port = writer.get_extra_info("sockname")[1]
+            self._probe_ports.add(port)
+            try:
+                if target.health.kind == "tcp":
+                    return True, "connected"
+                return await self._http(reader, writer, target)
+            finally:
+                writer.close()
+                # Keep the port listed until the socket is gone, so it is never counted.
+                try:
+                    await writer.wait_closed()
+                except OSError:
+                    pass
+                self._probe_ports.discard(port)
+        assert last is not None
+        raise last
+
+    @staticmethod
+    async def _http(reader, writer, target: Target) -> tuple[bool, str]:
+        writer.write(f"GET {target.health.path} HTTP/1.0\r\nHost: localhost\r\n"
+                     "User-Agent: zddd-health\r\nConnection: close\r\n\r\n".encode())
+        await writer.drain()
+        status_line = await reader.readline()
+        parts = status_line.decode("latin-1").split()
+        if len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].isdigit():
+            return False, f"not an HTTP answer: {status_line[:60]!r}"
+        code = int(parts[1])
+        if 200 <= code < 400:
+            return True, f"HTTP {code}"
+        return False, f"HTTP {code}"
+
+    async def run(self) -> None:
+        """Probe forever on the configured interval (the first round is `probe_all`)."""
+        while True:
+            await asyncio.sleep(self.config.health_interval)
+            await self.probe_all()
+
+    def reconfigure(self, config: Config) -> None:
+        self.config = config

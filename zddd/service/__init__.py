@@ -1,0 +1,1 @@
+"""Adapters around the core, one file each: D-Bus, metrics, agent-check, systemd notify."""

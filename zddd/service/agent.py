@@ -1,0 +1,71 @@
+"""HAProxy agent-check responder: one line per connection, then close.
+
+HAProxy connects to `[agent] listen`, optionally sends its `agent-send` string, and reads one line.
+The answer comes from the core (`ready up`, `down`, `drain`, `maint`). The responder never parses
+input; it only discards what the client sent so that closing does not reset the connection before
+HAProxy has read the answer. Connections beyond `MAX_CLIENTS` at once are closed unanswered, and
+every connection is bounded in time, so a flood cannot exhaust the daemon.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+
+from ..config import Endpoint
+
+log = logging.getLogger("zddd")
+
+MAX_CLIENTS = 256
+LINGER_SECONDS = 1.0
+DISCARD_BYTES = 4096
+
+
+class AgentResponder:
+    def __init__(self, answer):
+        self.answer = answer  # () -> str, the core's agent_answer
+        self.active = 0
+        self._server: asyncio.base_events.Server | None = None
+
+    async def start(self, endpoint: Endpoint) -> None:
+        sock = socket.socket(socket.AF_INET6 if ":" in endpoint.host else socket.AF_INET,
+                             socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if sock.family == socket.AF_INET6 and endpoint.host == "::":
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        try:
+            sock.bind((endpoint.host, endpoint.port))
+        except OSError:
+            sock.close()
+            raise
+        self._server = await asyncio.start_server(self._handle, sock=sock, backlog=1024)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.active >= MAX_CLIENTS:
+            writer.transport.abort()
+            return
+        self.active += 1
+        try:
+            writer.write((self.answer() + "\n").encode())
+            writer.write_eof()
+            # Wait for HAProxy to close (discarding what it sent) so our close is a clean FIN.
+            # A client that keeps sending past DISCARD_BYTES is not HAProxy: cut it off.
+            discarded = 0
+            async with asyncio.timeout(LINGER_SECONDS):
+                while discarded <= DISCARD_BYTES:
+                    chunk = await reader.read(DISCARD_BYTES)
+                    if not chunk:
+                        break
+                    discarded += len(chunk)
+        except (OSError, TimeoutError):
+            pass
+        finally:
+            self.active -= 1
+            writer.close()
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
