@@ -1,0 +1,52 @@
+"""A tiny HTTP/1.1 vhost for tests: answers every GET with its name, keeps connections alive.
+
+    python3 tests/httpd.py PORT NAME
+
+Listens on [::] (IPv4 too). GET /slow?s=N answers after N seconds (a connection held open on
+purpose); any other path answers NAME at once. Prints "ready" on stdout once listening.
+"""
+
+import socket
+import sys
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlparse
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self):
+        url = urlparse(self.path)
+        if url.path == "/slow":
+            time.sleep(float(parse_qs(url.query).get("s", ["1"])[0]))
+        body = f"{self.server.name}\n".encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+class Server(ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+    daemon_threads = True
+
+    def server_bind(self):
+        self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        super().server_bind()
+
+
+def main():
+    port, name = int(sys.argv[1]), sys.argv[2]
+    server = Server(("::", port), Handler)
+    server.name = name
+    print("ready", flush=True)
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,314 @@
+"""Test plumbing: network namespaces, a private dbus-daemon with zddd's policy, vhosts, zddd.
+
+Everything here creates only namespaces and processes of its own, and every `close` is safe to
+call twice and after a failure. The pytest fixtures in tests/conftest.py wrap these classes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import signal
+import subprocess
+import time
+from contextlib import suppress
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+VENV_BIN = REPO / ".venv" / "bin"
+PYTHON = "/usr/bin/python3"
+POLICY = REPO / "systemd" / "org.zddd.Steering1.conf"
+
+CLIENT_V4, APP_V4 = "198.51.100.1", "198.51.100.2"
+CLIENT_V6, APP_V6 = "2001:db8::1", "2001:db8::2"
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.02):
+    """Poll until predicate() is truthy; return its value or fail naming `what`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+class NetNS:
+    """A network namespace with loopback up; deleted (and its processes killed) on close."""
+
+    def __init__(self, role: str):
+        self.name = f"zt-{role}-{secrets.token_hex(3)}"
+        subprocess.run(["ip", "netns", "add", self.name], check=True)
+        self.procs: list[subprocess.Popen] = []
+        self.run("ip", "link", "set", "lo", "up")
+
+    def cmd(self, *argv: str) -> list[str]:
+        return ["ip", "netns", "exec", self.name, *argv]
+
+    def run(self, *argv: str, check: bool = True, timeout: float = 30, **kw):
+        return subprocess.run(self.cmd(*argv), check=check, timeout=timeout,
+                              capture_output=True, text=True, **kw)
+
+    def popen(self, *argv: str, **kw) -> subprocess.Popen:
+        proc = subprocess.Popen(self.cmd(*argv), **kw)
+        self.procs.append(proc)
+        return proc
+
+    def close(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+            with suppress(Exception):
+                proc.wait(timeout=5)
+        # Anything else started in the namespace (e.g. by a test directly) goes too.
+        pids = subprocess.run(["ip", "netns", "pids", self.name], capture_output=True,
+                              text=True).stdout.split()
+        for pid in pids:
+            with suppress(ProcessLookupError, ValueError):
+                os.kill(int(pid), signal.SIGKILL)
+        subprocess.run(["ip", "netns", "del", self.name], capture_output=True)
+
+
+def link(a: NetNS, b: NetNS, a_addrs: tuple[str, str], b_addrs: tuple[str, str]) -> None:
+    """Join two namespaces with a veth pair; each side gets an IPv4 /24 and an IPv6 /64."""
+    va, vb = f"v{secrets.token_hex(4)}", f"v{secrets.token_hex(4)}"
+    subprocess.run(["ip", "link", "add", va, "netns", a.name, "type", "veth", "peer", "name",
+                    vb, "netns", b.name], check=True)
+    for ns, dev, (v4, v6) in ((a, va, a_addrs), (b, vb, b_addrs)):
+        ns.run("ip", "addr", "add", f"{v4}/24", "dev", dev)
+        ns.run("ip", "-6", "addr", "add", f"{v6}/64", "dev", dev, "nodad")
+        ns.run("ip", "link", "set", dev, "up")
+
+
+class Vhost:
+    """tests/httpd.py on a port in a namespace, answering its name."""
+
+    def __init__(self, ns: NetNS, port: int, name: str):
+        self.ns, self.port, self.name = ns, port, name
+        self.proc: subprocess.Popen | None = None
+        self.start()
+
+    def start(self) -> None:
+        self.proc = self.ns.popen(PYTHON, str(REPO / "tests" / "httpd.py"), str(self.port),
+                                  self.name, stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout.readline().strip() == "ready", f"vhost {self.name} failed"
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=5)
+
+
+BUS_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <type>zddd-test</type>
+  <listen>unix:path={socket}</listen>
+  <auth>EXTERNAL</auth>
+  <!-- The system bus' default stance: nothing may be owned or called unless a policy allows. -->
+  <policy context="default">
+    <allow user="*"/>
+    <deny own="*"/>
+    <deny send_type="method_call"/>
+    <allow send_type="signal"/>
+    <allow send_requested_reply="true" send_type="method_return"/>
+    <allow send_requested_reply="true" send_type="error"/>
+    <allow receive_type="method_call"/>
+    <allow receive_type="method_return"/>
+    <allow receive_type="error"/>
+    <allow receive_type="signal"/>
+    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus"/>
+    <allow send_destination="org.freedesktop.DBus"
+           send_interface="org.freedesktop.DBus.Introspectable"/>
+  </policy>
+  <include>{policy}</include>
+</busconfig>
+"""
+
+
+class Bus:
+    """A private dbus-daemon configured like the system bus, with zddd's own policy file."""
+
+    def __init__(self, tmp: Path):
+        self.dir = tmp
+        self.socket = tmp / "bus"
+        config = tmp / "bus.conf"
+        config.write_text(BUS_CONFIG.format(socket=self.socket, policy=POLICY))
+        os.chmod(tmp, 0o755)  # unprivileged clients must reach the socket
+        self.proc = subprocess.Popen(["dbus-daemon", "--nofork", "--nosyslog",
+                                      f"--config-file={config}"])
+        wait_for(self.socket.exists, 10, "dbus-daemon socket")
+        self.address = f"unix:path={self.socket}"
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=5)
+
+
+def _toml_value(value) -> str:
+    return json.dumps(value) if not isinstance(value, bool) else str(value).lower()
+
+
+def to_toml(config: dict) -> str:
+    """Enough TOML for zddd configs: top-level scalars/lists and nested tables."""
+    lines, tables = [], []
+
+    def emit(prefix: str, table: dict) -> None:
+        scalars = {k: v for k, v in table.items() if not isinstance(v, dict)}
+        if prefix:
+            tables.append(f"[{prefix}]")
+            tables.extend(f"{k} = {_toml_value(v)}" for k, v in scalars.items())
+        else:
+            lines.extend(f"{k} = {_toml_value(v)}" for k, v in scalars.items())
+        for k, v in table.items():
+            if isinstance(v, dict):
+                emit(f"{prefix}.{k}" if prefix else k, v)
+
+    emit("", config)
+    return "\n".join(lines + tables) + "\n"
+
+
+class Zddd:
+    """A real zddd process in a namespace, on a private bus. `config` holds overrides of the
+    test defaults (state file in the test's tmp dir, fast health probes)."""
+
+    def __init__(self, ns: NetNS, bus: Bus, tmp: Path, config: dict | None = None):
+        self.ns, self.bus, self.tmp = ns, bus, tmp
+        self.config_path = tmp / "zddd.toml"
+        self.log_path = tmp / "zddd.log"
+        self.state_path = tmp / "state.json"
+        self.config = {"state_file": str(self.state_path), "drain_timeout": 10,
+                       "health": {"interval": 0.2, "timeout": 0.5}}
+        self.config.update(config or {})
+        self.proc: subprocess.Popen | None = None
+        self.write_config()
+
+    def write_config(self, text: str | None = None) -> None:
+        self.config_path.write_text(text if text is not None else to_toml(self.config))
+
+    def start(self, wait: bool = True) -> "Zddd":
+        self._log = open(self.log_path, "a")
+        self.proc = self.ns.popen(str(VENV_BIN / "zddd"), "--config", str(self.config_path),
+                                  "--bus", self.bus.address, stdout=self._log,
+                                  stderr=subprocess.STDOUT)
+        if wait:
+            wait_for(lambda: self.proc.poll() is not None or self.owns_name(), 15,
+                     "zddd to own its bus name")
+            assert self.proc.poll() is None, f"zddd exited:\n{self.log()}"
+        return self
+
+    def owns_name(self) -> bool:
+        r = subprocess.run(["busctl", f"--address={self.bus.address}", "status",
+                            "org.zddd.Steering1"], capture_output=True)
+        return r.returncode == 0
+
+    def kill(self, sig: int = signal.SIGKILL) -> int:
+        self.proc.send_signal(sig)
+        rc = self.proc.wait(timeout=10)
+        self._log.close()
+        wait_for(lambda: not self.owns_name(), 5, "the bus name to be released")
+        return rc
+
+    def log(self) -> str:
+        return self.log_path.read_text() if self.log_path.exists() else ""
+
+    def zddctl(self, *args: str, user: str | None = None, timeout: float = 60):
+        argv = [str(VENV_BIN / "zddctl"), "--bus", self.bus.address, *args]
+        if user:
+            argv = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *argv]
+        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+
+    def call(self, member: str, signature: str = "", *body, timeout: float = 60):
+        """Call a Manager method; returns (error_name or None, reply body)."""
+        return dbus_call(self.bus.address, member, signature, list(body), timeout)
+
+    def prop(self, name: str):
+        err, body = dbus_call(self.bus.address, "Get", "ss",
+                              ["org.zddd.Steering1.Manager", name], 10,
+                              interface="org.freedesktop.DBus.Properties")
+        assert err is None, err
+        return body[0].value
+
+    def nft(self) -> dict:
+        """The kernel's view of zddd's table in the namespace (JSON), or {} if absent."""
+        r = self.ns.run("nft", "-j", "list", "table", "inet", "zddd", check=False)
+        return json.loads(r.stdout) if r.returncode == 0 else {}
+
+    def steered_to(self) -> str | None:
+        """The chain the steer map's element points at, read straight from the kernel."""
+        for item in self.nft().get("nftables", []):
+            m = item.get("map")
+            if m and m["name"] == "steer":
+                elems = m.get("elem", [])
+                return elems[0][1]["goto"]["target"].removeprefix("steer_") if elems else "off"
+        return None
+
+    def close(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=5)
+
+
+def dbus_call(address: str, member: str, signature: str, body: list, timeout: float,
+              interface: str = "org.zddd.Steering1.Manager"):
+    from zddd.service.dbus import Message, MessageBus, MessageType
+
+    async def go():
+        bus = await MessageBus(bus_address=address).connect()
+        try:
+            reply = await asyncio.wait_for(bus.call(Message(
+                destination="org.zddd.Steering1", path="/org/zddd/Steering1",
+                interface=interface, member=member, signature=signature, body=body)), timeout)
+        finally:
+            bus.disconnect()
+        if reply.message_type == MessageType.ERROR:
+            return reply.error_name, reply.body
+        return None, reply.body
+
+    return asyncio.run(go())
+
+
+def http_get(ns: NetNS, host: str, port: int, path: str = "/", timeout: float = 5) -> str:
+    """One request from inside `ns` with curl; returns the body or raises on failure."""
+    url = f"http://[{host}]:{port}{path}" if ":" in host else f"http://{host}:{port}{path}"
+    r = ns.run("curl", "-sS", "--max-time", str(timeout), url, check=False)
+    if r.returncode != 0:
+        raise ConnectionError(r.stderr.strip())
+    return r.stdout.strip()
+
+
+class KeepAlive:
+    """An HTTP/1.1 connection held open from inside a namespace (a child process), so a test
+    can send requests on the same TCP connection before and after a switch."""
+
+    SCRIPT = r"""
+import http.client, sys
+c = http.client.HTTPConnection(sys.argv[1], int(sys.argv[2]), timeout=10)
+for line in sys.stdin:
+    path = line.strip()
+    c.request("GET", path)
+    r = c.getresponse()
+    print(r.read().decode().strip(), flush=True)
+"""
+
+    def __init__(self, ns: NetNS, host: str, port: int):
+        self.proc = ns.popen(PYTHON, "-c", self.SCRIPT, host, str(port), stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+
+    def get(self, path: str = "/") -> str:
+        self.proc.stdin.write(path + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline().strip()
+        if not line:
+            raise ConnectionError("the kept-alive connection broke")
+        return line
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=5)
