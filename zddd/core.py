@@ -62,6 +62,7 @@ class AlwaysUp:
 class _Drain:
     target: str
     deadline: float  # monotonic
+    wall_deadline: float  # the same moment in wall-clock time, for the state file
     task: asyncio.Task | None = None
 
 
@@ -144,14 +145,14 @@ class Steering:
             remaining = max(0.0, saved.drain_deadline - self.wall())
             self._begin_drain(active, remaining, save=False)
         else:
-            self.store.save(SavedState(active))
+            self._save(SavedState(active))
         log.info("event=start how=%s target=%s backend=%s%s", how, active, self.backend.name,
                  f" resumed_drain={active}" if resume else "")
 
     # ---- switches -------------------------------------------------------------------------
 
     def switch(self, target: str, *, force: bool = False,
-                     drain_timeout: float | None = None, caller: str = "") -> int:
+               drain_timeout: float | None = None, caller: str = "") -> int:
         """Steer new connections to `target`. Returns the commit time in µs (0 if nothing
         changed or a drain started). Raises InvalidTarget, TargetUnhealthy, BackendFailure."""
         received = self.clock()
@@ -170,9 +171,8 @@ class Steering:
                          caller or "-")
                 raise TargetUnhealthy(f"target {target!r} failed its last health probe "
                                       "(use force to switch anyway)")
-            self._cancel_drain()
-            self.store.save(SavedState(target))
             usec = self._switch_kernel(target)
+            self._cancel_drain()
             self._result(target, "ok", self.clock() - received)
             log.info("event=switch from=%s to=%s duration_usec=%d caller=%s",
                      old, target, usec, caller or "-")
@@ -185,9 +185,8 @@ class Steering:
             self._result(target, "ok", self.clock() - received)
             return 0
         if force or timeout == 0:
-            self._cancel_drain()
-            self.store.save(SavedState(OFF))
             usec = self._switch_kernel(OFF)
+            self._cancel_drain()
             self._result(target, "ok", self.clock() - received)
             log.info("event=switch from=%s to=off duration_usec=%d forced=yes caller=%s",
                      old, usec, caller or "-")
@@ -200,13 +199,21 @@ class Steering:
         return 0
 
     def _switch_kernel(self, target: str) -> int:
-        """Commit `target` to the kernel; the caller holds the lock and has saved the state."""
+        """Save `target` as the desired state, then commit it to the kernel. On failure the
+        kernel and the saved state are left as they were, and BackendFailure is raised."""
         try:
+            self._save(SavedState(target))
             current = self.backend.read(self._desired(None))
             return self._commit(target, current)
-        except ApplyError as e:
+        except (ApplyError, BackendFailure) as e:
             self._result(target, "failed", None)
             log.error("event=switch_failed to=%s error=%r", target, str(e))
+            try:
+                self._save(self._saved_state())
+            except BackendFailure:
+                pass
+            if isinstance(e, BackendFailure):
+                raise
             raise BackendFailure(f"the kernel refused the change: {e}") from None
 
     def _commit(self, target: str, current: KernelState | None) -> int:
@@ -226,6 +233,19 @@ class Steering:
             self._emit_properties(changes)
         return usec
 
+    def _save(self, state: SavedState) -> None:
+        try:
+            self.store.save(state)
+        except OSError as e:
+            # Saving comes before the kernel changes; without it a restart could undo the switch.
+            raise BackendFailure(f"cannot save the state to {self.store.path}: "
+                                 f"{e.strerror or e}") from None
+
+    def _saved_state(self) -> SavedState:
+        if self._drain:
+            return SavedState(OFF, self._drain.target, self._drain.wall_deadline)
+        return SavedState(self.active)
+
     def _desired(self, active: str | None) -> Desired:
         return Desired.from_config(self.config, active)
 
@@ -233,10 +253,10 @@ class Steering:
 
     def _begin_drain(self, target: str, timeout: float, *, save: bool = True,
                      received: float | None = None) -> None:
-        deadline = self.clock() + timeout
+        drain = _Drain(target, self.clock() + timeout, self.wall() + timeout)
         if save:
-            self.store.save(SavedState(OFF, target, self.wall() + timeout))
-        self._drain = _Drain(target, deadline)
+            self._save(SavedState(OFF, target, drain.wall_deadline))
+        self._drain = drain
         self._drain_answers = 0
         self._drain.task = asyncio.get_running_loop().create_task(
             self._run_drain(self._drain, received if received is not None else self.clock()))
@@ -268,7 +288,6 @@ class Steering:
             if reason is None:
                 await asyncio.sleep(DRAIN_POLL_INTERVAL)
                 continue
-            self.store.save(SavedState(OFF))
             try:
                 usec = self._switch_kernel(OFF)
             except BackendFailure:
@@ -316,6 +335,9 @@ class Steering:
         except ApplyError as e:
             self.config = old
             raise BackendFailure(f"the kernel refused the new layout: {e}") from None
+        if new.state_file != old.state_file:
+            self.store = StateFile(new.state_file)
+            self._save(self._saved_state())
         if old.targets != new.targets:
             self._emit_properties({"Targets": self.targets})
         for o in self.observers:
