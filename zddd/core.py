@@ -9,6 +9,7 @@ await inside, so changes are serialized without a lock and each one is a single 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -64,6 +65,14 @@ class _Drain:
     deadline: float  # monotonic
     wall_deadline: float  # the same moment in wall-clock time, for the state file
     task: asyncio.Task | None = None
+    caller: str = "-"  # who asked for it, for the log line of the switch that ends it
+
+
+def _quote(value: str) -> str:
+    """A log value that stays one key=value token (JSON-quoted if it needs to be)."""
+    if value and all(c.isprintable() and not c.isspace() and c not in '"=\\' for c in value):
+        return value
+    return json.dumps(value)
 
 
 def _usec(seconds: float) -> int:
@@ -158,6 +167,8 @@ class Steering:
         received = self.clock()
         if target not in ALL_TARGETS:
             self._result("invalid", "refused", None)
+            log.info("event=switch_refused to=%s reason=invalid_target caller=%s",
+                     _quote(target), caller or "-")
             raise InvalidTarget(f"unknown target {target!r}; valid targets: "
                                 f"{', '.join(ALL_TARGETS)}")
         if drain_timeout is not None and not 0 <= drain_timeout <= MAX_WAIT_SECONDS:
@@ -169,8 +180,9 @@ class Steering:
                 self._result(target, "refused", None)
                 log.info("event=switch_refused to=%s reason=unhealthy caller=%s", target,
                          caller or "-")
-                raise TargetUnhealthy(f"target {target!r} failed its last health probe "
-                                      "(use force to switch anyway)")
+                why = getattr(self.health, "reason", lambda t: "")(target)
+                raise TargetUnhealthy(f"target {target!r} failed its last health probe"
+                                      f"{f' ({why})' if why else ''}; use force to switch anyway")
             usec = self._switch_kernel(target)
             self._cancel_drain()
             self._result(target, "ok", self.clock() - received)
@@ -193,7 +205,7 @@ class Steering:
             self._emit_switched(old, OFF, usec)
             return usec
         if self._drain is None:
-            self._begin_drain(old, timeout, received=received)
+            self._begin_drain(old, timeout, received=received, caller=caller or "-")
             log.info("event=drain_start target=%s timeout=%s caller=%s", old, timeout,
                      caller or "-")
         return 0
@@ -252,8 +264,8 @@ class Steering:
     # ---- drains ---------------------------------------------------------------------------
 
     def _begin_drain(self, target: str, timeout: float, *, save: bool = True,
-                     received: float | None = None) -> None:
-        drain = _Drain(target, self.clock() + timeout, self.wall() + timeout)
+                     received: float | None = None, caller: str = "-") -> None:
+        drain = _Drain(target, self.clock() + timeout, self.wall() + timeout, caller=caller)
         if save:
             self._save(SavedState(OFF, target, drain.wall_deadline))
         self._drain = drain
@@ -275,7 +287,11 @@ class Steering:
         """Why the drain may end now, or None to keep waiting."""
         if self.clock() >= drain.deadline:
             return "timeout"
-        if self.connection_counts().get(drain.target, 0) > 0:
+        try:
+            if self.connection_counts().get(drain.target, 0) > 0:
+                return None
+        except Exception as e:  # unknown is not zero: keep waiting (the deadline still holds)
+            log.warning("event=count_failed target=%s error=%r", drain.target, str(e))
             return None
         polled = self.clock() - self._last_agent_poll <= AGENT_POLL_WINDOW
         if polled and self._drain_answers == 0:
@@ -297,8 +313,9 @@ class Steering:
             self._drain = None
             self._result(OFF, "ok", self.clock() - received)
             self._emit_properties({"Draining": ""})
-            log.info("event=drain_end target=%s reason=%s duration_usec=%d",
-                     drain.target, reason, usec)
+            log.info("event=switch from=%s to=off duration_usec=%d drain=%s drain_sec=%.3f "
+                     "caller=%s", drain.target, usec, reason, self.clock() - received,
+                     drain.caller)
             self._emit_switched(drain.target, OFF, usec)
 
     async def wait_drained(self, target: str, timeout: float) -> bool:
