@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from typing import Callable
 
 from .config import Config, Target
@@ -25,7 +26,8 @@ class HealthMonitor:
         self.on_change = on_change
         self._up: dict[str, bool] = {}
         self._reasons: dict[str, str] = {}
-        self._probe_ports: set[int] = set()
+        # Replaced, never mutated: the metrics thread reads it while probes run in the loop.
+        self._probe_ports: frozenset[int] = frozenset()
         self._task: asyncio.Task | None = None
 
     def is_up(self, target: str) -> bool:
@@ -34,14 +36,15 @@ class HealthMonitor:
     def reason(self, target: str) -> str:
         return self._reasons.get(target, "not probed yet")
 
-    def probe_ports(self) -> set[int]:
-        return set(self._probe_ports)
+    def probe_ports(self) -> frozenset[int]:
+        """Client ports of probe connections now open. Safe to call from any thread."""
+        return self._probe_ports
 
     async def probe_all(self) -> None:
         """Probe every target once, concurrently, and record the results."""
         targets = list(self.config.targets.values())
         results = await asyncio.gather(*(self._probe(t) for t in targets))
-        for target, (up, reason) in zip(targets, results):
+        for target, (up, reason) in zip(targets, results, strict=True):
             self._record(target.name, up, reason)
 
     def _record(self, name: str, up: bool, reason: str) -> None:
@@ -63,7 +66,9 @@ class HealthMonitor:
         except asyncio.TimeoutError:
             return False, f"no answer within {self.config.health_timeout} s"
         except OSError as e:
-            return False, e.strerror or str(e)
+            return False, os.strerror(e.errno) if e.errno else str(e)
+        except Exception as e:  # e.g. an over-long status line: the target is down, not zddd
+            return False, f"bad answer: {e}"
 
     async def _connect_and_check(self, target: Target) -> tuple[bool, str]:
         last: OSError | None = None
@@ -74,7 +79,7 @@ class HealthMonitor:
                 last = e
                 continue
             port = writer.get_extra_info("sockname")[1]
-            self._probe_ports.add(port)
+            self._probe_ports = self._probe_ports | {port}
             try:
                 if target.health.kind == "tcp":
                     return True, "connected"
@@ -86,7 +91,7 @@ class HealthMonitor:
                     await writer.wait_closed()
                 except OSError:
                     pass
-                self._probe_ports.discard(port)
+                self._probe_ports = self._probe_ports - {port}
         assert last is not None
         raise last
 
@@ -108,7 +113,10 @@ class HealthMonitor:
         """Probe forever on the configured interval (the first round is `probe_all`)."""
         while True:
             await asyncio.sleep(self.config.health_interval)
-            await self.probe_all()
+            try:
+                await self.probe_all()
+            except Exception:  # never let one bad round stop the probing for good
+                log.exception("event=health_round_failed")
 
     def reconfigure(self, config: Config) -> None:
         self.config = config

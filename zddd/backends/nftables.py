@@ -24,8 +24,6 @@ needs the NAT hooks. Nothing outside the table is ever read or written.
 from __future__ import annotations
 
 import threading
-from typing import Any
-
 from . import ApplyError, Backend, BackendUnavailable, Desired, KernelState, Plan
 
 FAMILY = "inet"
@@ -216,9 +214,9 @@ class NftablesBackend(Backend):
             if want is None or _comparable(obj) != _comparable(
                     {k: v for k, v in want.items() if k != "rules"}):
                 commands.append({"delete": {key[0]: {**_REF, "name": key[1]}}})
-        for (kind, name), obj in expected.items():
+        for (kind, _), obj in expected.items():
             commands.append({"add": {kind: {k: v for k, v in obj.items() if k != "rules"}}})
-        for (kind, name), obj in expected.items():
+        for (_, name), obj in expected.items():
             for expr in obj.get("rules", []):
                 commands.append({"add": {"rule": {**_REF, "chain": name, "expr": expr}}})
         commands.extend(self._steering(desired))
