@@ -24,6 +24,7 @@ needs the NAT hooks. Nothing outside the table is ever read or written.
 from __future__ import annotations
 
 import threading
+
 from . import ApplyError, Backend, BackendUnavailable, Desired, KernelState, Plan
 
 FAMILY = "inet"
