@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 from typing import Callable
 
 from .config import Config, Target
@@ -71,26 +72,38 @@ class HealthMonitor:
             return False, f"bad answer: {e}"
 
     async def _connect_and_check(self, target: Target) -> tuple[bool, str]:
+        loop = asyncio.get_running_loop()
         last: OSError | None = None
         for host in LOOPBACKS:
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
             try:
-                reader, writer = await asyncio.open_connection(host, target.port)
+                sock = socket.socket(family, socket.SOCK_STREAM)
             except OSError as e:
                 last = e
                 continue
-            port = writer.get_extra_info("sockname")[1]
-            self._probe_ports = self._probe_ports | {port}
+            port = 0
             try:
+                sock.setblocking(False)
+                # Bind first so the port is listed before the connection exists: a count taken
+                # while the handshake completes never sees the probe.
+                sock.bind((host, 0))
+                port = sock.getsockname()[1]
+                self._probe_ports = self._probe_ports | {port}
+                try:
+                    await loop.sock_connect(sock, (host, target.port))
+                except OSError as e:
+                    last = e
+                    continue
                 if target.health.kind == "tcp":
                     return True, "connected"
-                return await self._http(reader, writer, target)
-            finally:
-                writer.close()
-                # Keep the port listed until the socket is gone, so it is never counted.
+                reader, writer = await asyncio.open_connection(sock=sock)
                 try:
-                    await writer.wait_closed()
-                except OSError:
-                    pass
+                    return await self._http(reader, writer, target)
+                finally:
+                    writer.close()
+            finally:
+                # Keep the port listed until the socket is gone, so it is never counted.
+                sock.close()
                 self._probe_ports = self._probe_ports - {port}
         assert last is not None
         raise last
