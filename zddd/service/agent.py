@@ -3,8 +3,9 @@
 HAProxy connects to `[agent] listen`, optionally sends its `agent-send` string, and reads one line.
 The answer comes from the core (`ready up`, `down`, `drain`, `maint`). The responder never parses
 input; it only discards what the client sent so that closing does not reset the connection before
-HAProxy has read the answer. Connections beyond `MAX_CLIENTS` at once are closed unanswered, and
-every connection is bounded in time, so a flood cannot exhaust the daemon.
+HAProxy has read the answer. That wait is bounded in time and bytes, and at most `MAX_LINGERING`
+connections wait at once: beyond that a connection still gets its line but is closed right away.
+So every client is answered at once, and a flood of idle connections cannot exhaust the daemon.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from ..config import Endpoint
 
 log = logging.getLogger("zddd")
 
-MAX_CLIENTS = 256
+MAX_LINGERING = 256
 LINGER_SECONDS = 1.0
 DISCARD_BYTES = 4096
 
@@ -42,13 +43,21 @@ class AgentResponder:
         self._server = await asyncio.start_server(self._handle, sock=sock, backlog=1024)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self.active >= MAX_CLIENTS:
+        try:
+            writer.write((self.answer() + "\n").encode())
+            if self.active >= MAX_LINGERING:
+                writer.close()  # answered; only the clean-FIN courtesy is skipped
+                return
+            writer.write_eof()
+        except OSError:
+            writer.close()
+            return
+        except Exception:  # the answer must never take the responder down
+            log.exception("event=agent_failed")
             writer.transport.abort()
             return
         self.active += 1
         try:
-            writer.write((self.answer() + "\n").encode())
-            writer.write_eof()
             # Wait for HAProxy to close (discarding what it sent) so our close is a clean FIN.
             # A client that keeps sending past DISCARD_BYTES is not HAProxy: cut it off.
             discarded = 0
