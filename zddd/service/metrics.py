@@ -23,9 +23,9 @@ from ..core import Observer, Steering
 
 log = logging.getLogger("zddd")
 
-# From 50 µs (a map update) to a minute (a drain that ran to its timeout).
-DURATION_BUCKETS = (50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3,
-                    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+# From 10 µs (a map update) to a minute (a drain that ran to its timeout).
+DURATION_BUCKETS = (10e-6, 25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3,
+                    25e-3, 50e-3, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 RESULTS = ("ok", "refused", "failed")
 
 
