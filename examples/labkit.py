@@ -1,0 +1,470 @@
+"""Lab plumbing for the demo, the bench and the e2e test: network namespaces, veth links,
+dbus-daemon, zddd, nginx, HAProxy and a load generator, all real processes.
+
+Everything a `Lab` creates (namespaces, processes, a temporary directory) is removed when it is
+closed, also after an exception, Ctrl-C or SIGTERM (the `with` block turns SIGTERM/SIGHUP into
+SystemExit so the cleanup runs). Namespaces carry a random suffix, addresses come from the
+documentation ranges 198.51.100.0/24 and 203.0.113.0/24, and nothing is routed out.
+
+Run as root. `python labkit.py loadgen ...` is the load generator's entry point; the lab starts
+it inside a client namespace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLES = REPO / "examples"
+VENV_BIN = REPO / ".venv" / "bin"
+
+
+def _tool(name: str) -> str:
+    path = VENV_BIN / name
+    if path.exists():
+        return str(path)
+    found = shutil.which(name)
+    if found is None:
+        raise LabError(f"{name} not found (run `make setup` first)")
+    return found
+
+
+class LabError(RuntimeError):
+    pass
+
+
+def _run(argv: list[str], **kw) -> subprocess.CompletedProcess:
+    kw.setdefault("check", True)
+    kw.setdefault("capture_output", True)
+    kw.setdefault("text", True)
+    try:
+        return subprocess.run(argv, **kw)
+    except subprocess.CalledProcessError as e:
+        raise LabError(f"{' '.join(argv)} failed: {(e.stderr or '').strip()}") from None
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
+    """Poll `predicate` until it returns a true value (which is returned) or raise LabError."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise LabError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen
+    log: Path
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def log_text(self) -> str:
+        try:
+            return self.log.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def check_alive(self) -> None:
+        if not self.alive():
+            raise LabError(f"{self.name} exited with {self.popen.returncode}:\n"
+                           f"{self.log_text()[-2000:]}")
+
+
+@dataclass
+class Zddd:
+    name: str
+    netns: str
+    bus: str  # the D-Bus address zddd serves on
+    config: Path
+    proc: Proc
+
+    def ctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        """Run zddctl against this zddd (from the root namespace: the bus is a unix socket)."""
+        res = subprocess.run([_tool("zddctl"), "--bus", self.bus, *args], capture_output=True,
+                             text=True, timeout=120)
+        if check and res.returncode != 0:
+            raise LabError(f"zddctl {' '.join(args)} exited {res.returncode}: "
+                           f"{res.stderr.strip()}")
+        return res
+
+    def status(self) -> dict:
+        return json.loads(self.ctl("status", "--json").stdout)
+
+
+@dataclass
+class HAProxy:
+    netns: str
+    socket_path: Path
+    proc: Proc
+
+    def command(self, cmd: str) -> str:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(2)
+            s.connect(str(self.socket_path))
+            s.sendall(cmd.encode() + b"\n")
+            chunks = []
+            while chunk := s.recv(65536):
+                chunks.append(chunk)
+        return b"".join(chunks).decode()
+
+    def servers(self, backend: str = "app") -> dict[str, str]:
+        """Server name → HAProxy status (UP, DOWN, MAINT, DRAIN, "UP 1/2", ...)."""
+        lines = self.command("show stat").splitlines()
+        header = lines[0].lstrip("# ").split(",")
+        col = {name: i for i, name in enumerate(header)}
+        result = {}
+        for line in lines[1:]:
+            row = line.split(",")
+            if len(row) == len(header) and row[col["pxname"]] == backend and \
+                    row[col["svname"]] not in ("FRONTEND", "BACKEND"):
+                result[row[col["svname"]]] = row[col["status"]]
+        return result
+
+
+@dataclass
+class Lab:
+    """A set of namespaces and processes that disappears on close()."""
+
+    prefix: str = "zdl"
+    keep_tmp: bool = False
+    suffix: str = field(default_factory=lambda: secrets.token_hex(3))
+    tmp: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="zddd-lab-")))
+    namespaces: list[str] = field(default_factory=list)
+    procs: list[Proc] = field(default_factory=list)
+    _old_handlers: dict = field(default_factory=dict)
+
+    # ---- lifetime ----
+
+    def __enter__(self) -> "Lab":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGHUP):
+                self._old_handlers[sig] = signal.signal(sig, _exit_on_signal)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+        for sig, handler in self._old_handlers.items():
+            signal.signal(sig, handler)
+
+    def close(self) -> None:
+        # Ctrl-C pressed again during cleanup must not leave namespaces behind.
+        previous = None
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            for proc in reversed(self.procs):
+                stop(proc)
+            self.procs.clear()
+            for ns in reversed(self.namespaces):
+                subprocess.run(["ip", "netns", "delete", ns], capture_output=True)
+            self.namespaces.clear()
+            if not self.keep_tmp:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
+
+    # ---- network ----
+
+    def netns(self, role: str) -> str:
+        name = f"{self.prefix}-{role}-{self.suffix}"
+        _run(["ip", "netns", "add", name])
+        self.namespaces.append(name)
+        _run(["ip", "-n", name, "link", "set", "lo", "up"])
+        return name
+
+    def bridge(self, ns: str, cidr: str, name: str = "br0") -> str:
+        _run(["ip", "-n", ns, "link", "add", name, "type", "bridge"])
+        _run(["ip", "-n", ns, "addr", "add", cidr, "dev", name])
+        _run(["ip", "-n", ns, "link", "set", name, "up"])
+        return name
+
+    def link(self, ns_a: str, if_a: str, ns_b: str, if_b: str, *, cidr_a: str | None = None,
+             cidr_b: str | None = None, master_a: str | None = None) -> None:
+        """A veth pair between two namespaces, created directly inside them."""
+        _run(["ip", "link", "add", if_a, "netns", ns_a, "type", "veth", "peer", "name", if_b,
+              "netns", ns_b])
+        for ns, ifname, cidr in ((ns_a, if_a, cidr_a), (ns_b, if_b, cidr_b)):
+            if cidr:
+                _run(["ip", "-n", ns, "addr", "add", cidr, "dev", ifname])
+        if master_a:
+            _run(["ip", "-n", ns_a, "link", "set", if_a, "master", master_a])
+        _run(["ip", "-n", ns_a, "link", "set", if_a, "up"])
+        _run(["ip", "-n", ns_b, "link", "set", if_b, "up"])
+
+    def exec(self, ns: str, argv: list[str], **kw) -> subprocess.CompletedProcess:
+        return _run(["ip", "netns", "exec", ns, *argv], **kw)
+
+    # ---- processes ----
+
+    def spawn(self, name: str, ns: str | None, argv: list[str], **kw) -> Proc:
+        """Start a process (inside `ns`) with its output in tmp/<name>.log. It gets its own
+        session so a terminal's Ctrl-C reaches only us, and we stop it in order."""
+        log = self.tmp / f"{name}.log"
+        full = ["ip", "netns", "exec", ns, *argv] if ns else argv
+        with open(log, "wb") as out:
+            popen = subprocess.Popen(full, stdin=subprocess.DEVNULL, stdout=out,
+                                     stderr=subprocess.STDOUT, start_new_session=True, **kw)
+        proc = Proc(name, popen, log)
+        self.procs.append(proc)
+        return proc
+
+    def dbus_daemon(self, name: str) -> str:
+        """A private bus that anyone on this machine may use; returns its address."""
+        path = self.tmp / f"{name}.socket"
+        conf = self.tmp / f"{name}.conf"
+        conf.write_text(DBUS_CONF.format(path=path))
+        proc = self.spawn(name, None, ["dbus-daemon", f"--config-file={conf}", "--nofork",
+                                       "--nopidfile"])
+        wait_for(lambda: proc.check_alive() or path.exists(), 10, f"{name} socket")
+        return f"unix:path={path}"
+
+    def zddd(self, name: str, ns: str, bus: str, extra_toml: str = "") -> Zddd:
+        """Start zddd in `ns` with a config of its own; returns once it owns its bus name."""
+        state = self.tmp / f"{name}-state.json"
+        config = self.tmp / f"{name}.toml"
+        config.write_text(f'state_file = "{state}"\n'
+                          f'bpf_pin_dir = "/sys/fs/bpf/{name}-{self.suffix}"\n'
+                          f"drain_timeout = 20\n"
+                          f"{extra_toml}\n"
+                          "[health]\ninterval = 0.5\ntimeout = 0.5\n")
+        proc = self.spawn(name, ns, [_tool("zddd"), "--config", str(config), "--bus", bus])
+        wait_for(lambda: proc.check_alive() or "event=ready" in proc.log_text(), 20,
+                 f"{name} to become ready")
+        return Zddd(name, ns, bus, config, proc)
+
+    def nginx(self, name: str, ns: str, vhosts: dict[int, str], *, workers: int = 1,
+              cpus: str = "") -> Proc:
+        """nginx in `ns` answering `vhosts[port]` (plus a newline) on each port."""
+        root = self.tmp / name
+        for sub in ("", "temp"):
+            (root / sub).mkdir(exist_ok=True)
+        servers = "\n".join(
+            f"  server {{ listen {port} reuseport; listen [::]:{port} reuseport;\n"
+            f"    location / {{ return 200 '{answer}\\n'; }} }}"
+            for port, answer in vhosts.items())
+        conf = root / "nginx.conf"
+        conf.write_text(NGINX_CONF.format(root=root, workers=workers, servers=servers))
+        pin = ["taskset", "-c", cpus] if cpus else []
+        proc = self.spawn(name, ns, [*pin, "nginx", "-p", str(root), "-e", str(root / "error.log"),
+                                     "-c", str(conf)])
+        for port in vhosts:
+            wait_for(lambda: proc.check_alive() or port_open(self, ns, port), 10,
+                     f"{name} on port {port}")
+        return proc
+
+    def haproxy(self, name: str, ns: str, config_text: str) -> HAProxy:
+        """HAProxy in the foreground with a shipped config made lab-ready: the admin socket
+        moved into tmp, no chroot/user switch, no syslog."""
+        sock = self.tmp / f"{name}.sock"
+        conf = self.tmp / f"{name}.cfg"
+        conf.write_text(lab_haproxy_config(config_text, sock))
+        _run(["haproxy", "-c", "-q", "-f", str(conf)])
+        proc = self.spawn(name, ns, ["haproxy", "-db", "-f", str(conf)])
+        wait_for(lambda: proc.check_alive() or sock.exists(), 10, f"{name} admin socket")
+        return HAProxy(ns, sock, proc)
+
+    def loadgen(self, name: str, ns: str, url: str, *, workers: int = 4,
+                interval: float = 0.01) -> "LoadGen":
+        out = self.tmp / f"{name}.jsonl"
+        proc = self.spawn(name, ns, [sys.executable, str(Path(__file__).resolve()), "loadgen",
+                                     "--url", url, "--workers", str(workers),
+                                     "--interval", str(interval), "--out", str(out)])
+        lg = LoadGen(proc, out)
+        wait_for(lambda: proc.check_alive() or lg.records(), 10, f"{name} first response")
+        return lg
+
+
+def _exit_on_signal(signum, frame):
+    raise SystemExit(128 + signum)
+
+
+def stop(proc: Proc, timeout: float = 5.0) -> None:
+    """SIGTERM the process group we started, then SIGKILL it if it lingers."""
+    if proc.popen.poll() is None:
+        try:
+            os.killpg(proc.popen.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(proc.popen.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.popen.wait()
+
+
+def port_open(lab: Lab, ns: str, port: int) -> bool:
+    res = subprocess.run(["ip", "netns", "exec", ns, "bash", "-c",
+                          f"exec 3<>/dev/tcp/127.0.0.1/{port}"], capture_output=True)
+    return res.returncode == 0
+
+
+def lab_haproxy_config(text: str, admin_socket: Path) -> str:
+    """The shipped config with what needs a full system replaced: the admin socket path, the
+    chroot and user switch (harmless, but the lab needs none), syslog and daemon mode."""
+    out = []
+    replaced = False
+    for line in text.splitlines():
+        word = line.split()[:2]
+        if word[:2] == ["stats", "socket"]:
+            indent = line[:len(line) - len(line.lstrip())]
+            line = f"{indent}stats socket {admin_socket} mode 600 level admin"
+            replaced = True
+        elif word[:1] in (["chroot"], ["user"], ["group"], ["daemon"], ["log"]):
+            continue
+        out.append(line)
+    if not replaced:
+        raise LabError("the HAProxy config has no `stats socket` line to point at the lab")
+    return "\n".join(out) + "\n"
+
+
+# ---- load generator ---------------------------------------------------------------------
+
+@dataclass
+class LoadGen:
+    proc: Proc
+    out: Path
+
+    def records(self) -> list[dict]:
+        """Every finished request so far: {"t": start (monotonic), "d": seconds, "ok": bool,
+        "body": answer or error}."""
+        try:
+            lines = self.out.read_text().splitlines()
+        except OSError:
+            return []
+        result = []
+        for line in lines:
+            try:
+                result.append(json.loads(line))
+            except ValueError:
+                pass  # a line being written right now
+        return result
+
+    def finish(self) -> list[dict]:
+        stop(self.proc)
+        return self.records()
+
+
+def _loadgen_worker(url: str, interval: float, stopping: threading.Event, out, lock) -> None:
+    import http.client
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    while not stopping.is_set():
+        started = time.monotonic()
+        conn = http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=5)
+        try:
+            conn.request("GET", parts.path or "/", headers={"Connection": "close"})
+            resp = conn.getresponse()
+            body = resp.read().decode(errors="replace").strip()
+            ok = resp.status == 200
+            if not ok:
+                body = f"HTTP {resp.status}: {body[:60]}"
+        except (OSError, http.client.HTTPException) as e:
+            ok, body = False, f"{type(e).__name__}: {e}"
+        finally:
+            conn.close()
+        line = json.dumps({"t": started, "d": round(time.monotonic() - started, 6), "ok": ok,
+                           "body": body})
+        with lock:
+            out.write(line + "\n")
+            out.flush()
+        pause = interval - (time.monotonic() - started)
+        if pause > 0:
+            stopping.wait(pause)
+
+
+def loadgen_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="labkit.py loadgen")
+    p.add_argument("--url", required=True)
+    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--interval", type=float, default=0.01,
+                   help="seconds between request starts per worker")
+    p.add_argument("--out", required=True)
+    p.add_argument("--duration", type=float, default=600,
+                   help="stop by itself after this long (bounded load)")
+    args = p.parse_args(argv)
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *a: stopping.set())
+    signal.signal(signal.SIGINT, lambda *a: stopping.set())
+    lock = threading.Lock()
+    with open(args.out, "w") as out:
+        threads = [threading.Thread(target=_loadgen_worker,
+                                    args=(args.url, args.interval, stopping, out, lock))
+                   for _ in range(args.workers)]
+        for t in threads:
+            t.start()
+        stopping.wait(args.duration)
+        stopping.set()
+        for t in threads:
+            t.join()
+    return 0
+
+
+DBUS_CONF = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <listen>unix:path={path}</listen>
+  <auth>EXTERNAL</auth>
+  <policy context="default">
+    <allow user="*"/>
+    <allow own="*"/>
+    <allow send_type="method_call"/>
+    <allow send_type="signal"/>
+    <allow send_type="method_return"/>
+    <allow send_type="error"/>
+    <allow receive_type="method_call"/>
+    <allow receive_type="signal"/>
+    <allow receive_type="method_return"/>
+    <allow receive_type="error"/>
+  </policy>
+</busconfig>
+"""
+
+NGINX_CONF = """worker_processes {workers};
+pid {root}/nginx.pid;
+daemon off;
+error_log {root}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  default_type text/plain;
+  keepalive_requests 1000000;
+  client_body_temp_path {root}/temp/body;
+  proxy_temp_path {root}/temp/proxy;
+  fastcgi_temp_path {root}/temp/fastcgi;
+  uwsgi_temp_path {root}/temp/uwsgi;
+  scgi_temp_path {root}/temp/scgi;
+{servers}
+}}
+"""
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "loadgen":
+        sys.exit(loadgen_main(sys.argv[2:]))
+    print("usage: labkit.py loadgen --url URL --out FILE [--workers N] [--interval S]",
+          file=sys.stderr)
+    sys.exit(2)
