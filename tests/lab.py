@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import pwd
 import secrets
 import signal
 import subprocess
@@ -82,6 +83,13 @@ def link(a: NetNS, b: NetNS, a_addrs: tuple[str, str], b_addrs: tuple[str, str])
         ns.run("ip", "addr", "add", f"{v4}/24", "dev", dev)
         ns.run("ip", "-6", "addr", "add", f"{v6}/64", "dev", dev, "nodad")
         ns.run("ip", "link", "set", dev, "up")
+    # Static IPv6 neighbours: otherwise the first IPv6 SYN after link-up is lost while the
+    # link-local address is tentative, and the connection takes a 1 s retransmit.
+    macs = {dev: json.loads(ns.run("ip", "-j", "link", "show", dev).stdout)[0]["address"]
+            for ns, dev in ((a, va), (b, vb))}
+    for ns, dev, peer, peer_v6 in ((a, va, vb, b_addrs[1]), (b, vb, va, a_addrs[1])):
+        ns.run("ip", "-6", "neigh", "replace", peer_v6, "lladdr", macs[peer], "dev", dev,
+               "nud", "permanent")
 
 
 class Vhost:
@@ -220,7 +228,10 @@ class Zddd:
     def zddctl(self, *args: str, user: str | None = None, timeout: float = 60):
         argv = [str(VENV_BIN / "zddctl"), "--bus", self.bus.address, *args]
         if user:
-            argv = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *argv]
+            # Numeric ids: Debian's nobody has group nogroup, not a group named after it.
+            pw = pwd.getpwnam(user)
+            argv = ["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--clear-groups",
+                    *argv]
         return subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
 
     def call(self, member: str, signature: str = "", *body, timeout: float = 60):
@@ -312,3 +323,48 @@ for line in sys.stdin:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(timeout=5)
+
+
+def connect_error(ns: NetNS, host: str, port: int, timeout: float = 3) -> tuple[str, float]:
+    """One TCP connect from inside `ns`: ("ok" or the errno name, seconds it took)."""
+    script = r"""
+import errno, socket, sys, time
+host, port, timeout = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+family = socket.AF_INET6 if ":" in host else socket.AF_INET
+s = socket.socket(family, socket.SOCK_STREAM)
+s.settimeout(timeout)
+t = time.monotonic()
+try:
+    s.connect((host, port))
+    what = "ok"
+except socket.timeout:
+    what = "timeout"
+except OSError as e:
+    what = errno.errorcode.get(e.errno, str(e.errno))
+print(what, time.monotonic() - t)
+"""
+    out = ns.run(PYTHON, "-c", script, host, str(port), str(timeout)).stdout.split()
+    return out[0], float(out[1])
+
+
+def scrape_metrics(ns: NetNS, endpoint: str = "127.0.0.1:9488") -> dict[str, float]:
+    """zddd's Prometheus endpoint scraped from inside `ns`: {"name{labels}": value}."""
+    r = ns.run("curl", "-sS", "--max-time", "5", f"http://{endpoint}/metrics")
+    samples = {}
+    for line in r.stdout.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return samples
+
+
+def without_counters(listing: dict) -> dict:
+    """An nft JSON listing with packet/byte counts removed (they change with traffic); handles
+    stay, so a rewritten table does not compare equal."""
+    def strip(obj):
+        if isinstance(obj, dict):
+            return {k: strip(v) for k, v in obj.items() if k not in ("packets", "bytes")}
+        if isinstance(obj, list):
+            return [strip(v) for v in obj]
+        return obj
+    return strip(listing)
