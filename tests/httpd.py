@@ -1,9 +1,10 @@
 """A tiny HTTP/1.1 vhost for tests: answers every GET with its name, keeps connections alive.
 
-    python3 tests/httpd.py PORT NAME
+    python3 tests/httpd.py PORT NAME [PATH=STATUS ...]
 
 Listens on [::] (IPv4 too). GET /slow?s=N answers after N seconds (a connection held open on
-purpose); any other path answers NAME at once. Prints "ready" on stdout once listening.
+purpose); any other path answers NAME at once, with status 200 unless a PATH=STATUS argument
+gives another for that path (e.g. /health=404). Prints "ready" on stdout once listening.
 """
 
 import socket
@@ -21,7 +22,7 @@ class Handler(BaseHTTPRequestHandler):
         if url.path == "/slow":
             time.sleep(float(parse_qs(url.query).get("s", ["1"])[0]))
         body = f"{self.server.name}\n".encode()
-        self.send_response(200)
+        self.send_response(self.server.statuses.get(url.path, 200))
         self.send_header("Content-Type", "text/plain")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -44,6 +45,10 @@ def main():
     port, name = int(sys.argv[1]), sys.argv[2]
     server = Server(("::", port), Handler)
     server.name = name
+    server.statuses = {}
+    for arg in sys.argv[3:]:
+        path, _, status = arg.rpartition("=")
+        server.statuses[path] = int(status)
     print("ready", flush=True)
     server.serve_forever()
 

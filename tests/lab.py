@@ -93,16 +93,19 @@ def link(a: NetNS, b: NetNS, a_addrs: tuple[str, str], b_addrs: tuple[str, str])
 
 
 class Vhost:
-    """tests/httpd.py on a port in a namespace, answering its name."""
+    """tests/httpd.py on a port in a namespace, answering its name; `statuses` maps paths to
+    the HTTP status they answer instead of 200 (e.g. {"/health": 404})."""
 
-    def __init__(self, ns: NetNS, port: int, name: str):
+    def __init__(self, ns: NetNS, port: int, name: str, statuses: dict[str, int] | None = None):
         self.ns, self.port, self.name = ns, port, name
+        self.statuses = dict(statuses or {})
         self.proc: subprocess.Popen | None = None
         self.start()
 
     def start(self) -> None:
         self.proc = self.ns.popen(PYTHON, str(REPO / "tests" / "httpd.py"), str(self.port),
-                                  self.name, stdout=subprocess.PIPE, text=True)
+                                  self.name, *(f"{p}={c}" for p, c in self.statuses.items()),
+                                  stdout=subprocess.PIPE, text=True)
         assert self.proc.stdout.readline().strip() == "ready", f"vhost {self.name} failed"
 
     def stop(self) -> None:
@@ -368,3 +371,98 @@ def without_counters(listing: dict) -> dict:
             return [strip(v) for v in obj]
         return obj
     return strip(listing)
+
+
+# ---- drains, agent-check, signals (issue 3) ---------------------------------------------------
+
+def agent_ask(ns: NetNS, host: str, port: int = 8889, timeout: float = 3) -> str:
+    """One HAProxy-style agent-check from inside `ns`: connect, read one line, close."""
+    script = r"""
+import socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=float(sys.argv[3]))
+f = s.makefile("rb")
+print(f.readline().decode().strip())
+"""
+    return ns.run(PYTHON, "-c", script, host, str(port), str(timeout),
+                  timeout=timeout + 10).stdout.strip()
+
+
+class HeldConnection:
+    """A plain TCP connection opened from inside `ns` and held open (by a child process) until
+    `close`, which closes it and returns the CLOCK_MONOTONIC time of the close (the clock is
+    shared by all processes and namespaces, so tests can measure from that moment)."""
+
+    SCRIPT = r"""
+import socket, sys, time
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)
+print("open", s.getsockname()[1], flush=True)
+sys.stdin.readline()
+s.close()
+print(time.monotonic(), flush=True)
+"""
+
+    def __init__(self, ns: NetNS, host: str, port: int):
+        self.proc = ns.popen(PYTHON, "-c", self.SCRIPT, host, str(port), stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+        line = self.proc.stdout.readline().split()
+        if not line or line[0] != "open":
+            self.proc.kill()
+            raise ConnectionError(f"could not connect to {host}:{port}")
+        self.local_port = int(line[1])
+
+    def close(self) -> float:
+        """Close the connection; the monotonic time it was closed at (now, if already gone)."""
+        if self.proc.poll() is not None:
+            return time.monotonic()
+        self.proc.stdin.write("close\n")
+        self.proc.stdin.flush()
+        closed_at = float(self.proc.stdout.readline())
+        self.proc.wait(timeout=5)
+        return closed_at
+
+
+class SignalWatcher:
+    """Collects zddd's Switched signals on the bus (a child process subscribed with AddMatch).
+    `switched()` is the list of (from, to, duration_usec) received so far."""
+
+    SCRIPT = r"""
+import asyncio, json, sys
+from dbus_fast import Message, MessageType
+from dbus_fast.aio import MessageBus
+
+async def main():
+    bus = await MessageBus(bus_address=sys.argv[1]).connect()
+    await bus.call(Message(destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
+        interface="org.freedesktop.DBus", member="AddMatch", signature="s",
+        body=["type='signal',interface='org.zddd.Steering1.Manager',member='Switched'"]))
+    def on(msg):
+        if msg.message_type == MessageType.SIGNAL and msg.member == "Switched":
+            print(json.dumps(msg.body), flush=True)
+    bus.add_message_handler(on)
+    print("ready", flush=True)
+    await bus.wait_for_disconnect()
+
+asyncio.run(main())
+"""
+
+    def __init__(self, bus: Bus):
+        import threading
+
+        self.proc = subprocess.Popen([str(VENV_BIN / "python"), "-c", self.SCRIPT, bus.address],
+                                     stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout.readline().strip() == "ready", "signal watcher failed"
+        self._seen: list[tuple] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self._seen.append(tuple(json.loads(line)))
+
+    def switched(self) -> list[tuple]:
+        return list(self._seen)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=5)
