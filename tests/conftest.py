@@ -72,3 +72,22 @@ def lab(need_root, tmp_path):
         if lab.zddd is not None:
             print(f"--- zddd log ---\n{lab.zddd.log()}", file=sys.stderr)
         lab.close()
+
+
+@pytest.fixture
+def public_lab(need_root):
+    """A lab whose bus socket other users can reach (pytest's tmp dirs are private to root),
+    for tests that run zddctl as an unprivileged user."""
+    import shutil
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp(prefix="zddd-lab-", dir="/tmp"))
+    os.chmod(tmp, 0o755)
+    lab = Lab(tmp)
+    try:
+        yield lab
+    finally:
+        if lab.zddd is not None:
+            print(f"--- zddd log ---\n{lab.zddd.log()}", file=sys.stderr)
+        lab.close()
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,161 @@
+"""The data plane outlives zddd: a kill changes nothing, a restart adopts what the kernel has
+(kernel wins over the state file), and without a table zddd restores the saved or initial
+target."""
+
+import json
+import signal
+
+import pytest
+from lab import (APP_V4, APP_V6, KeepAlive, connect_error, http_get, without_counters)
+
+
+def switch(z, target: str) -> None:
+    r = z.zddctl("switch", target, *(("--force",) if target == "off" else ()))
+    assert r.returncode == 0, r.stderr
+
+
+def last_start(z) -> str:
+    starts = [line for line in z.log().splitlines() if "event=start " in line]
+    assert starts, z.log()
+    return starts[-1]
+
+
+def write_state(z, target: str) -> None:
+    z.state_path.write_text(json.dumps({"target": target, "draining": "",
+                                        "drain_deadline": 0.0}) + "\n")
+
+
+def serves(lab, host: str) -> str:
+    try:
+        return http_get(lab.client, host, 8888, timeout=2)
+    except ConnectionError:
+        return "refused" if connect_error(lab.client, host, 8888)[0] == "ECONNREFUSED" else "?"
+
+
+@pytest.mark.parametrize("target", ["main", "backup", "off"])
+def test_kill_9_leaves_traffic_and_table_as_they_were(lab, target):
+    z = lab.start_zddd({"initial": "backup" if target == "main" else "main"})
+    kept = KeepAlive(lab.client, APP_V4, 8888)
+    try:
+        first = kept.get()
+        switch(z, target)
+        want = "refused" if target == "off" else target
+        assert serves(lab, APP_V4) == serves(lab, APP_V6) == want
+        before = without_counters(z.nft())
+        assert z.kill(signal.SIGKILL) == -signal.SIGKILL
+        assert without_counters(z.nft()) == before
+        assert z.steered_to() == target
+        assert serves(lab, APP_V4) == serves(lab, APP_V6) == want
+        if target != "off":
+            assert http_get(lab.app, "127.0.0.1", 8888) == target
+        assert kept.get() == first  # the connection opened before the switch and the kill
+        assert without_counters(z.nft()) == before
+    finally:
+        kept.close()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["term", "kill"])
+def test_restart_adopts_without_a_flip(lab, sig):
+    z = lab.start_zddd()
+    switch(z, "backup")
+    assert z.prop("LastSwitchUSec") > 0
+    kept = KeepAlive(lab.client, APP_V4, 8888)
+    try:
+        assert kept.get() == "backup"
+        before = without_counters(z.nft())  # handles included: a rewrite would change them
+        z.kill(sig)
+        z.start()
+        assert "how=adopted" in last_start(z) and "target=backup" in last_start(z)
+        assert without_counters(z.nft()) == before, "the table was rewritten on adoption"
+        assert z.prop("ActiveTarget") == "backup"
+        # Nothing was committed by this process, so there is no commit time to report.
+        assert z.prop("LastSwitchUSec") == 0
+        assert kept.get() == "backup"
+        assert http_get(lab.client, APP_V6, 8888) == "backup"
+        # And it is in control: a switch works after adoption.
+        switch(z, "main")
+        assert http_get(lab.client, APP_V4, 8888) == "main"
+        assert kept.get() == "backup"
+    finally:
+        kept.close()
+
+
+def test_kernel_wins_over_the_state_file(lab):
+    z = lab.start_zddd()
+    switch(z, "backup")
+    z.kill(signal.SIGKILL)
+    write_state(z, "main")
+    before = without_counters(z.nft())
+    z.start()
+    assert "how=adopted" in last_start(z)
+    assert z.prop("ActiveTarget") == "backup"
+    assert z.steered_to() == "backup"
+    assert without_counters(z.nft()) == before
+    assert http_get(lab.client, APP_V4, 8888) == "backup"
+    # The saved desired state now agrees with the kernel.
+    assert json.loads(z.state_path.read_text())["target"] == "backup"
+
+
+def test_adopts_off_from_the_kernel(lab):
+    z = lab.start_zddd()
+    switch(z, "off")
+    z.kill(signal.SIGKILL)
+    write_state(z, "main")
+    z.start()
+    assert "how=adopted" in last_start(z)
+    assert z.prop("ActiveTarget") == "off"
+    assert serves(lab, APP_V4) == "refused"
+
+
+@pytest.mark.parametrize("saved", ["backup", "off", "main"])
+def test_no_table_restores_the_saved_target(lab, saved):
+    (lab.tmp / "state.json").write_text(json.dumps({"target": saved}) + "\n")
+    assert lab.app.run("nft", "list table inet zddd", check=False).returncode != 0
+    z = lab.start_zddd({"initial": "backup" if saved == "main" else "main"})
+    assert "how=restored" in last_start(z), last_start(z)
+    assert z.prop("ActiveTarget") == saved
+    assert z.steered_to() == saved
+    assert serves(lab, APP_V4) == ("refused" if saved == "off" else saved)
+
+
+@pytest.mark.parametrize("state_file", [None, "not json {", '{"target": "Backup"}'],
+                         ids=["absent", "garbage", "unknown-target"])
+def test_neither_table_nor_state_uses_initial(lab, state_file):
+    if state_file is not None:
+        (lab.tmp / "state.json").write_text(state_file)
+    z = lab.start_zddd({"initial": "backup"})
+    assert "how=initial" in last_start(z), last_start(z)
+    assert z.prop("ActiveTarget") == "backup"
+    assert z.steered_to() == "backup"
+    assert http_get(lab.client, APP_V4, 8888) == "backup"
+    assert json.loads(z.state_path.read_text())["target"] == "backup"
+
+
+def test_a_damaged_table_is_adopted_and_repaired_at_start(lab):
+    z = lab.start_zddd()
+    switch(z, "backup")
+    z.kill(signal.SIGKILL)
+    clean = without_counters(z.nft())
+    lab.app.run("nft", "add rule inet zddd prerouting tcp dport 9999 drop")
+    z.start()
+    assert "how=adopted" in last_start(z) and "target=backup" in last_start(z)
+    assert z.steered_to() == "backup"
+    rules = [i["rule"] for i in z.nft()["nftables"] if "rule" in i]
+    assert len(rules) == len([i for i in clean["nftables"] if "rule" in i])
+    assert http_get(lab.client, APP_V4, 8888) == "backup"
+
+
+def test_a_changed_target_port_while_down_is_taken_over_at_start(lab):
+    from lab import Vhost
+
+    z = lab.start_zddd()
+    switch(z, "backup")
+    z.kill(signal.SIGKILL)
+    other = Vhost(lab.app, 8081, "backup8081")
+    lab.closers.append(other.stop)
+    z.config["targets"] = {"backup": {"port": 8081}}
+    z.write_config()
+    z.start()
+    assert "how=adopted" in last_start(z) and "target=backup" in last_start(z)
+    assert z.prop("Targets")["backup"] == 8081
+    assert http_get(lab.client, APP_V4, 8888) == "backup8081"

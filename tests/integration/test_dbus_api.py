@@ -1,0 +1,288 @@
+"""The D-Bus API and zddctl: bad input refused with its named error and nothing changed, the
+policy (anyone reads, only root switches), reloads, exit codes, signals."""
+
+import asyncio
+import json
+import signal
+
+import pytest
+from lab import APP_V4, Vhost, http_get, scrape_metrics, wait_for, without_counters
+
+from zddd.service.dbus import Message, MessageBus, MessageType, Variant
+
+E = "org.zddd.Steering1.Error."
+INVALID_ARGS = "org.freedesktop.DBus.Error.InvalidArgs"
+DAY_USEC = 24 * 3600 * 1_000_000
+
+
+def snapshot(z) -> tuple:
+    """Everything a refused call must leave as it was."""
+    return (without_counters(z.nft()), z.prop("ActiveTarget"), z.prop("Draining"),
+            z.prop("Targets"), z.prop("LastSwitchUSec"))
+
+
+BAD_CALLS = [
+    # (method, signature, body, error)
+    ("Switch", "s", ["Main"], E + "InvalidTarget"),
+    ("Switch", "s", [" main"], E + "InvalidTarget"),
+    ("Switch", "s", ["main "], E + "InvalidTarget"),
+    ("Switch", "s", [""], E + "InvalidTarget"),
+    ("Switch", "s", ["OFF"], E + "InvalidTarget"),
+    ("SwitchWithOptions", "sa{sv}", ["Backup", {}], E + "InvalidTarget"),
+    ("SwitchWithOptions", "sa{sv}", ["off", {"forse": Variant("b", True)}],
+     E + "InvalidArgument"),
+    ("SwitchWithOptions", "sa{sv}", ["off", {"force": Variant("s", "true")}],
+     E + "InvalidArgument"),
+    ("SwitchWithOptions", "sa{sv}", ["off", {"force": Variant("u", 1)}], E + "InvalidArgument"),
+    ("SwitchWithOptions", "sa{sv}", ["off", {"drain_timeout_usec": Variant("u", 0)}],
+     E + "InvalidArgument"),
+    ("SwitchWithOptions", "sa{sv}", ["off", {"drain_timeout_usec": Variant("x", 0)}],
+     E + "InvalidArgument"),
+    ("SwitchWithOptions", "sa{sv}", ["off", {"drain_timeout_usec": Variant("t", DAY_USEC + 1)}],
+     E + "InvalidArgument"),
+    ("SwitchWithOptions", "sa{sv}", ["off", {"force": Variant("b", True),
+                                             "bogus": Variant("b", True)}],
+     E + "InvalidArgument"),
+    ("WaitDrained", "st", ["Main", 0], E + "InvalidTarget"),
+    ("WaitDrained", "st", ["off", 0], E + "InvalidTarget"),
+    ("WaitDrained", "st", ["main", DAY_USEC + 1], E + "InvalidArgument"),
+    # Wrong signatures are refused before zddd looks at the arguments.
+    ("Switch", "", [], INVALID_ARGS),
+    ("Switch", "i", [1], INVALID_ARGS),
+    ("Switch", "ss", ["off", "now"], INVALID_ARGS),
+    ("SwitchWithOptions", "s", ["off"], INVALID_ARGS),
+    ("SwitchWithOptions", "sa{ss}", ["off", {"force": "true"}], INVALID_ARGS),
+    ("WaitDrained", "su", ["main", 0], INVALID_ARGS),
+    ("WaitDrained", "s", ["main"], INVALID_ARGS),
+    ("Reload", "s", ["now"], INVALID_ARGS),
+]
+
+
+def test_bad_input_is_refused_with_its_error_and_changes_nothing(lab):
+    z = lab.start_zddd()
+    before = snapshot(z)
+    failures = []
+    for member, sig, body, want in BAD_CALLS:
+        err, reply = z.call(member, sig, *body)
+        if err != want:
+            failures.append(f"{member}({sig}) {body!r}: {err} {reply!r}, wanted {want}")
+        elif not reply or not isinstance(reply[0], str) or not reply[0]:
+            failures.append(f"{member}({sig}) {body!r}: {err} without a message")
+        if snapshot(z) != before:
+            failures.append(f"{member}({sig}) {body!r} changed the state")
+    assert not failures, "\n".join(failures)
+    assert http_get(lab.client, APP_V4, 8888) == "main"
+    metrics = scrape_metrics(lab.app)
+    invalid_targets = sum(1 for m, _, b, w in BAD_CALLS
+                          if w == E + "InvalidTarget" and m.startswith("Switch"))
+    assert metrics['zddd_switches_total{result="refused",target="invalid"}'] == invalid_targets
+    assert metrics['zddd_switches_total{result="ok",target="off"}'] == 0
+    assert "Traceback" not in z.log() and "internal_error" not in z.log()
+
+
+def test_unhealthy_target_is_refused_unless_forced(lab):
+    z = lab.start_zddd()
+    lab.backup.stop()
+    wait_for(lambda: not z.prop("TargetsUp")["backup"], 3, "backup to be probed down")
+    before = snapshot(z)
+    assert z.call("Switch", "s", "backup")[0] == E + "TargetUnhealthy"
+    r = z.zddctl("switch", "backup")
+    assert r.returncode == 1 and "TargetUnhealthy" in r.stderr
+    assert snapshot(z) == before
+    assert z.call("SwitchWithOptions", "sa{sv}", "backup",
+                  {"force": Variant("b", True)})[0] is None
+    assert z.steered_to() == "backup"
+
+
+def test_switch_to_the_active_target_changes_nothing(lab):
+    z = lab.start_zddd()
+    before = snapshot(z)
+    assert z.call("Switch", "s", "main") == (None, [])
+    assert snapshot(z) == before
+
+
+# ---- Reload ------------------------------------------------------------------------------
+
+def reload_keeps_running(lab, z, text: str, key: str) -> None:
+    before = snapshot(z)
+    ports = z.prop("ListenPort"), z.prop("DrainTimeoutUSec"), z.prop("TargetsUp")
+    z.write_config(text)
+    err, body = z.call("Reload")
+    assert err == E + "InvalidConfig", (err, body)
+    assert key in body[0], body
+    r = z.zddctl("reload")
+    assert r.returncode == 1 and "InvalidConfig" in r.stderr and key in r.stderr, r
+    assert "Traceback" not in r.stderr
+    assert snapshot(z) == before
+    assert (z.prop("ListenPort"), z.prop("DrainTimeoutUSec"), z.prop("TargetsUp")) == ports
+    assert http_get(lab.client, APP_V4, 8888) == z.prop("ActiveTarget")
+    assert "zddd_active_target" in "".join(scrape_metrics(lab.app))
+
+
+@pytest.mark.parametrize("text,key", [
+    ("listen_port = 8888\n[targets.backup\nport = 81\n", "TOML"),
+    ('drain_timeout = 3\n[targets.backup]\nport = 8081\nhealth = "tcp"\nwat = 1\n',
+     "targets.backup.wat"),
+    ("drain_timeout = 3\n[targets.main]\nport = 80\n", "targets.main.port"),
+    ('drain_timeout = "3"\n', "drain_timeout"),
+], ids=["not-toml", "unknown-key", "port-clash", "wrong-type"])
+def test_reload_with_a_broken_config_keeps_the_old_one(lab, text, key):
+    z = lab.start_zddd()
+    reload_keeps_running(lab, z, text, key)
+
+
+def test_reload_changing_listen_port_needs_a_restart(lab):
+    z = lab.start_zddd()
+    z.zddctl("switch", "backup")
+    config = dict(z.config, listen_port=9999)
+    from lab import to_toml
+    reload_keeps_running(lab, z, to_toml(config), "listen_port")
+    assert lab.app.run("nft", "list table inet zddd").stdout.count("8888") >= 2
+
+
+def test_reload_changing_a_target_port_moves_the_redirect(lab):
+    z = lab.start_zddd()
+    other = Vhost(lab.app, 8081, "backup8081")
+    lab.closers.append(other.stop)
+    assert z.zddctl("switch", "backup").returncode == 0
+    assert http_get(lab.client, APP_V4, 8888) == "backup"
+    z.config["targets"] = {"backup": {"port": 8081}}
+    z.write_config()
+    r = z.zddctl("reload")
+    assert r.returncode == 0, r.stderr
+    assert z.prop("Targets") == {"main": 8080, "backup": 8081}
+    assert z.prop("ActiveTarget") == "backup"
+    assert http_get(lab.client, APP_V4, 8888) == "backup8081"
+    assert http_get(lab.app, "::1", 8888) == "backup8081"
+    assert '"port": 8081' in json.dumps(z.nft())
+    # And switching back and forth uses the new port.
+    assert z.zddctl("switch", "main").returncode == 0
+    assert z.zddctl("switch", "backup").returncode == 0
+    assert http_get(lab.client, APP_V4, 8888) == "backup8081"
+    st = json.loads(z.zddctl("status", "--json").stdout)
+    assert st["targets"]["backup"]["port"] == 8081
+
+
+def test_sighup_reloads_too(lab):
+    z = lab.start_zddd()
+    z.config["drain_timeout"] = 7
+    z.write_config()
+    z.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: z.prop("DrainTimeoutUSec") == 7_000_000, 3, "SIGHUP reload")
+    assert z.proc.poll() is None
+
+
+# ---- zddctl ------------------------------------------------------------------------------
+
+def test_zddctl_exit_codes(lab):
+    z = lab.start_zddd()
+    r = z.zddctl("switch", "backup")
+    assert (r.returncode, r.stderr) == (0, "")
+    r = z.zddctl("switch", "Main")
+    assert r.returncode == 1
+    assert "InvalidTarget" in r.stderr and "Main" in r.stderr and "Traceback" not in r.stderr
+    assert z.steered_to() == "backup"
+    for argv in (["switch"], ["frob"], [], ["status", "--bogus"], ["wait-drained"],
+                 ["wait-drained", "main", "--timeout", "x"]):
+        r = z.zddctl(*argv)
+        assert r.returncode == 2, (argv, r)
+        assert "usage" in r.stderr and "Traceback" not in r.stderr
+    r = z.zddctl("status")
+    assert r.returncode == 0 and "active target: backup" in r.stdout
+    st = json.loads(z.zddctl("status", "--json").stdout)
+    assert set(st) == {"active_target", "draining", "backend", "listen_port",
+                       "last_switch_usec", "targets"}
+    assert st["active_target"] == "backup" and st["backend"] == "nftables"
+    assert st["listen_port"] == 8888 and st["last_switch_usec"] > 0
+    assert st["targets"]["main"]["port"] == 8080 and st["targets"]["backup"]["up"] is True
+    r = z.zddctl("wait-drained", "main", "--timeout", "1")
+    assert r.returncode == 0, r.stderr
+
+
+def test_zddctl_without_zddd(lab):
+    z = lab.start_zddd()
+    z.kill(signal.SIGTERM)
+    for argv in (["status"], ["switch", "main"], ["reload"]):
+        r = z.zddctl(*argv, timeout=10)
+        assert r.returncode == 1, (argv, r)
+        assert "not running" in r.stderr and "Traceback" not in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1
+    r = subprocess_zddctl("--bus", f"unix:path={lab.tmp}/no-such-bus", "status")
+    assert r.returncode == 1 and "Traceback" not in r.stderr and r.stderr.startswith("zddctl:")
+
+
+def subprocess_zddctl(*argv: str):
+    import subprocess
+
+    from lab import VENV_BIN
+    return subprocess.run([str(VENV_BIN / "zddctl"), *argv], capture_output=True, text=True,
+                          timeout=10)
+
+
+def test_unprivileged_user_reads_but_cannot_switch(public_lab):
+    lab = public_lab
+    z = lab.start_zddd()
+    r = z.zddctl("status", "--json", user="nobody")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["active_target"] == "main"
+    before = snapshot(z)
+    for argv in (["switch", "backup"], ["switch", "off", "--force"], ["reload"],
+                 ["wait-drained", "main", "--timeout", "0"]):
+        r = z.zddctl(*argv, user="nobody")
+        assert r.returncode == 1, (argv, r)
+        assert "permission denied" in r.stderr.lower() and "Traceback" not in r.stderr
+    assert snapshot(z) == before
+    assert http_get(lab.client, APP_V4, 8888) == "main"
+    # Root is allowed through the same policy.
+    assert z.zddctl("switch", "backup").returncode == 0
+
+
+# ---- signals -----------------------------------------------------------------------------
+
+async def _watch(address: str, actions) -> list[Message]:
+    """Subscribe to zddd's signals, run `actions` (blocking callables) in a thread, and return
+    the signals seen until 0.3 s after the last action."""
+    bus = await MessageBus(bus_address=address).connect()
+    seen: list[Message] = []
+    try:
+        reply = await bus.call(Message(
+            destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
+            interface="org.freedesktop.DBus", member="AddMatch", signature="s",
+            body=["type='signal',sender='org.zddd.Steering1',path='/org/zddd/Steering1'"]))
+        assert reply.message_type == MessageType.METHOD_RETURN, reply.body
+        bus.add_message_handler(
+            lambda m: seen.append(m) if m.message_type == MessageType.SIGNAL else None)
+        for action in actions:
+            await asyncio.get_running_loop().run_in_executor(None, action)
+        await asyncio.sleep(0.3)
+    finally:
+        bus.disconnect()
+    return seen
+
+
+def test_switch_emits_properties_changed_and_switched(lab):
+    z = lab.start_zddd()
+
+    def run(*argv):
+        def go():
+            r = z.zddctl(*argv)
+            assert r.returncode == 0, r.stderr
+        return go
+
+    seen = asyncio.run(_watch(lab.bus.address, [
+        run("switch", "backup"), run("switch", "backup"), run("switch", "off", "--force"),
+        run("switch", "main")]))
+    switched = [tuple(m.body) for m in seen if m.member == "Switched"]
+    assert [s[:2] for s in switched] == [("main", "backup"), ("backup", "off"), ("off", "main")]
+    assert all(m.interface == "org.zddd.Steering1.Manager" and m.signature == "sst"
+               for m in seen if m.member == "Switched")
+    assert all(0 < s[2] < 1_000_000 for s in switched), switched
+    assert switched[-1][2] == z.prop("LastSwitchUSec")
+    changes = [m.body for m in seen if m.member == "PropertiesChanged"]
+    assert all(m.interface == "org.freedesktop.DBus.Properties"
+               for m in seen if m.member == "PropertiesChanged")
+    active = [c[1]["ActiveTarget"].value for c in changes
+              if c[0] == "org.zddd.Steering1.Manager" and "ActiveTarget" in c[1]]
+    assert active == ["backup", "off", "main"]
+    last_switch = [c[1]["LastSwitchUSec"].value for c in changes if "LastSwitchUSec" in c[1]]
+    assert len(last_switch) == 3 and last_switch == [s[2] for s in switched]
