@@ -340,6 +340,59 @@ def lab_haproxy_config(text: str, admin_socket: Path) -> str:
     return "\n".join(out) + "\n"
 
 
+# ---- the demo's topology ----------------------------------------------------------------
+
+LB_APP_ADDR = "198.51.100.1"      # the load balancer on the app servers' bridge
+APP_ADDRS = {"app1": "198.51.100.11", "app2": "198.51.100.12"}
+LB_CLIENT_ADDR = "203.0.113.1"    # the load balancer's frontend, as the client sees it
+CLIENT_ADDR = "203.0.113.10"
+HAPROXY_CONFIGS = {"traffic-port": EXAMPLES / "haproxy" / "traffic-port.cfg",
+                   "health-port": EXAMPLES / "haproxy" / "health-port.cfg"}
+
+
+@dataclass
+class AppServer:
+    name: str
+    netns: str
+    addr: str
+    zddd: Zddd
+    nginx: Proc
+
+
+@dataclass
+class Cluster:
+    lb: str
+    client: str
+    apps: dict[str, AppServer]
+    haproxy: HAProxy
+    url: str = f"http://{LB_CLIENT_ADDR}/"
+
+
+def cluster(lab: Lab, usage: str = "traffic-port", zddd_toml: str = "") -> Cluster:
+    """A client, a load balancer running HAProxy with the shipped config for `usage`, and two
+    app servers, each with nginx serving "<host> main" on 8080 and "<host> backup" on 80, its
+    own dbus-daemon (zddd owns one bus name per bus) and zddd. Returns once HAProxy has every
+    server UP."""
+    lb = lab.netns("lb")
+    client = lab.netns("client")
+    lab.bridge(lb, f"{LB_APP_ADDR}/24")
+    lab.link(lb, "client", client, "eth0", cidr_a=f"{LB_CLIENT_ADDR}/24",
+             cidr_b=f"{CLIENT_ADDR}/24")
+    apps = {}
+    for name, addr in APP_ADDRS.items():
+        ns = lab.netns(name)
+        lab.link(lb, name, ns, "eth0", cidr_b=f"{addr}/24", master_a="br0")
+        bus = lab.dbus_daemon(f"{name}-bus")
+        nginx = lab.nginx(f"{name}-nginx", ns, {8080: f"{name} main", 80: f"{name} backup"})
+        apps[name] = AppServer(name, ns, addr, lab.zddd(f"{name}-zddd", ns, bus, zddd_toml),
+                               nginx)
+    haproxy = lab.haproxy("haproxy", lb, HAPROXY_CONFIGS[usage].read_text())
+    # "UP 1/2" is HAProxy's initial state before the first check: wait for checks to pass.
+    wait_for(lambda: set(haproxy.servers().values()) == {"UP"}, 15,
+             "HAProxy to see every server UP")
+    return Cluster(lb, client, apps, haproxy)
+
+
 # ---- load generator ---------------------------------------------------------------------
 
 @dataclass
