@@ -1,0 +1,99 @@
+"""zddd refuses an invalid config at start: exit 78 (EX_CONFIG), the key named on stderr, and
+nothing touched (no table in the kernel, no state file, no bus name)."""
+
+import pytest
+from lab import VENV_BIN, Bus, NetNS
+
+
+class Bare:
+    """One namespace and a bus: all a zddd that must refuse to start needs."""
+
+    def __init__(self, tmp):
+        self.tmp = tmp
+        self.app = NetNS("cfg")
+        self.bus = None
+        try:
+            self.bus = Bus(tmp)
+        except BaseException:
+            self.app.close()
+            raise
+
+    def close(self):
+        self.bus.close()
+        self.app.close()
+
+
+@pytest.fixture
+def bare(need_root, tmp_path):
+    b = Bare(tmp_path)
+    try:
+        yield b
+    finally:
+        b.close()
+
+CASES = {
+    "unknown-key": ("frobnicate = 1\n", "frobnicate"),
+    "unknown-nested-key": ("[targets.main]\nprot = 8080\n", "targets.main.prot"),
+    "unknown-target": ("[targets.canary]\nport = 8081\n", "targets.canary"),
+    "unknown-section-key": ("[health]\ninterval = 1\nretries = 3\n", "health.retries"),
+    "wrong-type-port": ('listen_port = "8888"\n', "listen_port"),
+    "bool-as-port": ("listen_port = true\n", "listen_port"),
+    "wrong-type-timeout": ('drain_timeout = "30s"\n', "drain_timeout"),
+    "wrong-type-table": ("targets = 5\n", "targets"),
+    "port-too-big": ("[targets.backup]\nport = 70000\n", "targets.backup.port"),
+    "port-zero": ("listen_port = 0\n", "listen_port"),
+    "negative-timeout": ("drain_timeout = -1\n", "drain_timeout"),
+    "two-targets-one-port": ("[targets.main]\nport = 80\n", "targets.backup.port"),
+    "target-on-listen-port": ("[targets.backup]\nport = 8888\n", "targets.backup.port"),
+    "listen-on-target-port": ("listen_port = 8080\n", "targets.main.port"),
+    "agent-on-target-port": ('[agent]\nlisten = "[::]:80"\n', "agent.listen"),
+    "metrics-bad-endpoint": ('[metrics]\nlisten = "localhost:9488"\n', "metrics.listen"),
+    "bad-initial": ('initial = "Main"\n', "initial"),
+    "bad-backend": ('backend = "iptables"\n', "backend"),
+    "bad-health": ('[targets.main]\nhealth = "http:health"\n', "targets.main.health"),
+    "relative-state-file": ('state_file = "state.json"\n', "state_file"),
+    "not-toml": ("listen_port = \n", "TOML"),
+}
+
+
+@pytest.mark.parametrize("text,key", CASES.values(), ids=CASES.keys())
+def test_invalid_config_exits_78_naming_the_key(bare, text, key):
+    lab = bare
+    state = lab.tmp / "state.json"
+    config = lab.tmp / "zddd.toml"
+    # The test's own state file goes first so a config accepted by mistake stays in tmp.
+    config.write_text(f'state_file = "{state}"\n' + text if "state_file" not in text else text)
+    r = lab.app.run(str(VENV_BIN / "zddd"), "--config", str(config), "--bus", lab.bus.address,
+                    check=False, timeout=15)
+    assert r.returncode == 78, (r.returncode, r.stderr)
+    assert key in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert lab.app.run("nft", "list table inet zddd", check=False).returncode != 0
+    assert lab.app.run("nft", "list ruleset").stdout.strip() == ""
+    assert not state.exists()
+
+
+def test_missing_config_file_given_explicitly_is_a_config_error(bare):
+    lab = bare
+    missing = lab.tmp / "nope.toml"
+    r = lab.app.run(str(VENV_BIN / "zddd"), "--config", str(missing), "--bus", lab.bus.address,
+                    check=False, timeout=15)
+    assert r.returncode == 78, r
+    assert str(missing) in r.stderr
+    assert lab.app.run("nft", "list ruleset").stdout.strip() == ""
+
+
+def test_a_valid_config_with_other_ports_runs(lab):
+    """The counterpart: the same machinery accepts a good config, so the refusals above are
+    about the keys, not about the harness."""
+    from lab import Vhost, http_get, APP_V4
+
+    other = Vhost(lab.app, 8081, "main8081")
+    lab.closers.append(other.stop)
+    z = lab.start_zddd({"listen_port": 9999, "targets": {"main": {"port": 8081,
+                                                                  "health": "http:/"}},
+                        "agent": {"listen": "127.0.0.1:8890"}})
+    assert http_get(lab.client, APP_V4, 9999) == "main8081"
+    assert z.prop("ListenPort") == 9999
+    assert z.prop("Targets") == {"main": 8081, "backup": 80}
