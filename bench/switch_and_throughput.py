@@ -119,13 +119,13 @@ def main(argv: list[str] | None = None) -> int:
         bus = lab.dbus_daemon("bus")
         lab.nginx("nginx", app, {8080: "main", 80: "backup"}, workers=args.nginx_workers,
                   cpus=args.nginx_cpus)
-        zddd = lab.zddd("zddd", app, bus, f'backend = "{args.backend}"')
+        zddd = lab.zddd("zddd", app, bus, {"backend": args.backend})
 
         print(f"zddd bench: backend {args.backend}, {args.switches} switches main<->backup over "
               f"D-Bus, then {args.pairs} wrk pairs (-t{args.wrk_threads} "
               f"-c{args.wrk_connections} -d{args.wrk_duration}s, nginx "
               f"{args.nginx_workers} worker)", flush=True)
-        commits, round_trips = asyncio.run(measure_switches(bus, args.switches))
+        commits, round_trips = asyncio.run(measure_switches(bus.address, args.switches))
         if zddd.status()["active_target"] != "main":
             raise labkit.LabError("zddd did not end on main")
 
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  pair {i + 1}: via 8888 {rps[steered_url]:>9.0f} req/s   direct 8080 "
                   f"{rps[direct_url]:>9.0f} req/s   ratio {rps[steered_url] / rps[direct_url]:.3f}",
                   flush=True)
-        zddd.proc.check_alive()
+        zddd.check_alive()
 
     p50, p99 = percentile(commits, 50), percentile(commits, 99)
     rt50, rt99 = percentile(round_trips, 50), percentile(round_trips, 99)

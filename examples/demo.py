@@ -157,7 +157,7 @@ def report(records: list[dict], phases: list[tuple[str, float]],
     width = max(len(name) for name, _ in phases) + 2
     print("requests by the phase they were sent in (client -> HAProxy -> host:8888):")
     print(f"{'phase':<{width}}" + "".join(f"{c:>12}" for c in cols))
-    for (name, _), counts in zip(phases, per_phase):
+    for (name, _), counts in zip(phases, per_phase, strict=True):
         print(f"{name:<{width}}" + "".join(f"{counts[c]:>12}" for c in cols))
     total = sum(per_phase, Counter())
     print(f"{'total':<{width}}" + "".join(f"{total[c]:>12}" for c in cols))
@@ -173,7 +173,7 @@ def report(records: list[dict], phases: list[tuple[str, float]],
                         f"{errors[0]['body']}")
     if unexpected:
         problems.append(f"unexpected answers: {sorted(unexpected)}")
-    for (name, _), counts in zip(phases, per_phase):
+    for (name, _), counts in zip(phases, per_phase, strict=True):
         for answer, present in EXPECT.get(name, {}).items():
             if present and counts[answer] == 0:
                 problems.append(f"phase '{name}': no '{answer}' answers")

@@ -3,7 +3,7 @@ dbus-daemon, zddd, nginx, HAProxy and a load generator, all real processes.
 
 Everything a `Lab` creates (namespaces, processes, a temporary directory) is removed when it is
 closed, also after an exception, Ctrl-C or SIGTERM (the `with` block turns SIGTERM/SIGHUP into
-SystemExit so the cleanup runs). Namespaces carry a random suffix, addresses come from the
+SystemExit so the cleanup runs). Namespaces carry a random suffix; addresses come from the
 documentation ranges 198.51.100.0/24 and 203.0.113.0/24, and nothing is routed out.
 
 Run as root. `python labkit.py loadgen ...` is the load generator's entry point; the lab starts
@@ -13,9 +13,9 @@ it inside a client namespace.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
-import secrets
 import shutil
 import signal
 import socket
@@ -31,15 +31,11 @@ REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples"
 VENV_BIN = REPO / ".venv" / "bin"
 
-
-def _tool(name: str) -> str:
-    path = VENV_BIN / name
-    if path.exists():
-        return str(path)
-    found = shutil.which(name)
-    if found is None:
-        raise LabError(f"{name} not found (run `make setup` first)")
-    return found
+# The test suite's lab (namespaces, a private bus with zddd's shipped policy, zddd processes) is
+# the one source of that plumbing; this module adds what the demo and the bench need on top:
+# bridges, nginx, HAProxy, a load generator, and cleanup on Ctrl-C/SIGTERM.
+sys.path.insert(0, str(REPO / "tests"))
+import lab as testlab  # noqa: E402
 
 
 class LabError(RuntimeError):
@@ -94,13 +90,11 @@ class Zddd:
     name: str
     netns: str
     bus: str  # the D-Bus address zddd serves on
-    config: Path
-    proc: Proc
+    process: "testlab.Zddd"
 
     def ctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         """Run zddctl against this zddd (from the root namespace: the bus is a unix socket)."""
-        res = subprocess.run([_tool("zddctl"), "--bus", self.bus, *args], capture_output=True,
-                             text=True, timeout=120)
+        res = self.process.zddctl(*args, timeout=120)
         if check and res.returncode != 0:
             raise LabError(f"zddctl {' '.join(args)} exited {res.returncode}: "
                            f"{res.stderr.strip()}")
@@ -108,6 +102,11 @@ class Zddd:
 
     def status(self) -> dict:
         return json.loads(self.ctl("status", "--json").stdout)
+
+    def check_alive(self) -> None:
+        if self.process.proc.poll() is not None:
+            raise LabError(f"{self.name} exited with {self.process.proc.returncode}:\n"
+                           f"{self.process.log()[-2000:]}")
 
 
 @dataclass
@@ -146,10 +145,10 @@ class Lab:
 
     prefix: str = "zdl"
     keep_tmp: bool = False
-    suffix: str = field(default_factory=lambda: secrets.token_hex(3))
     tmp: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="zddd-lab-")))
-    namespaces: list[str] = field(default_factory=list)
+    namespaces: list["testlab.NetNS"] = field(default_factory=list)
     procs: list[Proc] = field(default_factory=list)
+    closers: list = field(default_factory=list)  # close() of the test lab's objects
     _old_handlers: dict = field(default_factory=dict)
 
     # ---- lifetime ----
@@ -174,8 +173,15 @@ class Lab:
             for proc in reversed(self.procs):
                 stop(proc)
             self.procs.clear()
+            for close in reversed(self.closers):
+                try:
+                    close()
+                except Exception as e:  # keep cleaning up
+                    print(f"cleanup: {e}", file=sys.stderr)
+            self.closers.clear()
+            # NetNS.close kills whatever still runs inside, then deletes the namespace.
             for ns in reversed(self.namespaces):
-                subprocess.run(["ip", "netns", "delete", ns], capture_output=True)
+                ns.close()
             self.namespaces.clear()
             if not self.keep_tmp:
                 shutil.rmtree(self.tmp, ignore_errors=True)
@@ -186,11 +192,13 @@ class Lab:
     # ---- network ----
 
     def netns(self, role: str) -> str:
-        name = f"{self.prefix}-{role}-{self.suffix}"
-        _run(["ip", "netns", "add", name])
-        self.namespaces.append(name)
-        _run(["ip", "-n", name, "link", "set", "lo", "up"])
-        return name
+        """A new namespace (loopback up) named after `role`; returns its name."""
+        ns = testlab.NetNS(f"{self.prefix}{role}")
+        self.namespaces.append(ns)
+        return ns.name
+
+    def _netns_object(self, name: str) -> "testlab.NetNS":
+        return next(ns for ns in self.namespaces if ns.name == name)
 
     def bridge(self, ns: str, cidr: str, name: str = "br0") -> str:
         _run(["ip", "-n", ns, "link", "add", name, "type", "bridge"])
@@ -228,29 +236,30 @@ class Lab:
         self.procs.append(proc)
         return proc
 
-    def dbus_daemon(self, name: str) -> str:
-        """A private bus that anyone on this machine may use; returns its address."""
-        path = self.tmp / f"{name}.socket"
-        conf = self.tmp / f"{name}.conf"
-        conf.write_text(DBUS_CONF.format(path=path))
-        proc = self.spawn(name, None, ["dbus-daemon", f"--config-file={conf}", "--nofork",
-                                       "--nopidfile"])
-        wait_for(lambda: proc.check_alive() or path.exists(), 10, f"{name} socket")
-        return f"unix:path={path}"
+    def dbus_daemon(self, name: str) -> "testlab.Bus":
+        """A private bus configured like the system bus, with zddd's shipped policy (only
+        root may call zddd's methods)."""
+        directory = self.tmp / name
+        directory.mkdir()
+        # dbus-daemon warns on stderr (no group zddd, fd limit): into a log, not the demo.
+        with open(directory / "dbus-daemon.log", "wb") as log, _stderr_to(log):
+            bus = testlab.Bus(directory)
+        self.closers.append(bus.close)
+        return bus
 
-    def zddd(self, name: str, ns: str, bus: str, extra_toml: str = "") -> Zddd:
-        """Start zddd in `ns` with a config of its own; returns once it owns its bus name."""
-        state = self.tmp / f"{name}-state.json"
-        config = self.tmp / f"{name}.toml"
-        config.write_text(f'state_file = "{state}"\n'
-                          f'bpf_pin_dir = "/sys/fs/bpf/{name}-{self.suffix}"\n'
-                          f"drain_timeout = 20\n"
-                          f"{extra_toml}\n"
-                          "[health]\ninterval = 0.5\ntimeout = 0.5\n")
-        proc = self.spawn(name, ns, [_tool("zddd"), "--config", str(config), "--bus", bus])
-        wait_for(lambda: proc.check_alive() or "event=ready" in proc.log_text(), 20,
-                 f"{name} to become ready")
-        return Zddd(name, ns, bus, config, proc)
+    def zddd(self, name: str, ns: str, bus: "testlab.Bus", config: dict | None = None) -> Zddd:
+        """Start zddd in `ns` on `bus` with the test lab's defaults (fast probes, state file
+        in tmp) plus `config`; returns once it owns its bus name."""
+        directory = self.tmp / name
+        directory.mkdir()
+        process = testlab.Zddd(self._netns_object(ns), bus, directory,
+                               {"drain_timeout": 20, **(config or {})})
+        self.closers.append(process.close)
+        try:
+            process.start()
+        except AssertionError as e:
+            raise LabError(f"{name} did not start: {e}") from None
+        return Zddd(name, ns, bus.address, process)
 
     def nginx(self, name: str, ns: str, vhosts: dict[int, str], *, workers: int = 1,
               cpus: str = "") -> Proc:
@@ -268,7 +277,7 @@ class Lab:
         proc = self.spawn(name, ns, [*pin, "nginx", "-p", str(root), "-e", str(root / "error.log"),
                                      "-c", str(conf)])
         for port in vhosts:
-            wait_for(lambda: proc.check_alive() or port_open(self, ns, port), 10,
+            wait_for(lambda p=port: proc.check_alive() or port_open(self, ns, p), 10,
                      f"{name} on port {port}")
         return proc
 
@@ -292,6 +301,19 @@ class Lab:
         lg = LoadGen(proc, out)
         wait_for(lambda: proc.check_alive() or lg.records(), 10, f"{name} first response")
         return lg
+
+
+@contextlib.contextmanager
+def _stderr_to(file):
+    """Point fd 2 at `file` while children started inside the block inherit it."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    os.dup2(file.fileno(), 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def _exit_on_signal(signum, frame):
@@ -368,7 +390,7 @@ class Cluster:
     url: str = f"http://{LB_CLIENT_ADDR}/"
 
 
-def cluster(lab: Lab, usage: str = "traffic-port", zddd_toml: str = "") -> Cluster:
+def cluster(lab: Lab, usage: str = "traffic-port", zddd_config: dict | None = None) -> Cluster:
     """A client, a load balancer running HAProxy with the shipped config for `usage`, and two
     app servers, each with nginx serving "<host> main" on 8080 and "<host> backup" on 80, its
     own dbus-daemon (zddd owns one bus name per bus) and zddd. Returns once HAProxy has every
@@ -384,7 +406,7 @@ def cluster(lab: Lab, usage: str = "traffic-port", zddd_toml: str = "") -> Clust
         lab.link(lb, name, ns, "eth0", cidr_b=f"{addr}/24", master_a="br0")
         bus = lab.dbus_daemon(f"{name}-bus")
         nginx = lab.nginx(f"{name}-nginx", ns, {8080: f"{name} main", 80: f"{name} backup"})
-        apps[name] = AppServer(name, ns, addr, lab.zddd(f"{name}-zddd", ns, bus, zddd_toml),
+        apps[name] = AppServer(name, ns, addr, lab.zddd(f"{name}-zddd", ns, bus, zddd_config),
                                nginx)
     haproxy = lab.haproxy("haproxy", lb, HAPROXY_CONFIGS[usage].read_text())
     # "UP 1/2" is HAProxy's initial state before the first check: wait for checks to pass.
@@ -475,26 +497,6 @@ def loadgen_main(argv: list[str]) -> int:
             t.join()
     return 0
 
-
-DBUS_CONF = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
- "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
-<busconfig>
-  <listen>unix:path={path}</listen>
-  <auth>EXTERNAL</auth>
-  <policy context="default">
-    <allow user="*"/>
-    <allow own="*"/>
-    <allow send_type="method_call"/>
-    <allow send_type="signal"/>
-    <allow send_type="method_return"/>
-    <allow send_type="error"/>
-    <allow receive_type="method_call"/>
-    <allow receive_type="signal"/>
-    <allow receive_type="method_return"/>
-    <allow receive_type="error"/>
-  </policy>
-</busconfig>
-"""
 
 NGINX_CONF = """worker_processes {workers};
 pid {root}/nginx.pid;
