@@ -1,0 +1,183 @@
+"""The agent-check responder on a loopback port: one line per connection, bounded, never stuck."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from zddd.config import Endpoint
+from zddd.service import agent as agent_mod
+from zddd.service.agent import AgentResponder
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 30))
+
+
+async def started(answer) -> tuple[AgentResponder, int]:
+    responder = AgentResponder(answer)
+    await responder.start(Endpoint("127.0.0.1", 0))
+    return responder, responder._server.sockets[0].getsockname()[1]
+
+
+async def ask(port: int, send: bytes = b"") -> tuple[bytes, float]:
+    """Connect, send, read to EOF: (everything read, seconds it took)."""
+    t = time.monotonic()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    if send:
+        writer.write(send)
+    data = await reader.read(-1)
+    writer.close()
+    return data, time.monotonic() - t
+
+
+def test_one_line_per_connection_from_the_current_answer():
+    answers = iter(["ready up", "drain", "maint"])
+
+    async def go():
+        responder, port = await started(lambda: next(answers))
+        try:
+            got = [(await ask(port))[0] for _ in range(3)]
+        finally:
+            await responder.stop()
+        return got
+
+    assert run(go()) == [b"ready up\n", b"drain\n", b"maint\n"]
+
+
+def test_answers_without_waiting_for_input_and_closes_after_the_client_does():
+    async def go():
+        responder, port = await started(lambda: "ready up")
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            t = time.monotonic()
+            line = await asyncio.wait_for(reader.readline(), 1)
+            answered = time.monotonic() - t
+            writer.write(b"agent-send string\n")
+            eof = await asyncio.wait_for(reader.read(-1), 2)
+            writer.close()
+            assert responder.active <= 1
+        finally:
+            await responder.stop()
+        return line, answered, eof
+
+    line, answered, eof = run(go())
+    assert line == b"ready up\n" and answered < 0.1 and eof == b""
+
+
+def test_a_client_that_never_closes_is_let_go_after_the_linger_bound():
+    async def go():
+        responder, port = await started(lambda: "maint")
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            data = await reader.read(-1)  # the answer, then the agent's FIN (half-close)
+            await asyncio.sleep(0.1)
+            waiting = responder.active  # it waits for our FIN, which never comes...
+            await asyncio.sleep(agent_mod.LINGER_SECONDS + 0.2)
+            let_go = responder.active  # ...but only for so long
+            writer.close()
+        finally:
+            await responder.stop()
+        return data, waiting, let_go
+
+    assert run(go()) == (b"maint\n", 1, 0)
+
+
+def test_garbage_and_floods_get_their_line_or_are_cut_off():
+    async def blaster(port):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        t = time.monotonic()
+        first = await reader.readline()
+        try:
+            for _ in range(200):  # 12.8 MB: far more than the responder discards
+                writer.write(b"x" * 65536)
+                await writer.drain()
+        except (ConnectionResetError, BrokenPipeError):
+            pass
+        writer.close()
+        return first, time.monotonic() - t
+
+    async def go():
+        responder, port = await started(lambda: "ready up")
+        try:
+            garbage = await ask(port, b"\x00\xff\r\n" * 1000)
+            flood = await blaster(port)
+            after = await ask(port)
+        finally:
+            await responder.stop()
+        return garbage, flood, after
+
+    garbage, flood, after = run(go())
+    assert garbage[0] == b"ready up\n" and garbage[1] < 2
+    assert flood[0] == b"ready up\n" and flood[1] < 3  # cut off, not read forever
+    assert after[0] == b"ready up\n"
+
+
+def test_hundreds_of_idle_connections_all_get_answered_and_a_fresh_one_promptly():
+    async def go():
+        responder, port = await started(lambda: "ready up")
+        idle = []
+        try:
+            for _ in range(agent_mod.MAX_LINGERING + 300):
+                idle.append(await asyncio.open_connection("127.0.0.1", port))
+            await asyncio.sleep(0.1)
+            lingering = responder.active
+            t = time.monotonic()
+            data, _ = await ask(port)
+            fresh = time.monotonic() - t
+            lines = [await asyncio.wait_for(r.readline(), 2) for r, _ in idle]
+        finally:
+            for _, w in idle:
+                w.close()
+            await responder.stop()
+        return lingering, data, fresh, lines
+
+    lingering, data, fresh, lines = run(go())
+    assert lingering <= agent_mod.MAX_LINGERING
+    assert data == b"ready up\n"
+    assert fresh < agent_mod.LINGER_SECONDS  # answered at once, not after a slot frees up
+    assert set(lines) == {b"ready up\n"}
+
+
+def test_a_failing_answer_does_not_stop_the_responder():
+    calls = []
+
+    def answer():
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("bug")
+        return "ready up"
+
+    async def go():
+        responder, port = await started(answer)
+        try:
+            first = await ask(port)
+            second = await ask(port)
+        finally:
+            await responder.stop()
+        return first[0], second[0]
+
+    assert run(go()) == (b"", b"ready up\n")
+
+
+def test_the_loop_stays_free_while_clients_linger():
+    async def go():
+        responder, port = await started(lambda: "ready up")
+        ticks = 0
+
+        async def ticker():
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        task = asyncio.create_task(ticker())
+        conns = [await asyncio.open_connection("127.0.0.1", port) for _ in range(100)]
+        await asyncio.sleep(0.5)
+        task.cancel()
+        for _, w in conns:
+            w.close()
+        await responder.stop()
+        return ticks
+
+    assert run(go()) >= 25
