@@ -78,27 +78,51 @@ class _KernelCollector:
         self.errors.inc()
         log.warning("event=collection_failed what=%s error=%r", what, str(e))
 
+    def describe(self):
+        return []  # names are fixed; no kernel read just to register
+
+
+class _Exported:
+    """What the endpoint shows: the kernel-side values first, so a read that fails is already
+    counted in zddd_collection_errors_total of the same scrape; then the event metrics, without
+    the `*_created` series prometheus-client adds (not zddd's contract: they would show up as
+    extra gauges named like counters)."""
+
+    def __init__(self, kernel: _KernelCollector, events: CollectorRegistry):
+        self.kernel = kernel
+        self.events = events
+
+    def collect(self):
+        yield from self.kernel.collect()
+        for family in self.events.collect():
+            family.samples = [s for s in family.samples if not s.name.endswith("_created")]
+            yield family
+
+    def describe(self):
+        return []
+
 
 class MetricsServer(Observer):
     """Exports the registry over HTTP from its own thread; `stop` closes the socket."""
 
     def __init__(self, core: Steering, endpoint: Endpoint):
-        self.registry = CollectorRegistry()
+        events = CollectorRegistry()
         self.switches = Counter("zddd_switches", "Switch requests by target and result",
-                                ["target", "result"], registry=self.registry)
+                                ["target", "result"], registry=events)
         for target in ALL_TARGETS + ("invalid",):
             for result in RESULTS:
                 self.switches.labels(target, result)
         self.duration = Histogram("zddd_switch_duration_seconds",
                                   "Switch request received to data plane committed",
-                                  ["backend"], buckets=DURATION_BUCKETS, registry=self.registry)
+                                  ["backend"], buckets=DURATION_BUCKETS, registry=events)
         self.duration.labels(core.backend.name)
         self.backend = core.backend.name
         self.repairs = Counter("zddd_drift_repairs", "Kernel state found changed and restored",
-                               registry=self.registry)
+                               registry=events)
         self.errors = Counter("zddd_collection_errors", "Scrape-time reads that failed",
-                              registry=self.registry)
-        self.registry.register(_KernelCollector(core, self.errors))
+                              registry=events)
+        self.registry = CollectorRegistry()
+        self.registry.register(_Exported(_KernelCollector(core, self.errors), events))
 
         handler = MetricsHandler.factory(self.registry)
         server_class = ThreadingHTTPServer
