@@ -1,0 +1,181 @@
+"""The metrics endpoint with a stand-in core: exactly SPEC's names, Prometheus conventions,
+scrape-time reads whose failures are counted instead of failing the scrape."""
+
+from __future__ import annotations
+
+import re
+import urllib.request
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from zddd.config import Endpoint
+from zddd.service.metrics import MetricsServer
+
+# SPEC "Metrics": sample name -> (type, label names)
+SPEC = {
+    "zddd_switches_total": ("counter", {"target", "result"}),
+    "zddd_switch_duration_seconds": ("histogram", {"backend"}),
+    "zddd_active_target": ("gauge", {"target"}),
+    "zddd_draining": ("gauge", {"target"}),
+    "zddd_target_up": ("gauge", {"target"}),
+    "zddd_target_connections": ("gauge", {"target"}),
+    "zddd_flows_steered_total": ("counter", {"target"}),
+    "zddd_drift_repairs_total": ("counter", set()),
+    "zddd_collection_errors_total": ("counter", set()),
+    "zddd_build_info": ("gauge", {"version", "backend"}),  # an info metric, as text: a gauge
+}
+
+def exported_names(text: str) -> set[str]:
+    """Sample names in a scrape, with the histogram/counter bookkeeping suffixes folded back."""
+    names = set()
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            name = s.name
+            if family.type == "histogram" and name != family.name:
+                name = family.name
+            names.add(name)
+    return names
+
+
+class StubBackend:
+    name = "nftables"
+
+    def __init__(self):
+        self.fail = False
+
+    def flows_steered(self):
+        if self.fail:
+            raise OSError("netlink said no")
+        return {"main": 7, "backup": 2}
+
+
+class StubHealth:
+    def is_up(self, target):
+        return target == "main"
+
+
+class StubCore:
+    """What MetricsServer reads from the core, and nothing else."""
+
+    def __init__(self):
+        self.active = "main"
+        self.draining = ""
+        self.health = StubHealth()
+        self.backend = StubBackend()
+        self.observers = []
+        self.counts_fail = False
+
+    def connection_counts(self):
+        if self.counts_fail:
+            raise OSError("sock_diag said no")
+        return {"main": 3, "backup": 0}
+
+
+@pytest.fixture
+def served():
+    core = StubCore()
+    server = MetricsServer(core, Endpoint("127.0.0.1", 0))
+    port = server.httpd.server_address[1]
+
+    def scrape() -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+            return r.read().decode()
+
+    try:
+        yield core, server, scrape
+    finally:
+        server.stop()
+
+
+def samples(text: str) -> dict:
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def test_exactly_the_spec_names_with_their_types_and_labels(served):
+    core, server, scrape = served
+    text = scrape()
+    assert exported_names(text) == set(SPEC)
+    assert "_created" not in text  # prometheus-client's extra series are left out
+    for family in text_string_to_metric_families(text):
+        full = family.name + ("_total" if family.type == "counter" else "")
+        kind, labels = SPEC[full]
+        assert family.type == kind, full
+        for s in family.samples:
+            assert set(s.labels) - {"le"} == labels, (s.name, s.labels)
+
+
+def test_names_follow_prometheus_conventions(served):
+    _, _, scrape = served
+    for family in text_string_to_metric_families(scrape()):
+        assert re.fullmatch(r"zddd_[a-z]+(_[a-z]+)*", family.name), family.name
+        assert not family.name.endswith("_total")  # the parser strips it from counters
+        if family.type == "counter":
+            assert all(s.name.endswith("_total") for s in family.samples)
+        if family.type == "histogram":
+            assert family.name.endswith("_seconds")  # base unit
+        assert family.documentation, family.name
+        # few label values: targets, results, one backend
+        for s in family.samples:
+            for key, value in s.labels.items():
+                if key == "target":
+                    assert value in ("main", "backup", "off", "invalid")
+                if key == "result":
+                    assert value in ("ok", "refused", "failed")
+
+
+def test_values_come_from_the_core_at_scrape_time(served):
+    core, server, scrape = served
+    v = samples(scrape())
+    assert v[("zddd_target_connections", (("target", "main"),))] == 3
+    assert v[("zddd_flows_steered_total", (("target", "main"),))] == 7
+    assert v[("zddd_active_target", (("target", "main"),))] == 1
+    assert v[("zddd_target_up", (("target", "backup"),))] == 0
+    core.active, core.draining = "main", "main"
+    v = samples(scrape())
+    assert v[("zddd_draining", (("target", "main"),))] == 1
+    core.active, core.draining = "off", ""
+    v = samples(scrape())
+    assert v[("zddd_active_target", (("target", "off"),))] == 1
+    assert v[("zddd_active_target", (("target", "main"),))] == 0
+    assert v[("zddd_draining", (("target", "main"),))] == 0
+
+
+def test_switch_events_and_histogram_buckets_from_microseconds(served):
+    core, server, scrape = served
+    server.switch_result("backup", "ok", 120e-6)
+    server.switch_result("invalid", "refused", None)
+    server.switch_result("main", "failed", None)
+    server.drift_repaired()
+    v = samples(scrape())
+    key = ("zddd_switches_total", (("result", "ok"), ("target", "backup")))
+    assert v[key] == 1
+    assert v[("zddd_switches_total", (("result", "refused"), ("target", "invalid")))] == 1
+    assert v[("zddd_switches_total", (("result", "failed"), ("target", "main")))] == 1
+    assert v[("zddd_switches_total", (("result", "ok"), ("target", "off")))] == 0
+    assert v[("zddd_switch_duration_seconds_count", (("backend", "nftables"),))] == 1
+    bucket = "zddd_switch_duration_seconds_bucket"
+    assert v[(bucket, (("backend", "nftables"), ("le", "0.0001")))] == 0
+    assert v[(bucket, (("backend", "nftables"), ("le", "0.00025")))] == 1
+    assert v[("zddd_drift_repairs_total", ())] == 1
+
+
+def test_failed_kernel_reads_are_counted_and_the_scrape_still_works(served):
+    core, server, scrape = served
+    core.counts_fail = True
+    v = samples(scrape())
+    assert v[("zddd_collection_errors_total", ())] == 1
+    assert not any(name == "zddd_target_connections" for name, _ in v)
+    assert v[("zddd_active_target", (("target", "main"),))] == 1  # the rest is there
+    core.backend.fail = True
+    v = samples(scrape())
+    assert v[("zddd_collection_errors_total", ())] == 3
+    assert not any(name == "zddd_flows_steered_total" for name, _ in v)
+    core.counts_fail = core.backend.fail = False
+    v = samples(scrape())
+    assert v[("zddd_collection_errors_total", ())] == 3
+    assert v[("zddd_target_connections", (("target", "main"),))] == 3
