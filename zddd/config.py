@@ -7,6 +7,7 @@ about, so an operator can find the line to fix.
 from __future__ import annotations
 
 import ipaddress
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,7 +114,8 @@ def _port(value: Any, key: str) -> int:
 
 def _seconds(value: Any, key: str, *, allow_zero: bool) -> float:
     _expect(value, (int, float), key, "a number of seconds")
-    if value < 0 or (value == 0 and not allow_zero) or value != value:
+    # Not finite (TOML's inf, nan) would overflow where seconds become µs (DrainTimeoutUSec).
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
         raise ConfigError(key, f"{value} is not a valid duration")
     return float(value)
 
