@@ -1,0 +1,213 @@
+"""config.py: defaults, every error naming its key, endpoint and health parsing, load()."""
+
+from __future__ import annotations
+
+import pytest
+
+from zddd import config as cfg
+from zddd.config import Config, ConfigError, Endpoint, Health, Target, from_dict, load
+
+
+def test_defaults_match_the_spec():
+    c = from_dict({})
+    assert c == Config()
+    assert c.listen_port == 8888
+    assert c.backend == "nftables"
+    assert c.interfaces is None
+    assert c.xdp_mode == "native"
+    assert c.bpf_pin_dir == "/sys/fs/bpf/zddd"
+    assert c.bpf_flow_entries == 1048576
+    assert c.initial == "main"
+    assert c.state_file == "/var/lib/zddd/state.json"
+    assert c.drain_timeout == 30
+    assert c.targets == {"main": Target("main", 8080, Health("tcp")),
+                         "backup": Target("backup", 80, Health("tcp"))}
+    assert (c.health_interval, c.health_timeout) == (1.0, 0.5)
+    assert c.agent_listen == Endpoint("::", 8889)
+    assert c.metrics_listen == Endpoint("127.0.0.1", 9488)
+
+
+def test_a_full_config_is_taken_over():
+    c = from_dict({
+        "listen_port": 9000, "backend": "tc", "interfaces": ["eth0", "lo"],
+        "xdp_mode": "generic", "bpf_pin_dir": "/sys/fs/bpf/z2", "bpf_flow_entries": 4096,
+        "initial": "off", "state_file": "/tmp/s.json", "drain_timeout": 2.5,
+        "targets": {"main": {"port": 8081, "health": "http:/healthz"},
+                    "backup": {"port": 81, "health": "none"}},
+        "health": {"interval": 0.2, "timeout": 0.1},
+        "agent": {"listen": ""}, "metrics": {"listen": "[::1]:9100"},
+    })
+    assert c.listen_port == 9000 and c.backend == "tc" and c.interfaces == ("eth0", "lo")
+    assert c.xdp_mode == "generic" and c.bpf_pin_dir == "/sys/fs/bpf/z2"
+    assert c.bpf_flow_entries == 4096 and c.initial == "off" and c.state_file == "/tmp/s.json"
+    assert c.drain_timeout == 2.5
+    assert c.targets["main"] == Target("main", 8081, Health("http", "/healthz"))
+    assert c.targets["backup"] == Target("backup", 81, Health("none"))
+    assert (c.health_interval, c.health_timeout) == (0.2, 0.1)
+    assert c.agent_listen is None
+    assert c.metrics_listen == Endpoint("::1", 9100)
+
+
+def test_a_partial_target_keeps_the_other_defaults():
+    c = from_dict({"targets": {"backup": {"health": "http:/ok"}}})
+    assert c.targets["backup"] == Target("backup", 80, Health("http", "/ok"))
+    assert c.targets["main"] == Target("main", 8080)
+    c = from_dict({"targets": {"main": {"port": 9090}}})
+    assert c.targets["main"] == Target("main", 9090)
+
+
+def test_int_and_zero_drain_timeout():
+    assert from_dict({"drain_timeout": 0}).drain_timeout == 0.0
+    assert isinstance(from_dict({"drain_timeout": 3}).drain_timeout, float)
+
+
+BAD = {
+    "unknown-top": ({"frob": 1}, "frob"),
+    "unknown-target": ({"targets": {"canary": {"port": 1}}}, "targets.canary"),
+    "unknown-target-key": ({"targets": {"main": {"prot": 1}}}, "targets.main.prot"),
+    "unknown-health-key": ({"health": {"retries": 3}}, "health.retries"),
+    "unknown-agent-key": ({"agent": {"port": 1}}, "agent.port"),
+    "unknown-metrics-key": ({"metrics": {"path": "/m"}}, "metrics.path"),
+    "listen-str": ({"listen_port": "8888"}, "listen_port"),
+    "listen-bool": ({"listen_port": True}, "listen_port"),
+    "listen-float": ({"listen_port": 8888.0}, "listen_port"),
+    "listen-zero": ({"listen_port": 0}, "listen_port"),
+    "listen-big": ({"listen_port": 65536}, "listen_port"),
+    "listen-negative": ({"listen_port": -1}, "listen_port"),
+    "target-port-big": ({"targets": {"backup": {"port": 70000}}}, "targets.backup.port"),
+    "target-port-str": ({"targets": {"main": {"port": "80"}}}, "targets.main.port"),
+    "target-not-table": ({"targets": {"main": 8080}}, "targets.main"),
+    "targets-not-table": ({"targets": [1]}, "targets"),
+    "backend": ({"backend": "iptables"}, "backend"),
+    "backend-type": ({"backend": 1}, "backend"),
+    "xdp-mode": ({"xdp_mode": "offload"}, "xdp_mode"),
+    "interfaces-type": ({"interfaces": "eth0"}, "interfaces"),
+    "interface-name-type": ({"interfaces": ["eth0", 3]}, "interfaces[1]"),
+    "interface-name-empty": ({"interfaces": [""]}, "interfaces[0]"),
+    "interface-name-long": ({"interfaces": ["a" * 16]}, "interfaces[0]"),
+    "interface-name-slash": ({"interfaces": ["a/b"]}, "interfaces[0]"),
+    "pin-dir-relative": ({"bpf_pin_dir": "zddd"}, "bpf_pin_dir"),
+    "state-file-relative": ({"state_file": "state.json"}, "state_file"),
+    "state-file-type": ({"state_file": 1}, "state_file"),
+    "flow-entries-small": ({"bpf_flow_entries": 10}, "bpf_flow_entries"),
+    "flow-entries-type": ({"bpf_flow_entries": "1M"}, "bpf_flow_entries"),
+    "initial-case": ({"initial": "Main"}, "initial"),
+    "initial-space": ({"initial": "main "}, "initial"),
+    "drain-negative": ({"drain_timeout": -1}, "drain_timeout"),
+    "drain-str": ({"drain_timeout": "30"}, "drain_timeout"),
+    "drain-bool": ({"drain_timeout": False}, "drain_timeout"),
+    "drain-nan": ({"drain_timeout": float("nan")}, "drain_timeout"),
+    "drain-inf": ({"drain_timeout": float("inf")}, "drain_timeout"),
+    "interval-inf": ({"health": {"interval": float("inf")}}, "health.interval"),
+    "interval-zero": ({"health": {"interval": 0}}, "health.interval"),
+    "timeout-negative": ({"health": {"timeout": -0.5}}, "health.timeout"),
+    "health-not-table": ({"health": "tcp"}, "health"),
+    "health-kind": ({"targets": {"main": {"health": "udp"}}}, "targets.main.health"),
+    "health-no-slash": ({"targets": {"main": {"health": "http:health"}}},
+                        "targets.main.health"),
+    "health-space": ({"targets": {"main": {"health": "http:/a b"}}}, "targets.main.health"),
+    "health-type": ({"targets": {"backup": {"health": True}}}, "targets.backup.health"),
+    "agent-not-table": ({"agent": "[::]:8889"}, "agent"),
+    "agent-no-port": ({"agent": {"listen": "127.0.0.1"}}, "agent.listen"),
+    "agent-hostname": ({"agent": {"listen": "localhost:8889"}}, "agent.listen"),
+    "agent-v6-unbracketed": ({"agent": {"listen": "::1:8889"}}, "agent.listen"),
+    "agent-v4-bracketed": ({"agent": {"listen": "[127.0.0.1]:8889"}}, "agent.listen"),
+    "agent-port-big": ({"agent": {"listen": "[::]:99999"}}, "agent.listen"),
+    "agent-port-zero": ({"agent": {"listen": "[::]:0"}}, "agent.listen"),
+    "metrics-type": ({"metrics": {"listen": 9488}}, "metrics.listen"),
+    "metrics-port-name": ({"metrics": {"listen": "127.0.0.1:http"}}, "metrics.listen"),
+    # Two roles on one port: the later claim is named, the message names the earlier one.
+    "targets-share-a-port": ({"targets": {"main": {"port": 80}}}, "targets.backup.port"),
+    "target-on-listen-port": ({"targets": {"backup": {"port": 8888}}}, "targets.backup.port"),
+    "listen-on-target-port": ({"listen_port": 80}, "targets.backup.port"),
+    "agent-on-target-port": ({"agent": {"listen": "[::]:8080"}}, "agent.listen"),
+    "agent-on-listen-port": ({"agent": {"listen": "[::]:8888"}}, "agent.listen"),
+    "metrics-on-agent-port": ({"metrics": {"listen": "127.0.0.1:8889"}}, "metrics.listen"),
+}
+
+
+@pytest.mark.parametrize("data,key", BAD.values(), ids=BAD.keys())
+def test_every_error_names_its_key(data, key):
+    with pytest.raises(ConfigError) as e:
+        from_dict(data)
+    assert e.value.key == key
+    assert str(e.value).startswith(f"{key}: ")
+    assert e.value.problem
+
+
+def test_port_clash_message_names_both_keys():
+    with pytest.raises(ConfigError) as e:
+        from_dict({"targets": {"main": {"port": 80}}})
+    assert "targets.main.port" in str(e.value) and "80" in str(e.value)
+
+
+def test_disabled_listeners_claim_no_port():
+    c = from_dict({"agent": {"listen": ""}, "metrics": {"listen": ""},
+                   "targets": {"main": {"port": 8889}, "backup": {"port": 9488}}})
+    assert c.agent_listen is None and c.metrics_listen is None
+
+
+@pytest.mark.parametrize("text,host,port", [
+    ("127.0.0.1:9488", "127.0.0.1", 9488),
+    ("0.0.0.0:1", "0.0.0.0", 1),
+    ("[::]:8889", "::", 8889),
+    ("[::1]:65535", "::1", 65535),
+    ("[2001:DB8::0001]:80", "2001:db8::1", 80),
+])
+def test_endpoint_parsing(text, host, port):
+    ep = cfg.parse_endpoint(text, "k")
+    assert ep == Endpoint(host, port)
+    assert cfg.parse_endpoint(str(ep), "k") == ep  # str() writes what parses back
+
+
+def test_empty_endpoint_disables():
+    assert cfg.parse_endpoint("", "agent.listen") is None
+
+
+def test_health_parsing():
+    assert cfg.parse_health("tcp", "k") == Health("tcp")
+    assert cfg.parse_health("none", "k") == Health("none")
+    assert cfg.parse_health("http:/", "k") == Health("http", "/")
+    assert cfg.parse_health("http:/a/b?c=d", "k") == Health("http", "/a/b?c=d")
+    assert str(Health("http", "/x")) == "http:/x" and str(Health("tcp")) == "tcp"
+
+
+def test_restart_changes():
+    base = from_dict({})
+    assert base.restart_changes(from_dict({"drain_timeout": 1,
+                                           "targets": {"backup": {"port": 81}}})) == []
+    assert base.restart_changes(from_dict({"listen_port": 9999})) == ["listen_port"]
+    assert base.restart_changes(from_dict({"backend": "xdp",
+                                           "bpf_pin_dir": "/sys/fs/bpf/x"})) == [
+        "backend", "bpf_pin_dir"]
+
+
+def test_load_file(tmp_path):
+    p = tmp_path / "zddd.toml"
+    p.write_text('listen_port = 9999\n[targets.backup]\nport = 81\n[agent]\nlisten = ""\n')
+    c = load(p)
+    assert c.listen_port == 9999 and c.targets["backup"].port == 81 and c.agent_listen is None
+    p.write_text("")
+    assert load(str(p)) == Config()
+
+
+def test_load_errors_name_the_file(tmp_path):
+    p = tmp_path / "zddd.toml"
+    p.write_text("listen_port = \n")
+    with pytest.raises(ConfigError) as e:
+        load(p)
+    assert e.value.key == "" and str(p) in str(e.value) and "TOML" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        load(tmp_path / "missing.toml")
+    assert e.value.key == "" and "missing.toml" in str(e.value)
+    p.write_text("[targets.main]\nport = 0\n")
+    with pytest.raises(ConfigError) as e:
+        load(p)
+    assert e.value.key == "targets.main.port"
+
+
+def test_no_config_at_the_default_path_gives_defaults(tmp_path, monkeypatch):
+    monkeypatch.setattr(cfg, "DEFAULT_PATH", str(tmp_path / "absent.toml"))
+    assert load(None) == Config()
+    (tmp_path / "absent.toml").write_text("listen_port = 7777\n")
+    assert load(None).listen_port == 7777
