@@ -125,18 +125,17 @@ class HAProxy:
                 chunks.append(chunk)
         return b"".join(chunks).decode()
 
-    def servers(self, backend: str = "app") -> dict[str, str]:
-        """Server name → HAProxy status (UP, DOWN, MAINT, DRAIN, "UP 1/2", ...)."""
+    def stat(self, backend: str = "app") -> dict[str, dict[str, str]]:
+        """Server name → its `show stat` row (status, check_status, agent_status, ...)."""
         lines = self.command("show stat").splitlines()
         header = lines[0].lstrip("# ").split(",")
-        col = {name: i for i, name in enumerate(header)}
-        result = {}
-        for line in lines[1:]:
-            row = line.split(",")
-            if len(row) == len(header) and row[col["pxname"]] == backend and \
-                    row[col["svname"]] not in ("FRONTEND", "BACKEND"):
-                result[row[col["svname"]]] = row[col["status"]]
-        return result
+        rows = (dict(zip(header, line.split(","), strict=False)) for line in lines[1:] if line)
+        return {row["svname"]: row for row in rows if row.get("pxname") == backend
+                and row.get("svname") not in ("FRONTEND", "BACKEND")}
+
+    def servers(self, backend: str = "app") -> dict[str, str]:
+        """Server name → HAProxy status (UP, DOWN, MAINT, DRAIN, "UP 1/2", ...)."""
+        return {name: row["status"] for name, row in self.stat(backend).items()}
 
 
 @dataclass
@@ -337,9 +336,10 @@ def stop(proc: Proc, timeout: float = 5.0) -> None:
             proc.popen.wait()
 
 
-def port_open(lab: Lab, ns: str, port: int) -> bool:
-    res = subprocess.run(["ip", "netns", "exec", ns, "bash", "-c",
-                          f"exec 3<>/dev/tcp/127.0.0.1/{port}"], capture_output=True)
+def port_open(lab: Lab, ns: str, port: int, host: str = "127.0.0.1") -> bool:
+    """Whether a TCP connect from inside `ns` to host:port is accepted."""
+    res = subprocess.run(["ip", "netns", "exec", ns, "timeout", "3", "bash", "-c",
+                          f"exec 3<>/dev/tcp/{host}/{port}"], capture_output=True)
     return res.returncode == 0
 
 
