@@ -51,5 +51,10 @@ demo: setup
 bench: setup
 	$(VPY) bench/switch_and_throughput.py
 
+# dist/zddd_<version>_all.deb for Debian 12 with dpkg-buildpackage; installs its own build
+# dependencies and fails on lintian errors (packaging/build-deb.sh).
+deb:
+	sh packaging/build-deb.sh
+
 clean:
 	rm -rf $(VENV) dist build *.egg-info
