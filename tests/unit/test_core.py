@@ -1,0 +1,490 @@
+"""core.Steering's state machine against an in-memory backend: what start adopts, restores or
+programs; switches, refusals and their counting; saved drains resumed; reload and repair."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+
+import pytest
+
+from zddd.backends import ApplyError, Backend, BackendUnavailable, KernelState, Plan
+from zddd.config import from_dict
+from zddd.core import Observer, Steering
+from zddd.errors import (BackendFailure, InvalidArgument, InvalidConfig, InvalidTarget,
+                         TargetUnhealthy)
+from zddd.state import SavedState, StateFile
+
+WALL = 1_000_000.0
+
+
+class FakeBackend(Backend):
+    """A kernel in a dict: `table` is None (nothing of zddd's) or {layout, active, damaged}."""
+
+    name = "fake"
+
+    def __init__(self):
+        self.table: dict | None = None
+        self.applied: list[Plan] = []
+        self.fail = False
+        self.unavailable = ""
+
+    def program(self, active: str | None, config, damaged: bool = False) -> None:
+        ports = tuple(sorted((t.name, t.port) for t in config.targets.values()))
+        self.table = {"layout": (config.listen_port, ports), "active": active,
+                      "damaged": damaged}
+
+    @property
+    def steering(self) -> str | None:
+        """The target new connections go to ("off" when the table steers nowhere)."""
+        return None if self.table is None else (self.table["active"] or "off")
+
+    def probe(self) -> None:
+        if self.unavailable:
+            raise BackendUnavailable(self.unavailable)
+
+    def read(self, desired):
+        if self.table is None:
+            return None
+        intact = (self.table["layout"] == (desired.listen_port, desired.ports)
+                  and not self.table["damaged"])
+        return KernelState(self.table["active"], intact)
+
+    def plan(self, current, desired):
+        if current is not None and current.intact:
+            if current.active == desired.active:
+                return Plan((), steering_only=True)
+            return Plan((("steer", desired.active),), steering_only=True)
+        return Plan((("table", desired.listen_port, desired.ports, desired.active),),
+                    steering_only=False)
+
+    def apply(self, plan):
+        if not plan.commands:
+            return
+        if self.fail:
+            raise ApplyError("the fake kernel says no")
+        self.applied.append(plan)
+        for cmd in plan.commands:
+            if cmd[0] == "steer":
+                self.table["active"] = cmd[1]
+            else:
+                self.table = {"layout": (cmd[1], cmd[2]), "active": cmd[3], "damaged": False}
+
+
+class FakeHealth:
+    def __init__(self, **up: bool):
+        self.up = {"main": True, "backup": True, **up}
+
+    def is_up(self, target: str) -> bool:
+        return self.up[target]
+
+    def reason(self, target: str) -> str:
+        return "connection refused"
+
+
+class FakeConnections:
+    def __init__(self):
+        self.counts: dict[str, int] = {}
+
+    def count(self, ports):
+        return {name: self.counts.get(name, 0) for name in ports}
+
+
+class Recorder(Observer):
+    def __init__(self):
+        self.props: list[dict] = []
+        self.switches: list[tuple] = []
+        self.results: list[tuple] = []
+        self.repairs = 0
+
+    def properties_changed(self, changes):
+        self.props.append(dict(changes))
+
+    def switched(self, old, new, usec):
+        self.switches.append((old, new))
+
+    def switch_result(self, target, result, seconds):
+        self.results.append((target, result))
+
+    def drift_repaired(self):
+        self.repairs += 1
+
+
+class Rig:
+    def __init__(self, tmp_path, config=None, **health):
+        self.config = from_dict({"state_file": str(tmp_path / "state.json"),
+                                 "drain_timeout": 5, **(config or {})})
+        self.backend = FakeBackend()
+        self.store = StateFile(self.config.state_file)
+        self.health = FakeHealth(**health)
+        self.conns = FakeConnections()
+        self.core = None
+        self.rec = Recorder()
+
+    def make(self) -> Steering:
+        self.core = Steering(self.config, self.backend, self.store, health=self.health,
+                             connections=self.conns, wall=lambda: WALL)
+        self.core.observers.append(self.rec)
+        return self.core
+
+    def start(self) -> Steering:
+        self.make().start()
+        return self.core
+
+    def saved(self) -> dict:
+        return json.loads(self.store.path.read_text())
+
+
+@pytest.fixture
+def rig(tmp_path):
+    return Rig(tmp_path)
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 10))
+
+
+def start_how(caplog) -> str:
+    lines = [r.getMessage() for r in caplog.records if "event=start " in r.getMessage()]
+    assert len(lines) == 1, lines
+    return lines[0].split("how=")[1].split()[0]
+
+
+# ---- start: adopt, restore, initial -----------------------------------------------------
+
+def test_nothing_anywhere_programs_initial(tmp_path, caplog):
+    caplog.set_level(logging.INFO, "zddd")
+    rig = Rig(tmp_path, {"initial": "backup"})
+    core = rig.start()
+    assert start_how(caplog) == "initial"
+    assert core.active == "backup" and rig.backend.steering == "backup"
+    assert len(rig.backend.applied) == 1 and not rig.backend.applied[0].steering_only
+    assert rig.saved()["target"] == "backup"
+
+
+def test_initial_off_programs_the_table_without_steering(tmp_path, caplog):
+    caplog.set_level(logging.INFO, "zddd")
+    rig = Rig(tmp_path, {"initial": "off"})
+    core = rig.start()
+    assert core.active == "off"
+    assert rig.backend.table is not None and rig.backend.steering == "off"
+
+
+@pytest.mark.parametrize("saved", ["main", "backup", "off"])
+def test_no_table_restores_the_saved_target(rig, caplog, saved):
+    caplog.set_level(logging.INFO, "zddd")
+    rig.store.save(SavedState(saved))
+    core = rig.start()
+    assert start_how(caplog) == "restored"
+    assert core.active == saved and rig.backend.steering == saved
+
+
+@pytest.mark.parametrize("kernel", ["main", "backup", None])
+def test_an_intact_table_is_adopted_without_any_change(rig, caplog, kernel):
+    caplog.set_level(logging.INFO, "zddd")
+    rig.backend.program(kernel, rig.config)
+    rig.store.save(SavedState("backup" if kernel != "backup" else "main"))
+    core = rig.start()
+    assert start_how(caplog) == "adopted"
+    assert core.active == (kernel or "off")
+    assert rig.backend.applied == []  # not even a rewrite of what is there
+    assert core.last_switch_usec == 0
+    assert rig.saved()["target"] == (kernel or "off")  # the kernel wins over the file
+
+
+def test_a_damaged_table_that_still_steers_is_adopted_and_repaired(rig, caplog):
+    caplog.set_level(logging.INFO, "zddd")
+    rig.backend.program("backup", rig.config, damaged=True)
+    rig.store.save(SavedState("main"))
+    core = rig.start()
+    assert start_how(caplog) == "adopted"
+    assert core.active == "backup" and rig.backend.steering == "backup"
+    assert not rig.backend.table["damaged"] and len(rig.backend.applied) == 1
+
+
+def test_a_damaged_table_that_steers_nowhere_falls_back_to_the_saved_target(rig, caplog):
+    # Off and a flushed map look the same; the saved state decides.
+    caplog.set_level(logging.INFO, "zddd")
+    rig.backend.program(None, rig.config, damaged=True)
+    rig.store.save(SavedState("backup"))
+    core = rig.start()
+    assert start_how(caplog) == "restored"
+    assert core.active == "backup" and rig.backend.steering == "backup"
+
+
+def test_a_table_for_other_ports_is_adopted_and_rewritten(rig, caplog):
+    caplog.set_level(logging.INFO, "zddd")
+    other = from_dict({"targets": {"backup": {"port": 81}}})
+    rig.backend.program("backup", other)
+    core = rig.start()
+    assert start_how(caplog) == "adopted" and core.active == "backup"
+    assert rig.backend.read(core._desired(None)).intact  # now laid out for this config
+
+
+def test_an_unusable_backend_fails_start_untouched(rig):
+    rig.backend.unavailable = "no nftables here"
+    with pytest.raises(BackendFailure, match="no nftables here"):
+        rig.start()
+    assert rig.backend.table is None and not rig.store.path.exists()
+
+
+def test_a_refused_table_fails_start(rig):
+    rig.backend.fail = True
+    with pytest.raises(BackendFailure):
+        rig.start()
+
+
+# ---- saved drains -------------------------------------------------------------------------
+
+def test_a_saved_drain_is_resumed_and_ends_when_drained(rig, caplog):
+    caplog.set_level(logging.INFO, "zddd")
+
+    async def scenario():
+        rig.backend.program("main", rig.config)
+        rig.store.save(SavedState("off", "main", WALL + 5))
+        rig.conns.counts["main"] = 1
+        core = rig.start()
+        assert start_how(caplog) == "adopted"
+        assert "resumed_drain=main" in caplog.text
+        assert core.draining == "main" and core.active == "main"
+        assert rig.backend.steering == "main"
+        assert rig.saved() == {"target": "off", "draining": "main", "drain_deadline": WALL + 5}
+        await asyncio.sleep(0.2)
+        assert core.draining == "main"  # a connection is still open
+        rig.conns.counts["main"] = 0
+        for _ in range(100):
+            if core.active == "off":
+                break
+            await asyncio.sleep(0.02)
+        assert core.active == "off" and core.draining == "" and rig.backend.steering == "off"
+        assert rig.rec.switches == [("main", "off")]
+        assert rig.saved()["target"] == "off" and rig.saved()["draining"] == ""
+        core.close()
+
+    run(scenario())
+
+
+def test_a_saved_drain_past_its_deadline_turns_off_at_once(rig):
+    async def scenario():
+        rig.backend.program("backup", rig.config)
+        rig.store.save(SavedState("off", "backup", WALL - 1))
+        rig.conns.counts["backup"] = 3
+        core = rig.start()
+        await asyncio.sleep(0.1)
+        assert core.active == "off" and rig.backend.steering == "off"
+        core.close()
+
+    run(scenario())
+
+
+def test_a_saved_drain_without_a_table_programs_the_drained_target_first(rig, caplog):
+    caplog.set_level(logging.INFO, "zddd")
+
+    async def scenario():
+        rig.store.save(SavedState("off", "backup", WALL + 5))
+        rig.conns.counts["backup"] = 1
+        core = rig.start()
+        assert start_how(caplog) == "restored"
+        assert core.active == "backup" and core.draining == "backup"
+        assert rig.backend.steering == "backup"
+        core.close()
+
+    run(scenario())
+
+
+def test_a_saved_drain_of_another_target_than_the_kernel_steers_is_dropped(rig):
+    async def scenario():
+        rig.backend.program("backup", rig.config)
+        rig.store.save(SavedState("off", "main", WALL + 5))
+        core = rig.start()
+        assert core.active == "backup" and core.draining == ""
+        assert rig.saved()["target"] == "backup" and rig.saved()["draining"] == ""
+        core.close()
+
+    run(scenario())
+
+
+# ---- switches -----------------------------------------------------------------------------
+
+def test_switch_commits_and_reports(rig):
+    core = rig.start()
+    rig.rec.props.clear()
+    usec = core.switch("backup")
+    assert rig.backend.steering == "backup" and core.active == "backup"
+    assert rig.backend.applied[-1].steering_only
+    assert core.last_switch_usec == usec
+    assert rig.rec.switches == [("main", "backup")]
+    assert rig.rec.results == [("backup", "ok")]
+    assert {"ActiveTarget": "backup", "LastSwitchUSec": usec} in rig.rec.props
+    assert rig.saved()["target"] == "backup"
+
+
+def test_switch_to_the_active_target_is_a_no_op(rig):
+    core = rig.start()
+    applied = len(rig.backend.applied)
+    rig.rec.props.clear()
+    core.switch("main")
+    assert len(rig.backend.applied) == applied
+    assert rig.rec.switches == [] and rig.rec.props == []
+    assert rig.rec.results == [("main", "ok")]
+
+
+@pytest.mark.parametrize("name", ["Main", " main", "main ", "", "OFF", "none", "main\n"])
+def test_invalid_target_is_counted_as_invalid_and_changes_nothing(rig, name):
+    core = rig.start()
+    applied = len(rig.backend.applied)
+    with pytest.raises(InvalidTarget):
+        core.switch(name)
+    assert rig.rec.results == [("invalid", "refused")]
+    assert core.active == "main" and len(rig.backend.applied) == applied
+    assert rig.saved()["target"] == "main"
+
+
+def test_unhealthy_target_is_refused_unless_forced(tmp_path):
+    rig = Rig(tmp_path, backup=False)
+    core = rig.start()
+    with pytest.raises(TargetUnhealthy, match="connection refused"):
+        core.switch("backup")
+    assert rig.rec.results == [("backup", "refused")]
+    assert core.active == "main" and rig.backend.steering == "main"
+    assert rig.saved()["target"] == "main"
+    core.switch("backup", force=True)
+    assert core.active == "backup" and rig.backend.steering == "backup"
+    assert rig.rec.results[-1] == ("backup", "ok")
+
+
+def test_off_needs_no_health(tmp_path):
+    rig = Rig(tmp_path, main=False, backup=False)
+    core = rig.start()
+    core.switch("off", force=True)
+    assert core.active == "off"
+
+
+@pytest.mark.parametrize("how", [{"force": True}, {"drain_timeout": 0}])
+def test_forced_or_zero_timeout_off_is_immediate(rig, how):
+    core = rig.start()
+    core.switch("off", **how)
+    assert core.active == "off" and core.draining == "" and rig.backend.steering == "off"
+    assert rig.backend.table is not None  # the NAT layout stays for established flows
+    assert rig.rec.switches == [("main", "off")]
+
+
+def test_config_drain_timeout_zero_makes_off_immediate(tmp_path):
+    rig = Rig(tmp_path, {"drain_timeout": 0})
+    core = rig.start()
+    core.switch("off")
+    assert core.active == "off"
+
+
+def test_off_drains_and_a_switch_cancels_the_drain(rig):
+    async def scenario():
+        core = rig.start()
+        rig.conns.counts["main"] = 1
+        assert core.switch("off") == 0
+        assert core.draining == "main" and core.active == "main"
+        assert rig.backend.steering == "main"
+        assert rig.saved()["draining"] == "main"
+        assert core.agent_answer() == "drain"
+        core.switch("backup")
+        assert core.draining == "" and core.active == "backup"
+        assert {"Draining": ""} in rig.rec.props
+        await asyncio.sleep(0.1)
+        assert core.active == "backup"  # the cancelled drain did not turn it off later
+        core.close()
+
+    run(scenario())
+
+
+def test_a_drain_waits_for_a_drain_answer_when_haproxy_polls(rig):
+    async def scenario():
+        core = rig.start()
+        assert core.agent_answer() == "ready up"  # HAProxy polls
+        core.switch("off")
+        await asyncio.sleep(0.2)
+        assert core.draining == "main"  # no connection, but HAProxy was not told yet
+        assert core.agent_answer() == "drain"
+        for _ in range(50):
+            if core.active == "off":
+                break
+            await asyncio.sleep(0.02)
+        assert core.active == "off" and core.agent_answer() == "maint"
+        core.close()
+
+    run(scenario())
+
+
+def test_drain_timeout_out_of_range_is_invalid_argument(rig):
+    core = rig.start()
+    with pytest.raises(InvalidArgument):
+        core.switch("off", drain_timeout=-1)
+    with pytest.raises(InvalidArgument):
+        core.switch("off", drain_timeout=86400.5)
+    assert core.active == "main" and rig.rec.results == [("off", "refused")] * 2
+
+
+def test_a_refused_commit_is_backend_failure_and_changes_nothing(rig):
+    core = rig.start()
+    rig.backend.fail = True
+    with pytest.raises(BackendFailure):
+        core.switch("backup")
+    assert core.active == "main" and rig.backend.steering == "main"
+    assert rig.saved()["target"] == "main"
+    assert rig.rec.results == [("backup", "failed")]
+    assert rig.rec.switches == []
+
+
+def test_agent_answers(tmp_path):
+    rig = Rig(tmp_path)
+    core = rig.start()
+    assert core.agent_answer() == "ready up"
+    rig.health.up["main"] = False
+    assert core.agent_answer() == "down"
+    core.switch("off", force=True)
+    assert core.agent_answer() == "maint"
+
+
+def test_wait_drained_arguments(rig):
+    core = rig.start()
+    with pytest.raises(InvalidTarget):
+        run(core.wait_drained("off", 0))
+    with pytest.raises(InvalidArgument):
+        run(core.wait_drained("main", 86401))
+    rig.conns.counts["main"] = 2
+    assert run(core.wait_drained("main", 0)) is False
+    assert run(core.wait_drained("backup", 0)) is True
+
+
+# ---- reload and repair --------------------------------------------------------------------
+
+def test_reload_refuses_restart_keys_and_keeps_the_config(rig):
+    core = rig.start()
+    new = from_dict({"state_file": rig.config.state_file, "listen_port": 9999})
+    with pytest.raises(InvalidConfig, match="listen_port"):
+        core.reload(new)
+    assert core.config is rig.config
+
+
+def test_reload_moves_the_redirect_of_the_active_target(rig):
+    core = rig.start()
+    core.switch("backup")
+    new = from_dict({"state_file": rig.config.state_file, "targets": {"backup": {"port": 81}}})
+    core.reload(new)
+    assert core.targets == {"main": 8080, "backup": 81}
+    assert rig.backend.table["layout"][1] == (("backup", 81), ("main", 8080))
+    assert rig.backend.steering == "backup"
+    assert {"Targets": {"main": 8080, "backup": 81}} in rig.rec.props
+
+
+def test_reconcile_repairs_drift_and_counts_it(rig):
+    core = rig.start()
+    core.switch("backup")
+    assert core.reconcile() is False and rig.rec.repairs == 0
+    rig.backend.table["active"] = "main"  # someone else steered
+    assert core.reconcile() is True and rig.backend.steering == "backup"
+    rig.backend.table = None  # someone deleted the table
+    assert core.reconcile() is True and rig.backend.steering == "backup"
+    rig.backend.table["damaged"] = True
+    assert core.reconcile() is True and not rig.backend.table["damaged"]
+    assert rig.rec.repairs == 3
+    assert core.reconcile() is False and rig.rec.repairs == 3
