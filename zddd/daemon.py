@@ -197,9 +197,15 @@ class Daemon(Observer):
         return EXIT_FAILURE if self._bus_lost else 0
 
     async def _watch_bus(self) -> None:
-        await self.bus.wait_for_disconnect()
+        # dbus-fast raises the error that broke the connection (EOFError when the bus daemon
+        # goes away) instead of returning: both mean the bus is lost.
+        try:
+            await self.bus.wait_for_disconnect()
+            error = ""
+        except Exception as e:
+            error = f" error={type(e).__name__}"
         # Without the bus zddd cannot be controlled; exit non-zero so systemd restarts it.
-        log.error("event=bus_lost")
+        log.error("event=bus_lost%s", error)
         self._bus_lost = True
         self._stop.set()
 
