@@ -466,3 +466,43 @@ asyncio.run(main())
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(timeout=5)
+
+
+class NftMonitor:
+    """`nft monitor` in a namespace: every ruleset change made there while it runs. `changes()`
+    gives the event lines that concern zddd's table."""
+
+    def __init__(self, ns: NetNS):
+        self.ns = ns
+        self.proc = ns.popen("nft", "monitor", "ruleset", stdout=subprocess.PIPE, text=True)
+        self.lines: list[str] = []
+        import threading
+
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        # Ready once it reports a change to a table of the test's own (it subscribes some time
+        # after starting, so keep making changes until one shows).
+        probes: list[str] = []
+        deadline = time.monotonic() + 5
+        while not any(p in line for p in probes for line in self.lines):
+            assert time.monotonic() < deadline, "nft monitor did not start"
+            probes.append(f"zt_probe_{secrets.token_hex(3)}")
+            ns.run("nft", "add", "table", "inet", probes[-1])
+            with suppress(AssertionError):
+                wait_for(lambda: any(probes[-1] in line for line in self.lines), 0.2, "")
+        for probe in probes:
+            ns.run("nft", "delete", "table", "inet", probe)
+        wait_for(lambda: any(f"delete table inet {probes[-1]}" in line for line in self.lines),
+                 5, "nft monitor")
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    def changes(self) -> list[str]:
+        return [line for line in self.lines if " inet zddd" in line]
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=5)

@@ -6,7 +6,8 @@ import json
 import signal
 
 import pytest
-from lab import (APP_V4, APP_V6, KeepAlive, connect_error, http_get, without_counters)
+from lab import (APP_V4, APP_V6, KeepAlive, NftMonitor, connect_error, http_get, wait_for,
+                 without_counters)
 
 
 def switch(z, target: str) -> None:
@@ -63,8 +64,12 @@ def test_restart_adopts_without_a_flip(lab, sig):
     try:
         assert kept.get() == "backup"
         before = without_counters(z.nft())  # handles included: a rewrite would change them
-        z.kill(sig)
+        monitor = NftMonitor(lab.app)  # an element flipped and flipped back keeps its handles
+        lab.closers.append(monitor.close)
+        rc = z.kill(sig)
+        assert rc == (0 if sig == signal.SIGTERM else -signal.SIGKILL), z.log()
         z.start()
+        assert monitor.changes() == [], "the kernel changed during the restart"
         assert "how=adopted" in last_start(z) and "target=backup" in last_start(z)
         assert without_counters(z.nft()) == before, "the table was rewritten on adoption"
         assert z.prop("ActiveTarget") == "backup"
@@ -159,3 +164,41 @@ def test_a_changed_target_port_while_down_is_taken_over_at_start(lab):
     assert "how=adopted" in last_start(z) and "target=backup" in last_start(z)
     assert z.prop("Targets")["backup"] == 8081
     assert http_get(lab.client, APP_V4, 8888) == "backup8081"
+
+
+def test_losing_the_bus_exits_non_zero_and_leaves_the_data_plane(lab):
+    z = lab.start_zddd()
+    switch(z, "backup")
+    before = without_counters(z.nft())
+    monitor = NftMonitor(lab.app)
+    lab.closers.append(monitor.close)
+    lab.bus.close()
+    wait_for(lambda: z.proc.poll() is not None, 10, "zddd to exit without its bus")
+    assert z.proc.returncode == 1, z.log()
+    assert "event=bus_lost" in z.log()
+    assert monitor.changes() == []
+    assert without_counters(z.nft()) == before
+    assert http_get(lab.client, APP_V4, 8888) == "backup"
+
+
+def test_a_second_zddd_on_the_same_bus_gives_up_without_touching_the_kernel(lab):
+    from lab import Zddd
+
+    z = lab.start_zddd()
+    switch(z, "backup")
+    before = without_counters(z.nft())
+    monitor = NftMonitor(lab.app)
+    lab.closers.append(monitor.close)
+    second_tmp = lab.tmp / "second"
+    second_tmp.mkdir()
+    second = Zddd(lab.app, lab.bus, second_tmp, {"initial": "main"})
+    lab.closers.append(second.close)
+    second.start(wait=False)
+    assert second.proc.wait(timeout=15) == 1, second.log()
+    assert "owned by another process" in second.log()
+    assert monitor.changes() == []
+    assert without_counters(z.nft()) == before
+    # The first one still answers and is in control.
+    assert z.prop("ActiveTarget") == "backup"
+    switch(z, "main")
+    assert http_get(lab.client, APP_V4, 8888) == "main"
