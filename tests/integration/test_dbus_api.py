@@ -286,3 +286,67 @@ def test_switch_emits_properties_changed_and_switched(lab):
     assert active == ["backup", "off", "main"]
     last_switch = [c[1]["LastSwitchUSec"].value for c in changes if "LastSwitchUSec" in c[1]]
     assert len(last_switch) == 3 and last_switch == [s[2] for s in switched]
+
+
+def test_unprivileged_user_may_introspect_but_not_own_the_name(public_lab):
+    import subprocess
+
+    lab = public_lab
+    z = lab.start_zddd()
+    nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    r = subprocess.run([*nobody, "busctl", f"--address={lab.bus.address}", "introspect",
+                        "org.zddd.Steering1", "/org/zddd/Steering1"],
+                       capture_output=True, text=True, timeout=10)
+    assert r.returncode == 0, r.stderr
+    for name in ("Switch", "SwitchWithOptions", "WaitDrained", "Reload", "ActiveTarget",
+                 "Switched"):
+        assert name in r.stdout
+    script = ("import asyncio, sys\n"
+              "from dbus_fast.aio import MessageBus\n"
+              "async def main():\n"
+              "    bus = await MessageBus(bus_address=sys.argv[1]).connect()\n"
+              "    try:\n"
+              "        print(await bus.request_name('org.zddd.Steering1'))\n"
+              "    except Exception as e:\n"
+              "        print(type(e).__name__, getattr(e, 'type', ''))\n"
+              "asyncio.run(main())\n")
+    from lab import VENV_BIN
+    r = subprocess.run([*nobody, str(VENV_BIN / "python"), "-c", script, lab.bus.address],
+                       capture_output=True, text=True, timeout=10)
+    assert "AccessDenied" in r.stdout, (r.stdout, r.stderr)
+    assert z.prop("ActiveTarget") == "main"
+
+
+def test_a_state_file_that_cannot_be_written_refuses_the_switch(lab):
+    z = lab.start_zddd()
+    before = snapshot(z)
+    z.state_path.unlink()
+    z.state_path.mkdir()  # os.replace onto a directory fails, even for root
+    try:
+        err, body = z.call("Switch", "s", "backup")
+        assert err == E + "BackendFailure", (err, body)
+        assert "state" in body[0]
+        assert snapshot(z) == before
+        assert http_get(lab.client, APP_V4, 8888) == "main"
+    finally:
+        z.state_path.rmdir()
+    assert z.call("Switch", "s", "backup")[0] is None
+    assert json.loads(z.state_path.read_text())["target"] == "backup"
+
+
+def test_reload_moves_the_metrics_and_agent_listeners(lab):
+    from lab import agent_ask, connect_error
+
+    z = lab.start_zddd()
+    assert agent_ask(lab.client, APP_V4) == "ready up"
+    z.config["metrics"] = {"listen": "127.0.0.1:9499"}
+    z.config["agent"] = {"listen": "0.0.0.0:8899"}
+    z.write_config()
+    assert z.zddctl("reload").returncode == 0
+    wait_for(lambda: connect_error(lab.app, "127.0.0.1", 9499)[0] == "ok", 3,
+             "metrics on the new port")
+    assert "zddd_active_target{target=\"main\"}" in scrape_metrics(lab.app, "127.0.0.1:9499")
+    assert connect_error(lab.app, "127.0.0.1", 9488)[0] == "ECONNREFUSED"
+    wait_for(lambda: connect_error(lab.client, APP_V4, 8899)[0] == "ok", 3, "agent moved")
+    assert agent_ask(lab.client, APP_V4, 8899) == "ready up"
+    assert connect_error(lab.client, APP_V4, 8889)[0] == "ECONNREFUSED"

@@ -173,3 +173,29 @@ def strip_handles(listing: dict) -> list:
             return [strip(v) for v in obj]
         return obj
     return strip(listing.get("nftables", []))
+
+
+def test_traffic_routed_through_the_host_is_not_steered(lab):
+    """fib daddr type local: port 8888 of another machine behind the app host stays its own."""
+    from lab import NetNS, Vhost, link
+
+    far = NetNS("far")
+    lab.closers.append(far.close)
+    link(lab.app, far, ("203.0.113.1", "2001:db8:1::1"), ("203.0.113.2", "2001:db8:1::2"))
+    lab.app.run("sysctl", "-qw", "net.ipv4.ip_forward=1")
+    lab.app.run("sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")
+    lab.client.run("ip", "route", "add", "203.0.113.0/24", "via", APP_V4)
+    lab.client.run("ip", "-6", "route", "add", "2001:db8:1::/64", "via", APP_V6)
+    far.run("ip", "route", "add", "default", "via", "203.0.113.1")
+    far.run("ip", "-6", "route", "add", "default", "via", "2001:db8:1::1")
+    far_vhost = Vhost(far, 8888, "far")
+    lab.closers.append(far_vhost.stop)
+    z = lab.start_zddd()
+    for target in ("main", "off"):
+        if target == "off":
+            switch(z, "off", "--force")
+        assert http_get(lab.client, "203.0.113.2", 8888) == "far"
+        assert http_get(lab.client, "2001:db8:1::2", 8888) == "far"
+    switch(z, "backup")
+    assert http_get(lab.client, "203.0.113.2", 8888) == "far"
+    assert http_get(lab.client, APP_V4, 8888) == "backup"
