@@ -107,6 +107,18 @@ class Client:
             if remaining <= WAIT_SLICE_USEC:
                 return False
 
+    async def not_drained(self, target: str, seconds: float) -> str:
+        """Why `target` is not drained, for the timeout message."""
+        try:
+            props = await self.properties()
+        except Failure:
+            props = {}
+        n = int(props.get("Connections", {}).get(target, -1))
+        if n == 0 and props.get("Draining") == target:
+            return f"{target} is not drained after {seconds:g} s: its drain towards off is pending"
+        what = f"{n} connection{'s' if n != 1 else ''}" if n >= 0 else "connections"
+        return f"{target} still has {what} after {seconds:g} s"
+
 
 def status_dict(props: dict) -> dict:
     up, conns = props.get("TargetsUp", {}), props.get("Connections", {})
@@ -148,7 +160,7 @@ async def run(args: argparse.Namespace) -> int:
             print("zddd reloaded its config")
         elif args.command == "wait-drained":
             if not await client.wait_drained(args.target, args.timeout):
-                raise Failure(f"{args.target} still has connections after {args.timeout:g} s")
+                raise Failure(await client.not_drained(args.target, args.timeout))
             print(f"{args.target} is drained")
         elif args.command == "switch":
             await switch(client, args)
@@ -175,7 +187,7 @@ async def switch(client: Client, args: argparse.Namespace) -> None:
     if wait < 0:
         wait = props["DrainTimeoutUSec"] / 1e6 + 10
     if not await client.wait_drained(previous, wait):
-        raise Failure(f"{previous} still has connections after {wait:g} s")
+        raise Failure(await client.not_drained(previous, wait))
     print(f"{previous} is drained")
 
 
