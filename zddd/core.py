@@ -219,7 +219,7 @@ class Steering:
             return self._commit(target, current)
         except (ApplyError, BackendFailure) as e:
             self._result(target, "failed", None)
-            log.error("event=switch_failed to=%s error=%r", target, str(e))
+            log.error("event=switch_failed to=%s error=%s", target, _quote(str(e)))
             try:
                 self._save(self._saved_state())
             except BackendFailure:
@@ -291,7 +291,7 @@ class Steering:
             if self.connection_counts().get(drain.target, 0) > 0:
                 return None
         except Exception as e:  # unknown is not zero: keep waiting (the deadline still holds)
-            log.warning("event=count_failed target=%s error=%r", drain.target, str(e))
+            log.warning("event=count_failed target=%s error=%s", drain.target, _quote(str(e)))
             return None
         polled = self.clock() - self._last_agent_poll <= AGENT_POLL_WINDOW
         if polled and self._drain_answers == 0:
@@ -367,14 +367,14 @@ class Steering:
         try:
             current = self.backend.read(self._desired(None))
         except ApplyError as e:
-            log.warning("event=read_failed error=%r", str(e))
+            log.warning("event=read_failed error=%s", _quote(str(e)))
             return False
         if current is not None and current.intact and (current.active or OFF) == expected:
             return False
         try:
             self._commit(expected, current)
         except ApplyError as e:
-            log.error("event=repair_failed error=%r", str(e))
+            log.error("event=repair_failed error=%s", _quote(str(e)))
             return False
         log.warning("event=drift_repaired target=%s found=%s", expected,
                     "nothing" if current is None else (current.active or OFF))

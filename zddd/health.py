@@ -9,6 +9,7 @@ zddd's own probes out.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import socket
@@ -53,8 +54,8 @@ class HealthMonitor:
         self._up[name] = up
         self._reasons[name] = reason
         if before is not None and before != up:
-            log.info("event=health target=%s up=%s reason=%r", name, "yes" if up else "no",
-                     reason)
+            log.info("event=health target=%s up=%s reason=%s", name, "yes" if up else "no",
+                     json.dumps(reason))
         if before != up:
             self.on_change(name, up)
 

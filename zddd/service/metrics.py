@@ -8,6 +8,7 @@ zddd_collection_errors_total instead of failing the scrape.
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
 from http.server import ThreadingHTTPServer
@@ -76,7 +77,7 @@ class _KernelCollector:
 
     def _failed(self, what: str, e: Exception) -> None:
         self.errors.inc()
-        log.warning("event=collection_failed what=%s error=%r", what, str(e))
+        log.warning("event=collection_failed what=%s error=%s", what, json.dumps(str(e)))
 
     def describe(self):
         return []  # names are fixed; no kernel read just to register
