@@ -107,6 +107,15 @@ def test_wait_drained_timeout_exits_1_promptly_saying_so(lab):
     assert elapsed < 0.5 + 1.5  # the timeout plus zddctl's own start-up, not more
 
 
+def test_wait_drained_names_a_pending_drain(lab):
+    z = lab.start_zddd()
+    assert agent_ask(lab.client, APP_V4) == "ready up"  # HAProxy polled: the drain waits
+    assert z.zddctl("switch", "off").returncode == 0
+    r = z.zddctl("wait-drained", "main", "--timeout", "0.3")
+    assert r.returncode == 1
+    assert "main is not drained after 0.3 s: its drain towards off is pending" in r.stderr
+
+
 def test_direct_connections_to_the_vhost_count_too(lab):
     z = lab.start_zddd()
     via_listen = held(lab, 8888)
@@ -335,5 +344,5 @@ def test_switch_backup_wait_drained_times_out_with_exit_1(lab):
     assert time.monotonic() - started < 0.5 + 1.5
     assert r.returncode == 1
     assert "switched to backup" in r.stdout
-    assert "main still has connections after 0.5 s" in r.stderr
+    assert "main still has 1 connection after 0.5 s" in r.stderr
     assert z.prop("ActiveTarget") == "backup"  # the switch itself happened

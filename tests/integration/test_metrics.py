@@ -135,7 +135,12 @@ def test_each_switch_logs_one_key_value_line_with_who_asked(lab):
     wait_for(lambda: z.prop("ActiveTarget") == "off", 3, "the drain to end")
     assert z.zddctl("switch", "main").returncode == 0
     assert z.zddctl("switch", "off", "--force").returncode == 0
-    time.sleep(0.2)
+    lab.main.stop()
+    wait_for(lambda: 'event=health target=main up=no reason="Connection refused"' in z.log(),
+             1.5, "the health change to be logged")
+    assert z.zddctl("switch", "main").returncode == 1
+    lab.main.start()
+    wait_for(lambda: "event=health target=main up=yes" in z.log(), 1.5, "main up again")
     lines = z.log().splitlines()
     bad = [ln for ln in lines if ln.startswith("level=") and not LOG_LINE.match(ln)]
     assert bad == []
@@ -148,4 +153,5 @@ def test_each_switch_logs_one_key_value_line_with_who_asked(lab):
         assert ln.endswith("caller=uid=0") or " caller=uid=0 " in ln, ln
     refused = [ln for ln in lines if "event=switch_refused" in ln]
     assert refused == ['level=info event=switch_refused to="bogus target" reason=invalid_target '
-                       'caller=uid=0']
+                       'caller=uid=0',
+                       'level=info event=switch_refused to=main reason=unhealthy caller=uid=0']
