@@ -170,6 +170,9 @@ if __name__ == "__main__":
     try:
         sys.exit(main())
     except (labkit.LabError, subprocess.TimeoutExpired) as e:
+        if labkit.interrupted.is_set():
+            print("\nbench: interrupted; namespaces and processes removed", file=sys.stderr)
+            sys.exit(130)
         print(f"bench: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

@@ -187,6 +187,9 @@ if __name__ == "__main__":
     try:
         sys.exit(main())
     except labkit.LabError as e:
+        if labkit.interrupted.is_set():
+            print("\ndemo: interrupted; namespaces and processes removed", file=sys.stderr)
+            sys.exit(130)
         print(f"demo: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

@@ -156,6 +156,7 @@ class Lab:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGHUP):
                 self._old_handlers[sig] = signal.signal(sig, _exit_on_signal)
+            self._old_handlers[signal.SIGINT] = signal.signal(signal.SIGINT, _interrupt)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -313,6 +314,16 @@ def _stderr_to(file):
     finally:
         os.dup2(saved, 2)
         os.close(saved)
+
+
+# Set once Ctrl-C was pressed. A terminal's Ctrl-C also reaches the lab's daemons that share our
+# process group, so a failure seen just after it is a consequence, not the story to tell.
+interrupted = threading.Event()
+
+
+def _interrupt(signum, frame):
+    interrupted.set()
+    raise KeyboardInterrupt
 
 
 def _exit_on_signal(signum, frame):
