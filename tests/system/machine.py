@@ -112,7 +112,16 @@ class Machine:
         self.console_log = workdir / "console.log"
         self.nspawn: subprocess.Popen | None = None
         self.leader = 0
-        subprocess.run(["cp", "-a", "--reflink=auto", str(base), str(self.root)], check=True)
+        self.base = base
+        self.bpffs = workdir / "bpffs"
+
+    def create(self) -> None:
+        """Copy the base tree (the cache stays clean). `destroy` undoes this, even half done."""
+        subprocess.run(["cp", "-a", "--reflink=auto", str(self.base), str(self.root)], check=True)
+        # A bpffs instance of the container's own, bound at /sys/fs/bpf as a systemd host has it
+        # (nspawn's /sys/fs is read-only and has none): the BPF drop-in relies on it.
+        self.bpffs.mkdir()
+        subprocess.run(["mount", "-t", "bpf", "bpf", str(self.bpffs)], check=True)
 
     # ---- lifecycle ----
 
@@ -120,7 +129,8 @@ class Machine:
         log = open(self.console_log, "ab")
         self.nspawn = subprocess.Popen(
             ["systemd-nspawn", "--boot", "--register=no", "--keep-unit", "--private-network",
-             "--console=passive", f"--machine={self.name}", "-D", str(self.root)],
+             "--console=passive", f"--machine={self.name}", f"--bind={self.bpffs}:/sys/fs/bpf",
+             "-D", str(self.root)],
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
             env={"PATH": HOST_PATH, "LANG": "C.UTF-8"})
         log.close()
