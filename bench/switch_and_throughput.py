@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import re
 import statistics
 import subprocess
@@ -111,6 +112,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.switches < 2 or args.pairs < 1:
         p.error("need at least 2 switches and 1 pair")
 
+    load1 = os.getloadavg()[0]
+    if load1 > 0.5:
+        print(f"note: load average {load1:.2f} before starting; other work on this machine "
+              "makes both figures noisier (the ratio in either direction)", flush=True)
     with labkit.Lab(prefix="zdb") as lab:
         app = lab.netns("app")
         client = lab.netns("cli")

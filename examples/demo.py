@@ -48,9 +48,11 @@ class Timeline:
         self.t0 = time.monotonic()
         self.lock = threading.Lock()
 
-    def say(self, who: str, text: str) -> None:
+    def say(self, who: str, text: str, at: float | None = None) -> None:
+        """Print an event; `at` is when it happened (monotonic), if not now."""
+        at = time.monotonic() if at is None else at
         with self.lock:
-            print(f"  {time.monotonic() - self.t0:6.2f}s  {who:<8} {text}", flush=True)
+            print(f"  {at - self.t0:6.2f}s  {who:<8} {text}", flush=True)
 
 
 def watch_haproxy(haproxy: labkit.HAProxy, timeline: Timeline, stopping: threading.Event):
@@ -92,12 +94,13 @@ def main() -> int:
             phase(f"{host}: {command}")
             started = time.monotonic()
             zddd.ctl("switch", target, *extra)
-            took = time.monotonic() - started
+            returned = time.monotonic()
             phase(then)
             usec = zddd.status()["last_switch_usec"]
+            took = returned - started
             commits.append((host, f"{before} -> {target}", usec, took))
             timeline.say(host, f"{command} returned after {took * 1000:.0f} ms; data-plane "
-                         f"commit {usec} µs")
+                         f"commit {usec} µs", at=returned)
 
         stopping = threading.Event()
         watcher = threading.Thread(target=watch_haproxy, args=(c.haproxy, timeline, stopping),
