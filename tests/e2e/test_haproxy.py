@@ -105,8 +105,8 @@ def test_traffic_port_flip_main_backup_under_load(traffic_port):
     assert seen["app1 backup"] == 0, seen
     # Every request sent after the switch returned reached app1's backup vhost, none its main.
     seen = answers(records, *on_backup)
-    assert seen["app1 backup"] > 20 and seen["app1 main"] == 0, seen
-    assert seen["app2 main"] > 20, seen
+    assert seen["app1 backup"] >= 5 and seen["app1 main"] == 0, seen
+    assert seen["app2 main"] >= 5, seen
     seen = answers(records, *back)
     assert seen["app1 main"] > 0 and seen["app1 backup"] == 0, seen
     # HAProxy was never involved: both servers stayed UP throughout.
@@ -141,7 +141,7 @@ def test_traffic_port_off_drains_host_and_haproxy_moves_traffic(traffic_port):
     seen = answers(records, *before)
     assert seen["app1 main"] > 0 and seen["app2 main"] > 0, seen
     seen = answers(records, drained, off[1])
-    assert seen["app1 main"] > 40, seen
+    assert seen["app1 main"] >= 5, seen
     assert seen["app2 main"] == 0 and seen["app2 backup"] == 0, seen
     seen = answers(records, *back)
     assert seen["app2 main"] > 0 and seen["app1 main"] > 0, seen
@@ -172,7 +172,7 @@ def test_deploy_script_keeps_traffic_flowing(traffic_port):
     deploy_start, deploy_end = (float(x) for x in marks.read_text().split())
     assert not errors(records), errors(records)[:5]
     seen = answers(records, deploy_start, deploy_end)
-    assert seen["app1 backup"] > 20 and seen["app1 main"] == 0, seen
+    assert seen["app1 backup"] >= 5 and seen["app1 main"] == 0, seen
     seen = answers(records, finished, after[1])
     assert seen["app1 main"] > 0 and seen["app1 backup"] == 0, seen
     assert app1.zddd.status()["active_target"] == "main"
@@ -213,7 +213,7 @@ def test_health_port_off_fails_over_to_backups_and_main_restores(health_port):
     assert set(seen) == {"app1 main", "app2 main"}, seen
     # One main server out: the other main server takes everything; backups stay idle.
     seen = answers(records, *app1_off)
-    assert set(seen) == {"app2 main"} and seen["app2 main"] > 20, seen
+    assert set(seen) == {"app2 main"} and seen["app2 main"] >= 5, seen
     # Every main server out: HAProxy fails over to the backup vhosts (option allbackups).
     seen = answers(records, *both_off)
     assert set(seen) == {"app1 backup", "app2 backup"}, seen
