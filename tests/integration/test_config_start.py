@@ -56,22 +56,60 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("text,key", CASES.values(), ids=CASES.keys())
-def test_invalid_config_exits_78_naming_the_key(bare, text, key):
-    lab = bare
-    state = lab.tmp / "state.json"
-    config = lab.tmp / "zddd.toml"
-    # The test's own state file goes first so a config accepted by mistake stays in tmp.
-    config.write_text(f'state_file = "{state}"\n' + text if "state_file" not in text else text)
-    r = lab.app.run(str(VENV_BIN / "zddd"), "--config", str(config), "--bus", lab.bus.address,
-                    check=False, timeout=15)
-    assert r.returncode == 78, (r.returncode, r.stderr)
-    assert key in r.stderr, r.stderr
-    assert "Traceback" not in r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
-    assert lab.app.run("nft", "list table inet zddd", check=False).returncode != 0
-    assert lab.app.run("nft", "list ruleset").stdout.strip() == ""
-    assert not state.exists()
+@pytest.fixture(scope="module")
+def refusals(tmp_path_factory):
+    """Every case at once, each zddd in a namespace of its own (they start in parallel: the
+    suite stays fast). Case id -> (exit code, stderr, ruleset after, state file exists)."""
+    import os
+    import subprocess
+
+    if os.geteuid() != 0:
+        pytest.fail("this test needs root (network namespaces, nftables)")
+    tmp = tmp_path_factory.mktemp("refusals")
+    bus = Bus(tmp)
+    spaces, runs = [], {}
+    try:
+        for case, (text, _) in CASES.items():
+            ns = NetNS("cfg")
+            spaces.append(ns)
+            state = tmp / f"{case}.state.json"
+            config = tmp / f"{case}.toml"
+            # The test's own state file first, so a config accepted by mistake stays in tmp.
+            config.write_text(text if "state_file" in text else f'state_file = "{state}"\n' + text)
+            proc = subprocess.Popen(ns.cmd(str(VENV_BIN / "zddd"), "--config", str(config),
+                                           "--bus", bus.address),
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            runs[case] = (ns, proc, state)
+        results = {}
+        for case, (ns, proc, state) in runs.items():
+            try:
+                out, err = proc.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                out, err = proc.communicate()
+            ruleset = ns.run("nft", "list", "ruleset").stdout.strip()
+            results[case] = (proc.returncode, err, ruleset, state.exists())
+        yield results
+    finally:
+        for _, proc, _ in runs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        for ns in spaces:
+            ns.close()
+        bus.close()
+
+
+@pytest.mark.parametrize("case", CASES.keys())
+def test_invalid_config_exits_78_naming_the_key(refusals, case):
+    key = CASES[case][1]
+    rc, stderr, ruleset, state_exists = refusals[case]
+    assert rc == 78, (rc, stderr)
+    assert key in stderr, stderr
+    assert "Traceback" not in stderr
+    assert len(stderr.strip().splitlines()) == 1, stderr
+    assert ruleset == "", "the kernel was touched"
+    assert not state_exists
 
 
 def test_missing_config_file_given_explicitly_is_a_config_error(bare):
