@@ -170,6 +170,13 @@ def test_sighup_reloads_too(lab):
     z.proc.send_signal(signal.SIGHUP)
     wait_for(lambda: z.prop("DrainTimeoutUSec") == 7_000_000, 3, "SIGHUP reload")
     assert z.proc.poll() is None
+    # A broken config on SIGHUP is logged and the running one stays.
+    z.write_config("drain_timeout = 5\nlisten_port = 70000\n")
+    z.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: "listen_port" in z.log().split("event=reload")[-1], 3, "the refusal logged")
+    assert z.proc.poll() is None
+    assert z.prop("DrainTimeoutUSec") == 7_000_000
+    assert http_get(lab.client, APP_V4, 8888) == "main"
 
 
 # ---- zddctl ------------------------------------------------------------------------------

@@ -140,7 +140,10 @@ def wait_repaired(lab, target: str, before: float) -> float:
     # Someone else steers to main: one batch, as an operator's script would.
     "flush map inet zddd steer; add element inet zddd steer { 8888 : goto steer_main }",
     "delete chain inet zddd output",
-], ids=["delete-table", "flush-map", "add-rule", "foreign-element", "delete-hook"])
+    "add element inet zddd steer { 9999 : goto steer_main }",
+    "add set inet zddd extra { type ipv4_addr; }",
+], ids=["delete-table", "flush-map", "add-rule", "foreign-element", "delete-hook",
+        "extra-element", "extra-set"])
 def test_drift_is_repaired(lab, damage):
     z = lab.start_zddd()
     switch(z, "backup")
@@ -154,6 +157,25 @@ def test_drift_is_repaired(lab, damage):
     assert http_get(lab.app, "127.0.0.1", 8888) == "backup"
     assert repairs(lab) == before + 1
     assert "event=drift_repaired" in z.log()
+
+
+@pytest.mark.parametrize("damage", [
+    "flush map inet zddd steer",
+    "add rule inet zddd prerouting tcp dport 9999 drop",
+    "delete rule inet zddd steer_main handle {steer_main}",
+], ids=["flush-map", "add-rule", "delete-steer-rule"])
+def test_established_connections_survive_a_repair(lab, damage):
+    z = lab.start_zddd()
+    kept = KeepAlive(lab.client, APP_V4, 8888)
+    lab.closers.append(kept.close)
+    assert kept.get() == "main"
+    switch(z, "backup")
+    handles = {i["rule"]["chain"]: i["rule"]["handle"] for i in z.nft()["nftables"]
+               if "rule" in i}
+    lab.app.run("nft", damage.format(**handles))
+    wait_repaired(lab, "backup", 0)
+    assert kept.get() == "main"
+    assert http_get(lab.client, APP_V4, 8888) == "backup"
 
 
 def test_drift_repaired_in_off_too(lab):
