@@ -357,3 +357,50 @@ def test_reload_moves_the_metrics_and_agent_listeners(lab):
     wait_for(lambda: connect_error(lab.client, APP_V4, 8899)[0] == "ok", 3, "agent moved")
     assert agent_ask(lab.client, APP_V4, 8899) == "ready up"
     assert connect_error(lab.client, APP_V4, 8889)[0] == "ECONNREFUSED"
+
+
+def test_calls_outside_the_interface_are_refused_and_change_nothing(lab):
+    z = lab.start_zddd()
+    before = snapshot(z)
+
+    async def go():
+        bus = await MessageBus(bus_address=lab.bus.address).connect()
+        replies = []
+        try:
+            for msg in (
+                # No interface: refused rather than guessed (a classic way around policies).
+                Message(destination="org.zddd.Steering1", path="/org/zddd/Steering1",
+                        member="Switch", signature="s", body=["backup"]),
+                Message(destination="org.zddd.Steering1", path="/org/zddd/Other",
+                        interface="org.zddd.Steering1.Manager", member="Switch",
+                        signature="s", body=["backup"]),
+                Message(destination="org.zddd.Steering1", path="/org/zddd/Steering1",
+                        interface="org.zddd.Steering1.Manager", member="Frob",
+                        signature="s", body=["backup"]),
+                Message(destination="org.zddd.Steering1", path="/org/zddd/Steering1",
+                        interface="org.freedesktop.DBus.Properties", member="Set",
+                        signature="ssv", body=["org.zddd.Steering1.Manager", "ActiveTarget",
+                                               Variant("s", "backup")]),
+            ):
+                reply = await bus.call(msg)
+                replies.append((reply.message_type, reply.error_name))
+        finally:
+            bus.disconnect()
+        return replies
+
+    replies = asyncio.run(go())
+    assert all(t == MessageType.ERROR for t, _ in replies), replies
+    assert replies[3][1] == "org.freedesktop.DBus.Error.PropertyReadOnly"
+    assert snapshot(z) == before
+
+
+def test_once_the_name_is_owned_zddd_is_working(lab):
+    """Name and READY come after the data plane is programmed and every target was probed:
+    the first call a client can make already finds both."""
+    # backup's first probe takes 0.5 s: a name requested before it ended would refuse backup.
+    z = lab.start_zddd({"targets": {"backup": {"health": "http:/slow?s=0.5"}},
+                        "health": {"interval": 5, "timeout": 2}})  # returns once it owns the name
+    assert z.steered_to() == "main"
+    assert z.prop("TargetsUp") == {"main": True, "backup": True}
+    assert z.call("Switch", "s", "backup") == (None, [])  # backup was probed up already
+    assert http_get(lab.client, APP_V4, 8888) == "backup"
