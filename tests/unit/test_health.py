@@ -192,4 +192,4 @@ def test_run_probes_on_the_interval():
         task.cancel()
         return rounds
 
-    assert 8 <= run(go()) <= 11  # interval 0.05 s
+    assert 5 <= run(go()) <= 11  # interval 0.05 s: about 10 rounds, fewer on a busy machine
