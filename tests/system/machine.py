@@ -89,6 +89,10 @@ def base_tree() -> Path:
         except OSError:
             if not (base / "etc/os-release").exists():
                 raise
+        # Trees made for an older package list or other sources are not used again.
+        for old in CACHE_DIR.glob(f"{SUITE}-base-*"):
+            if old != base and ".partial-" not in old.name:
+                shutil.rmtree(old, ignore_errors=True)
     except subprocess.CalledProcessError as e:
         raise RuntimeError(f"mmdebstrap failed:\n{e.stderr[-4000:]}") from None
     finally:

@@ -170,6 +170,10 @@ def test_package_installs_and_starts_zddd(machine):
     assert m.sh("systemctl is-enabled zddd").out == "enabled"
     m.sh("systemctl start zddd", check=True)
     assert m.sh("systemctl is-active zddd").out == "active"
+    # Type=notify: when `systemctl restart` returns, READY was sent, so the name is owned and
+    # the data plane programmed: the very next call is answered.
+    r = m.sh(f"systemctl restart zddd && busctl get-property {DBUS_DEST} ActiveTarget")
+    assert r.returncode == 0 and r.out == 's "main"', r
     status = unit(m, "StatusText", "Type", "WatchdogUSec", "NotifyAccess")
     assert status["Type"] == "notify"
     assert status["StatusText"] == "steering main (nftables)", status
@@ -353,6 +357,9 @@ def test_app_reload_hook(machine):
 
 def test_config_broken_at_boot_fails_the_unit_and_programs_nothing(machine):
     m = machine
+    # The journal lives in /run and goes with the reboot: show it now, for a failure later.
+    print("--- journal before the reboot ---\n" + m.sh(
+        "journalctl -u zddd -u 'app@*' --no-pager -o short-monotonic").stdout, file=sys.stderr)
     m.poweroff()
     m.write("/etc/zddd/zddd.toml", "[targets.main]\nport = 70000\n")
     m.boot()
