@@ -346,3 +346,20 @@ def test_switch_backup_wait_drained_times_out_with_exit_1(lab):
     assert "switched to backup" in r.stdout
     assert "main still has 1 connection after 0.5 s" in r.stderr
     assert z.prop("ActiveTarget") == "backup"  # the switch itself happened
+
+
+def test_switch_backup_wait_drained_returns_when_main_empties(lab):
+    z = lab.start_zddd()
+    conn = held(lab)
+    wait_connections(z, "main", 1)
+    proc = start_zddctl(z, "switch", "backup", "--wait-drained=20")
+    wait_for(lambda: z.prop("ActiveTarget") == "backup", 5, "the switch")
+    assert http_get(lab.client, APP_V4, 8888) == "backup"
+    time.sleep(0.3)
+    assert proc.poll() is None  # main still has the connection made before the switch
+    closed = conn.close()
+    done = finished_at(proc, 5)
+    out, err = proc.communicate()
+    assert proc.returncode == 0, err
+    assert out.splitlines() == ["switched to backup", "main is drained"]
+    assert done - closed < DRAINED_WITHIN
