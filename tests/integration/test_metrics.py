@@ -4,7 +4,6 @@ journal-style log lines of switches."""
 from __future__ import annotations
 
 import re
-import time
 
 from prometheus_client.parser import text_string_to_metric_families
 
