@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import socket
-from http.server import ThreadingHTTPServer
+from http.server import HTTPServer
 from threading import Thread
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -28,6 +28,8 @@ log = logging.getLogger("zddd")
 DURATION_BUCKETS = (10e-6, 25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3,
                     25e-3, 50e-3, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 RESULTS = ("ok", "refused", "failed")
+# Scrapes are served one at a time; a client that stalls holds the server this long at most.
+CLIENT_TIMEOUT = 10.0
 
 
 class _KernelCollector:
@@ -126,15 +128,25 @@ class MetricsServer(Observer):
         self.registry.register(_Exported(_KernelCollector(core, self.errors), events))
 
         handler = MetricsHandler.factory(self.registry)
-        server_class = ThreadingHTTPServer
+        handler.timeout = CLIENT_TIMEOUT
+        server_class = HTTPServer
         if ":" in endpoint.host:
-            server_class = type("V6Server", (ThreadingHTTPServer,),
+            server_class = type("V6Server", (HTTPServer,),
                                 {"address_family": socket.AF_INET6})
         self.httpd = server_class((endpoint.host, endpoint.port), handler)
-        self.httpd.daemon_threads = True
-        Thread(target=self.httpd.serve_forever, name="metrics", daemon=True).start()
         self.core = core
+        Thread(target=self._serve, name="metrics", daemon=True).start()
         core.observers.append(self)
+
+    def _serve(self) -> None:
+        # One thread serves every scrape, and its kernel handles are opened here, once, while
+        # descriptors are plentiful: libnftables exits the whole process when it cannot open
+        # the netlink socket of a new context, which a thread per scrape would create each time.
+        try:
+            self.core.backend.flows_steered()
+        except Exception as e:
+            log.warning("event=metrics_warmup_failed error=%s", json.dumps(str(e)))
+        self.httpd.serve_forever()
 
     def switch_result(self, target: str, result: str, seconds: float | None) -> None:
         self.switches.labels(target, result).inc()
