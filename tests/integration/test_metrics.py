@@ -4,6 +4,8 @@ journal-style log lines of switches."""
 from __future__ import annotations
 
 import re
+import subprocess
+from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -154,3 +156,28 @@ def test_each_switch_logs_one_key_value_line_with_who_asked(lab):
     assert refused == ['level=info event=switch_refused to="bogus target" reason=invalid_target '
                        'caller=uid=0',
                        'level=info event=switch_refused to=main reason=unhealthy caller=uid=0']
+
+
+def test_a_failed_kernel_read_counts_as_a_collection_error_not_a_failed_scrape(lab):
+    # Slow probes, so that nothing but the scrape wants a descriptor while they are scarce.
+    z = lab.start_zddd({"health": {"interval": 5, "timeout": 0.5}})
+    scrape(lab)
+    pid = z.proc.pid
+    open_fds = len(list(Path(f"/proc/{pid}/fd").iterdir()))
+    # Room for the scrape's own connection only: the sock_diag socket cannot be opened.
+    subprocess.run(["prlimit", f"--pid={pid}", f"--nofile={open_fds + 1}:"], check=True)
+    try:
+        m = scrape(lab)
+    finally:
+        subprocess.run(["prlimit", f"--pid={pid}", "--nofile=4096:"], check=True)
+    assert z.proc.poll() is None, "zddd died"
+    assert m("zddd_collection_errors_total") == 1
+    assert not any(name == "zddd_target_connections" for name, _ in m.samples)
+    assert m("zddd_active_target", target="main") == 1  # the rest of the scrape is there
+    assert m("zddd_flows_steered_total", target="main") == 0
+    m = scrape(lab)
+    assert m("zddd_collection_errors_total") == 1
+    assert m("zddd_target_connections", target="main") == 0
+    assert 'event=collection_failed what=connections error="[Errno 24] Too many open files"' \
+        in z.log()
+    assert z.zddctl("switch", "backup").returncode == 0
