@@ -89,6 +89,9 @@ def test_wait_drained_dbus_true_false_and_zero(lab):
     assert z.call("WaitDrained", "st", "backup", 0) == (None, [True])
     err, _ = z.call("WaitDrained", "st", "Main", 0)
     assert err == "org.zddd.Steering1.Error.InvalidTarget"
+    r = z.zddctl("wait-drained", "Main", "--timeout", "1")
+    assert r.returncode == 1 and "InvalidTarget" in r.stderr
+    assert z.zddctl("wait-drained", "main", "--timeout", "-1").returncode == 2
     err, _ = z.call("WaitDrained", "st", "main", 24 * 3600 * 1_000_000 + 1)
     assert err == "org.zddd.Steering1.Error.InvalidArgument"
     conn.close()
