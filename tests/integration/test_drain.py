@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from lab import (APP_V4, VENV_BIN, HeldConnection, SignalWatcher, agent_ask, http_get,
+from lab import (APP_V4, APP_V6, VENV_BIN, HeldConnection, SignalWatcher, agent_ask, http_get,
                  wait_for)
 
 # Measured from the close: SPEC's 200 ms plus a margin for a loaded two-core test machine.
@@ -123,8 +123,12 @@ def test_direct_connections_to_the_vhost_count_too(lab):
     z = lab.start_zddd()
     via_listen = held(lab, 8888)
     direct = held(lab, 8080)
-    wait_connections(z, "main", 2)
+    via_listen_v6 = HeldConnection(lab.client, APP_V6, 8888)
+    lab.closers.append(via_listen_v6.close)
+    wait_connections(z, "main", 3)
+    assert z.prop("Connections")["backup"] == 0
     via_listen.close()
+    via_listen_v6.close()
     wait_connections(z, "main", 1)
     proc = start_zddctl(z, "wait-drained", "main", "--timeout", "20")
     time.sleep(0.5)
