@@ -404,3 +404,32 @@ def test_once_the_name_is_owned_zddd_is_working(lab):
     assert z.prop("TargetsUp") == {"main": True, "backup": True}
     assert z.call("Switch", "s", "backup") == (None, [])  # backup was probed up already
     assert http_get(lab.client, APP_V4, 8888) == "backup"
+
+
+def test_concurrent_switches_leave_kernel_property_and_state_file_in_agreement(lab):
+    z = lab.start_zddd()
+
+    async def storm():
+        buses = [await MessageBus(bus_address=lab.bus.address).connect() for _ in range(4)]
+        try:
+            calls = [bus.call(Message(
+                destination="org.zddd.Steering1", path="/org/zddd/Steering1",
+                interface="org.zddd.Steering1.Manager", member="Switch", signature="s",
+                body=[("main", "backup", "Main")[i % 3]]))
+                for i in range(60) for bus in [buses[i % 4]]]
+            return await asyncio.gather(*calls)
+        finally:
+            for bus in buses:
+                bus.disconnect()
+
+    replies = asyncio.run(storm())
+    errors = [r.error_name for r in replies if r.message_type == MessageType.ERROR]
+    assert errors == [E + "InvalidTarget"] * 20
+    active = z.prop("ActiveTarget")
+    assert active in ("main", "backup")
+    assert z.steered_to() == active
+    assert json.loads(z.state_path.read_text())["target"] == active
+    assert http_get(lab.client, APP_V4, 8888) == active
+    m = scrape_metrics(lab.app)
+    assert m['zddd_switches_total{result="ok",target="main"}'] == 20
+    assert m['zddd_switches_total{result="ok",target="backup"}'] == 20
