@@ -131,12 +131,16 @@ def test_reload_with_a_broken_config_keeps_the_old_one(lab, text, key):
     reload_keeps_running(lab, z, text, key)
 
 
-def test_reload_changing_listen_port_needs_a_restart(lab):
-    z = lab.start_zddd()
-    z.zddctl("switch", "backup")
-    config = dict(z.config, listen_port=9999)
+@pytest.mark.parametrize("change", [{"listen_port": 9999}, {"backend": "tc"},
+                                    {"bpf_pin_dir": "/sys/fs/bpf/zddd-other"}],
+                         ids=["listen_port", "backend", "bpf_pin_dir"])
+def test_reload_changing_a_restart_key_is_refused(lab, change):
     from lab import to_toml
-    reload_keeps_running(lab, z, to_toml(config), "listen_port")
+
+    z = lab.start_zddd()
+    assert z.zddctl("switch", "backup").returncode == 0
+    (key,) = change
+    reload_keeps_running(lab, z, to_toml(dict(z.config, **change)), key)
     assert lab.app.run("nft", "list table inet zddd").stdout.count("8888") >= 2
 
 
