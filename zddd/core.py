@@ -9,7 +9,6 @@ await inside, so changes are serialized without a lock and each one is a single 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from typing import Callable, Protocol
 from .backends import ApplyError, Backend, Desired, KernelState
 from .config import ALL_TARGETS, OFF, TARGET_NAMES, Config
 from .errors import BackendFailure, InvalidArgument, InvalidConfig, InvalidTarget, TargetUnhealthy
+from .logfmt import quote
 from .state import SavedState, StateFile
 
 log = logging.getLogger("zddd")
@@ -66,13 +66,6 @@ class _Drain:
     wall_deadline: float  # the same moment in wall-clock time, for the state file
     task: asyncio.Task | None = None
     caller: str = "-"  # who asked for it, for the log line of the switch that ends it
-
-
-def _quote(value: str) -> str:
-    """A log value that stays one key=value token (JSON-quoted if it needs to be)."""
-    if value and all(c.isprintable() and not c.isspace() and c not in '"=\\' for c in value):
-        return value
-    return json.dumps(value)
 
 
 def _usec(seconds: float) -> int:
@@ -168,7 +161,7 @@ class Steering:
         if target not in ALL_TARGETS:
             self._result("invalid", "refused", None)
             log.info("event=switch_refused to=%s reason=invalid_target caller=%s",
-                     _quote(target), caller or "-")
+                     quote(target), caller or "-")
             raise InvalidTarget(f"unknown target {target!r}; valid targets: "
                                 f"{', '.join(ALL_TARGETS)}")
         if drain_timeout is not None and not 0 <= drain_timeout <= MAX_WAIT_SECONDS:
@@ -219,7 +212,7 @@ class Steering:
             return self._commit(target, current)
         except (ApplyError, BackendFailure) as e:
             self._result(target, "failed", None)
-            log.error("event=switch_failed to=%s error=%s", target, _quote(str(e)))
+            log.error("event=switch_failed to=%s error=%s", target, quote(str(e)))
             try:
                 self._save(self._saved_state())
             except BackendFailure:
@@ -291,7 +284,7 @@ class Steering:
             if self.connection_counts().get(drain.target, 0) > 0:
                 return None
         except Exception as e:  # unknown is not zero: keep waiting (the deadline still holds)
-            log.warning("event=count_failed target=%s error=%s", drain.target, _quote(str(e)))
+            log.warning("event=count_failed target=%s error=%s", drain.target, quote(str(e)))
             return None
         polled = self.clock() - self._last_agent_poll <= AGENT_POLL_WINDOW
         if polled and self._drain_answers == 0:
@@ -367,14 +360,14 @@ class Steering:
         try:
             current = self.backend.read(self._desired(None))
         except ApplyError as e:
-            log.warning("event=read_failed error=%s", _quote(str(e)))
+            log.warning("event=read_failed error=%s", quote(str(e)))
             return False
         if current is not None and current.intact and (current.active or OFF) == expected:
             return False
         try:
             self._commit(expected, current)
         except ApplyError as e:
-            log.error("event=repair_failed error=%s", _quote(str(e)))
+            log.error("event=repair_failed error=%s", quote(str(e)))
             return False
         log.warning("event=drift_repaired target=%s found=%s", expected,
                     "nothing" if current is None else (current.active or OFF))

@@ -20,6 +20,7 @@ from .connections import ConnectionCounter
 from .core import Observer, Steering
 from .errors import BackendFailure, InvalidConfig
 from .health import HealthMonitor
+from .logfmt import quote
 from .service import dbus as dbus_service
 from .service.agent import AgentResponder
 from .service.notify import Notifier
@@ -108,7 +109,8 @@ class Daemon(Observer):
             await self.agent.start(config.agent_listen)
         except OSError as e:
             self.agent = None
-            log.error("event=agent_failed listen=%s error=%r", config.agent_listen, e.strerror)
+            log.error("event=agent_failed listen=%s error=%s", config.agent_listen,
+                      quote(e.strerror))
 
     async def _stop_agent(self) -> None:
         if self.agent is not None:
@@ -123,8 +125,8 @@ class Daemon(Observer):
         try:
             self.metrics = MetricsServer(self.core, config.metrics_listen)
         except OSError as e:
-            log.error("event=metrics_failed listen=%s error=%r", config.metrics_listen,
-                      e.strerror)
+            log.error("event=metrics_failed listen=%s error=%s", config.metrics_listen,
+                      quote(e.strerror))
 
     def _stop_metrics(self) -> None:
         if self.metrics is not None:
@@ -139,12 +141,12 @@ class Daemon(Observer):
         try:
             new = load(self.args.config)
         except ConfigError as e:
-            log.error("event=reload_refused error=%r", str(e))
+            log.error("event=reload_refused error=%s", quote(str(e)))
             raise InvalidConfig(f"invalid config: {e}") from None
         try:
             self.core.reload(new)
         except InvalidConfig as e:
-            log.error("event=reload_refused error=%r", str(e))
+            log.error("event=reload_refused error=%s", quote(str(e)))
             raise
         self.notifier.reloaded(self.status())
 
@@ -159,7 +161,7 @@ class Daemon(Observer):
             try:
                 self.reload()
             except Exception as e:
-                log.error("event=reload_failed error=%r", str(e))
+                log.error("event=reload_failed error=%s", quote(str(e)))
 
         asyncio.get_running_loop().call_soon(run)
 
@@ -170,7 +172,7 @@ class Daemon(Observer):
         try:
             self.core.start()
         except BackendFailure as e:
-            log.error("event=start_failed error=%r", str(e))
+            log.error("event=start_failed error=%s", quote(str(e)))
             return EXIT_FAILURE
         await self.health.probe_all()
         await self._start_agent(self.config)
@@ -178,7 +180,7 @@ class Daemon(Observer):
         try:
             self.bus = await dbus_service.serve(self.core, self.args.bus, self.reload)
         except Exception as e:
-            log.error("event=bus_failed bus=%s error=%r", self.args.bus, str(e))
+            log.error("event=bus_failed bus=%s error=%s", self.args.bus, quote(str(e)))
             await self._shutdown()
             return EXIT_FAILURE
         for sig in (signal.SIGTERM, signal.SIGINT):

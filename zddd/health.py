@@ -9,13 +9,13 @@ zddd's own probes out.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import socket
 from typing import Callable
 
 from .config import Config, Target
+from .logfmt import quote
 
 log = logging.getLogger("zddd")
 
@@ -55,7 +55,7 @@ class HealthMonitor:
         self._reasons[name] = reason
         if before is not None and before != up:
             log.info("event=health target=%s up=%s reason=%s", name, "yes" if up else "no",
-                     json.dumps(reason))
+                     quote(reason))
         if before != up:
             self.on_change(name, up)
 

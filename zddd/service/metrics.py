@@ -8,7 +8,6 @@ zddd_collection_errors_total instead of failing the scrape.
 
 from __future__ import annotations
 
-import json
 import logging
 import socket
 from http.server import HTTPServer
@@ -21,6 +20,7 @@ from prometheus_client.exposition import MetricsHandler
 from .. import __version__
 from ..config import ALL_TARGETS, TARGET_NAMES, Endpoint
 from ..core import Observer, Steering
+from ..logfmt import quote
 
 log = logging.getLogger("zddd")
 
@@ -79,7 +79,7 @@ class _KernelCollector:
 
     def _failed(self, what: str, e: Exception) -> None:
         self.errors.inc()
-        log.warning("event=collection_failed what=%s error=%s", what, json.dumps(str(e)))
+        log.warning("event=collection_failed what=%s error=%s", what, quote(e))
 
     def describe(self):
         return []  # names are fixed; no kernel read just to register
@@ -145,7 +145,7 @@ class MetricsServer(Observer):
         try:
             self.core.backend.flows_steered()
         except Exception as e:
-            log.warning("event=metrics_warmup_failed error=%s", json.dumps(str(e)))
+            log.warning("event=metrics_warmup_failed error=%s", quote(e))
         self.httpd.serve_forever()
 
     def switch_result(self, target: str, result: str, seconds: float | None) -> None:
