@@ -30,8 +30,16 @@ class AgentResponder:
         self._server: asyncio.base_events.Server | None = None
 
     async def start(self, endpoint: Endpoint) -> None:
-        sock = socket.socket(socket.AF_INET6 if ":" in endpoint.host else socket.AF_INET,
-                             socket.SOCK_STREAM)
+        try:
+            sock = socket.socket(socket.AF_INET6 if ":" in endpoint.host else socket.AF_INET,
+                                 socket.SOCK_STREAM)
+        except OSError:
+            if endpoint.host != "::":
+                raise
+            # The default "[::]" on a host booted without IPv6: IPv4 is what HAProxy can reach.
+            log.warning("event=agent_ipv4_only reason=\"no IPv6 on this host\"")
+            endpoint = Endpoint("0.0.0.0", endpoint.port)
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if sock.family == socket.AF_INET6 and endpoint.host == "::":
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
