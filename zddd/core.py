@@ -106,6 +106,12 @@ class Steering:
         self._last_agent_poll = self.clock()
         if self._drain:
             self._drain_answers += 1
+            if self._drain_answers == 1:
+                # Once per drain, so a restarted zddd knows HAProxy has been told.
+                try:
+                    self._save(self._saved_state())
+                except BackendFailure as e:
+                    log.warning("event=state_save_failed error=%s", quote(str(e)))
             return "drain"
         if self.active == OFF:
             return "maint"
@@ -146,6 +152,12 @@ class Steering:
         if resume:
             remaining = max(0.0, saved.drain_deadline - self.wall())
             self._begin_drain(active, remaining, save=False)
+            self._drain_answers = int(saved.drain_answered)
+            if not saved.drain_answered and self.config.agent_listen is not None:
+                # HAProxy may have polled just before zddd went down and may poll again any
+                # moment: treat it as polled, so the drain waits (up to AGENT_POLL_WINDOW) until
+                # it has been told "drain" before the steering goes.
+                self._last_agent_poll = self.clock()
         else:
             self._save(SavedState(active))
         log.info("event=start how=%s target=%s backend=%s%s", how, active, self.backend.name,
@@ -248,7 +260,8 @@ class Steering:
 
     def _saved_state(self) -> SavedState:
         if self._drain:
-            return SavedState(OFF, self._drain.target, self._drain.wall_deadline)
+            return SavedState(OFF, self._drain.target, self._drain.wall_deadline,
+                              drain_answered=self._drain_answers > 0)
         return SavedState(self.active)
 
     def _desired(self, active: str | None) -> Desired:

@@ -14,11 +14,13 @@ from .config import ALL_TARGETS, TARGET_NAMES
 @dataclass(frozen=True)
 class SavedState:
     """`target` is the desired target; `draining` names the target being drained towards off
-    (then `target` is "off") and `drain_deadline` is its wall-clock end (seconds since epoch)."""
+    (then `target` is "off") and `drain_deadline` is its wall-clock end (seconds since epoch);
+    `drain_answered` is true once the agent has told HAProxy "drain" during that drain."""
 
     target: str
     draining: str = ""
     drain_deadline: float = 0.0
+    drain_answered: bool = False
 
 
 class StateFile:
@@ -33,6 +35,7 @@ class StateFile:
                 target=str(data["target"]),
                 draining=str(data.get("draining", "")),
                 drain_deadline=float(data.get("drain_deadline", 0.0)),
+                drain_answered=bool(data.get("drain_answered", False)),
             )
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return None

@@ -224,7 +224,8 @@ def test_a_later_switch_to_main_cancels_the_drain(lab, signals):
     assert r.returncode == 0, r.stderr
     assert draining(z) == ""
     assert z.prop("ActiveTarget") == "main"
-    assert saved(z) == {"target": "main", "draining": "", "drain_deadline": 0.0}
+    assert saved(z) == {"target": "main", "draining": "", "drain_deadline": 0.0,
+                        "drain_answered": False}
     conn.close()
     time.sleep(0.5)  # a cancelled drain must not end in off once the connection is gone
     assert z.prop("ActiveTarget") == "main"
@@ -305,10 +306,30 @@ def test_kill_9_during_a_drain_then_restart_resumes_it(lab):
     assert draining(z) == "main"  # still waiting for the connection that outlived the kill
     assert http_get(lab.client, APP_V4, 8888) == "main"
     conn.close()
+    # HAProxy was never told "drain" before the kill, and it may poll any moment: the resumed
+    # drain waits for that answer even though nothing is open any more.
+    time.sleep(1.0)
+    assert draining(z) == "main"
+    assert agent_ask(lab.client, APP_V4) == "drain"
     wait_for(lambda: z.prop("ActiveTarget") == "off", 3, "the resumed drain to end")
     assert draining(z) == ""
     assert z.steered_to() == "off"
     assert saved(z)["target"] == "off" and saved(z)["draining"] == ""
+
+
+def test_a_drain_answered_before_a_kill_needs_no_new_answer_after_restart(lab):
+    z = lab.start_zddd()
+    conn = held(lab)
+    wait_connections(z, "main", 1)
+    assert z.zddctl("switch", "off").returncode == 0
+    assert agent_ask(lab.client, APP_V4) == "drain"
+    wait_for(lambda: saved(z).get("drain_answered"), 3, "the answered drain to be saved")
+    z.kill()
+    z.start()
+    assert draining(z) == "main"
+    closed = conn.close()
+    wait_for(lambda: z.prop("ActiveTarget") == "off", 3, "the resumed drain to end")
+    assert time.monotonic() - closed < 1.0  # no wait for another agent poll
 
 
 def test_restart_after_the_saved_drain_deadline_turns_off(lab):

@@ -242,14 +242,15 @@ def test_a_saved_drain_is_resumed_and_ends_when_drained(rig, caplog):
 
     async def scenario():
         rig.backend.program("main", rig.config)
-        rig.store.save(SavedState("off", "main", WALL + 5))
+        rig.store.save(SavedState("off", "main", WALL + 5, drain_answered=True))
         rig.conns.counts["main"] = 1
         core = rig.start()
         assert start_how(caplog) == "adopted"
         assert "resumed_drain=main" in caplog.text
         assert core.draining == "main" and core.active == "main"
         assert rig.backend.steering == "main"
-        assert rig.saved() == {"target": "off", "draining": "main", "drain_deadline": WALL + 5}
+        assert rig.saved() == {"target": "off", "draining": "main", "drain_deadline": WALL + 5,
+                               "drain_answered": True}
         await asyncio.sleep(0.2)
         assert core.draining == "main"  # a connection is still open
         rig.conns.counts["main"] = 0
@@ -488,3 +489,25 @@ def test_reconcile_repairs_drift_and_counts_it(rig):
     assert core.reconcile() is True and not rig.backend.table["damaged"]
     assert rig.rec.repairs == 3
     assert core.reconcile() is False and rig.rec.repairs == 3
+
+
+@pytest.mark.parametrize("agent", ["[::]:8889", ""])
+def test_a_resumed_drain_never_answered_waits_for_the_agent_if_there_is_one(tmp_path, agent):
+    """HAProxy may have polled just before the restart: until it has been told "drain", the
+    resumed drain keeps steering (without an agent there is nobody to tell)."""
+    rig = Rig(tmp_path, {"agent": {"listen": agent}})
+
+    async def scenario():
+        rig.backend.program("main", rig.config)
+        rig.store.save(SavedState("off", "main", WALL + 5))
+        core = rig.start()
+        await asyncio.sleep(0.3)
+        if agent:
+            assert core.draining == "main" and rig.backend.steering == "main"
+            assert core.agent_answer() == "drain"
+            assert rig.saved()["drain_answered"] is True
+            await asyncio.sleep(0.3)
+        assert core.active == "off" and core.draining == "" and rig.backend.steering == "off"
+        core.close()
+
+    run(scenario())
