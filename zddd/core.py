@@ -49,6 +49,9 @@ class Observer:
 class Health(Protocol):
     def is_up(self, target: str) -> bool: ...
 
+    def reason(self, target: str) -> str:
+        """Why the last probe gave its result, for refusals."""
+
 
 class Connections(Protocol):
     def count(self, ports: dict[str, int]) -> dict[str, int]: ...
@@ -57,6 +60,9 @@ class Connections(Protocol):
 class AlwaysUp:
     def is_up(self, target: str) -> bool:
         return True
+
+    def reason(self, target: str) -> str:
+        return "not probed"
 
 
 @dataclass
@@ -185,9 +191,9 @@ class Steering:
                 self._result(target, "refused", None)
                 log.info("event=switch_refused to=%s reason=unhealthy caller=%s", target,
                          caller or "-")
-                why = getattr(self.health, "reason", lambda t: "")(target)
-                raise TargetUnhealthy(f"target {target!r} failed its last health probe"
-                                      f"{f' ({why})' if why else ''}; use force to switch anyway")
+                raise TargetUnhealthy(f"target {target!r} failed its last health probe "
+                                      f"({self.health.reason(target)}); use force to switch "
+                                      "anyway")
             usec = self._switch_kernel(target)
             self._cancel_drain()
             self._result(target, "ok", self.clock() - received)
