@@ -59,10 +59,11 @@ class Daemon(Observer):
         self.args = args
         self.config = config
         self.notifier = Notifier()
-        self.health = HealthMonitor(config, on_change=self._health_changed)
+        self.health = HealthMonitor(config)
         self.core = Steering(config, make_backend(config), StateFile(config.state_file),
                              health=self.health,
                              connections=ConnectionCounter(self.health.probe_ports))
+        self.health.on_change = self.core.health_changed
         self.core.observers.append(self)
         self.agent: AgentResponder | None = None
         self.metrics = None
@@ -75,9 +76,6 @@ class Daemon(Observer):
     def status(self) -> str:
         draining = f", draining {self.core.draining}" if self.core.draining else ""
         return f"steering {self.core.active}{draining} ({self.core.backend.name})"
-
-    def _health_changed(self, target: str, up: bool) -> None:
-        self.core.health_changed(target, up)
 
     # ---- Observer: keep systemd's STATUS and the adapters in step with the core ----
 
