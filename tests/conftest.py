@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -63,26 +66,8 @@ class Lab:
                 print(f"cleanup: {e}", file=sys.stderr)
 
 
-@pytest.fixture
-def lab(need_root, tmp_path):
-    lab = Lab(tmp_path)
-    try:
-        yield lab
-    finally:
-        if lab.zddd is not None:
-            print(f"--- zddd log ---\n{lab.zddd.log()}", file=sys.stderr)
-        lab.close()
-
-
-@pytest.fixture
-def public_lab(need_root):
-    """A lab whose bus socket other users can reach (pytest's tmp dirs are private to root),
-    for tests that run zddctl as an unprivileged user."""
-    import shutil
-    import tempfile
-
-    tmp = Path(tempfile.mkdtemp(prefix="zddd-lab-", dir="/tmp"))
-    os.chmod(tmp, 0o755)
+@contextmanager
+def _lab_in(tmp: Path):
     lab = Lab(tmp)
     try:
         yield lab
@@ -90,4 +75,22 @@ def public_lab(need_root):
         if lab.zddd is not None:
             print(f"--- zddd log ---\n{lab.zddd.log()}", file=sys.stderr)
         lab.close()
+
+
+@pytest.fixture
+def lab(need_root, tmp_path):
+    with _lab_in(tmp_path) as lab:
+        yield lab
+
+
+@pytest.fixture
+def public_lab(need_root):
+    """A lab whose bus socket other users can reach (pytest's tmp dirs are private to root),
+    for tests that run zddctl as an unprivileged user."""
+    tmp = Path(tempfile.mkdtemp(prefix="zddd-lab-", dir="/tmp"))
+    os.chmod(tmp, 0o755)
+    try:
+        with _lab_in(tmp) as lab:
+            yield lab
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
