@@ -219,6 +219,13 @@ class Steering:
             self._begin_drain(old, timeout, received=received, caller=caller or "-")
             log.info("event=drain_start target=%s timeout=%s caller=%s", old, timeout,
                      caller or "-")
+        elif drain_timeout is not None:
+            # Asked again with a timeout of its own: the operator moves the drain's deadline.
+            self._drain.deadline = self.clock() + drain_timeout
+            self._drain.wall_deadline = self.wall() + drain_timeout
+            self._save(self._saved_state())
+            log.info("event=drain_deadline target=%s timeout=%s caller=%s", old,
+                     drain_timeout, caller or "-")
         return 0
 
     def _switch_kernel(self, target: str) -> int:

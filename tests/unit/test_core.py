@@ -415,6 +415,24 @@ def test_a_drain_waits_for_a_drain_answer_when_haproxy_polls(rig):
     run(scenario())
 
 
+def test_off_again_with_a_timeout_moves_the_deadline_of_the_running_drain(rig):
+    async def scenario():
+        core = rig.start()
+        rig.conns.counts["main"] = 1  # never drains by itself
+        core.switch("off")  # config: 5 s
+        await asyncio.sleep(0.1)
+        core.switch("off")  # without a timeout: changes nothing
+        assert rig.saved()["drain_deadline"] == WALL + 5
+        core.switch("off", drain_timeout=0.2)
+        assert rig.saved()["drain_deadline"] == WALL + 0.2
+        assert core.draining == "main"
+        await asyncio.sleep(0.5)
+        assert core.active == "off" and core.draining == ""
+        core.close()
+
+    run(scenario())
+
+
 def test_drain_timeout_out_of_range_is_invalid_argument(rig):
     core = rig.start()
     with pytest.raises(InvalidArgument):
