@@ -5,7 +5,7 @@ VPY     := $(VENV)/bin/python
 PYTEST  := $(VPY) -m pytest
 
 DEBS := nftables python3-nftables python3-pyroute2 python3-dbus-fast python3-sdnotify \
-        python3-prometheus-client python3-pytest python3-venv python3-pip python3-setuptools iproute2 dbus curl \
+        python3-prometheus-client python3-pytest python3-venv python3-pip python3-setuptools iproute2 dbus systemd curl \
         haproxy nginx-light wrk
 
 .PHONY: setup test test-fast test-integration test-e2e test-system lint demo bench deb clean
