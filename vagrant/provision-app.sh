@@ -16,6 +16,7 @@ NAME="${1:?usage: provision-app.sh NAME}"
 ZDDD_SRC="${ZDDD_SRC:-/vagrant}"
 . "$ZDDD_SRC/vagrant/common.sh"
 # Before anything is changed: the package comes from the host's `make deb`.
+# shellcheck disable=SC2012  # ls -v: the newest version last; the names are zddd_<version>_all.deb
 deb="$(ls -v "$ZDDD_SRC"/dist/zddd_*_all.deb 2>/dev/null | tail -n 1 || true)"
 [ -n "$deb" ] || die "no $ZDDD_SRC/dist/zddd_*_all.deb: run 'make deb' in the checkout first"
 
