@@ -21,7 +21,6 @@ import asyncio
 import os
 import re
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -172,14 +171,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (labkit.LabError, subprocess.TimeoutExpired) as e:
-        if labkit.interrupted.is_set():
-            print("\nbench: interrupted; namespaces and processes removed", file=sys.stderr)
-            sys.exit(130)
-        print(f"bench: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("bench: interrupted; namespaces and processes removed", file=sys.stderr)
-        sys.exit(130)
+    labkit.run_main(main, "bench")

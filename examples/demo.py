@@ -187,14 +187,4 @@ def report(records: list[dict], phases: list[tuple[str, float]],
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except labkit.LabError as e:
-        if labkit.interrupted.is_set():
-            print("\ndemo: interrupted; namespaces and processes removed", file=sys.stderr)
-            sys.exit(130)
-        print(f"demo: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("\ndemo: interrupted; namespaces and processes removed", file=sys.stderr)
-        sys.exit(130)
+    labkit.run_main(main, "demo")

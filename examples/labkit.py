@@ -330,6 +330,22 @@ def _exit_on_signal(signum, frame):
     raise SystemExit(128 + signum)
 
 
+def run_main(main, name: str) -> None:
+    """Run a demo or bench `main` and exit with its status: 2 when the lab could not be built,
+    130 when interrupted (everything removed either way)."""
+    try:
+        sys.exit(main())
+    except (LabError, subprocess.TimeoutExpired) as e:
+        if interrupted.is_set():
+            print(f"\n{name}: interrupted; namespaces and processes removed", file=sys.stderr)
+            sys.exit(130)
+        print(f"{name}: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"\n{name}: interrupted; namespaces and processes removed", file=sys.stderr)
+        sys.exit(130)
+
+
 def stop(proc: Proc, timeout: float = 5.0) -> None:
     """SIGTERM the process group we started, then SIGKILL it if it lingers."""
     if proc.popen.poll() is None:
