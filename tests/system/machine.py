@@ -15,6 +15,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -175,6 +176,17 @@ class Machine:
                 self.nspawn.wait(10)
         self.nspawn = None
         self.leader = 0
+
+    def destroy_after_journal(self, *units: str) -> None:
+        """Print the journal of `units` into the test's output (for a failure's report), then
+        destroy the container whatever happens."""
+        try:
+            if self.leader:
+                args = " ".join(f"-u '{unit}'" for unit in units)
+                print("--- journal ---\n" + self.sh(f"journalctl {args} --no-pager "
+                                                   "-o short-monotonic").stdout, file=sys.stderr)
+        finally:
+            self.destroy()
 
     def destroy(self) -> None:
         self.poweroff()

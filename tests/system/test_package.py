@@ -129,13 +129,7 @@ def machine(deb):
               f"(base tree {base})", file=sys.stderr)
         yield m
     finally:
-        try:
-            if m.leader:
-                print("--- zddd journal ---\n" + m.sh("journalctl -u zddd -u 'app@*' "
-                                                     "--no-pager -o short-monotonic").stdout,
-                      file=sys.stderr)
-        finally:
-            m.destroy()
+        m.destroy_after_journal("zddd", "app@*")
 
 
 def prop(m: Machine, name: str, user: str | None = None) -> str:

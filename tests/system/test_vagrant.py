@@ -71,13 +71,7 @@ def booted(deb: Path, packages: list[str], checkout: str):  # noqa: F811
         print(f"container ready in {time.monotonic() - started:.1f} s", file=sys.stderr)
         yield m
     finally:
-        try:
-            if m.leader:
-                print("--- journal ---\n" + m.sh("journalctl -u zddd -u nginx -u haproxy "
-                                                "--no-pager -o short-monotonic").stdout,
-                      file=sys.stderr)
-        finally:
-            m.destroy()
+        m.destroy_after_journal("zddd", "nginx", "haproxy")
 
 
 @pytest.fixture(scope="module")
