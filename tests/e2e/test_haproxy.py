@@ -33,24 +33,23 @@ def start_cluster(usage: str):
     return lab, cluster
 
 
-@pytest.fixture
-def traffic_port(need_root):
-    lab, cluster = start_cluster("traffic-port")
+def running_cluster(usage: str):
+    lab, cluster = start_cluster(usage)
     try:
         yield lab, cluster
     finally:
         dump_logs(lab, cluster)
         lab.close()
+
+
+@pytest.fixture
+def traffic_port(need_root):
+    yield from running_cluster("traffic-port")
 
 
 @pytest.fixture
 def health_port(need_root):
-    lab, cluster = start_cluster("health-port")
-    try:
-        yield lab, cluster
-    finally:
-        dump_logs(lab, cluster)
-        lab.close()
+    yield from running_cluster("health-port")
 
 
 def dump_logs(lab: labkit.Lab, cluster: labkit.Cluster) -> None:

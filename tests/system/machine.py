@@ -120,6 +120,13 @@ class Machine:
         self.base = base
         self.bpffs = workdir / "bpffs"
 
+    @classmethod
+    def fresh(cls, prefix: str) -> "Machine":
+        """A machine over the cached base tree (made, with its tools, when missing), in a new
+        work directory under /var/tmp; `create` and `boot` are the caller's."""
+        ensure_tools()
+        return cls(base_tree(), Path(tempfile.mkdtemp(prefix=prefix, dir="/var/tmp")))
+
     def create(self) -> None:
         """Copy the base tree (the cache stays clean). `destroy` undoes this, even half done."""
         subprocess.run(["cp", "-a", "--reflink=auto", str(self.base), str(self.root)], check=True)

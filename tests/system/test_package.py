@@ -13,13 +13,12 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
-from machine import HOST_PATH, Machine, base_tree, ensure_tools
+from machine import HOST_PATH, Machine
 
 TOP = Path(__file__).resolve().parents[2]
 DBUS_DEST = "org.zddd.Steering1 /org/zddd/Steering1 org.zddd.Steering1.Manager"
@@ -105,9 +104,7 @@ def deb() -> Path:
 @pytest.fixture(scope="module")
 def machine(deb):
     started = time.monotonic()
-    ensure_tools()
-    base = base_tree()
-    m = Machine(base, Path(tempfile.mkdtemp(prefix="zddd-system-", dir="/var/tmp")))
+    m = Machine.fresh("zddd-system-")
     try:
         m.create()
         m.write("/usr/local/bin/app", APP, 0o755)
@@ -126,7 +123,7 @@ def machine(deb):
         m.sh(f"apt-get install -y -q /root/{deb.name}", check=True, timeout=180)
         m.sh("usermod -a -G zddd bob", check=True)
         print(f"system test container ready in {time.monotonic() - started:.1f} s "
-              f"(base tree {base})", file=sys.stderr)
+              f"(base tree {m.base})", file=sys.stderr)
         yield m
     finally:
         m.destroy_after_journal("zddd", "app@*")

@@ -18,13 +18,12 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
-from machine import HOST_PATH, Machine, base_tree, ensure_tools
+from machine import HOST_PATH, Machine
 from test_package import deb  # noqa: F401  (dist/zddd_<version>_all.deb, rebuilt when stale)
 
 TOP = Path(__file__).resolve().parents[2]
@@ -60,9 +59,7 @@ def copy_checkout(m: Machine, deb: Path, path: str) -> None:  # noqa: F811
 
 def booted(deb: Path, packages: list[str], checkout: str):  # noqa: F811
     started = time.monotonic()
-    ensure_tools()
-    base = base_tree()
-    m = Machine(base, Path(tempfile.mkdtemp(prefix="zddd-vagrant-", dir="/var/tmp")))
+    m = Machine.fresh("zddd-vagrant-")
     try:
         m.create()
         prefetch(m.root, packages)

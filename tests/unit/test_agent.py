@@ -9,6 +9,8 @@ from zddd.config import Endpoint
 from zddd.service import agent as agent_mod
 from zddd.service.agent import AgentResponder
 
+from .loopticks import LoopTicks
+
 
 def run(coro):
     return asyncio.run(asyncio.wait_for(coro, 30))
@@ -163,21 +165,13 @@ def test_a_failing_answer_does_not_stop_the_responder():
 def test_the_loop_stays_free_while_clients_linger():
     async def go():
         responder, port = await started(lambda: "ready up")
-        ticks = 0
-
-        async def ticker():
-            nonlocal ticks
-            while True:
-                await asyncio.sleep(0.01)
-                ticks += 1
-
-        task = asyncio.create_task(ticker())
+        ticks = LoopTicks()
         conns = [await asyncio.open_connection("127.0.0.1", port) for _ in range(100)]
         await asyncio.sleep(0.5)
-        task.cancel()
+        count = ticks.stop()
         for _, w in conns:
             w.close()
         await responder.stop()
-        return ticks
+        return count
 
     assert run(go()) >= 25

@@ -8,6 +8,8 @@ import time
 from zddd.config import from_dict
 from zddd.health import HealthMonitor
 
+from .loopticks import LoopTicks
+
 
 def run(coro):
     return asyncio.run(asyncio.wait_for(coro, 30))
@@ -111,21 +113,13 @@ def test_a_silent_server_times_out_without_blocking_the_loop():
     async def go():
         server, port = await http_server(None)
         monitor = HealthMonitor(config("http:/", "tcp", port, free_port(), timeout=0.3))
-        ticks = 0
-
-        async def ticker():
-            nonlocal ticks
-            while True:
-                await asyncio.sleep(0.01)
-                ticks += 1
-
-        task = asyncio.create_task(ticker())
+        ticks = LoopTicks()
         t = time.monotonic()
         await monitor.probe_all()
         took = time.monotonic() - t
-        task.cancel()
+        count = ticks.stop()
         server.close()
-        return monitor, took, ticks
+        return monitor, took, count
 
     monitor, took, ticks = run(go())
     assert not monitor.is_up("main") and "no answer within 0.3 s" in monitor.reason("main")
