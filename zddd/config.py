@@ -251,9 +251,11 @@ def load(path: str | Path | None) -> Config:
         if not Path(path).exists():
             return Config()
     try:
-        text = Path(path).read_text()
+        text = Path(path).read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError("", f"cannot read {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError("", f"{path}: not valid UTF-8 at byte {e.start}") from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:

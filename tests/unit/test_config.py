@@ -211,3 +211,10 @@ def test_no_config_at_the_default_path_gives_defaults(tmp_path, monkeypatch):
     assert load(None) == Config()
     (tmp_path / "absent.toml").write_text("listen_port = 7777\n")
     assert load(None).listen_port == 7777
+
+
+def test_invalid_utf8_is_a_config_error(tmp_path):
+    p = tmp_path / "zddd.toml"
+    p.write_bytes(b'initial = "main"\n# caf\xe9\n')
+    with pytest.raises(ConfigError, match="not valid UTF-8 at byte 22"):
+        load(p)

@@ -27,6 +27,64 @@ from ..core import MAX_WAIT_SECONDS, Observer, Steering
 
 log = logging.getLogger("zddd")
 
+
+# ---- strings on the wire ----------------------------------------------------------------------
+# dbus-fast before 2.x (Debian 12 ships 1.84) writes a string's length in characters, not bytes,
+# so any non-ASCII string zddd sends (an error echoing the caller's target, an unknown property's
+# name in the library's own reply) is malformed and the bus daemon drops zddd's connection.
+# Every message, ours or the library's, is marshalled in one place, the aio writer's
+# `buffer_message`; there its body is handed over with strings whose len() is their UTF-8 size,
+# made valid for the bus first (no NUL, no lone surrogate). Installed only where the bug shows.
+
+class _WireStr(str):
+    """A str whose len() is its UTF-8 length, which is what the buggy marshaller writes."""
+
+    def __len__(self) -> int:
+        return len(self.encode())
+
+
+def bus_safe(value):
+    """`value` with every string made valid for the bus and measured in bytes."""
+    if isinstance(value, str):
+        text = value.encode("utf-8", "replace").decode("utf-8").replace("\0", "\\0")
+        return _WireStr(text)
+    if isinstance(value, Variant):
+        return Variant(value.signature, bus_safe(value.value))
+    if isinstance(value, dict):
+        return {bus_safe(k): bus_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [bus_safe(v) for v in value]
+    return value
+
+
+def _marshaller_counts_characters() -> bool:
+    wire = Message(path="/a", interface="a.b", member="c", signature="s",
+                   body=["\u00e9"])._marshall(False)
+    return not wire.endswith(b"\x02\x00\x00\x00\xc3\xa9\x00")
+
+
+def _install_wire_fix() -> None:
+    try:
+        from dbus_fast.aio import message_bus as aio_bus
+    except ImportError:  # dbus-next: pure Python, measures bytes
+        return
+    if not _marshaller_counts_characters():
+        return
+    original = aio_bus._MessageWriter.buffer_message
+
+    def buffer_message(self, msg, future=None):
+        body = msg.body
+        msg.body = bus_safe(body)
+        try:
+            original(self, msg, future)
+        finally:
+            msg.body = body
+
+    aio_bus._MessageWriter.buffer_message = buffer_message
+
+
+_install_wire_fix()
+
 BUS_NAME = "org.zddd.Steering1"
 OBJECT_PATH = "/org/zddd/Steering1"
 INTERFACE = "org.zddd.Steering1.Manager"
