@@ -52,24 +52,29 @@ class FakeBackend(Backend):
         return KernelState(self.table["active"], intact)
 
     def plan(self, current, desired):
+        flip = None
+        if current is None or not current.intact or current.active != desired.active:
+            flip = ("steer", desired.active)
         if current is not None and current.intact:
-            if current.active == desired.active:
-                return Plan((), steering_only=True)
-            return Plan((("steer", desired.active),), steering_only=True)
-        return Plan((("table", desired.listen_port, desired.ports, desired.active),),
-                    steering_only=False)
+            return Plan((), flip)
+        return Plan((("table", desired.listen_port, desired.ports),), flip)
 
     def apply(self, plan):
-        if not plan.commands:
+        if not plan:
             return
         if self.fail:
             raise ApplyError("the fake kernel says no")
         self.applied.append(plan)
-        for cmd in plan.commands:
-            if cmd[0] == "steer":
-                self.table["active"] = cmd[1]
-            else:
-                self.table = {"layout": (cmd[1], cmd[2]), "active": cmd[3], "damaged": False}
+        for cmd in plan.layout:
+            self.table = {"layout": (cmd[1], cmd[2]), "active": None, "damaged": False}
+        if plan.flip is not None:
+            self.table["active"] = plan.flip[1]
+
+    def leftover(self, desired):
+        return None if self.table is None else f"fake steering {self.steering}"
+
+    def remove(self, desired):
+        self.table = None
 
 
 class FakeHealth:

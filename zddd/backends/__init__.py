@@ -1,18 +1,27 @@
 """The data-plane backends, all behind one small interface.
 
 A backend knows how to express "steer new connections on the listen port to port P" in the
-kernel. The core drives it in four steps: `probe` (can this kernel do it?), `read` (what does the
-kernel hold now?), `plan` (plain data describing the change), `apply` (commit a plan atomically).
-The kernel is the source of truth; a backend keeps no state about it beyond what `read` returns.
+kernel. The core drives it in four steps:
+
+- `probe`: can this machine run it? (BackendUnavailable says why and what to do instead)
+- `read`: what does the kernel hold now, judged against what zddd wants? (`KernelState`)
+- `plan`: plain data for the change, made from what `read` returned (no second look)
+- `apply`: first the *layout* steps (create, load, pin, attach: idempotent, each checked by
+  read-back, possibly many), then the *flip*: the one atomic change of where new connections go
+  (a map element). A plan whose layout is intact is a flip alone.
+
+The kernel is the source of truth; a backend keeps no state about it beyond handles it opened.
+`leftover` and `remove` let zddd find and take out a data plane that another backend left
+(`zddd --remove-data-plane`), so two data planes never steer at once.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
-from ..config import Config
+from ..config import BACKENDS, Config
 
 
 class BackendUnavailable(Exception):
@@ -20,42 +29,68 @@ class BackendUnavailable(Exception):
 
 
 class ApplyError(Exception):
-    """The kernel refused a plan; nothing of it took effect."""
+    """The kernel refused a plan. `changed` is False when nothing of it took effect (the old
+    state stands), True when layout steps may have been half done (the core re-reads and
+    repairs; the flip itself is never half done)."""
+
+    def __init__(self, message: str, *, changed: bool = False):
+        super().__init__(message)
+        self.changed = changed
 
 
 @dataclass(frozen=True)
 class Desired:
-    """What the kernel should hold: the listen port, the target ports by name, and the target
-    new connections go to (None for off)."""
+    """What the kernel should hold: the listen port, the target ports by name, the target new
+    connections go to (None for off), and where and how the BPF backends build it."""
 
     listen_port: int
     ports: tuple[tuple[str, int], ...]
     active: str | None
+    interfaces: tuple[str, ...] | None = None  # None: every interface up (resolved at read)
+    pin_dir: str = "/sys/fs/bpf/zddd"
+    flow_entries: int = 1048576
+    xdp_mode: str = "native"
 
     @classmethod
     def from_config(cls, config: Config, active: str | None) -> "Desired":
         ports = tuple(sorted((t.name, t.port) for t in config.targets.values()))
-        return cls(config.listen_port, ports, active)
+        return cls(config.listen_port, ports, active, config.interfaces, config.bpf_pin_dir,
+                   config.bpf_flow_entries, config.xdp_mode)
+
+    def steering(self, active: str | None) -> "Desired":
+        return replace(self, active=active)
+
+    def port_of(self, target: str) -> int:
+        return dict(self.ports)[target]
 
 
 @dataclass(frozen=True)
 class KernelState:
-    """What `read` found. `active` is the target steered to (None: off); `intact` is False when
-    zddd's objects are present but not exactly as zddd would have written them for `desired`."""
+    """What `read` found. `active` is the target new connections are steered to (None: off);
+    `intact` is False when zddd's objects are present but not all exactly as zddd would build
+    them for the desired layout (`problems` says what differs, for the log); `found` is the
+    backend's own record of what it read, from which `plan` works."""
 
     active: str | None
     intact: bool
+    found: Any = None
+    problems: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
 class Plan:
-    """A change as plain data. `steering_only` plans change nothing but the steering decision."""
+    """A change as plain data: `layout` steps (empty when the layout is intact), then `flip`
+    (None when the steering decision already matches)."""
 
-    commands: tuple[Any, ...]
-    steering_only: bool
+    layout: tuple[Any, ...] = ()
+    flip: Any = None
 
     def __bool__(self) -> bool:
-        return bool(self.commands)
+        return bool(self.layout) or self.flip is not None
+
+    @property
+    def steering_only(self) -> bool:
+        return not self.layout
 
 
 class Backend(ABC):
@@ -63,32 +98,64 @@ class Backend(ABC):
 
     @abstractmethod
     def probe(self) -> None:
-        """Raise BackendUnavailable if this machine cannot run the backend."""
+        """Raise BackendUnavailable if this machine cannot run the backend. Touches nothing in
+        the kernel (a BPF backend compiles its programs here)."""
 
     @abstractmethod
     def read(self, desired: Desired) -> KernelState | None:
-        """What the kernel holds, judged against `desired`'s layout; None if nothing of zddd's."""
+        """What the kernel holds, judged against `desired`'s layout; None if nothing of zddd's.
+        Raises ApplyError if the kernel cannot be read."""
 
     @abstractmethod
     def plan(self, current: KernelState | None, desired: Desired) -> Plan:
-        """The smallest atomic change from `current` to `desired` (empty if they agree)."""
+        """The change from `current` (as read) to `desired`; empty if they agree."""
 
     @abstractmethod
     def apply(self, plan: Plan) -> None:
-        """Commit the plan in one atomic step, or raise ApplyError having changed nothing."""
+        """Carry out the plan: layout steps, then the flip. Raises ApplyError (see `changed`)."""
+
+    @abstractmethod
+    def leftover(self, desired: Desired) -> str | None:
+        """A one-line description of what this backend has of zddd's in the kernel (e.g.
+        "table inet zddd steering main"), or None. Needs no probe: zddd asks every backend at
+        start, including ones this machine cannot run."""
+
+    @abstractmethod
+    def remove(self, desired: Desired) -> None:
+        """Take every object of this backend's out of the kernel (connections it steers
+        break). Needs no probe."""
 
     def flows_steered(self) -> dict[str, int]:
         """New connections steered so far, by target name, where the backend can count them.
         May be called from another thread (the metrics scrape)."""
         return {}
 
+    def flow_table(self) -> tuple[int, int] | None:
+        """(entries in use, capacity) of a flow map, for backends that keep one."""
+        return None
 
-def make_backend(config: Config) -> Backend:
-    if config.backend == "nftables":
+
+def backend_class(name: str) -> type[Backend]:
+    if name == "nftables":
         from .nftables import NftablesBackend
 
-        return NftablesBackend()
+        return NftablesBackend
     raise BackendUnavailable(
-        f"backend {config.backend!r} is not available in this version of zddd; "
-        'use backend = "nftables"'
-    )
+        f"backend {name!r} is not available in this version of zddd; use backend = \"nftables\"")
+
+
+def make_backend(config: Config) -> Backend:
+    return backend_class(config.backend)()
+
+
+def other_backends(config: Config) -> list[Backend]:
+    """Every backend zddd knows other than the configured one, for leftovers at start."""
+    others = []
+    for name in BACKENDS:
+        if name == config.backend:
+            continue
+        try:
+            others.append(backend_class(name)())
+        except BackendUnavailable:
+            continue
+    return others

@@ -145,14 +145,16 @@ class NftablesBackend(Backend):
             return None
         found, rules, elements = self._parse(listing)
         expected = _layout(desired)
-        intact = set(found) == set(expected)
+        problems = []
+        for key in sorted(set(found) ^ set(expected)):
+            problems.append(f"{key[0]} {key[1]} {'missing' if key in expected else 'foreign'}")
         for key, obj in expected.items():
-            if not intact:
-                break
+            if key not in found:
+                continue
             want = {k: v for k, v in obj.items() if k != "rules"}
-            intact = _comparable(found[key]) == _comparable(want)
-            if key[0] == "chain":
-                intact = intact and rules.get(key[1], []) == obj["rules"]
+            if _comparable(found[key]) != _comparable(want) or (
+                    key[0] == "chain" and rules.get(key[1], []) != obj["rules"]):
+                problems.append(f"{key[0]} {key[1]} changed")
         active = None
         by_chain = {_chain_for(t): t for t, _ in desired.ports}
         for key, verdict in elements:
@@ -160,8 +162,9 @@ class NftablesBackend(Backend):
             if key == desired.listen_port and target and active is None:
                 active = target
             else:
-                intact = False
-        return KernelState(active=active, intact=intact)
+                problems.append(f"map {MAP} element {key} foreign")
+        return KernelState(active=active, intact=not problems, found=found,
+                           problems=tuple(problems))
 
     @staticmethod
     def _parse(listing: list[dict]):
@@ -181,11 +184,12 @@ class NftablesBackend(Backend):
         return found, rules, elements
 
     def plan(self, current: KernelState | None, desired: Desired) -> Plan:
+        flip = None
+        if current is None or not current.intact or current.active != desired.active:
+            flip = tuple(self._steering(desired))
         if current is not None and current.intact:
-            if current.active == desired.active:
-                return Plan((), steering_only=True)
-            return Plan(tuple(self._steering(desired)), steering_only=True)
-        return Plan(tuple(self._full(desired)), steering_only=False)
+            return Plan((), flip)
+        return Plan(tuple(self._full(current.found if current else {}, desired)), flip)
 
     @staticmethod
     def _steering(desired: Desired) -> list:
@@ -195,14 +199,13 @@ class NftablesBackend(Backend):
             commands.append({"add": {"element": {**ref, "elem": [_element(desired)]}}})
         return commands
 
-    def _full(self, desired: Desired) -> list:
-        """Declare the whole table. Objects that are there but differ, or that zddd would not
-        have written, are removed first; the table itself is never deleted, so the NAT hooks
-        stay registered throughout."""
+    @staticmethod
+    def _full(found: dict, desired: Desired) -> list:
+        """Declare the whole table, given the objects `read` found. Objects that are there but
+        differ, or that zddd would not have written, are removed first; the table itself is
+        never deleted, so the NAT hooks stay registered throughout."""
         expected = _layout(desired)
         table = {"family": FAMILY, "name": TABLE}
-        listing = self._list()
-        found, _, _ = self._parse(listing) if listing is not None else ({}, {}, [])
         commands: list = [{"add": {"table": table}}]
         # References first: rules and map elements can point at objects about to go.
         for (kind, name) in found:
@@ -220,12 +223,25 @@ class NftablesBackend(Backend):
         for (_, name), obj in expected.items():
             for expr in obj.get("rules", []):
                 commands.append({"add": {"rule": {**_REF, "chain": name, "expr": expr}}})
-        commands.extend(self._steering(desired))
         return commands
 
     def apply(self, plan: Plan) -> None:
-        if plan.commands:
-            self._cmd(list(plan.commands))
+        # Layout and flip go in one transaction: the kernel takes all of it or none.
+        if plan:
+            self._cmd(list(plan.layout) + list(plan.flip or ()))
+
+    def leftover(self, desired: Desired) -> str | None:
+        try:
+            state = self.read(desired)
+        except (ApplyError, ImportError):
+            return None
+        if state is None:
+            return None
+        return f"table {FAMILY} {TABLE} steering {state.active or 'nothing'}"
+
+    def remove(self, desired: Desired) -> None:
+        if self._list() is not None:
+            self._cmd([{"delete": {"table": {"family": FAMILY, "name": TABLE}}}])
 
     def flows_steered(self) -> dict[str, int]:
         listing = self._list() or []
