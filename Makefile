@@ -6,7 +6,7 @@ PYTEST  := $(VPY) -m pytest
 
 DEBS := nftables python3-nftables python3-pyroute2 python3-dbus-fast python3-sdnotify \
         python3-prometheus-client python3-pytest python3-venv python3-pip python3-setuptools iproute2 dbus systemd curl \
-        haproxy nginx-light wrk
+        haproxy nginx-light wrk python3-bpfcc python3-hypothesis procps
 
 .PHONY: setup test test-fast test-integration test-e2e test-system lint demo bench deb clean
 
@@ -20,6 +20,7 @@ $(VENV)/.setup-done: pyproject.toml Makefile
 	    echo "installing:" $$missing; \
 	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
 	fi
+	sh packaging/bpf-headers.sh
 	test -x $(VPY) || $(PY) -m venv --system-site-packages $(VENV)
 	$(VPY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $@
