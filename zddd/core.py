@@ -1,7 +1,9 @@
 """The state machine: which target the kernel steers to, switches, drains, adoption and repair.
 
-The core owns all state and knows nothing of D-Bus, HTTP or systemd. Adapters call its methods
-and subscribe to its events through `Observer`. Everything runs in one asyncio event loop, and
+The core owns all state and knows nothing of D-Bus, HTTP or systemd. Adapters call its methods,
+read it through one immutable `Snapshot`, and subscribe to its events through `Observer`
+(`state_changed(old, new)` with two snapshots, so each adapter derives what it shows; no event
+speaks an adapter's vocabulary). Everything runs in one asyncio event loop, and
 every kernel change (switch, drain end, reload, repair) happens in a synchronous method with no
 await inside, so changes are serialized without a lock and each one is a single transaction.
 """
@@ -11,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 from .backends import ApplyError, Backend, Desired, KernelState
@@ -27,13 +29,30 @@ log = logging.getLogger("zddd")
 AGENT_POLL_WINDOW = 10.0
 DRAIN_POLL_INTERVAL = 0.05
 RECONCILE_INTERVAL = 0.25
+# A repair that does not stick (someone keeps changing zddd's objects back, or the kernel shows
+# them differently than zddd writes them) is retried less and less often, up to this.
+MAX_REPAIR_BACKOFF = 60.0
 MAX_WAIT_SECONDS = 24 * 3600
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What the core holds at one moment; what every adapter shows is derived from this."""
+
+    active: str  # the target the kernel steers new connections to ("off": none)
+    draining: str  # the target being drained towards off, or ""
+    backend: str
+    listen_port: int
+    targets: dict[str, int] = field(default_factory=dict)  # name -> port
+    up: dict[str, bool] = field(default_factory=dict)  # name -> last probe passed
+    last_switch_usec: int = 0  # the last data-plane commit, apply step alone
+    drain_timeout: float = 0.0
 
 
 class Observer:
     """Events of the core; adapters override what they need. Called in the event loop."""
 
-    def properties_changed(self, changes: dict) -> None: ...
+    def state_changed(self, old: Snapshot, new: Snapshot) -> None: ...
 
     def switched(self, old: str, new: str, duration_usec: int) -> None: ...
 
@@ -42,8 +61,6 @@ class Observer:
         request → commit, for ok results."""
 
     def drift_repaired(self) -> None: ...
-
-    def config_changed(self, old: Config, new: Config) -> None: ...
 
 
 class Health(Protocol):
@@ -96,6 +113,10 @@ class Steering:
         self._drain: _Drain | None = None
         self._last_agent_poll = float("-inf")
         self._drain_answers = 0  # "drain" answers the agent gave during the current drain
+        self._published = self.snapshot()
+        self._repair_backoff = 0.0  # seconds; 0 while repairs stick
+        self._next_repair = float("-inf")
+        self._failed_problems: tuple[str, ...] | None = None
 
     # ---- read-only view -------------------------------------------------------------------
 
@@ -107,37 +128,49 @@ class Steering:
     def targets(self) -> dict[str, int]:
         return {name: t.port for name, t in self.config.targets.items()}
 
-    def agent_answer(self) -> str:
-        """The agent-check line for HAProxy now; each call counts as one poll."""
+    def snapshot(self) -> Snapshot:
+        return Snapshot(self.active, self.draining, self.backend.name, self.config.listen_port,
+                        self.targets, {n: bool(self.health.is_up(n)) for n in self.targets},
+                        self.last_switch_usec, self.config.drain_timeout)
+
+    def agent_polled(self) -> Snapshot:
+        """HAProxy asked the agent; the state to answer from. While draining, the answer tells
+        HAProxy to drain: the first one of each drain is saved, so a restarted zddd knows."""
         self._last_agent_poll = self.clock()
+        snap = self.snapshot()
         if self._drain:
             self._drain_answers += 1
             if self._drain_answers == 1:
-                # Once per drain, so a restarted zddd knows HAProxy has been told.
                 try:
                     self._save(self._saved_state())
                 except BackendFailure as e:
                     log.warning("event=state_save_failed error=%s", quote(str(e)))
-            return "drain"
-        if self.active == OFF:
-            return "maint"
-        return "ready up" if self.health.is_up(self.active) else "down"
+        return snap
 
     def connection_counts(self) -> dict[str, int]:
+        """Established connections per target, read from the kernel now (raises OSError)."""
         if self.connections is None:
             return {}
         return self.connections.count(self.targets)
+
+    def flows_steered(self) -> dict[str, int]:
+        """New connections the data plane steered, per target (may run in another thread)."""
+        return self.backend.flows_steered()
+
+    def flow_table(self) -> tuple[int, int] | None:
+        """(entries, capacity) of the backend's flow map, where it has one."""
+        return self.backend.flow_table()
 
     # ---- start: adopt what the kernel has ---------------------------------------------------
 
     def start(self) -> None:
         """Adopt the kernel's state, or program the saved or initial one. Resumes a saved drain.
-        Raises BackendFailure (kernel untouched if the backend cannot run)."""
+        Raises BackendUnavailable (kernel untouched) or BackendFailure."""
+        self.backend.probe()  # BackendUnavailable: the config asks for what cannot run here
         try:
-            self.backend.probe()
             kernel = self.backend.read(self._desired(None))
-        except Exception as e:  # BackendUnavailable, ApplyError: both mean "cannot start"
-            raise BackendFailure(str(e)) from None
+        except ApplyError as e:
+            raise BackendFailure(f"cannot read the kernel's state: {e}") from None
         saved = self.store.load()
         if kernel is not None and (kernel.intact or kernel.active is not None):
             active = kernel.active or OFF
@@ -149,10 +182,12 @@ class Steering:
             active = self.config.initial
             how = "initial"
         if kernel is None or not kernel.intact:
+            if kernel is not None:
+                log.warning("event=layout_rebuilt problems=%s", quote("; ".join(kernel.problems)))
             try:
                 self._commit(active, kernel)
             except ApplyError as e:
-                raise BackendFailure(f"the kernel refused zddd's table: {e}") from None
+                raise BackendFailure(f"the kernel refused zddd's data plane: {e}") from None
         self.active = active
         resume = saved is not None and saved.target == OFF and saved.draining == active
         if resume:
@@ -166,6 +201,7 @@ class Steering:
                 self._last_agent_poll = self.clock()
         else:
             self._save(SavedState(active))
+        self._publish()
         log.info("event=start how=%s target=%s backend=%s%s", how, active, self.backend.name,
                  f" resumed_drain={active}" if resume else "")
 
@@ -244,6 +280,9 @@ class Steering:
                 pass
             if isinstance(e, BackendFailure):
                 raise
+            if e.changed:
+                # The layout was half rebuilt; the reconciler reads it back and finishes.
+                self._next_repair = float("-inf")
             raise BackendFailure(f"the kernel refused the change: {e}") from None
 
     def _commit(self, target: str, current: KernelState | None) -> int:
@@ -252,15 +291,10 @@ class Steering:
         started = time.perf_counter()
         self.backend.apply(plan)
         usec = _usec(time.perf_counter() - started)
-        changes = {}
         if plan:
             self.last_switch_usec = usec
-            changes["LastSwitchUSec"] = usec
-        if self.active != target:
-            self.active = target
-            changes["ActiveTarget"] = target
-        if changes:
-            self._emit_properties(changes)
+        self.active = target
+        self._publish()
         return usec
 
     def _save(self, state: SavedState) -> None:
@@ -291,7 +325,7 @@ class Steering:
         self._drain_answers = 0
         self._drain.task = asyncio.get_running_loop().create_task(
             self._run_drain(self._drain, received if received is not None else self.clock()))
-        self._emit_properties({"Draining": target})
+        self._publish()
 
     def _cancel_drain(self) -> None:
         if self._drain is None:
@@ -300,7 +334,7 @@ class Steering:
         if drain.task is not None and drain.task is not asyncio.current_task():
             drain.task.cancel()
         log.info("event=drain_cancelled target=%s", drain.target)
-        self._emit_properties({"Draining": ""})
+        self._publish()
 
     def _drain_done(self, drain: _Drain) -> str | None:
         """Why the drain may end now, or None to keep waiting."""
@@ -331,7 +365,7 @@ class Steering:
                 continue
             self._drain = None
             self._result(OFF, "ok", self.clock() - received)
-            self._emit_properties({"Draining": ""})
+            self._publish()
             log.info("event=switch from=%s to=off duration_usec=%d drain=%s drain_sec=%.3f "
                      "caller=%s", drain.target, usec, reason, self.clock() - received,
                      drain.caller)
@@ -356,32 +390,44 @@ class Steering:
 
     # ---- reload and repair ----------------------------------------------------------------
 
-    def reload(self, new: Config) -> None:
-        """Take over a new config. Raises InvalidConfig (the running one stays) if it changes
-        what only a restart can change."""
+    def check_reload(self, new: Config) -> None:
+        """Raise InvalidConfig if `new` changes what only a restart can change."""
         blocked = self.config.restart_changes(new)
         if blocked:
             raise InvalidConfig(f"changing {', '.join(blocked)} needs a restart of zddd")
-        old = self.config
+
+    def reload(self, new: Config) -> None:
+        """Take over a new config, all or nothing: InvalidConfig if it changes what only a
+        restart can change, BackendFailure if the state cannot be saved where it now goes or
+        the kernel refuses the new layout; in both cases the running config stays."""
+        self.check_reload(new)
+        old, old_store = self.config, self.store
+        if new.state_file != old.state_file:
+            store = StateFile(new.state_file)
+            try:
+                store.save(self._saved_state())
+            except OSError as e:
+                raise BackendFailure(f"cannot save the state to {store.path}: "
+                                     f"{e.strerror or e}") from None
+            self.store = store
         self.config = new
         try:
             kernel_target = self._drain.target if self._drain else self.active
             current = self.backend.read(self._desired(None))
             self._commit(kernel_target, current)
         except ApplyError as e:
-            self.config = old
+            self.config, self.store = old, old_store
+            self._next_repair = float("-inf")  # put the old layout back if half changed
             raise BackendFailure(f"the kernel refused the new layout: {e}") from None
-        if new.state_file != old.state_file:
-            self.store = StateFile(new.state_file)
-            self._save(self._saved_state())
-        if old.targets != new.targets:
-            self._emit_properties({"Targets": self.targets})
-        for o in self.observers:
-            o.config_changed(old, new)
+        self._publish()
         log.info("event=reload")
 
     def reconcile(self) -> bool:
-        """Restore the kernel state if someone else changed it. True if a repair was made."""
+        """Restore the kernel state if someone else changed it. True if a repair was made.
+        A repair that does not stick is retried with a growing back-off, said once."""
+        now = self.clock()
+        if now < self._next_repair:
+            return False
         expected = self._drain.target if self._drain else self.active
         try:
             current = self.backend.read(self._desired(None))
@@ -389,14 +435,29 @@ class Steering:
             log.warning("event=read_failed error=%s", quote(str(e)))
             return False
         if current is not None and current.intact and (current.active or OFF) == expected:
+            if self._repair_backoff:
+                log.info("event=repair_holds")
+            self._repair_backoff, self._failed_problems = 0.0, None
             return False
+        found = "nothing" if current is None else (current.active or OFF)
+        problems = (("nothing of zddd's",) if current is None
+                    else current.problems or (f"steering {found}",))
+        if problems == self._failed_problems:
+            if not self._repair_backoff:
+                log.warning("event=repair_not_holding problems=%s retry=backoff max_sec=%g",
+                            quote("; ".join(problems)), MAX_REPAIR_BACKOFF)
+            self._repair_backoff = min(MAX_REPAIR_BACKOFF,
+                                       max(2 * self._repair_backoff, 2 * RECONCILE_INTERVAL))
+        self._failed_problems = problems
+        self._next_repair = now + self._repair_backoff
         try:
             self._commit(expected, current)
         except ApplyError as e:
             log.error("event=repair_failed error=%s", quote(str(e)))
             return False
-        log.warning("event=drift_repaired target=%s found=%s", expected,
-                    "nothing" if current is None else (current.active or OFF))
+        if not self._repair_backoff:
+            log.warning("event=drift_repaired target=%s found=%s problems=%s", expected, found,
+                        quote("; ".join(problems)))
         for o in self.observers:
             o.drift_repaired()
         return True
@@ -413,13 +474,16 @@ class Steering:
 
     def health_changed(self, target: str, up: bool) -> None:
         """Called by the health monitor when a target's probe result flips."""
-        self._emit_properties({"TargetsUp": {n: self.health.is_up(n) for n in self.targets}})
+        self._publish()
 
     # ---- events ---------------------------------------------------------------------------
 
-    def _emit_properties(self, changes: dict) -> None:
-        for o in self.observers:
-            o.properties_changed(changes)
+    def _publish(self) -> None:
+        new = self.snapshot()
+        old, self._published = self._published, new
+        if new != old:
+            for o in self.observers:
+                o.state_changed(old, new)
 
     def _emit_switched(self, old: str, new: str, usec: int) -> None:
         for o in self.observers:

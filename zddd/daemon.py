@@ -11,18 +11,22 @@ import argparse
 import asyncio
 import logging
 import signal
+import socket
+import struct
 import sys
+from pathlib import Path
 
 from . import __version__
-from .backends import make_backend, BackendUnavailable
-from .config import ConfigError, Config, load
+from .backends import BackendUnavailable, Desired, backend_class, make_backend
+from .config import BACKENDS, Config, ConfigError, load
 from .connections import ConnectionCounter
-from .core import Observer, Steering
+from .core import Observer, Snapshot, Steering
 from .errors import BackendFailure, InvalidConfig
 from .health import HealthMonitor
 from .logfmt import quote
 from .service import dbus as dbus_service
 from .service.agent import AgentResponder
+from .service.metrics import MetricsServer
 from .service.notify import Notifier
 from .state import StateFile
 
@@ -31,6 +35,9 @@ log = logging.getLogger("zddd")
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_CONFIG = 78  # EX_CONFIG: the unit does not restart on it (RestartPreventExitStatus)
+# An abstract socket name is per network namespace, and so is the data plane zddd owns (the
+# nftables table, the sk_lookup link, the tc/XDP attachments); it goes when its holder dies.
+LOCK_NAME = b"\0zddd/data-plane"
 
 
 class _Formatter(logging.Formatter):
@@ -50,8 +57,86 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "file does not exist)")
     p.add_argument("--bus", default="system", metavar="system|session|ADDRESS",
                    help="the D-Bus bus to serve on (default: system)")
+    p.add_argument("--remove-data-plane", action="store_true",
+                   help="remove everything zddd has in the kernel (every backend's objects in "
+                        "this network namespace and bpf_pin_dir) and its saved state, then "
+                        "exit; zddd must be stopped. Connections it steers break.")
     p.add_argument("--version", action="version", version=f"zddd {__version__}")
     return p.parse_args(argv)
+
+
+class DataPlaneLock:
+    """One zddd per data plane: held for the process' life, released by the kernel when it
+    exits however it exits."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            self.sock.bind(LOCK_NAME)
+            self.sock.listen(1)
+        except OSError as e:
+            self.sock.close()
+            raise RuntimeError(f"another zddd{self._holder()} holds this network namespace's "
+                               "data plane; one zddd per network namespace") from e
+
+    @staticmethod
+    def _holder() -> str:
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.settimeout(1)
+                s.connect(LOCK_NAME)
+                pid, _, _ = struct.unpack("3i", s.getsockopt(
+                    socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+                return f" (pid {pid})"
+        except OSError:
+            return ""
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class Listeners:
+    """The agent and metrics endpoints of one config, bound together or not at all."""
+
+    def __init__(self, core: Steering, config: Config):
+        self.agent: AgentResponder | None = None
+        self.metrics: MetricsServer | None = None
+        try:
+            if config.agent_listen is not None:
+                self.agent = AgentResponder(core.agent_polled)
+                self._bind(self.agent, "agent.listen", config.agent_listen)
+            if config.metrics_listen is not None:
+                self.metrics = MetricsServer(core)
+                self._bind(self.metrics, "metrics.listen", config.metrics_listen)
+        except BaseException:
+            self.discard(core)
+            raise
+
+    @staticmethod
+    def _bind(server, key: str, endpoint) -> None:
+        try:
+            server.bind(endpoint)
+        except OSError as e:
+            raise InvalidConfig(f"{key}: cannot listen on {endpoint}: "
+                                f"{e.strerror or e}") from None
+
+    def discard(self, core: Steering) -> None:
+        """Close sockets that never served (a failed start or reload)."""
+        if self.metrics is not None and self.metrics in core.observers:
+            core.observers.remove(self.metrics)
+        for server in (self.agent, self.metrics):
+            if server is not None and server._sock is not None:
+                server._sock.close()
+
+    async def serve(self) -> None:
+        for server in (self.agent, self.metrics):
+            if server is not None:
+                await server.serve()
+
+    async def stop(self) -> None:
+        for server in (self.agent, self.metrics):
+            if server is not None:
+                await server.stop()
 
 
 class Daemon(Observer):
@@ -65,8 +150,7 @@ class Daemon(Observer):
                              connections=ConnectionCounter(self.health.probe_ports))
         self.health.on_change = self.core.health_changed
         self.core.observers.append(self)
-        self.agent: AgentResponder | None = None
-        self.metrics = None
+        self.listeners: Listeners | None = None
         self.bus = None
         self._stop = asyncio.Event()
         self._reload_pending = False
@@ -74,78 +158,54 @@ class Daemon(Observer):
         self._tasks: list[asyncio.Task] = []
 
     def status(self) -> str:
-        draining = f", draining {self.core.draining}" if self.core.draining else ""
-        return f"steering {self.core.active}{draining} ({self.core.backend.name})"
+        snap = self.core.snapshot()
+        draining = f", draining {snap.draining}" if snap.draining else ""
+        return f"steering {snap.active}{draining} ({snap.backend})"
 
-    # ---- Observer: keep systemd's STATUS and the adapters in step with the core ----
+    # ---- Observer: keep systemd's STATUS in step with the core ----
 
-    def properties_changed(self, changes: dict) -> None:
-        if "ActiveTarget" in changes or "Draining" in changes:
+    def state_changed(self, old: Snapshot, new: Snapshot) -> None:
+        if (old.active, old.draining) != (new.active, new.draining):
             self.notifier.status(self.status())
 
-    def config_changed(self, old: Config, new: Config) -> None:
-        self.health.reconfigure(new)
-        self.config = new
-        if old.agent_listen != new.agent_listen or old.metrics_listen != new.metrics_listen:
-            asyncio.get_running_loop().create_task(self._restart_listeners(old, new))
+    # ---- reload: all or nothing ----
 
-    async def _restart_listeners(self, old: Config, new: Config) -> None:
-        if old.agent_listen != new.agent_listen:
-            await self._stop_agent()
-            await self._start_agent(new)
-        if old.metrics_listen != new.metrics_listen:
-            self._stop_metrics()
-            self._start_metrics(new)
-
-    # ---- adapters ----
-
-    async def _start_agent(self, config: Config) -> None:
-        if config.agent_listen is None:
-            return
-        self.agent = AgentResponder(self.core.agent_answer)
-        try:
-            await self.agent.start(config.agent_listen)
-        except OSError as e:
-            self.agent = None
-            log.error("event=agent_failed listen=%s error=%s", config.agent_listen,
-                      quote(e.strerror))
-
-    async def _stop_agent(self) -> None:
-        if self.agent is not None:
-            await self.agent.stop()
-            self.agent = None
-
-    def _start_metrics(self, config: Config) -> None:
-        if config.metrics_listen is None:
-            return
-        from .service.metrics import MetricsServer
-
-        try:
-            self.metrics = MetricsServer(self.core, config.metrics_listen)
-        except OSError as e:
-            log.error("event=metrics_failed listen=%s error=%s", config.metrics_listen,
-                      quote(e.strerror))
-
-    def _stop_metrics(self) -> None:
-        if self.metrics is not None:
-            self.metrics.stop()
-            self.metrics = None
-
-    # ---- reload ----
-
-    def reload(self) -> None:
-        """Re-read the config file and hand it to the core; raises InvalidConfig (keeping the
-        running config) if it is invalid or needs a restart."""
+    async def reload(self) -> None:
+        """Re-read the config file and take it over whole: the new listeners are bound and the
+        kernel and state file follow, or InvalidConfig/BackendFailure is raised and the running
+        config, listeners and data plane stay as they were."""
         try:
             new = load(self.args.config)
-        except ConfigError as e:
+            self.core.check_reload(new)
+        except (ConfigError, InvalidConfig) as e:
             log.error("event=reload_refused error=%s", quote(str(e)))
-            raise InvalidConfig(f"invalid config: {e}") from None
+            raise InvalidConfig(f"invalid config: {e}" if isinstance(e, ConfigError)
+                                else str(e)) from None
+        old = self.config
+        moved = (old.agent_listen, old.metrics_listen) != (new.agent_listen, new.metrics_listen)
+        fresh = None
+        if moved:
+            # The old listeners keep their ports until the new ones are bound, so a reload may
+            # not move one endpoint onto the other's port; that needs a restart.
+            try:
+                fresh = Listeners(self.core, new)
+            except InvalidConfig as e:
+                log.error("event=reload_refused error=%s", quote(str(e)))
+                raise
         try:
             self.core.reload(new)
-        except InvalidConfig as e:
+        except (InvalidConfig, BackendFailure) as e:
             log.error("event=reload_refused error=%s", quote(str(e)))
+            if fresh is not None:
+                fresh.discard(self.core)
             raise
+        self.config = new
+        self.health.reconfigure(new)
+        if fresh is not None:
+            old_listeners, self.listeners = self.listeners, fresh
+            await fresh.serve()
+            if old_listeners is not None:
+                await old_listeners.stop()
         self.notifier.reloaded(self.status())
 
     def _sighup(self) -> None:
@@ -154,27 +214,67 @@ class Daemon(Observer):
             return
         self._reload_pending = True
 
-        def run() -> None:
+        async def run() -> None:
             self._reload_pending = False
             try:
-                self.reload()
+                await self.reload()
             except Exception as e:
                 log.error("event=reload_failed error=%s", quote(str(e)))
 
-        asyncio.get_running_loop().call_soon(run)
+        self._tasks.append(asyncio.get_running_loop().create_task(run()))
 
     # ---- run ----
+
+    def _refuse_other_data_planes(self) -> None:
+        """Another backend's data plane steering beside this one would fight it; zddd does
+        not guess which connections may break, the operator decides."""
+        desired = Desired.from_config(self.config, None)
+        for name in BACKENDS:
+            if name == self.config.backend:
+                continue
+            try:
+                found = backend_class(name)().leftover(desired)
+            except BackendUnavailable:
+                continue
+            if found:
+                raise InvalidConfig(
+                    f"the {name} data plane of an earlier zddd is still in the kernel ({found}); "
+                    f"backend is now {self.config.backend!r}. To change backend without "
+                    "breaking connections, start zddd with the old backend and run `zddctl "
+                    "switch off --wait-drained` first; then stop it and run `zddd "
+                    "--remove-data-plane`, which removes it (connections it steers break)")
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         try:
+            lock = DataPlaneLock()
+        except RuntimeError as e:
+            log.error("event=start_refused error=%s", quote(str(e)))
+            return EXIT_FAILURE
+        try:
+            return await self._run(loop)
+        finally:
+            lock.close()
+
+    async def _run(self, loop: asyncio.AbstractEventLoop) -> int:
+        try:
+            self._refuse_other_data_planes()
+            self.listeners = Listeners(self.core, self.config)
+        except InvalidConfig as e:
+            log.error("event=start_refused error=%s", quote(str(e)))
+            return EXIT_CONFIG
+        try:
             self.core.start()
+        except BackendUnavailable as e:
+            log.error("event=start_refused error=%s", quote(str(e)))
+            self.listeners.discard(self.core)
+            return EXIT_CONFIG
         except BackendFailure as e:
             log.error("event=start_failed error=%s", quote(str(e)))
+            self.listeners.discard(self.core)
             return EXIT_FAILURE
         await self.health.probe_all()
-        await self._start_agent(self.config)
-        self._start_metrics(self.config)
+        await self.listeners.serve()
         try:
             self.bus = await dbus_service.serve(self.core, self.args.bus, self.reload)
         except Exception as e:
@@ -189,7 +289,7 @@ class Daemon(Observer):
             self._watch_bus())]
         self.notifier.ready(self.status())
         log.info("event=ready version=%s backend=%s target=%s bus=%s", __version__,
-                 self.core.backend.name, self.core.active, self.args.bus)
+                 self.core.snapshot().backend, self.core.active, self.args.bus)
         await self._stop.wait()
         self.notifier.stopping()
         log.info("event=stop target=%s data_plane=unchanged", self.core.active)
@@ -213,10 +313,42 @@ class Daemon(Observer):
         for task in self._tasks:
             task.cancel()
         self.core.close()
-        await self._stop_agent()
-        self._stop_metrics()
+        if self.listeners is not None:
+            await self.listeners.stop()
         if self.bus is not None:
             self.bus.disconnect()
+
+
+def remove_data_plane(config: Config) -> int:
+    """`zddd --remove-data-plane`: every backend's objects and the saved state go."""
+    try:
+        lock = DataPlaneLock()
+    except RuntimeError as e:
+        print(f"zddd: {e}; stop it first (systemctl stop zddd)", file=sys.stderr)
+        return EXIT_FAILURE
+    desired = Desired.from_config(config, None)
+    failed = False
+    try:
+        for name in BACKENDS:
+            try:
+                backend = backend_class(name)()
+                found = backend.leftover(desired)
+                if found:
+                    backend.remove(desired)
+                    print(f"removed the {name} data plane: {found}")
+            except BackendUnavailable:
+                continue
+            except Exception as e:
+                print(f"zddd: cannot remove the {name} data plane: {e}", file=sys.stderr)
+                failed = True
+        try:
+            Path(config.state_file).unlink()
+            print(f"removed the saved state {config.state_file}")
+        except FileNotFoundError:
+            pass
+    finally:
+        lock.close()
+    return EXIT_FAILURE if failed else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -229,11 +361,15 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"zddd: invalid config: {e}", file=sys.stderr)
         return EXIT_CONFIG
+    if args.remove_data_plane:
+        return remove_data_plane(config)
     try:
         daemon = Daemon(args, config)
     except BackendUnavailable as e:
+        # A backend this machine cannot run is a configuration to change, not a fault to
+        # restart on.
         print(f"zddd: {e}", file=sys.stderr)
-        return EXIT_FAILURE
+        return EXIT_CONFIG
     return asyncio.run(daemon.run())
 
 

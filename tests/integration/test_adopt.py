@@ -4,6 +4,7 @@ target."""
 
 import json
 import signal
+import time
 
 import pytest
 from lab import (APP_V4, APP_V6, KeepAlive, NftMonitor, connect_error, http_get, wait_for,
@@ -181,8 +182,11 @@ def test_losing_the_bus_exits_non_zero_and_leaves_the_data_plane(lab):
     assert http_get(lab.client, APP_V4, 8888) == "backup"
 
 
-def test_a_second_zddd_on_the_same_bus_gives_up_without_touching_the_kernel(lab):
-    from lab import Zddd
+@pytest.mark.parametrize("own_bus", [False, True], ids=["same-bus", "own-bus-and-state"])
+def test_a_second_zddd_in_the_namespace_refuses_before_touching_the_kernel(lab, own_bus):
+    """One zddd per data plane, whatever bus, config or state file the second one has: without
+    the lock both would "repair" each other's table four times a second, forever."""
+    from lab import Bus, Zddd
 
     z = lab.start_zddd()
     switch(z, "backup")
@@ -191,13 +195,22 @@ def test_a_second_zddd_on_the_same_bus_gives_up_without_touching_the_kernel(lab)
     lab.closers.append(monitor.close)
     second_tmp = lab.tmp / "second"
     second_tmp.mkdir()
-    second = Zddd(lab.app, lab.bus, second_tmp, {"initial": "main"})
+    bus = lab.bus
+    if own_bus:
+        bus = Bus(second_tmp)
+        lab.closers.append(bus.close)
+    second = Zddd(lab.app, bus, second_tmp, {"initial": "main"})
     lab.closers.append(second.close)
     second.start(wait=False)
     assert second.proc.wait(timeout=15) == 1, second.log()
-    assert "owned by another process" in second.log()
+    log = second.log()
+    assert "holds this network namespace's data plane" in log and "(pid " in log, log
+    if own_bus:
+        assert not second.owns_name()  # it gave up before connecting to its bus
+    time.sleep(0.6)  # two reconcile rounds of the first: nothing to repair either
     assert monitor.changes() == []
     assert without_counters(z.nft()) == before
+    assert "drift_repaired" not in z.log()
     # The first one still answers and is in control.
     assert z.prop("ActiveTarget") == "backup"
     switch(z, "main")

@@ -5,9 +5,12 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
+
 from zddd.config import Endpoint
+from zddd.core import Snapshot
 from zddd.service import agent as agent_mod
-from zddd.service.agent import AgentResponder
+from zddd.service.agent import AgentResponder, agent_word
 
 from .loopticks import LoopTicks
 
@@ -16,9 +19,24 @@ def run(coro):
     return asyncio.run(asyncio.wait_for(coro, 30))
 
 
+SNAPSHOTS = {
+    "ready up": Snapshot("main", "", "nftables", 8888, {"main": 8080}, {"main": True}),
+    "down": Snapshot("main", "", "nftables", 8888, {"main": 8080}, {"main": False}),
+    "drain": Snapshot("main", "main", "nftables", 8888, {"main": 8080}, {"main": True}),
+    "maint": Snapshot("off", "", "nftables", 8888, {"main": 8080}, {"main": True}),
+}
+
+
+@pytest.mark.parametrize("word", SNAPSHOTS)
+def test_agent_words_follow_the_core_state(word):
+    assert agent_word(SNAPSHOTS[word]) == word
+
+
 async def started(answer) -> tuple[AgentResponder, int]:
-    responder = AgentResponder(answer)
-    await responder.start(Endpoint("127.0.0.1", 0))
+    """A responder whose core answers with the snapshot for the word `answer()` names."""
+    responder = AgentResponder(lambda: SNAPSHOTS[answer()])
+    responder.bind(Endpoint("127.0.0.1", 0))
+    await responder.serve()
     return responder, responder._server.sockets[0].getsockname()[1]
 
 

@@ -12,6 +12,7 @@ import pytest
 from zddd.backends import ApplyError, Backend, BackendUnavailable, KernelState, Plan
 from zddd.config import from_dict
 from zddd.core import Observer, Steering
+from zddd.service.agent import agent_word
 from zddd.errors import (BackendFailure, InvalidArgument, InvalidConfig, InvalidTarget,
                          TargetUnhealthy)
 from zddd.state import SavedState, StateFile
@@ -103,8 +104,8 @@ class Recorder(Observer):
         self.results: list[tuple] = []
         self.repairs = 0
 
-    def properties_changed(self, changes):
-        self.props.append(dict(changes))
+    def state_changed(self, old, new):
+        self.props.append({k: v for k, v in vars(new).items() if vars(old)[k] != v})
 
     def switched(self, old, new, usec):
         self.switches.append((old, new))
@@ -229,7 +230,7 @@ def test_a_table_for_other_ports_is_adopted_and_rewritten(rig, caplog):
 
 def test_an_unusable_backend_fails_start_untouched(rig):
     rig.backend.unavailable = "no nftables here"
-    with pytest.raises(BackendFailure, match="no nftables here"):
+    with pytest.raises(BackendUnavailable, match="no nftables here"):
         rig.start()
     assert rig.backend.table is None and not rig.store.path.exists()
 
@@ -322,7 +323,7 @@ def test_switch_commits_and_reports(rig):
     assert core.last_switch_usec == usec
     assert rig.rec.switches == [("main", "backup")]
     assert rig.rec.results == [("backup", "ok")]
-    assert {"ActiveTarget": "backup", "LastSwitchUSec": usec} in rig.rec.props
+    assert rig.rec.props[-1]["active"] == "backup"  # last_switch_usec too, if it differs
     assert rig.saved()["target"] == "backup"
 
 
@@ -391,10 +392,10 @@ def test_off_drains_and_a_switch_cancels_the_drain(rig):
         assert core.draining == "main" and core.active == "main"
         assert rig.backend.steering == "main"
         assert rig.saved()["draining"] == "main"
-        assert core.agent_answer() == "drain"
+        assert agent_word(core.agent_polled()) == "drain"
         core.switch("backup")
         assert core.draining == "" and core.active == "backup"
-        assert {"Draining": ""} in rig.rec.props
+        assert {"draining": ""} in rig.rec.props
         await asyncio.sleep(0.1)
         assert core.active == "backup"  # the cancelled drain did not turn it off later
         core.close()
@@ -405,16 +406,16 @@ def test_off_drains_and_a_switch_cancels_the_drain(rig):
 def test_a_drain_waits_for_a_drain_answer_when_haproxy_polls(rig):
     async def scenario():
         core = rig.start()
-        assert core.agent_answer() == "ready up"  # HAProxy polls
+        assert agent_word(core.agent_polled()) == "ready up"  # HAProxy polls
         core.switch("off")
         await asyncio.sleep(0.2)
         assert core.draining == "main"  # no connection, but HAProxy was not told yet
-        assert core.agent_answer() == "drain"
+        assert agent_word(core.agent_polled()) == "drain"
         for _ in range(50):
             if core.active == "off":
                 break
             await asyncio.sleep(0.02)
-        assert core.active == "off" and core.agent_answer() == "maint"
+        assert core.active == "off" and agent_word(core.agent_polled()) == "maint"
         core.close()
 
     run(scenario())
@@ -461,11 +462,11 @@ def test_a_refused_commit_is_backend_failure_and_changes_nothing(rig):
 def test_agent_answers(tmp_path):
     rig = Rig(tmp_path)
     core = rig.start()
-    assert core.agent_answer() == "ready up"
+    assert agent_word(core.agent_polled()) == "ready up"
     rig.health.up["main"] = False
-    assert core.agent_answer() == "down"
+    assert agent_word(core.agent_polled()) == "down"
     core.switch("off", force=True)
-    assert core.agent_answer() == "maint"
+    assert agent_word(core.agent_polled()) == "maint"
 
 
 def test_wait_drained_arguments(rig):
@@ -497,7 +498,7 @@ def test_reload_moves_the_redirect_of_the_active_target(rig):
     assert core.targets == {"main": 8080, "backup": 81}
     assert rig.backend.table["layout"][1] == (("backup", 81), ("main", 8080))
     assert rig.backend.steering == "backup"
-    assert {"Targets": {"main": 8080, "backup": 81}} in rig.rec.props
+    assert rig.rec.props[-1]["targets"] == {"main": 8080, "backup": 81}
 
 
 def test_reconcile_repairs_drift_and_counts_it(rig):
@@ -527,7 +528,7 @@ def test_a_resumed_drain_never_answered_waits_for_the_agent_if_there_is_one(tmp_
         await asyncio.sleep(0.3)
         if agent:
             assert core.draining == "main" and rig.backend.steering == "main"
-            assert core.agent_answer() == "drain"
+            assert agent_word(core.agent_polled()) == "drain"
             assert rig.saved()["drain_answered"] is True
             await asyncio.sleep(0.3)
         assert core.active == "off" and core.draining == "" and rig.backend.steering == "off"

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from zddd.config import Endpoint
-from zddd.service.metrics import MetricsServer
+from zddd.core import Snapshot
+
+from .metricsrig import serving
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "packaging" / "grafana" / "zddd-dashboard.json"
 # Labels Prometheus itself adds to every scraped series.
@@ -25,34 +26,28 @@ class _Core:
     """The smallest stand-in core the metrics server needs: the endpoint's names and labels do
     not depend on the values."""
 
-    class backend:
-        name = "nftables"
+    observers: list = []
 
-        @staticmethod
-        def flows_steered():
-            return {"main": 0, "backup": 0}
-
-    class health:
-        @staticmethod
-        def is_up(target):
-            return True
-
-    active, draining, observers = "main", "", []
+    def snapshot(self):
+        return Snapshot("main", "", "nftables", 8888, {"main": 8080, "backup": 80},
+                        {"main": True, "backup": True})
 
     def connection_counts(self):
         return {"main": 0, "backup": 0}
+
+    def flows_steered(self):
+        return {"main": 0, "backup": 0}
+
+    def flow_table(self):
+        return (0, 1024)
 
 
 @pytest.fixture(scope="module")
 def exported() -> dict[str, dict[str, set[str]]]:
     """Sample name -> label name -> label values, from a real scrape of MetricsServer."""
-    server = MetricsServer(_Core(), Endpoint("127.0.0.1", 0))
-    try:
-        url = f"http://127.0.0.1:{server.httpd.server_address[1]}/metrics"
-        with urllib.request.urlopen(url, timeout=5) as r:
+    with serving(_Core()) as (server, port):
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
             text = r.read().decode()
-    finally:
-        server.stop()
     out: dict[str, dict[str, set[str]]] = {}
     for family in text_string_to_metric_families(text):
         for s in family.samples:

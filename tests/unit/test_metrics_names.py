@@ -4,13 +4,15 @@ scrape-time reads whose failures are counted instead of failing the scrape."""
 from __future__ import annotations
 
 import re
+import urllib.error
 import urllib.request
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from zddd.config import Endpoint
-from zddd.service.metrics import MetricsServer
+from zddd.core import Snapshot
+
+from .metricsrig import serving
 
 # SPEC "Metrics": sample name -> (type, label names)
 SPEC = {
@@ -24,6 +26,11 @@ SPEC = {
     "zddd_drift_repairs_total": ("counter", set()),
     "zddd_collection_errors_total": ("counter", set()),
     "zddd_build_info": ("gauge", {"version", "backend"}),  # an info metric, as text: a gauge
+}
+# Beyond SPEC, for backends with a flow map (tc, xdp, sk_lookup): its fill and its size.
+FLOW_MAP = {
+    "zddd_flow_entries": ("gauge", set()),
+    "zddd_flow_capacity": ("gauge", set()),
 }
 
 def exported_names(text: str) -> set[str]:
@@ -50,42 +57,42 @@ class StubBackend:
         return {"main": 7, "backup": 2}
 
 
-class StubHealth:
-    def is_up(self, target):
-        return target == "main"
-
-
 class StubCore:
     """What MetricsServer reads from the core, and nothing else."""
 
     def __init__(self):
         self.active = "main"
         self.draining = ""
-        self.health = StubHealth()
         self.backend = StubBackend()
         self.observers = []
         self.counts_fail = False
+        self.table = None
+
+    def snapshot(self):
+        return Snapshot(self.active, self.draining, "nftables", 8888,
+                        {"main": 8080, "backup": 80}, {"main": True, "backup": False})
 
     def connection_counts(self):
         if self.counts_fail:
             raise OSError("sock_diag said no")
         return {"main": 3, "backup": 0}
 
+    def flows_steered(self):
+        return self.backend.flows_steered()
+
+    def flow_table(self):
+        return self.table
+
 
 @pytest.fixture
 def served():
     core = StubCore()
-    server = MetricsServer(core, Endpoint("127.0.0.1", 0))
-    port = server.httpd.server_address[1]
+    with serving(core) as (server, port):
+        def scrape() -> str:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+                return r.read().decode()
 
-    def scrape() -> str:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-            return r.read().decode()
-
-    try:
         yield core, server, scrape
-    finally:
-        server.stop()
 
 
 def samples(text: str) -> dict:
@@ -179,3 +186,48 @@ def test_failed_kernel_reads_are_counted_and_the_scrape_still_works(served):
     v = samples(scrape())
     assert v[("zddd_collection_errors_total", ())] == 3
     assert v[("zddd_target_connections", (("target", "main"),))] == 3
+
+
+def test_flow_map_gauges_only_where_the_backend_has_a_flow_map(served):
+    core, server, scrape = served
+    assert exported_names(scrape()) == set(SPEC)
+    core.table = (12, 1048576)
+    text = scrape()
+    assert exported_names(text) == set(SPEC) | set(FLOW_MAP)
+    v = samples(text)
+    assert v[("zddd_flow_entries", ())] == 12 and v[("zddd_flow_capacity", ())] == 1048576
+
+
+def test_other_paths_and_methods_get_http_errors(served):
+    core, server, scrape = served
+    port = server.port
+    for path, code in (("/", 404), ("/metricsx", 404), ("/metrics?x=1", 200)):
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+                got = r.status
+        except urllib.error.HTTPError as e:
+            got = e.code
+        assert got == code, path
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/metrics", data=b"x", method="POST")
+    try:
+        urllib.request.urlopen(req, timeout=5)
+        raise AssertionError("POST answered")
+    except urllib.error.HTTPError as e:
+        assert e.code == 405
+
+
+def test_a_stalled_client_does_not_hold_up_other_scrapes(served):
+    import socket
+    import time
+
+    core, server, scrape = served
+    idle = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(5)]
+    for s in idle:
+        s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")  # never finishes its headers
+    try:
+        t = time.monotonic()
+        assert "zddd_active_target" in scrape()
+        assert time.monotonic() - t < 1.0
+    finally:
+        for s in idle:
+            s.close()

@@ -1,7 +1,9 @@
 """HAProxy agent-check responder: one line per connection, then close.
 
-HAProxy connects to `[agent] listen`, optionally sends its `agent-send` string, and reads one line.
-The answer comes from the core (`ready up`, `down`, `drain`, `maint`). The responder never parses
+HAProxy connects to `[agent] listen`, optionally sends its `agent-send` string, and reads one line:
+`ready up` while steering to a target whose probe passes, `down` while its probe fails, `drain`
+while draining, `maint` when off (the words are HAProxy's, so they live here; the core is told of
+each poll and answers with its snapshot). The responder never parses
 input; it only discards what the client sent so that closing does not reset the connection before
 HAProxy has read the answer. That wait is bounded in time and bytes, and at most `MAX_LINGERING`
 connections wait at once: beyond that a connection still gets its line but is closed right away.
@@ -14,7 +16,8 @@ import asyncio
 import logging
 import socket
 
-from ..config import Endpoint
+from ..config import OFF, Endpoint
+from ..core import Snapshot
 
 log = logging.getLogger("zddd")
 
@@ -23,13 +26,27 @@ LINGER_SECONDS = 1.0
 DISCARD_BYTES = 4096
 
 
+def agent_word(snap: Snapshot) -> str:
+    """HAProxy's agent-check answer for a state of the core."""
+    if snap.draining:
+        return "drain"
+    if snap.active == OFF:
+        return "maint"
+    return "ready up" if snap.up.get(snap.active) else "down"
+
+
 class AgentResponder:
-    def __init__(self, answer):
-        self.answer = answer  # () -> str, the core's agent_answer
+    """Bind with `bind` (before zddd touches the kernel, so a taken port fails the start or the
+    reload with nothing changed), then `serve`."""
+
+    def __init__(self, polled):
+        self.polled = polled  # () -> Snapshot: the core's agent_polled
         self.active = 0
+        self._sock: socket.socket | None = None
         self._server: asyncio.base_events.Server | None = None
 
-    async def start(self, endpoint: Endpoint) -> None:
+    def bind(self, endpoint: Endpoint) -> None:
+        """Bind and listen; raises OSError (the socket closed) if the address is not free."""
         try:
             sock = socket.socket(socket.AF_INET6 if ":" in endpoint.host else socket.AF_INET,
                                  socket.SOCK_STREAM)
@@ -45,14 +62,19 @@ class AgentResponder:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         try:
             sock.bind((endpoint.host, endpoint.port))
+            sock.listen(1024)
         except OSError:
             sock.close()
             raise
-        self._server = await asyncio.start_server(self._handle, sock=sock, backlog=1024)
+        self._sock = sock
+
+    async def serve(self) -> None:
+        assert self._sock is not None, "bind first"
+        self._server = await asyncio.start_server(self._handle, sock=self._sock, backlog=1024)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            writer.write((self.answer() + "\n").encode())
+            writer.write((agent_word(self.polled()) + "\n").encode())
             if self.active >= MAX_LINGERING:
                 writer.close()  # answered; only the clean-FIN courtesy is skipped
                 return
@@ -86,3 +108,6 @@ class AgentResponder:
             self._server.close()
             await self._server.wait_closed()
             self._server = None
+        elif self._sock is not None:
+            self._sock.close()
+        self._sock = None

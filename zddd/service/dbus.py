@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Callable
+from typing import Awaitable, Callable
 
 try:
     from dbus_fast import BusType, DBusError, Message, MessageType, Variant
@@ -23,7 +23,7 @@ except ImportError:  # Debian may carry only the original dbus-next; the API is 
     from dbus_next.service import ServiceInterface, dbus_property, method, signal  # type: ignore
 
 from .. import errors
-from ..core import MAX_WAIT_SECONDS, Observer, Steering
+from ..core import MAX_WAIT_SECONDS, Observer, Snapshot, Steering
 
 log = logging.getLogger("zddd")
 
@@ -98,6 +98,17 @@ _ERRORS = {
     errors.InvalidConfig: "InvalidConfig",
 }
 _OPTION_TYPES = {"force": "b", "drain_timeout_usec": "t"}
+# The properties that follow the core's snapshot, and how each is read from one.
+_SNAPSHOT_PROPERTIES = {
+    "ActiveTarget": lambda s: s.active,
+    "Draining": lambda s: s.draining,
+    "Backend": lambda s: s.backend,
+    "Targets": lambda s: s.targets,
+    "LastSwitchUSec": lambda s: s.last_switch_usec,
+    "ListenPort": lambda s: s.listen_port,
+    "DrainTimeoutUSec": lambda s: int(s.drain_timeout * 1e6),
+    "TargetsUp": lambda s: s.up,
+}
 
 
 def bus_address(spec: str) -> dict:
@@ -135,7 +146,7 @@ def parse_options(options: dict) -> dict:
 
 
 class ManagerInterface(ServiceInterface, Observer):
-    def __init__(self, core: Steering, reload: Callable[[], None]):
+    def __init__(self, core: Steering, reload: Callable[[], Awaitable[None]]):
         super().__init__(INTERFACE)
         self.core = core
         self._reload = reload
@@ -158,37 +169,40 @@ class ManagerInterface(ServiceInterface, Observer):
     def Reload(self):
         raise AssertionError("dispatched by _dispatch")
 
+    def _now(self, name: str):
+        return _SNAPSHOT_PROPERTIES[name](self.core.snapshot())
+
     @dbus_property(access=PropertyAccess.READ)
     def ActiveTarget(self) -> "s":  # noqa: F821
-        return self.core.active
+        return self._now("ActiveTarget")
 
     @dbus_property(access=PropertyAccess.READ)
     def Draining(self) -> "s":  # noqa: F821
-        return self.core.draining
+        return self._now("Draining")
 
     @dbus_property(access=PropertyAccess.READ)
     def Backend(self) -> "s":  # noqa: F821
-        return self.core.backend.name
+        return self._now("Backend")
 
     @dbus_property(access=PropertyAccess.READ)
     def Targets(self) -> "a{sq}":  # noqa: F821
-        return self.core.targets
+        return self._now("Targets")
 
     @dbus_property(access=PropertyAccess.READ)
     def LastSwitchUSec(self) -> "t":  # noqa: F821
-        return self.core.last_switch_usec
+        return self._now("LastSwitchUSec")
 
     @dbus_property(access=PropertyAccess.READ)
     def ListenPort(self) -> "q":  # noqa: F821
-        return self.core.config.listen_port
+        return self._now("ListenPort")
 
     @dbus_property(access=PropertyAccess.READ)
     def DrainTimeoutUSec(self) -> "t":  # noqa: F821
-        return int(self.core.config.drain_timeout * 1e6)
+        return self._now("DrainTimeoutUSec")
 
     @dbus_property(access=PropertyAccess.READ)
     def TargetsUp(self) -> "a{sb}":  # noqa: F821
-        return {name: bool(self.core.health.is_up(name)) for name in self.core.targets}
+        return self._now("TargetsUp")
 
     # Read fresh from the kernel on every Get; it changes too often for PropertiesChanged.
     @dbus_property(access=PropertyAccess.READ)
@@ -201,8 +215,11 @@ class ManagerInterface(ServiceInterface, Observer):
 
     # ---- Observer ----
 
-    def properties_changed(self, changes: dict) -> None:
-        self.emit_properties_changed(changes)
+    def state_changed(self, old: Snapshot, new: Snapshot) -> None:
+        changes = {name: get(new) for name, get in _SNAPSHOT_PROPERTIES.items()
+                   if get(new) != get(old)}
+        if changes:
+            self.emit_properties_changed(changes)
 
     def switched(self, old: str, new: str, duration_usec: int) -> None:
         self.Switched(old, new, duration_usec)
@@ -214,7 +231,6 @@ class ManagerInterface(ServiceInterface, Observer):
 
     def attach(self, bus: MessageBus) -> None:
         self.bus = bus
-        self._uids: dict[str, int] = {}
         bus.export(OBJECT_PATH, self)
         bus.add_message_handler(self._dispatch)
 
@@ -231,16 +247,16 @@ class ManagerInterface(ServiceInterface, Observer):
         return True
 
     async def _caller(self, sender: str) -> str:
-        if sender not in self._uids:
-            try:
-                reply = await self.bus.call(Message(
-                    destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
-                    interface="org.freedesktop.DBus", member="GetConnectionUnixUser",
-                    signature="s", body=[sender]))
-                self._uids[sender] = int(reply.body[0])
-            except Exception:
-                return f"{sender}(uid=?)"
-        return f"uid={self._uids[sender]}"
+        # Asked on every call, never cached: a cache keyed by unique names only grows, and a
+        # unique name's owner is the bus' to vouch for at the time of the call.
+        try:
+            reply = await self.bus.call(Message(
+                destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
+                interface="org.freedesktop.DBus", member="GetConnectionUnixUser",
+                signature="s", body=[sender]))
+            return f"uid={int(reply.body[0])}"
+        except Exception:
+            return f"{sender}(uid=?)"
 
     async def _call(self, msg: Message) -> None:
         try:
@@ -260,7 +276,7 @@ class ManagerInterface(ServiceInterface, Observer):
                 reply = Message.new_method_return(msg, "b", [drained])
             else:
                 log.info("event=reload_requested caller=%s", caller)
-                self._reload()
+                await self._reload()
                 reply = Message.new_method_return(msg)
         except errors.ZdddError as e:
             reply = Message.new_error(msg, error_name(e), str(e))
@@ -270,7 +286,7 @@ class ManagerInterface(ServiceInterface, Observer):
         self.bus.send(reply)
 
 
-async def serve(core: Steering, bus_spec: str, reload: Callable[[], None]) -> MessageBus:
+async def serve(core: Steering, bus_spec: str, reload: Callable[[], Awaitable[None]]) -> MessageBus:
     """Connect, export the interface and own the bus name. Raises RuntimeError if the name is
     taken (another zddd runs) or the bus refuses it (policy)."""
     bus = await MessageBus(**bus_address(bus_spec)).connect()

@@ -1,21 +1,21 @@
-"""Prometheus metrics on `[metrics] listen`, with prometheus-client.
+"""Prometheus metrics on `[metrics] listen`, with prometheus-client's registry and text format.
 
 Event counters (switches, repairs, durations) are updated from core events. Values that live in
-the kernel (connections, flows steered) are read at scrape time by a custom collector, in the
-HTTP server's thread, through handles of their own; a failed read counts in
-zddd_collection_errors_total instead of failing the scrape.
+the kernel (connections, flows steered, the flow map's fill) are read at scrape time by a custom
+collector; a failed read counts in zddd_collection_errors_total instead of failing the scrape.
+The endpoint is served from the event loop like the agent: every client is read with a deadline
+and a size limit, so a slow or idle client cannot hold the endpoint for anyone else.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
-from http.server import HTTPServer
-from threading import Thread
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
-from prometheus_client.exposition import MetricsHandler
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from .. import __version__
 from ..config import ALL_TARGETS, TARGET_NAMES, Endpoint
@@ -28,8 +28,10 @@ log = logging.getLogger("zddd")
 DURATION_BUCKETS = (10e-6, 25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3,
                     25e-3, 50e-3, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 RESULTS = ("ok", "refused", "failed")
-# Scrapes are served one at a time; a client that stalls holds the server this long at most.
+# A client has this long to send its request and take the answer.
 CLIENT_TIMEOUT = 10.0
+MAX_REQUEST_BYTES = 8192
+MAX_CLIENTS = 64
 
 
 class _KernelCollector:
@@ -39,18 +41,19 @@ class _KernelCollector:
 
     def collect(self):
         core = self.core
+        snap = core.snapshot()
         active = GaugeMetricFamily("zddd_active_target",
                                    "1 for the target the kernel steers new connections to",
                                    labels=["target"])
         for name in ALL_TARGETS:
-            active.add_metric([name], 1.0 if core.active == name else 0.0)
+            active.add_metric([name], 1.0 if snap.active == name else 0.0)
         draining = GaugeMetricFamily("zddd_draining", "1 while a drain of the target runs",
                                      labels=["target"])
         up = GaugeMetricFamily("zddd_target_up", "Last health probe result (1 up, 0 down)",
                                labels=["target"])
         for name in TARGET_NAMES:
-            draining.add_metric([name], 1.0 if core.draining == name else 0.0)
-            up.add_metric([name], 1.0 if core.health.is_up(name) else 0.0)
+            draining.add_metric([name], 1.0 if snap.draining == name else 0.0)
+            up.add_metric([name], 1.0 if snap.up.get(name) else 0.0)
         yield from (active, draining, up)
 
         conns = GaugeMetricFamily("zddd_target_connections",
@@ -67,14 +70,25 @@ class _KernelCollector:
                                     "New connections steered to the target by the data plane",
                                     labels=["target"])
         try:
-            for name, n in core.backend.flows_steered().items():
+            for name, n in core.flows_steered().items():
                 flows.add_metric([name], float(n))
             yield flows
         except Exception as e:
             self._failed("flows_steered", e)
 
+        try:
+            table = core.flow_table()
+            if table is not None:
+                yield GaugeMetricFamily("zddd_flow_entries",
+                                        "Flows in the BPF flow map now", value=table[0])
+                yield GaugeMetricFamily("zddd_flow_capacity",
+                                        "Size of the BPF flow map (bpf_flow_entries)",
+                                        value=table[1])
+        except Exception as e:
+            self._failed("flow_table", e)
+
         info = InfoMetricFamily("zddd_build", "zddd's version and data-plane backend")
-        info.add_metric([], {"version": __version__, "backend": core.backend.name})
+        info.add_metric([], {"version": __version__, "backend": snap.backend})
         yield info
 
     def _failed(self, what: str, e: Exception) -> None:
@@ -106,9 +120,10 @@ class _Exported:
 
 
 class MetricsServer(Observer):
-    """Exports the registry over HTTP from its own thread; `stop` closes the socket."""
+    """The registry, fed by core events; `bind` then `serve` exports it over HTTP."""
 
-    def __init__(self, core: Steering, endpoint: Endpoint):
+    def __init__(self, core: Steering):
+        backend = core.snapshot().backend
         events = CollectorRegistry()
         self.switches = Counter("zddd_switches", "Switch requests by target and result",
                                 ["target", "result"], registry=events)
@@ -118,35 +133,93 @@ class MetricsServer(Observer):
         self.duration = Histogram("zddd_switch_duration_seconds",
                                   "Switch request received to data plane committed",
                                   ["backend"], buckets=DURATION_BUCKETS, registry=events)
-        self.duration.labels(core.backend.name)
-        self.backend = core.backend.name
+        self.duration.labels(backend)
+        self.backend = backend
         self.repairs = Counter("zddd_drift_repairs", "Kernel state found changed and restored",
                                registry=events)
         self.errors = Counter("zddd_collection_errors", "Scrape-time reads that failed",
                               registry=events)
         self.registry = CollectorRegistry()
         self.registry.register(_Exported(_KernelCollector(core, self.errors), events))
-
-        handler = MetricsHandler.factory(self.registry)
-        handler.timeout = CLIENT_TIMEOUT
-        server_class = HTTPServer
-        if ":" in endpoint.host:
-            server_class = type("V6Server", (HTTPServer,),
-                                {"address_family": socket.AF_INET6})
-        self.httpd = server_class((endpoint.host, endpoint.port), handler)
         self.core = core
-        Thread(target=self._serve, name="metrics", daemon=True).start()
+        self.clients = 0
+        self._sock: socket.socket | None = None
+        self._server: asyncio.base_events.Server | None = None
         core.observers.append(self)
 
-    def _serve(self) -> None:
-        # One thread serves every scrape, and its kernel handles are opened here, once, while
-        # descriptors are plentiful: libnftables exits the whole process when it cannot open
-        # the netlink socket of a new context, which a thread per scrape would create each time.
+    def bind(self, endpoint: Endpoint) -> None:
+        """Bind and listen; raises OSError (nothing left open) if the address is not free."""
+        sock = socket.socket(socket.AF_INET6 if ":" in endpoint.host else socket.AF_INET,
+                             socket.SOCK_STREAM)
         try:
-            self.core.backend.flows_steered()
-        except Exception as e:
-            log.warning("event=metrics_warmup_failed error=%s", quote(e))
-        self.httpd.serve_forever()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((endpoint.host, endpoint.port))
+            sock.listen(128)
+        except OSError:
+            sock.close()
+            raise
+        self._sock = sock
+
+    @property
+    def port(self) -> int:
+        assert self._sock is not None
+        return self._sock.getsockname()[1]
+
+    async def serve(self) -> None:
+        assert self._sock is not None, "bind first"
+        self._server = await asyncio.start_server(self._handle, sock=self._sock,
+                                                  limit=MAX_REQUEST_BYTES)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.clients >= MAX_CLIENTS:
+            writer.transport.abort()
+            return
+        self.clients += 1
+        try:
+            async with asyncio.timeout(CLIENT_TIMEOUT):
+                status, body, ctype = await self._answer(reader)
+                head = (f"HTTP/1.0 {status}\r\nContent-Type: {ctype}\r\n"
+                        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n")
+                writer.write(head.encode() + body)
+                await writer.drain()
+        except (OSError, TimeoutError, ValueError, asyncio.IncompleteReadError,
+                asyncio.LimitOverrunError):
+            pass  # a client that does not speak HTTP in time gets nothing more
+        except Exception:
+            log.exception("event=metrics_failed")
+        finally:
+            self.clients -= 1
+            writer.close()
+
+    async def _answer(self, reader: asyncio.StreamReader) -> tuple[str, bytes, str]:
+        request = await self._head(reader)
+        parts = request.split(b" ")
+        if len(parts) != 3 or not parts[2].startswith(b"HTTP/"):
+            return "400 Bad Request", b"bad request\n", "text/plain"
+        method, target = parts[0], parts[1].split(b"?", 1)[0]
+        if method not in (b"GET", b"HEAD"):
+            return "405 Method Not Allowed", b"GET /metrics\n", "text/plain"
+        if target != b"/metrics":
+            return "404 Not Found", b"see /metrics\n", "text/plain"
+        body = self.render()
+        return "200 OK", b"" if method == b"HEAD" else body, CONTENT_TYPE_LATEST
+
+    @staticmethod
+    async def _head(reader: asyncio.StreamReader) -> bytes:
+        """The request line, after reading the headers up to the blank line (bounded by the
+        reader's limit per line and MAX_REQUEST_BYTES in all)."""
+        first = (await reader.readline()).rstrip(b"\r\n")
+        total = len(first)
+        while True:
+            line = await reader.readline()
+            total += len(line)
+            if total > MAX_REQUEST_BYTES:
+                raise ValueError("request too large")
+            if line in (b"\r\n", b"\n", b""):
+                return first
 
     def switch_result(self, target: str, result: str, seconds: float | None) -> None:
         self.switches.labels(target, result).inc()
@@ -156,8 +229,13 @@ class MetricsServer(Observer):
     def drift_repaired(self) -> None:
         self.repairs.inc()
 
-    def stop(self) -> None:
+    async def stop(self) -> None:
         if self in self.core.observers:
             self.core.observers.remove(self)
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+        elif self._sock is not None:
+            self._sock.close()
+        self._sock = None
