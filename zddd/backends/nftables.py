@@ -3,6 +3,7 @@
 Layout (what `nft list table inet zddd` shows):
 
     table inet zddd {
+        counter layout_v1 { }             # the layout version this zddd writes
         counter flows_main { }            # new connections steered, per target
         counter flows_backup { }
         map steer { type inet_service : verdict; elements = { 8888 : goto steer_main } }
@@ -19,6 +20,10 @@ and costs one small batch. `off` leaves the map empty: the rule no longer matche
 listens on the listen port, so new connections are refused. The NAT chains stay registered in
 `off`, because conntrack keeps translating connections that were redirected before, and that
 needs the NAT hooks. Nothing outside the table is ever read or written.
+
+The `layout_vN` object marks which layout a table has (nft 1.0.6 keeps no table comment in
+JSON). An older layout is rewritten in one transaction (no flip); a newer one, written by a
+newer zddd, is never mistaken for damage: zddd refuses to touch it.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ FAMILY = "inet"
 TABLE = "zddd"
 MAP = "steer"
 NAT_PRIORITY = -100  # dstnat
+LAYOUT_VERSION = 1
+_LAYOUT_PREFIX = "layout_v"
 _REF = {"family": FAMILY, "table": TABLE}
 
 
@@ -70,6 +77,8 @@ def _layout(desired: Desired) -> dict[tuple[str, str], dict]:
     (kind, name); chains carry their rules' expressions under "rules"."""
     base = {"family": FAMILY, "table": TABLE}
     objects: dict[tuple[str, str], dict] = {}
+    marker = f"{_LAYOUT_PREFIX}{LAYOUT_VERSION}"
+    objects[("counter", marker)] = {**base, "name": marker}
     for target, port in desired.ports:
         objects[("counter", _counter_for(target))] = {**base, "name": _counter_for(target)}
         objects[("chain", _chain_for(target))] = {
@@ -144,6 +153,13 @@ class NftablesBackend(Backend):
         if listing is None:
             return None
         found, rules, elements = self._parse(listing)
+        for kind, name in found:
+            version = name[len(_LAYOUT_PREFIX):]
+            if kind == "counter" and name.startswith(_LAYOUT_PREFIX) and version.isdigit() \
+                    and int(version) > LAYOUT_VERSION:
+                raise ApplyError(f"table {FAMILY} {TABLE} has layout v{version}, written by a "
+                                 f"newer zddd; this one writes v{LAYOUT_VERSION} and leaves it "
+                                 "alone")
         expected = _layout(desired)
         problems = []
         for key in sorted(set(found) ^ set(expected)):
@@ -232,12 +248,15 @@ class NftablesBackend(Backend):
 
     def leftover(self, desired: Desired) -> str | None:
         try:
-            state = self.read(desired)
-        except (ApplyError, ImportError):
+            if self._list() is None:
+                return None
+        except (ApplyError, ImportError):  # no libnftables binding: nothing it could have left
             return None
-        if state is None:
-            return None
-        return f"table {FAMILY} {TABLE} steering {state.active or 'nothing'}"
+        try:
+            steering = self.read(desired).active or "nothing"
+        except ApplyError as e:
+            steering = f"unknown ({e})"
+        return f"table {FAMILY} {TABLE} steering {steering}"
 
     def remove(self, desired: Desired) -> None:
         if self._list() is not None:
@@ -248,7 +267,7 @@ class NftablesBackend(Backend):
         counts = {}
         for item in listing:
             obj = item.get("counter")
-            if obj and obj["name"].startswith("flows_"):
+            if obj and obj["name"].startswith("flows_"):  # not layout_vN
                 counts[obj["name"][len("flows_"):]] = int(obj.get("packets", 0))
         return counts
 
