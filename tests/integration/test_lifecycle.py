@@ -3,7 +3,6 @@ reloaded (or it fails, naming them, with nothing changed); `--remove-data-plane`
 tables of other layout versions; repairs that do not hold back off."""
 
 import json
-import socket
 import subprocess
 import time
 
