@@ -286,6 +286,27 @@ def test_watchdog_restarts_a_stalled_zddd(machine):
     assert through_8888(m) == "main v1"
 
 
+def test_the_bus_daemon_going_away_restarts_zddd_with_one_clear_line(machine):
+    """zddd cannot be controlled without the bus: it exits non-zero saying so, the unit brings
+    it back once the bus is back, and traffic never notices."""
+    m = machine
+    before = unit(m, "MainPID", "NRestarts")
+    mark = cursor(m)
+    m.sh("systemctl kill -s KILL dbus.service && sleep 0.5 && systemctl start dbus.service",
+         check=True, timeout=30)
+    assert through_8888(m) == "main v1"
+    m.wait(f"test \"$(systemctl show zddd -p MainPID --value)\" != {before['MainPID']} && "
+           "test \"$(systemctl is-active zddd)\" = active && "
+           f"busctl get-property {DBUS_DEST} ActiveTarget", 60, "zddd back on the bus",
+           interval=1)
+    assert m.sh(f"busctl get-property {DBUS_DEST} ActiveTarget").out == 's "main"'
+    log = journal_since(m, mark)
+    assert "event=bus_lost" in log, log
+    assert "Traceback" not in log, log
+    assert re.search(r"event=start how=adopted target=main", log), log
+    assert through_8888(m) == "main v1"
+
+
 def test_bpf_drop_in_applies_and_keeps_nftables_working(machine):
     """The inactive drop-in, installed as the operator would: the unit gets the BPF
     privileges, bpffs is mounted on the host, and zddd (still on nftables) restarts and adopts.
