@@ -181,6 +181,11 @@ class Steering:
         else:
             active = self.config.initial
             how = "initial"
+        resume = saved is not None and saved.target == OFF and saved.draining == active
+        if not resume:
+            # Saved before the kernel changes, as for every switch: a crash in between must
+            # not leave a restart to undo what the kernel was just given.
+            self._save(SavedState(active))
         if kernel is None or not kernel.intact:
             if kernel is not None:
                 log.warning("event=layout_rebuilt problems=%s", quote("; ".join(kernel.problems)))
@@ -189,7 +194,6 @@ class Steering:
             except ApplyError as e:
                 raise BackendFailure(f"the kernel refused zddd's data plane: {e}") from None
         self.active = active
-        resume = saved is not None and saved.target == OFF and saved.draining == active
         if resume:
             remaining = max(0.0, saved.drain_deadline - self.wall())
             self._begin_drain(active, remaining, save=False)
@@ -199,8 +203,6 @@ class Steering:
                 # moment: treat it as polled, so the drain waits (up to AGENT_POLL_WINDOW) until
                 # it has been told "drain" before the steering goes.
                 self._last_agent_poll = self.clock()
-        else:
-            self._save(SavedState(active))
         self._publish()
         log.info("event=start how=%s target=%s backend=%s%s", how, active, self.backend.name,
                  f" resumed_drain={active}" if resume else "")
