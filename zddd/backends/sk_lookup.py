@@ -415,6 +415,9 @@ class SkLookupBackend(Backend):
                 done = True
             if plan.flip is not None:
                 self._flip(plan.flip)
+            if plan.layout and self._desired is not None:
+                # What health reads (listener_problem) reflects the sockets just put in.
+                self.read(self._desired)
         except ApplyError as e:
             raise ApplyError(str(e), changed=done or e.changed) from None
         except OSError as e:
@@ -428,7 +431,7 @@ class SkLookupBackend(Backend):
         self._active_updater.write(_U32.pack(flip.value))
 
     def _build(self, step: Build) -> None:
-        desired = step.desired
+        desired = self._desired = step.desired
         try:
             from bcc import BPF
         except ImportError:
@@ -507,7 +510,7 @@ class SkLookupBackend(Backend):
                 fd = _take(sock, owners.get(sock.inode, []))
             except OSError as e:
                 reason = e.strerror or str(e)
-                if e.errno == errno.EPERM:
+                if e.errno == errno.EPERM or (e.errno == errno.ESRCH and owners.denied):
                     reason += " (zddd needs CAP_SYS_PTRACE)"
                 self._untakeable[sock.cookie] = reason
                 log.warning("event=listener_untakeable target=%s port=%d error=%s", target,
@@ -665,10 +668,16 @@ def _unlink(path: str) -> None:
         pass
 
 
-def _owners(inodes: set[int]) -> dict[int, list[tuple[int, int]]]:
+class _Owners(dict):
+    """socket inode -> [(pid, fd)]; `denied` counts the processes /proc would not show."""
+
+    denied = 0
+
+
+def _owners(inodes: set[int]) -> _Owners:
     """socket inode -> [(pid, fd)] of the processes holding it, from /proc/*/fd."""
     wanted = {f"socket:[{inode}]": inode for inode in inodes}
-    owners: dict[int, list[tuple[int, int]]] = {}
+    owners = _Owners()
     if not wanted:
         return owners
     for pid in os.listdir("/proc"):
@@ -677,11 +686,17 @@ def _owners(inodes: set[int]) -> dict[int, list[tuple[int, int]]]:
         fd_dir = f"/proc/{pid}/fd"
         try:
             entries = os.listdir(fd_dir)
-        except OSError:  # gone, or not ours to read
+        except PermissionError:  # another user's process, without CAP_SYS_PTRACE
+            owners.denied += 1
+            continue
+        except OSError:  # gone
             continue
         for fd in entries:
             try:
                 inode = wanted.get(os.readlink(f"{fd_dir}/{fd}"))
+            except PermissionError:
+                owners.denied += 1
+                break
             except OSError:
                 continue
             if inode is not None:
