@@ -32,6 +32,40 @@ from zddd.backends import Desired, backend_class  # noqa: E402
 from zddd.connections import ConnectionCounter  # noqa: E402
 
 
+class DriverClient:
+    """The other end: starts this script with `popen` (e.g. a NetNS's, so it runs in that
+    namespace) and sends it commands; `client(op, **args)` returns the answer or raises
+    RuntimeError with the backend's error."""
+
+    def __init__(self, popen, backend: str, desired: dict, prefix: tuple[str, ...] = (),
+                 python: str = str(Path(__file__).resolve().parent.parent / ".venv/bin/python")):
+        import subprocess
+
+        self.proc = popen(*prefix, python, str(Path(__file__).resolve()), backend,
+                          json.dumps(desired), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                          text=True)
+        line = self.proc.stdout.readline()
+        if not line or not json.loads(line).get("ready"):
+            self.close()
+            raise RuntimeError("the backend driver did not start")
+
+    def __call__(self, op: str, **args):
+        self.proc.stdin.write(json.dumps({"op": op, **args}) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the backend driver died during {op}")
+        answer = json.loads(line)
+        if "error" in answer:
+            raise RuntimeError(f"{op}: {answer['error']}")
+        return answer
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=5)
+
+
 class Driver:
     def __init__(self, backend: str, desired: dict):
         self.backend_name = backend

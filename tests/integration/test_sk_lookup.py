@@ -16,43 +16,20 @@ from contextlib import suppress
 from pathlib import Path
 
 import pytest
-from lab import (APP_V4, APP_V6, CLIENT_V4, CLIENT_V6, REPO, HeldConnection, KeepAlive, NetNS,
-                 Vhost, connect_error, http_get, link, wait_for)
+from backend_driver import DriverClient
+from lab import (APP_V4, APP_V6, CLIENT_V4, CLIENT_V6, HeldConnection, KeepAlive, NetNS, Vhost,
+                 connect_error, http_get, link, wait_for)
 
 from zddd import bpfsys
 
 pytestmark = pytest.mark.usefixtures("need_root")
 
 LISTEN = 8888
-DRIVER = REPO / "tests" / "backend_driver.py"
-VENV_PYTHON = REPO / ".venv" / "bin" / "python"
 
 
-class Driver:
-    """tests/backend_driver.py running a backend in a namespace."""
-
-    def __init__(self, ns: NetNS, desired: dict, backend: str = "sk_lookup",
-                 prefix: tuple[str, ...] = ()):
-        self.proc = ns.popen(*prefix, str(VENV_PYTHON), str(DRIVER), backend,
-                             json.dumps(desired), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                             text=True)
-        line = self.proc.stdout.readline()
-        assert line and json.loads(line).get("ready"), "the backend driver did not start"
-
-    def __call__(self, op: str, **args):
-        self.proc.stdin.write(json.dumps({"op": op, **args}) + "\n")
-        self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
-        assert line, f"the backend driver died during {op}"
-        answer = json.loads(line)
-        if "error" in answer:
-            raise RuntimeError(f"{op}: {answer['error']}")
-        return answer
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=5)
+def Driver(ns: NetNS, desired: dict, prefix: tuple[str, ...] = ()) -> DriverClient:
+    """tests/backend_driver.py running the sk_lookup backend in `ns`."""
+    return DriverClient(ns.popen, "sk_lookup", desired, prefix=prefix)
 
 
 class SkLab:
