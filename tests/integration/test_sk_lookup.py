@@ -6,7 +6,6 @@ and per-target connection counts. Each test has its own namespaces and its own b
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import struct
