@@ -105,7 +105,8 @@ class SocketInfo(NamedTuple):
     inode: int
 
 
-def _flow(family: int, local: bytes, lport: int, remote: bytes, rport: int) -> Flow:
+def as_flow(family: int, local: bytes, lport: int, remote: bytes, rport: int) -> Flow:
+    """A Flow from sock_diag's 16-byte address fields (IPv4-mapped IPv6 given as IPv4)."""
     if family == socket.AF_INET:
         return Flow(family, local[:4], lport, remote[:4], rport)
     if local.startswith(_V4_MAPPED) and remote.startswith(_V4_MAPPED):
@@ -161,7 +162,7 @@ class ConnectionCounter:
                         counts[name] += 1
                     elif sport == listen_port:
                         src, dst = struct.unpack_from("16s16s", data, offset + 8)
-                        steered.append(_flow(family, src, sport, dst, dport))
+                        steered.append(as_flow(family, src, sport, dst, dport))
         if steered:
             for name in self.attribute(steered):
                 if name in counts:

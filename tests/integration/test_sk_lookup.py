@@ -260,6 +260,7 @@ def _repair(skl, expect_problem: str) -> None:
 def test_drift_is_repaired(skl):
     skl.driver("switch", target="main")
     assert len(_netns_links(skl.app)) == 1
+    held = HeldConnection(skl.client, APP_V4, LISTEN)
 
     os.unlink(skl.pin_dir / "sk_lookup_link")  # the only reference: the link goes
     assert skl.refused(APP_V4)
@@ -303,6 +304,10 @@ def test_drift_is_repaired(skl):
         os.close(fd)
     _repair(skl, "layout version 99")
     assert len(_netns_links(skl.app)) == 1, "the old link must go with its pins"
+    # The rebuilt layout still knows where the connection made before it went.
+    assert skl.driver("count")["counts"] == {"main": 1, "backup": 0}
+    assert skl.driver("flows")["steered"]["main"] >= 1
+    held.close()
 
 
 def test_remove_leaves_nothing(skl):

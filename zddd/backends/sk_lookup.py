@@ -44,7 +44,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import bpfsys
-from ..connections import TCP_LISTEN, Flow, SocketInfo, dump_sockets
+from ..connections import (TCP_ESTABLISHED, TCP_LISTEN, Flow, SocketInfo, as_flow,
+                           dump_sockets)
 from . import ApplyError, Backend, BackendUnavailable, Desired, KernelState, Plan
 
 log = logging.getLogger("zddd")
@@ -452,6 +453,7 @@ class SkLookupBackend(Backend):
             bpfsys.map_update(fds["active"], _U32.pack(0), _U32.pack(step.active))
             for index, (target, port) in enumerate(desired.ports):
                 self._fill_sockets(fds["sockets"], index, target, port)
+            _carry_over(desired, fds)
             # Everything is pinned under temporary names and linked before it replaces the old
             # pins: until the rename the old program (if any) keeps steering; for a moment
             # both run and the first one's choice stands.
@@ -621,6 +623,34 @@ class SkLookupBackend(Backend):
                 return out
         except OSError:
             return [None] * len(flows)
+
+
+def _carry_over(desired: Desired, fds: dict[str, int]) -> None:
+    """From a layout about to be replaced: the targets of the connections established on the
+    listen port now (so a drain still counts them) and the steered counters (so the metric
+    does not reset). Best effort: an old layout of another shape has nothing usable."""
+    try:
+        with _Pinned(desired.pin_dir, "flows") as old:
+            live = dump_sockets([desired.listen_port], 1 << TCP_ESTABLISHED)
+            for sock in live:
+                if sock.local_port != desired.listen_port:
+                    continue
+                key = _flow_key(as_flow(sock.family, sock.local_addr.ljust(16, b"\0"),
+                                      sock.local_port, sock.remote_addr.ljust(16, b"\0"),
+                                      sock.remote_port))
+                value = bpfsys.map_lookup(old, key, 4)
+                if value is not None:
+                    bpfsys.map_update(fds["flows"], key, value)
+        size = 8 * _possible_cpus()
+        with _Pinned(desired.pin_dir, "steered") as old:
+            for index in range(len(desired.ports)):
+                raw = bpfsys.map_lookup(old, _U32.pack(index), size)
+                if raw:
+                    total = sum(v for (v,) in struct.iter_unpack("=Q", raw))
+                    bpfsys.map_update(fds["steered"], _U32.pack(index),
+                                      _COOKIE.pack(total).ljust(size, b"\0"))
+    except OSError:
+        pass
 
 
 def _flow_key(flow: Flow) -> bytes:
