@@ -162,6 +162,40 @@ def test_separate_ipv4_and_ipv6_only_listeners(skl):
     assert skl.driver("read")["state"]["intact"]
 
 
+NGINX = """worker_processes 9;
+pid {root}/nginx.pid;
+daemon off;
+error_log {root}/error.log warn;
+events {{ worker_connections 64; }}
+http {{
+  access_log off;
+  client_body_temp_path {root}/body;
+  proxy_temp_path {root}/proxy;
+  fastcgi_temp_path {root}/fastcgi;
+  uwsgi_temp_path {root}/uwsgi;
+  scgi_temp_path {root}/scgi;
+  server {{ listen 8080 reuseport; listen [::]:8080 reuseport;
+    location / {{ return 200 "nginx $server_port\\n"; }} }}
+}}
+"""
+
+
+def test_nginx_with_reuseport_workers(skl, tmp_path):
+    """nginx's usual listeners: IPv4 and IPv6-only sockets, one per worker with reuseport (18
+    sockets, more than the map keeps per target). Both families are steered, and nginx's own
+    $server_port says 8888."""
+    skl.main.stop()
+    (tmp_path / "nginx.conf").write_text(NGINX.format(root=tmp_path))
+    skl.app.popen("nginx", "-p", str(tmp_path), "-e", str(tmp_path / "error.log"), "-c",
+                  str(tmp_path / "nginx.conf"))
+    wait_for(lambda: connect_error(skl.app, "127.0.0.1", 8080)[0] == "ok", 10, "nginx")
+    skl.driver("switch", target="main")
+    for _ in range(5):
+        assert skl.get(APP_V4) == "nginx 8888"
+        assert skl.get(APP_V6) == "nginx 8888"
+    assert skl.driver("read")["state"]["intact"]
+
+
 def test_established_connections_survive_switches(skl):
     skl.driver("switch", target="main")
     kept = KeepAlive(skl.client, APP_V4, LISTEN)

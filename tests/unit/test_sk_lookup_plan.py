@@ -53,3 +53,24 @@ def test_leftover_and_read_need_no_compiler_when_nothing_is_pinned():
 
 def test_the_c_source_is_found_in_the_checkout():
     assert source_path().name == "sk_lookup.c" and source_path().exists()
+
+
+def test_many_reuseport_listeners_leave_room_for_every_address():
+    """nginx with reuseport and 8 workers: 8 IPv4 and 8 IPv6 sockets on one port. Both
+    families must get slots (the kernel picks within a reuseport group itself)."""
+    import socket
+
+    from zddd.backends.sk_lookup import SLOTS, _usable
+    from zddd.connections import SocketInfo
+
+    def listener(family, cookie):
+        size = 4 if family == socket.AF_INET else 16
+        return SocketInfo(family, 10, b"\0" * size, 8080, b"\0" * size, 0, cookie, cookie)
+
+    many = [listener(socket.AF_INET6, c) for c in range(100, 108)]
+    many += [listener(socket.AF_INET, c) for c in range(200, 208)]
+    chosen = _usable(many)
+    assert len(chosen) == SLOTS
+    assert chosen[0].family == socket.AF_INET and chosen[1].family == socket.AF_INET6
+    assert {s.family for s in chosen[:2]} == {socket.AF_INET, socket.AF_INET6}
+    assert _usable(many) == chosen  # stable

@@ -169,10 +169,21 @@ def _meta(desired: Desired) -> tuple[int, ...]:
 
 
 def _usable(listeners: list[SocketInfo]) -> list[SocketInfo]:
-    """The listeners to put in the map, in slot order: IPv4 sockets first (an IPv4 connection
-    takes the first one of its address that fits), then by cookie so the order is stable."""
-    ordered = sorted(listeners, key=lambda s: (s.family != socket.AF_INET, s.cookie))
-    return ordered[:SLOTS]
+    """The listeners to put in the map, in slot order, at most SLOTS: one of each bound
+    address and family first (IPv4 first: an IPv4 connection takes the first of its address
+    that fits), then more of each in turn; by cookie within one, so the order is stable. One
+    per address is enough for the kernel (it picks within a SO_REUSEPORT group after the
+    assignment); the others keep the map working while a repair replaces one that closed."""
+    groups: dict[tuple[int, bytes], list[SocketInfo]] = {}
+    for sock in sorted(listeners, key=lambda s: (s.family != socket.AF_INET, s.local_addr,
+                                                  s.cookie)):
+        groups.setdefault((sock.family, sock.local_addr), []).append(sock)
+    chosen: list[SocketInfo] = []
+    rank = 0
+    while len(chosen) < SLOTS and any(rank < len(g) for g in groups.values()):
+        chosen += [g[rank] for g in groups.values() if rank < len(g)]
+        rank += 1
+    return chosen[:SLOTS]
 
 
 class SkLookupBackend(Backend):
