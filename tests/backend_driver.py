@@ -21,6 +21,7 @@ Tests (tests/integration/test_sk_lookup.py) and bench/mixed_traffic.py use it.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import threading
 import time
@@ -172,6 +173,11 @@ class Driver:
 
 
 def main() -> None:
+    # Answers go to the original stdout; anything a library prints there (bcc and LLVM write
+    # diagnostics to fd 1) goes to stderr instead, so it cannot break the protocol.
+    answers = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    sys.stdout = answers
     driver = Driver(sys.argv[1], json.loads(sys.argv[2]))
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:

@@ -411,3 +411,22 @@ def test_probe_names_the_missing_capability(skl):
     problem = weak("listener", target="main")["problem"]
     assert problem and "CAP_SYS_PTRACE" in problem
     assert weak("read")["state"]["intact"], "an untakeable listener must not cause repairs"
+
+
+def test_without_headers_probe_says_so_and_leftover_and_remove_still_work(skl):
+    """Where bcc cannot compile (no kernel headers: hidden here by a tmpfs in a private mount
+    namespace), probe names what is missing in one line, and a data plane left by an earlier
+    run is still described and removed."""
+    skl.driver("switch", target="backup")
+    hide = ("unshare", "--mount", "sh", "-c",
+            'mount -t tmpfs none "/lib/modules/$(uname -r)" && exec "$@"', "sh")
+    blind = skl.new_driver(prefix=hide)
+    with pytest.raises(RuntimeError) as probe:
+        blind("probe")
+    message = str(probe.value)
+    assert "no kernel headers" in message and 'backend = "nftables"' in message
+    assert "\n" not in message
+    assert "steering backup" in blind("leftover")["leftover"]
+    blind("remove")
+    assert skl.pins() == set() and _netns_links(skl.app) == []
+    assert skl.refused(APP_V4)

@@ -213,15 +213,18 @@ class SkLookupBackend(Backend):
         if not source.exists():
             raise BackendUnavailable(f"the sk_lookup backend's C source is missing ({source}); "
                                      f"{hint}")
-        build = f"/lib/modules/{os.uname().release}/build"
-        if not os.path.isdir(os.path.join(build, "include")):
-            raise BackendUnavailable(
-                f"bcc cannot compile the sk_lookup program: no kernel headers in {build} "
-                f"(install linux-headers-{os.uname().release}); {hint}")
         try:
             bpf = _compile(BPF, source, Desired(8888, (("backup", 80), ("main", 8080)), None,
                                                 flow_entries=64))
         except Exception as e:
+            release = os.uname().release
+            build = f"/lib/modules/{release}/build"
+            if not os.path.isdir(os.path.join(build, "include")):
+                # The usual cause (bcc also finds headers in /sys/kernel/kheaders.tar.xz, so
+                # their absence is not checked before trying).
+                raise BackendUnavailable(
+                    f"bcc cannot compile the sk_lookup program: no kernel headers in {build} "
+                    f"(install linux-headers-{release}); {hint}") from None
             raise BackendUnavailable(f"the sk_lookup program does not compile or load here "
                                      f"({_one_line(e)}); {hint}") from None
         bpf.cleanup()
