@@ -39,7 +39,6 @@ import logging
 import os
 import socket
 import struct
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -190,7 +189,6 @@ class SkLookupBackend(Backend):
     name = "sk_lookup"
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
         self._active_updater: bpfsys.Updater | None = None
         self._active_fd: int | None = None
         self._desired: Desired | None = None
