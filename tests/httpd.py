@@ -3,8 +3,10 @@
     python3 tests/httpd.py PORT NAME [PATH=STATUS ...]
 
 Listens on [::] (IPv4 too). GET /slow?s=N answers after N seconds (a connection held open on
-purpose); any other path answers NAME at once, with status 200 unless a PATH=STATUS argument
-gives another for that path (e.g. /health=404). Prints "ready" on stdout once listening.
+purpose); GET /sockname answers NAME and the connection's local port as the server sees it
+(e.g. "main 8888" for a connection steered without rewriting); any other path answers NAME at
+once, with status 200 unless a PATH=STATUS argument gives another for that path (e.g.
+/health=404). Prints "ready" on stdout once listening.
 """
 
 import socket
@@ -22,6 +24,8 @@ class Handler(BaseHTTPRequestHandler):
         if url.path == "/slow":
             time.sleep(float(parse_qs(url.query).get("s", ["1"])[0]))
         body = f"{self.server.name}\n".encode()
+        if url.path == "/sockname":
+            body = f"{self.server.name} {self.connection.getsockname()[1]}\n".encode()
         self.send_response(self.server.statuses.get(url.path, 200))
         self.send_header("Content-Type", "text/plain")
         self.send_header("Content-Length", str(len(body)))

@@ -17,7 +17,7 @@ DEFAULT_PATH = "/etc/zddd/zddd.toml"
 TARGET_NAMES = ("main", "backup")
 OFF = "off"
 ALL_TARGETS = TARGET_NAMES + (OFF,)
-BACKENDS = ("nftables", "tc", "xdp")
+BACKENDS = ("nftables", "tc", "xdp", "sk_lookup")
 # Keys whose change a running daemon cannot take over: they name what it owns in the kernel.
 RESTART_KEYS = ("backend", "listen_port", "bpf_pin_dir")
 

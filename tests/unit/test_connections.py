@@ -85,3 +85,39 @@ def test_port_filter_layout():
     assert len(one) == 8
     three = port_filter([80, 8080, 9000])
     assert len(three) == 12 * 3 - 4
+
+
+def test_sockets_on_the_listen_port_are_attributed_by_the_backend(listeners):
+    """Steered connections all have the listen port as local port: the counter hands them to
+    `attribute` (one call per count, IPv4 given unmapped) and counts what it names."""
+    main, backup, listen = listeners
+    held = connect(listen, 2) + connect(main, 1)
+    if listen.family == socket.AF_INET6:
+        held += connect(listen, 1, "::1")
+    clients = {s.getsockname()[1]: s.getsockname()[0] for s in held[0::2]}
+    seen = []
+
+    def attribute(flows):
+        seen.append(list(flows))
+        return ["backup" if flow.remote_port % 2 else "main" for flow in flows]
+
+    counter = ConnectionCounter(listen_port=listen.getsockname()[1], attribute=attribute)
+    ports = {"main": main.getsockname()[1], "backup": backup.getsockname()[1]}
+    counts = counter.count(ports)
+    assert len(seen) == 1
+    flows = seen[0]
+    on_listen = [s for s in held[0::2] if s.getpeername()[1] == listen.getsockname()[1]]
+    assert sorted(f.remote_port for f in flows) == sorted(s.getsockname()[1] for s in on_listen)
+    for flow in flows:
+        assert flow.local_port == listen.getsockname()[1]
+        if clients[flow.remote_port] in ("127.0.0.1", "::ffff:127.0.0.1"):
+            assert flow.family == socket.AF_INET and flow.remote_addr == bytes([127, 0, 0, 1])
+        else:
+            assert flow.family == socket.AF_INET6 and flow.remote_addr == socket.inet_pton(
+                socket.AF_INET6, "::1")
+    odd = sum(f.remote_port % 2 for f in flows)
+    assert counts == {"main": 1 + len(flows) - odd, "backup": odd}
+    # Without an attribute callback the listen port is not even dumped.
+    assert ConnectionCounter().count(ports) == {"main": 1, "backup": 0}
+    for s in held:
+        s.close()

@@ -140,6 +140,10 @@ def backend_class(name: str) -> type[Backend]:
         from .nftables import NftablesBackend
 
         return NftablesBackend
+    if name == "sk_lookup":
+        from .sk_lookup import SkLookupBackend
+
+        return SkLookupBackend
     raise BackendUnavailable(
         f"backend {name!r} is not available in this version of zddd; use backend = \"nftables\"")
 

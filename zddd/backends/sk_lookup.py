@@ -1,0 +1,772 @@
+"""The sk_lookup backend: new connections to the listen port are handed to a listening socket of
+the active target by a BPF sk_lookup program. No packet is rewritten: the application accepts
+the connection on its own listener and sees the listen port as its local port.
+
+Kernel objects, all pinned in `bpf_pin_dir` under the names in `PINS` (so the data plane
+outlives zddd, and the tc/xdp backends' pins can share the directory):
+
+    sk_lookup_link     BPF link of the program to zddd's network namespace (BPF_LINK_CREATE)
+    sk_lookup_prog     the program (bpf/sk_lookup.c), so a lost link is recreated without bcc
+    sk_lookup_active   array[1] u32: 0 off, i + 1 target i (targets sorted by name); a switch is
+                       one update of this element
+    sk_lookup_sockets  SOCKMAP: target i's listening sockets at i * SLOTS + slot
+    sk_lookup_flows    LRU hash: connection addresses -> target, for per-target counts
+    sk_lookup_steered  per-CPU array: connections assigned, per target
+    sk_lookup_meta     the layout stamp (magic, version, listen port, targets, slots, flow map
+                       size), checked before adopting; another stamp is replaced, not adopted
+
+The sockets are the targets' own listeners, found by port with sock_diag (every address they
+listen on, both families) and duplicated out of their owner with pidfd_getfd, so zddd needs
+CAP_SYS_PTRACE. zddd keeps no socket open: the map holds them, and when the owner closes one
+the kernel drops it from the map. `read` compares the map (a sockmap lookup returns the socket
+cookie) with the current listeners, so a restarted vhost is noticed and refilled by the next
+repair. Listeners zddd cannot take are reported by `listener_problem` and do not make the
+layout "not intact" (they would otherwise be retried, and logged, four times a second).
+
+Public beyond the Backend interface:
+- `listener_problem(target) -> str | None`, `listener_missing(target) -> bool`: whether new
+  connections for `target` have a socket to go to, as of the last `read` (for health).
+- `attribute_flows(flows) -> list[str | None]`: the target each established connection on the
+  listen port was assigned to, for `ConnectionCounter(attribute=...)`. Limits: a connection is
+  known only while its entry is in the LRU flow map (`bpf_flow_entries`; under churn the
+  oldest are evicted) and only if this program assigned it; others answer None.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .. import bpfsys
+from ..connections import (TCP_ESTABLISHED, TCP_LISTEN, Flow, SocketInfo, as_flow,
+                           dump_sockets)
+from . import ApplyError, Backend, BackendUnavailable, Desired, KernelState, Plan
+
+log = logging.getLogger("zddd")
+
+SOURCE_NAME = "sk_lookup.c"
+PROGRAM = "zddd_sk_lookup"
+LAYOUT_MAGIC = 0x7A646431  # "zdd1"
+LAYOUT_VERSION = 1
+SLOTS = 8  # listening sockets kept per target (one per address and family is enough: the
+# kernel picks among a SO_REUSEPORT group itself after the assignment)
+
+PREFIX = "sk_lookup_"
+MAPS = ("active", "meta", "sockets", "flows", "steered")
+PINS = ("link", "prog") + MAPS
+_MAP_TYPES = {
+    "active": bpfsys.BPF_MAP_TYPE_ARRAY, "meta": bpfsys.BPF_MAP_TYPE_ARRAY,
+    "sockets": bpfsys.BPF_MAP_TYPE_SOCKMAP, "flows": bpfsys.BPF_MAP_TYPE_LRU_HASH,
+    "steered": bpfsys.BPF_MAP_TYPE_PERCPU_ARRAY,
+}
+_META = struct.Struct("=6I")
+_U32 = struct.Struct("=I")
+_COOKIE = struct.Struct("=Q")
+_FLOW_KEY = struct.Struct("=16s16s2sH")  # remote, local, remote port (network order), family
+SO_COOKIE = 57
+CAP_SYS_PTRACE = 19
+
+
+def source_path() -> Path:
+    """The C source: bpf/ next to the package in a checkout, else where the package installs
+    it."""
+    repo = Path(__file__).resolve().parents[2] / "bpf" / SOURCE_NAME
+    return repo if repo.exists() else Path("/usr/share/zddd/bpf") / SOURCE_NAME
+
+
+def _pin(pin_dir: str, name: str) -> str:
+    return os.path.join(pin_dir, PREFIX + name)
+
+
+def _netns_ino() -> int:
+    return os.stat("/proc/self/ns/net").st_ino
+
+
+def _possible_cpus() -> int:
+    count = 0
+    for part in Path("/sys/devices/system/cpu/possible").read_text().strip().split(","):
+        lo, _, hi = part.partition("-")
+        count += int(hi or lo) - int(lo) + 1
+    return count
+
+
+def _has_capability(cap: int) -> bool:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("CapEff:"):
+            return bool(int(line.split()[1], 16) >> cap & 1)
+    return False
+
+
+# ---- the plan's steps -------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Build:
+    """Compile and load the program, create its maps, fill them (sockets of every target,
+    `active`), link it to the namespace, and put all of it in place of the old pins."""
+
+    desired: Desired
+    active: int
+
+
+@dataclass(frozen=True)
+class Relink:
+    """Link the pinned program to the namespace again (the link was removed or detached)."""
+
+    pin_dir: str
+
+
+@dataclass(frozen=True)
+class FillSockets:
+    """Put target `index`'s current listeners on `port` into the socket map."""
+
+    pin_dir: str
+    index: int
+    target: str
+    port: int
+
+
+@dataclass(frozen=True)
+class Flip:
+    """The switch: one update of the active element (0 off, i + 1 target i)."""
+
+    pin_dir: str
+    value: int
+
+
+# ---- what read found --------------------------------------------------------------------------
+
+@dataclass
+class Found:
+    """The backend's record of a read: the problems by kind decide the plan's layout steps."""
+
+    pin_dir: str
+    present: set[str] = field(default_factory=set)
+    layout_problems: list[str] = field(default_factory=list)  # need a Build
+    link_problems: list[str] = field(default_factory=list)  # a Relink will do
+    socket_problems: dict[str, str] = field(default_factory=dict)  # target -> what differs
+    active_value: int | None = None
+
+
+def _value_of(desired: Desired, target: str | None) -> int:
+    if target is None:
+        return 0
+    return [name for name, _ in desired.ports].index(target) + 1
+
+
+def _target_of(desired: Desired, value: int) -> str | None:
+    return desired.ports[value - 1][0] if 0 < value <= len(desired.ports) else None
+
+
+def _meta(desired: Desired) -> tuple[int, ...]:
+    return (LAYOUT_MAGIC, LAYOUT_VERSION, desired.listen_port, len(desired.ports), SLOTS,
+            desired.flow_entries)
+
+
+def _usable(listeners: list[SocketInfo]) -> list[SocketInfo]:
+    """The listeners to put in the map, in slot order, at most SLOTS: one of each bound
+    address and family first (IPv4 first: an IPv4 connection takes the first of its address
+    that fits), then more of each in turn; by cookie within one, so the order is stable. One
+    per address is enough for the kernel (it picks within a SO_REUSEPORT group after the
+    assignment); the others keep the map working while a repair replaces one that closed."""
+    groups: dict[tuple[int, bytes], list[SocketInfo]] = {}
+    for sock in sorted(listeners, key=lambda s: (s.family != socket.AF_INET, s.local_addr,
+                                                  s.cookie)):
+        groups.setdefault((sock.family, sock.local_addr), []).append(sock)
+    chosen: list[SocketInfo] = []
+    rank = 0
+    while len(chosen) < SLOTS and any(rank < len(g) for g in groups.values()):
+        chosen += [g[rank] for g in groups.values() if rank < len(g)]
+        rank += 1
+    return chosen[:SLOTS]
+
+
+class SkLookupBackend(Backend):
+    name = "sk_lookup"
+
+    def __init__(self) -> None:
+        self._active_updater: bpfsys.Updater | None = None
+        self._active_fd: int | None = None
+        self._desired: Desired | None = None
+        # Listener cookie -> why it could not be taken; kept until the listener goes away.
+        self._untakeable: dict[int, str] = {}
+        # target -> None (fine) or what keeps new connections for it from a socket.
+        self._listener_problems: dict[str, str | None] = {}
+
+    # ---- probe ------------------------------------------------------------------------------
+
+    def probe(self) -> None:
+        hint = 'use backend = "nftables"'
+        try:
+            from bcc import BPF
+        except ImportError:
+            raise BackendUnavailable(
+                "the sk_lookup backend needs bcc (apt-get install python3-bpfcc); "
+                f"{hint}") from None
+        source = source_path()
+        if not source.exists():
+            raise BackendUnavailable(f"the sk_lookup backend's C source is missing ({source}); "
+                                     f"{hint}")
+        try:
+            bpf = _compile(BPF, source, Desired(8888, (("backup", 80), ("main", 8080)), None,
+                                                flow_entries=64))
+        except Exception as e:
+            release = os.uname().release
+            build = f"/lib/modules/{release}/build"
+            if not os.path.isdir(os.path.join(build, "include")):
+                # The usual cause (bcc also finds headers in /sys/kernel/kheaders.tar.xz, so
+                # their absence is not checked before trying).
+                raise BackendUnavailable(
+                    f"bcc cannot compile the sk_lookup program: no kernel headers in {build} "
+                    f"(install linux-headers-{release}); {hint}") from None
+            raise BackendUnavailable(f"the sk_lookup program does not compile or load here "
+                                     f"({_one_line(e)}); {hint}") from None
+        bpf.cleanup()
+        if not _has_capability(CAP_SYS_PTRACE):
+            raise BackendUnavailable(
+                "the sk_lookup backend needs CAP_SYS_PTRACE to take the vhosts' listening "
+                f"sockets (pidfd_getfd); grant it or {hint}")
+
+    # ---- read -------------------------------------------------------------------------------
+
+    def read(self, desired: Desired) -> KernelState | None:
+        self._desired = desired
+        pin_dir = desired.pin_dir
+        if not os.path.isdir(pin_dir):
+            self._note_listeners(desired, None)
+            return None
+        fds: dict[str, int] = {}
+        try:
+            for name in PINS:
+                try:
+                    fds[name] = bpfsys.obj_get(_pin(pin_dir, name))
+                except FileNotFoundError:
+                    continue
+            if not fds:
+                self._note_listeners(desired, None)
+                return None
+            found = Found(pin_dir, present=set(fds))
+            self._check_maps(desired, fds, found)
+            self._check_link(fds, found)
+            if not found.layout_problems and "active" in fds:
+                raw = bpfsys.map_lookup(fds["active"], _U32.pack(0), 4)
+                found.active_value = _U32.unpack(raw)[0] if raw else 0
+                if _target_of(desired, found.active_value) is None and found.active_value:
+                    found.layout_problems.append(f"active value {found.active_value} unknown")
+            if not found.layout_problems:
+                self._check_sockets(desired, fds["sockets"], found)
+            else:
+                self._note_listeners(desired, None)
+            self._adopt_active_fd(fds)
+        except OSError as e:
+            raise ApplyError(f"cannot read the sk_lookup data plane: {e}") from None
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+        problems = (found.layout_problems + found.link_problems
+                    + [f"socket map for {t}: {p}" for t, p in found.socket_problems.items()])
+        active = (_target_of(desired, found.active_value)
+                  if found.active_value is not None else None)
+        return KernelState(active=active, intact=not problems, found=found,
+                           problems=tuple(problems))
+
+    def _check_maps(self, desired: Desired, fds: dict[str, int], found: Found) -> None:
+        missing = [name for name in PINS if name not in fds]
+        if [m for m in missing if m != "link"]:
+            found.layout_problems.append(f"not pinned: {', '.join(missing)}")
+            return
+        for name in MAPS:
+            info = bpfsys.MapInfo(fds[name])
+            if info.type != _MAP_TYPES[name]:
+                found.layout_problems.append(f"{PREFIX}{name} is not zddd's map")
+                return
+        raw = bpfsys.map_lookup(fds["meta"], _U32.pack(0), _META.size)
+        stamp = _META.unpack(raw) if raw else None
+        if stamp != _meta(desired):
+            if stamp is None or stamp[0] != LAYOUT_MAGIC:
+                found.layout_problems.append("layout stamp missing")
+            elif stamp[1] != LAYOUT_VERSION:
+                found.layout_problems.append(
+                    f"layout version {stamp[1]} (this zddd builds {LAYOUT_VERSION})")
+            else:
+                found.layout_problems.append(
+                    "layout for listen port {2}, {3} targets, {4} slots, {5} flow entries"
+                    .format(*stamp))
+            return
+        prog = bpfsys.ProgInfo(fds["prog"])
+        map_ids = {bpfsys.MapInfo(fds[name]).id for name in ("active", "sockets", "flows",
+                                                              "steered")}
+        if prog.type != bpfsys.BPF_PROG_TYPE_SK_LOOKUP or not map_ids <= set(prog.map_ids):
+            found.layout_problems.append("the pinned program does not use the pinned maps")
+
+    def _check_link(self, fds: dict[str, int], found: Found) -> None:
+        if found.layout_problems:
+            return
+        if "link" not in fds:
+            found.link_problems.append("link not pinned")
+            return
+        link = bpfsys.LinkInfo(fds["link"])
+        prog = bpfsys.ProgInfo(fds["prog"])
+        if link.type != bpfsys.BPF_LINK_TYPE_NETNS or link.prog_id != prog.id:
+            found.link_problems.append("the pinned link is not of the pinned program")
+        elif link.netns_ino == 0:
+            found.link_problems.append("link detached")
+        elif link.netns_ino != _netns_ino() or link.attach_type != bpfsys.BPF_SK_LOOKUP:
+            found.link_problems.append("link attached to another network namespace")
+
+    def _check_sockets(self, desired: Desired, sockets_fd: int, found: Found) -> None:
+        by_port = self._listeners(desired)
+        for index, (target, port) in enumerate(desired.ports):
+            in_map = set()
+            for slot in range(SLOTS):
+                raw = bpfsys.map_lookup(sockets_fd, _U32.pack(index * SLOTS + slot), 8)
+                if raw:
+                    in_map.add(_COOKIE.unpack(raw)[0])
+            wanted = {s.cookie for s in _usable(by_port.get(port, []))}
+            takeable = wanted - set(self._untakeable)
+            if in_map != takeable:
+                found.socket_problems[target] = (
+                    f"holds {len(in_map)} socket(s), {len(takeable)} current listener(s) on "
+                    f"port {port}" + (f" ({len(in_map - wanted)} stale)" if in_map - wanted
+                                      else ""))
+        self._note_listeners(desired, by_port, found)
+
+    def _listeners(self, desired: Desired) -> dict[int, list[SocketInfo]]:
+        ports = [port for _, port in desired.ports]
+        by_port: dict[int, list[SocketInfo]] = {port: [] for port in ports}
+        for sock in dump_sockets(ports, 1 << TCP_LISTEN):
+            by_port.setdefault(sock.local_port, []).append(sock)
+        current = {s.cookie for socks in by_port.values() for s in socks}
+        for cookie in list(self._untakeable):
+            if cookie not in current:
+                del self._untakeable[cookie]
+        return by_port
+
+    def _note_listeners(self, desired: Desired, by_port: dict[int, list[SocketInfo]] | None,
+                        found: Found | None = None) -> None:
+        """Record, per target, whether new connections for it have a socket (health reads
+        this between reads, from any thread: the dict is replaced whole)."""
+        problems: dict[str, str | None] = {}
+        for target, port in desired.ports:
+            if by_port is None:
+                problems[target] = "the sk_lookup data plane is not in place"
+                continue
+            listeners = by_port.get(port, [])
+            if not listeners:
+                problems[target] = f"nothing listens on port {port}"
+                continue
+            untaken = [self._untakeable[s.cookie] for s in listeners
+                       if s.cookie in self._untakeable]
+            if len(untaken) == len(listeners):
+                problems[target] = (f"the listening socket(s) on port {port} could not be "
+                                    f"taken: {untaken[0]}")
+            elif found is not None and target in found.socket_problems:
+                problems[target] = (f"the socket map does not hold port {port}'s listeners "
+                                    "yet (repair pending)")
+            else:
+                problems[target] = None
+        self._listener_problems = problems
+
+    def _adopt_active_fd(self, fds: dict[str, int]) -> None:
+        """Keep a handle on the active map from this read, so the flip is one syscall."""
+        if "active" not in fds:
+            return
+        info = bpfsys.MapInfo(fds["active"])
+        if self._active_fd is not None:
+            if bpfsys.MapInfo(self._active_fd).id == info.id:
+                return
+            os.close(self._active_fd)
+        self._active_fd = os.dup(fds["active"])
+        self._active_updater = bpfsys.Updater(self._active_fd, _U32.pack(0), 4)
+
+    # ---- the health hook ------------------------------------------------------------------
+
+    def listener_problem(self, target: str) -> str | None:
+        """None when new connections for `target` have a listening socket to go to (as of the
+        last read); else why not: nothing listens on its port, its listeners could not be taken
+        (and why, e.g. no CAP_SYS_PTRACE), the map is behind (a repair is coming), or the data
+        plane is not in place."""
+        return self._listener_problems.get(target, "not read yet")
+
+    def listener_missing(self, target: str) -> bool:
+        return self.listener_problem(target) is not None
+
+    # ---- plan and apply -------------------------------------------------------------------
+
+    def plan(self, current: KernelState | None, desired: Desired) -> Plan:
+        found: Found | None = current.found if current is not None else None
+        value = _value_of(desired, desired.active)
+        flip = None
+        if current is None or not current.intact or current.active != desired.active:
+            flip = Flip(desired.pin_dir, value)
+        if found is None or found.layout_problems:
+            start = found.active_value if found and found.active_value is not None else value
+            return Plan((Build(desired, start),), flip)
+        layout: list = []
+        if found.link_problems:
+            layout.append(Relink(desired.pin_dir))
+        for index, (target, port) in enumerate(desired.ports):
+            if target in found.socket_problems:
+                layout.append(FillSockets(desired.pin_dir, index, target, port))
+        return Plan(tuple(layout), flip)
+
+    def apply(self, plan: Plan) -> None:
+        done = False
+        try:
+            for step in plan.layout:
+                if isinstance(step, Build):
+                    self._build(step)
+                elif isinstance(step, Relink):
+                    self._relink(step.pin_dir)
+                elif isinstance(step, FillSockets):
+                    with _Pinned(step.pin_dir, "sockets") as fd:
+                        self._fill_sockets(fd, step.index, step.target, step.port)
+                done = True
+            if plan.flip is not None:
+                self._flip(plan.flip)
+            if plan.layout and self._desired is not None:
+                # What health reads (listener_problem) reflects the sockets just put in.
+                self.read(self._desired)
+        except ApplyError as e:
+            raise ApplyError(str(e), changed=done or e.changed) from None
+        except OSError as e:
+            raise ApplyError(f"sk_lookup: {e}", changed=done or bool(plan.layout)) from None
+
+    def _flip(self, flip: Flip) -> None:
+        if self._active_updater is None:
+            fd = bpfsys.obj_get(_pin(flip.pin_dir, "active"))
+            self._active_fd = fd
+            self._active_updater = bpfsys.Updater(fd, _U32.pack(0), 4)
+        self._active_updater.write(_U32.pack(flip.value))
+
+    def _build(self, step: Build) -> None:
+        desired = self._desired = step.desired
+        try:
+            from bcc import BPF
+        except ImportError:
+            raise ApplyError("bcc is not installed (python3-bpfcc)") from None
+        bpfsys.ensure_pin_dir(desired.pin_dir)
+        try:
+            bpf = _compile(BPF, source_path(), desired)
+        except Exception as e:
+            raise ApplyError(f"the sk_lookup program does not load: {_one_line(e)}") from None
+        staged: list[tuple[str, str]] = []
+        try:
+            from bcc.libbcc import lib
+
+            fds = {name: lib.bpf_table_fd(bpf.module, f"zddd_{name}".encode())
+                   for name in MAPS}
+            fds["prog"] = bpf.funcs[PROGRAM.encode()].fd
+            bpfsys.map_update(fds["meta"], _U32.pack(0), _META.pack(*_meta(desired)))
+            bpfsys.map_update(fds["active"], _U32.pack(0), _U32.pack(step.active))
+            for index, (target, port) in enumerate(desired.ports):
+                self._fill_sockets(fds["sockets"], index, target, port)
+            _carry_over(desired, fds)
+            # Everything is pinned under temporary names and linked before it replaces the old
+            # pins: until the rename the old program (if any) keeps steering; for a moment
+            # both run and the first one's choice stands.
+            for name in ("prog",) + MAPS:
+                staged.append(self._stage(desired.pin_dir, name, fds[name]))
+            netns = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                link = bpfsys.link_create_netns(fds["prog"], netns)
+            finally:
+                os.close(netns)
+            try:
+                staged.append(self._stage(desired.pin_dir, "link", link))
+            finally:
+                os.close(link)
+            for tmp, final in staged:
+                os.rename(tmp, final)
+            staged.clear()
+        except OSError as e:
+            raise ApplyError(f"building the sk_lookup data plane: {e}", changed=True) from None
+        finally:
+            for tmp, _ in staged:
+                _unlink(tmp)
+            bpf.cleanup()
+        self._drop_active_fd()
+
+    @staticmethod
+    def _stage(pin_dir: str, name: str, fd: int) -> tuple[str, str]:
+        tmp = os.path.join(pin_dir, f"{PREFIX}staged_{name}")
+        _unlink(tmp)
+        bpfsys.obj_pin(fd, tmp)
+        return tmp, _pin(pin_dir, name)
+
+    def _relink(self, pin_dir: str) -> None:
+        with _Pinned(pin_dir, "prog") as prog:
+            netns = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                link = bpfsys.link_create_netns(prog, netns)
+            finally:
+                os.close(netns)
+        try:
+            tmp, final = self._stage(pin_dir, "link", link)
+            os.rename(tmp, final)  # a detached link pinned there goes with it
+        finally:
+            os.close(link)
+
+    def _fill_sockets(self, sockets_fd: int, index: int, target: str, port: int) -> None:
+        """Put `port`'s listeners into target `index`'s slots (the kernel's dup of the owner's
+        fd is closed at once: the map holds the socket, and when the owner closes it the kernel
+        drops it from the map), then clear the slots left over."""
+        listeners = [s for s in dump_sockets([port], 1 << TCP_LISTEN) if s.local_port == port]
+        listeners = [s for s in _usable(listeners) if s.cookie not in self._untakeable]
+        owners = _owners({s.inode for s in listeners})
+        slot = 0
+        for sock in listeners:
+            try:
+                fd = _take(sock, owners.get(sock.inode, []))
+            except OSError as e:
+                reason = e.strerror or str(e)
+                if e.errno == errno.EPERM or (e.errno == errno.ESRCH and owners.denied):
+                    reason += " (zddd needs CAP_SYS_PTRACE)"
+                self._untakeable[sock.cookie] = reason
+                log.warning("event=listener_untakeable target=%s port=%d error=%s", target,
+                            port, reason.replace(" ", "_"))
+                continue
+            try:
+                bpfsys.map_update(sockets_fd, _U32.pack(index * SLOTS + slot), _COOKIE.pack(fd))
+            finally:
+                os.close(fd)
+            slot += 1
+        for stale in range(slot, SLOTS):
+            try:
+                bpfsys.map_delete(sockets_fd, _U32.pack(index * SLOTS + stale))
+            except OSError as e:
+                if e.errno != errno.EINVAL:  # a sockmap's answer for an empty slot
+                    raise
+
+    def _drop_active_fd(self) -> None:
+        if self._active_fd is not None:
+            os.close(self._active_fd)
+        self._active_fd = None
+        self._active_updater = None
+
+    # ---- leftovers and removal --------------------------------------------------------------
+
+    def leftover(self, desired: Desired) -> str | None:
+        pins = [name for name in PINS if os.path.lexists(_pin(desired.pin_dir, name))]
+        if not pins:
+            return None
+        try:
+            state = self.read(desired)
+        except ApplyError:
+            state = None
+        if state is not None and state.intact:
+            return (f"sk_lookup program linked in {desired.pin_dir} steering "
+                    f"{state.active or 'nothing'}")
+        linked = "link" in pins
+        return (f"sk_lookup pins in {desired.pin_dir} ({'linked' if linked else 'not linked'}"
+                f"{', ' + state.problems[0] if state and state.problems else ''})")
+
+    def remove(self, desired: Desired) -> None:
+        self._drop_active_fd()
+        link_pin = _pin(desired.pin_dir, "link")
+        try:
+            fd = bpfsys.obj_get(link_pin)
+        except FileNotFoundError:
+            fd = None
+        except OSError as e:
+            raise ApplyError(f"cannot open {link_pin}: {e}") from None
+        if fd is not None:
+            try:
+                # Detach first: any other holder of the link (a bpftool, a stuck zddd) must not
+                # keep the program steering after its pins are gone.
+                bpfsys.link_detach(fd)
+            except OSError as e:
+                if e.errno not in (errno.ENOLINK, errno.EINVAL):
+                    raise ApplyError(f"cannot detach {link_pin}: {e}") from None
+            finally:
+                os.close(fd)
+        for name in PINS:
+            _unlink(_pin(desired.pin_dir, name))
+            _unlink(os.path.join(desired.pin_dir, f"{PREFIX}staged_{name}"))
+        try:
+            os.rmdir(desired.pin_dir)  # only if nothing else (another backend's pins) is there
+        except OSError:
+            pass
+
+    # ---- counters ---------------------------------------------------------------------------
+
+    def flows_steered(self) -> dict[str, int]:
+        desired = self._desired
+        if desired is None:
+            return {}
+        try:
+            with _Pinned(desired.pin_dir, "steered") as fd:
+                size = 8 * _possible_cpus()
+                counts = {}
+                for index, (target, _) in enumerate(desired.ports):
+                    raw = bpfsys.map_lookup(fd, _U32.pack(index), size) or b""
+                    counts[target] = sum(v for (v,) in struct.iter_unpack("=Q", raw))
+                return counts
+        except OSError:
+            return {}
+
+    def flow_table(self) -> tuple[int, int] | None:
+        """(entries in use, capacity) of the flow map. Counting an LRU map's entries means
+        walking it, so "in use" is an upper bound: connections recorded so far (each adds at
+        most one entry), capped at the capacity."""
+        desired = self._desired
+        if desired is None:
+            return None
+        recorded = sum(self.flows_steered().values())
+        return min(recorded, desired.flow_entries), desired.flow_entries
+
+    def attribute_flows(self, flows: list[Flow]) -> list[str | None]:
+        desired = self._desired
+        if desired is None or not flows:
+            return [None] * len(flows)
+        names = [name for name, _ in desired.ports]
+        try:
+            with _Pinned(desired.pin_dir, "flows") as fd:
+                out: list[str | None] = []
+                for flow in flows:
+                    raw = bpfsys.map_lookup(fd, _flow_key(flow), 4)
+                    index = _U32.unpack(raw)[0] if raw else None
+                    out.append(names[index] if index is not None and index < len(names)
+                               else None)
+                return out
+        except OSError:
+            return [None] * len(flows)
+
+
+def _carry_over(desired: Desired, fds: dict[str, int]) -> None:
+    """From a layout about to be replaced: the targets of the connections established on the
+    listen port now (so a drain still counts them) and the steered counters (so the metric
+    does not reset). Best effort: an old layout of another shape has nothing usable."""
+    try:
+        with _Pinned(desired.pin_dir, "flows") as old:
+            live = dump_sockets([desired.listen_port], 1 << TCP_ESTABLISHED)
+            for sock in live:
+                if sock.local_port != desired.listen_port:
+                    continue
+                key = _flow_key(as_flow(sock.family, sock.local_addr.ljust(16, b"\0"),
+                                      sock.local_port, sock.remote_addr.ljust(16, b"\0"),
+                                      sock.remote_port))
+                value = bpfsys.map_lookup(old, key, 4)
+                if value is not None:
+                    bpfsys.map_update(fds["flows"], key, value)
+        size = 8 * _possible_cpus()
+        with _Pinned(desired.pin_dir, "steered") as old:
+            for index in range(len(desired.ports)):
+                raw = bpfsys.map_lookup(old, _U32.pack(index), size)
+                if raw:
+                    total = sum(v for (v,) in struct.iter_unpack("=Q", raw))
+                    bpfsys.map_update(fds["steered"], _U32.pack(index),
+                                      _COOKIE.pack(total).ljust(size, b"\0"))
+    except OSError:
+        pass
+
+
+def _flow_key(flow: Flow) -> bytes:
+    return _FLOW_KEY.pack(flow.remote_addr, flow.local_addr,
+                          flow.remote_port.to_bytes(2, "big"), flow.family)
+
+
+class _Pinned:
+    """An fd for one of the backend's pinned objects, closed on exit."""
+
+    def __init__(self, pin_dir: str, name: str):
+        self.path = _pin(pin_dir, name)
+
+    def __enter__(self) -> int:
+        self.fd = bpfsys.obj_get(self.path)
+        return self.fd
+
+    def __exit__(self, *exc) -> None:
+        os.close(self.fd)
+
+
+def _compile(bpf_class, source: Path, desired: Desired):
+    """bcc BPF object with the program loaded (its maps created, nothing pinned)."""
+    cflags = [f"-DLISTEN_PORT={desired.listen_port}", f"-DNTARGETS={len(desired.ports)}",
+              f"-DSLOTS={SLOTS}", f"-DFLOW_ENTRIES={desired.flow_entries}", "-w"]
+    bpf = bpf_class(text=source.read_text(), cflags=cflags)
+    try:
+        bpf.load_func(PROGRAM.encode(), bpfsys.BPF_PROG_TYPE_SK_LOOKUP,
+                      attach_type=bpfsys.BPF_SK_LOOKUP)
+    except Exception:
+        bpf.cleanup()
+        raise
+    return bpf
+
+
+def _one_line(error: Exception) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+class _Owners(dict):
+    """socket inode -> [(pid, fd)]; `denied` counts the processes /proc would not show."""
+
+    denied = 0
+
+
+def _owners(inodes: set[int]) -> _Owners:
+    """socket inode -> [(pid, fd)] of the processes holding it, from /proc/*/fd."""
+    wanted = {f"socket:[{inode}]": inode for inode in inodes}
+    owners = _Owners()
+    if not wanted:
+        return owners
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        fd_dir = f"/proc/{pid}/fd"
+        try:
+            entries = os.listdir(fd_dir)
+        except PermissionError:  # another user's process, without CAP_SYS_PTRACE
+            owners.denied += 1
+            continue
+        except OSError:  # gone
+            continue
+        for fd in entries:
+            try:
+                inode = wanted.get(os.readlink(f"{fd_dir}/{fd}"))
+            except PermissionError:
+                owners.denied += 1
+                break
+            except OSError:
+                continue
+            if inode is not None:
+                owners.setdefault(inode, []).append((int(pid), int(fd)))
+    return owners
+
+
+def _take(sock: SocketInfo, owners: list[tuple[int, int]]) -> int:
+    """A duplicate of the listener's fd from one of its owners, checked to be the same socket
+    (the owner may have closed and reused the fd number since /proc was read)."""
+    if not owners:
+        raise OSError(errno.ESRCH, "no process holding it was found in /proc")
+    error: OSError | None = None
+    for pid, number in owners:
+        try:
+            fd = bpfsys.take_fd(pid, number)
+        except OSError as e:
+            error = e
+            continue
+        if _socket_cookie(fd) == sock.cookie:
+            return fd
+        os.close(fd)
+    raise error or OSError(errno.ESRCH, "its owners no longer hold it")
+
+
+def _socket_cookie(fd: int) -> int:
+    s = socket.socket(fileno=os.dup(fd))
+    try:
+        return _COOKIE.unpack(s.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8))[0]
+    finally:
+        s.close()
