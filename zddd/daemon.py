@@ -144,10 +144,12 @@ class Daemon(Observer):
         self.args = args
         self.config = config
         self.notifier = Notifier()
-        self.health = HealthMonitor(config)
-        self.core = Steering(config, make_backend(config), StateFile(config.state_file),
-                             health=self.health,
-                             connections=ConnectionCounter(self.health.probe_ports))
+        backend = make_backend(config)
+        self.health = HealthMonitor(config, gate=backend.target_problem)
+        connections = ConnectionCounter(self.health.probe_ports, listen_port=config.listen_port,
+                                        attribute=backend.attribute_flows)
+        self.core = Steering(config, backend, StateFile(config.state_file), health=self.health,
+                             connections=connections)
         self.health.on_change = self.core.health_changed
         self.core.observers.append(self)
         self.listeners: Listeners | None = None

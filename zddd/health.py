@@ -23,9 +23,13 @@ LOOPBACKS = ("127.0.0.1", "::1")
 
 
 class HealthMonitor:
-    def __init__(self, config: Config, on_change: Callable[[str, bool], None] = lambda t, u: None):
+    def __init__(self, config: Config, on_change: Callable[[str, bool], None] = lambda t, u: None,
+                 gate: Callable[[str], str | None] = lambda target: None):
         self.config = config
         self.on_change = on_change
+        # The data plane's word on a target (the backend's target_problem): a vhost that answers
+        # but cannot be steered to is down all the same.
+        self.gate = gate
         self._up: dict[str, bool] = {}
         self._reasons: dict[str, str] = {}
         # Replaced, never mutated: the metrics thread reads it while probes run in the loop.
@@ -47,6 +51,9 @@ class HealthMonitor:
         targets = list(self.config.targets.values())
         results = await asyncio.gather(*(self._probe(t) for t in targets))
         for target, (up, reason) in zip(targets, results, strict=True):
+            problem = self.gate(target.name) if up else None
+            if problem:
+                up, reason = False, problem
             self._record(target.name, up, reason)
 
     def _record(self, name: str, up: bool, reason: str) -> None:

@@ -125,6 +125,16 @@ class Backend(ABC):
         """Take every object of this backend's out of the kernel (connections it steers
         break). Needs no probe."""
 
+    def target_problem(self, target: str) -> str | None:
+        """Why the data plane cannot steer new connections to `target` now even if its vhost
+        answers (sk_lookup: its listener could not be taken), as of the last `read`; None when
+        it can. The health gate counts such a target as down."""
+        return None
+
+    # Backends whose steered connections keep the listen port as their local port (sk_lookup)
+    # say which target each belongs to: (flows) -> [target or None], for connection counts.
+    attribute_flows = None
+
     def flows_steered(self) -> dict[str, int]:
         """New connections steered so far, by target name, where the backend can count them.
         May be called from another thread (the metrics scrape)."""

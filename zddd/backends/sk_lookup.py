@@ -392,6 +392,8 @@ class SkLookupBackend(Backend):
         plane is not in place."""
         return self._listener_problems.get(target, "not read yet")
 
+    target_problem = listener_problem
+
     def listener_missing(self, target: str) -> bool:
         return self.listener_problem(target) is not None
 
