@@ -71,7 +71,7 @@ class Zddd:
 
     @property
     def process(self) -> "Zddd":
-        """This object (examples/labkit.py's Zddd wrapped one; its callers wrote .process)."""
+        """This object: the demo's old lab wrapped a Zddd, and callers wrote `.process.log()`."""
         return self
 
     def write_config(self, text: str | None = None) -> None:
