@@ -14,10 +14,10 @@ so .venv/bin/python imports it from anywhere. Run as root.
 
 from .base import (EXAMPLES, PYTHON, REPO, VENV_BIN, LabError, Proc, interrupted, run, run_main,
                    stop, wait_for)
-from .bus import (BUS_NAME, INTERFACE, OBJECT_PATH, POLICY, PROPERTIES, Bus, SignalWatcher,
-                  bus_call, connect, dbus_call, name_has_owner)
+from .bus import (BUS_CONFIG, BUS_NAME, INTERFACE, OBJECT_PATH, POLICY, PROPERTIES, Bus,
+                  SignalWatcher, bus_call, connect, dbus_call, name_has_owner)
 from .daemons import (NGINX_CONF, STEERING_READERS, HAProxy, Vhost, Zddd, lab_haproxy_config,
-                      read_nftables, read_with_zddd, to_toml)
+                      public_package, read_nftables, read_with_zddd, to_toml)
 from .lab import (APP_ADDRS, APP_V4, APP_V6, CLIENT_ADDR, CLIENT_V4, CLIENT_V6, HAPROXY_CONFIGS,
                   LB_APP_ADDR, LB_CLIENT_ADDR, AppLab, AppServer, Cluster, Lab, LoadGen, cluster)
 from .net import NetNS, bridge, link, ns_name
@@ -27,10 +27,11 @@ from .probes import (HeldConnection, KeepAlive, NftMonitor, agent_ask, connect_e
 __all__ = [
     "EXAMPLES", "PYTHON", "REPO", "VENV_BIN", "LabError", "Proc", "interrupted", "run",
     "run_main", "stop", "wait_for",
-    "BUS_NAME", "INTERFACE", "OBJECT_PATH", "POLICY", "PROPERTIES", "Bus", "SignalWatcher",
+    "BUS_CONFIG", "BUS_NAME", "INTERFACE", "OBJECT_PATH", "POLICY", "PROPERTIES", "Bus",
+    "SignalWatcher",
     "bus_call", "connect", "dbus_call", "name_has_owner",
     "NGINX_CONF", "STEERING_READERS", "HAProxy", "Vhost", "Zddd", "lab_haproxy_config",
-    "read_nftables", "read_with_zddd", "to_toml",
+    "public_package", "read_nftables", "read_with_zddd", "to_toml",
     "APP_ADDRS", "APP_V4", "APP_V6", "CLIENT_ADDR", "CLIENT_V4", "CLIENT_V6", "HAPROXY_CONFIGS",
     "LB_APP_ADDR", "LB_CLIENT_ADDR", "AppLab", "AppServer", "Cluster", "Lab", "LoadGen",
     "cluster",

@@ -10,11 +10,15 @@ zddd's own backend code, run in the namespace.
 
 from __future__ import annotations
 
+import atexit
 import json
+import os
 import pwd
+import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,12 +132,17 @@ class Zddd:
         """zddctl against this zddd (from the root namespace: the bus is a unix socket), as
         `user` if given; the CompletedProcess, whatever the exit status."""
         argv = [str(VENV_BIN / "zddctl"), "--bus", self.bus.address, *args]
+        kw = {}
         if user:
+            # Another user may not be able to reach the checkout (a clone in /root is 0700):
+            # run zddctl from a world-readable copy of the package, with Debian's python.
+            argv = [PYTHON, "-m", "zddd.cli", *argv[1:]]
+            kw = {"cwd": "/", "env": {**os.environ, "PYTHONPATH": str(public_package())}}
             # Numeric ids: Debian's nobody has group nogroup, not a group named after it.
             pw = pwd.getpwnam(user)
             argv = ["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--clear-groups",
                     *argv]
-        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, **kw)
 
     def ctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         """zddctl; with `check`, a non-zero exit is a LabError carrying zddctl's stderr."""
@@ -168,6 +177,24 @@ class Zddd:
         """The target the kernel steers new connections to ("off" when zddd's data plane is
         there but steers nowhere), or None when nothing of zddd's is in the kernel."""
         return STEERING_READERS.get(self.backend, read_with_zddd)(self)
+
+
+_public_package: Path | None = None
+
+
+def public_package() -> Path:
+    """A directory every user can read holding a copy of the `zddd` package (for PYTHONPATH),
+    made once per process and removed at its exit."""
+    global _public_package
+    if _public_package is None:
+        top = Path(tempfile.mkdtemp(prefix="zddd-pkg-"))
+        atexit.register(shutil.rmtree, top, True)
+        shutil.copytree(REPO / "zddd", top / "zddd",
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        for path in [top, *top.rglob("*")]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        _public_package = top
+    return _public_package
 
 
 def read_nftables(zddd: Zddd) -> str | None:
