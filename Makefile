@@ -23,6 +23,9 @@ $(VENV)/.setup-done: pyproject.toml Makefile
 	sh packaging/bpf-headers.sh
 	test -x $(VPY) || $(PY) -m venv --system-site-packages $(VENV)
 	$(VPY) -m pip install -q --no-build-isolation --no-deps -e .
+	@# zdddlab (the test/demo/bench lab) is not packaged: a .pth naming this checkout makes it
+	@# importable from the venv, in namespaces too. Rewritten each time, so it follows a move.
+	$(VPY) -c 'import pathlib, site; pathlib.Path(site.getsitepackages()[0], "zdddlab.pth").write_text("$(CURDIR)\n")'
 	touch $@
 
 # The whole suite. pytest's exit code 5 ("no tests ran") fails like any other.
@@ -47,7 +50,7 @@ test-system: setup
 # ruff is a development tool, not a runtime dependency: it comes from PyPI into the venv.
 lint: setup
 	test -x $(VENV)/bin/ruff || $(VPY) -m pip install -q ruff
-	$(VENV)/bin/ruff check zddd tests bench examples
+	$(VENV)/bin/ruff check zddd zdddlab tests bench examples
 
 demo: setup
 	$(VPY) examples/demo.py

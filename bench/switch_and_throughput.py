@@ -21,15 +21,10 @@ import asyncio
 import os
 import re
 import statistics
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
-import labkit  # noqa: E402
-
-from zddd.service.dbus import (BUS_NAME, INTERFACE, OBJECT_PATH, Message,  # noqa: E402
-                               MessageBus, MessageType)
+import zdddlab
+from zdddlab import INTERFACE, PROPERTIES, bus_call
 
 GOAL_COMMIT_P50_USEC = 300
 GOAL_RATIO = 0.97
@@ -46,15 +41,13 @@ def percentile(values: list[float], pct: float) -> float:
 async def measure_switches(bus_address: str, count: int) -> tuple[list[int], list[float]]:
     """Switch main<->backup `count` times; returns (LastSwitchUSec after each, round trips in
     µs)."""
-    bus = await MessageBus(bus_address=bus_address).connect()
+    bus = await zdddlab.connect(bus_address)
 
     async def call(member, signature="", body=(), interface=INTERFACE):
-        reply = await bus.call(Message(destination=BUS_NAME, path=OBJECT_PATH,
-                                       interface=interface, member=member,
-                                       signature=signature, body=list(body)))
-        if reply.message_type == MessageType.ERROR:
-            raise labkit.LabError(f"{member}: {reply.error_name}: {reply.body}")
-        return reply.body
+        err, reply = await bus_call(bus, member, signature, body, interface=interface)
+        if err:
+            raise zdddlab.LabError(f"{member}: {err}: {reply}")
+        return reply
 
     commits, round_trips = [], []
     try:
@@ -64,12 +57,12 @@ async def measure_switches(bus_address: str, count: int) -> tuple[list[int], lis
             await call("Switch", "s", [target])
             round_trips.append((time.perf_counter() - started) * 1e6)
             (value,) = await call("Get", "ss", [INTERFACE, "LastSwitchUSec"],
-                                  interface="org.freedesktop.DBus.Properties")
+                                  interface=PROPERTIES)
             commits.append(int(value.value))
             (active,) = await call("Get", "ss", [INTERFACE, "ActiveTarget"],
-                                   interface="org.freedesktop.DBus.Properties")
+                                   interface=PROPERTIES)
             if active.value != target:
-                raise labkit.LabError(f"after Switch({target}) ActiveTarget is {active.value}")
+                raise zdddlab.LabError(f"after Switch({target}) ActiveTarget is {active.value}")
         if count % 2:
             await call("Switch", "s", ["main"])
     finally:
@@ -77,16 +70,16 @@ async def measure_switches(bus_address: str, count: int) -> tuple[list[int], lis
     return commits, round_trips
 
 
-def wrk_rps(lab: labkit.Lab, ns: str, url: str, args: argparse.Namespace) -> float:
+def wrk_rps(lab: zdddlab.Lab, ns: zdddlab.NetNS, url: str, args: argparse.Namespace) -> float:
     pin = ["taskset", "-c", args.wrk_cpus] if args.wrk_cpus else []
     res = lab.exec(ns, [*pin, "wrk", f"-t{args.wrk_threads}", f"-c{args.wrk_connections}",
                         f"-d{args.wrk_duration}s", url], timeout=args.wrk_duration + 30)
     match = re.search(r"Requests/sec:\s+([\d.]+)", res.stdout)
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)|Socket errors: (.*)", res.stdout)
     if not match:
-        raise labkit.LabError(f"no Requests/sec in wrk's output:\n{res.stdout}")
+        raise zdddlab.LabError(f"no Requests/sec in wrk's output:\n{res.stdout}")
     if errors:
-        raise labkit.LabError(f"wrk saw errors against {url}:\n{res.stdout}")
+        raise zdddlab.LabError(f"wrk saw errors against {url}:\n{res.stdout}")
     return float(match.group(1))
 
 
@@ -115,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     if load1 > 0.5:
         print(f"note: load average {load1:.2f} before starting; other work on this machine "
               "makes both figures noisier (the ratio in either direction)", flush=True)
-    with labkit.Lab(prefix="zdb") as lab:
+    with zdddlab.Lab(prefix="zdb") as lab:
         app = lab.netns("app")
         client = lab.netns("cli")
         lab.link(client, "eth0", app, "eth0", cidr_a=f"{CLIENT_ADDR}/24",
@@ -131,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{args.nginx_workers} worker)", flush=True)
         commits, round_trips = asyncio.run(measure_switches(bus.address, args.switches))
         if zddd.status()["active_target"] != "main":
-            raise labkit.LabError("zddd did not end on main")
+            raise zdddlab.LabError("zddd did not end on main")
 
         steered_url = f"http://{APP_ADDR}:8888/"
         direct_url = f"http://{APP_ADDR}:8080/"
@@ -171,4 +164,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    labkit.run_main(main, "bench")
+    zdddlab.run_main(main, "bench")

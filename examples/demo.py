@@ -18,14 +18,11 @@ Exit status: 0 when every request succeeded and every phase looked as expected, 
 
 from __future__ import annotations
 
-import sys
 import threading
 import time
 from collections import Counter
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import labkit  # noqa: E402
+import zdddlab
 
 HOSTS = ("app1", "app2")
 VHOSTS = tuple(f"{h} {v}" for h in HOSTS for v in ("main", "backup"))
@@ -55,7 +52,7 @@ class Timeline:
             print(f"  {at - self.t0:6.2f}s  {who:<8} {text}", flush=True)
 
 
-def watch_haproxy(haproxy: labkit.HAProxy, timeline: Timeline, stopping: threading.Event):
+def watch_haproxy(haproxy: zdddlab.HAProxy, timeline: Timeline, stopping: threading.Event):
     """Print every change of HAProxy's view of the servers."""
     last: dict[str, str] = {}
     while not stopping.is_set():
@@ -73,9 +70,9 @@ def watch_haproxy(haproxy: labkit.HAProxy, timeline: Timeline, stopping: threadi
 
 def main() -> int:
     print("\n\n".join(__doc__.split("\n\n")[1:3]), flush=True)
-    with labkit.Lab(prefix="zdemo") as lab:
+    with zdddlab.Lab(prefix="zdemo") as lab:
         print("building the lab ...", flush=True)
-        c = labkit.cluster(lab, "traffic-port")
+        c = zdddlab.cluster(lab, "traffic-port")
         app1, app2 = c.apps["app1"].zddd, c.apps["app2"].zddd
         timeline = Timeline()
         phases: list[tuple[str, float]] = []
@@ -85,7 +82,7 @@ def main() -> int:
             phases.append((name, time.monotonic()))
             timeline.say("phase", f"-- {name}")
 
-        def switch(host: str, zddd: labkit.Zddd, target: str, *extra: str,
+        def switch(host: str, zddd: zdddlab.Zddd, target: str, *extra: str,
                    then: str) -> None:
             """Run zddctl; requests started while it runs are counted in a phase of their
             own, since the commit happens at some moment inside that window."""
@@ -119,11 +116,11 @@ def main() -> int:
             switch("app1", app1, "main", then=STEADY[2])
             time.sleep(2.0)
             switch("app2", app2, "off", "--wait-drained=30", then=STEADY[3])
-            labkit.wait_for(lambda: c.haproxy.servers()["app2"] not in ("UP", "DRAIN"), 10,
+            zdddlab.wait_for(lambda: c.haproxy.servers()["app2"] not in ("UP", "DRAIN"), 10,
                             "HAProxy to take app2 out")
             time.sleep(2.0)
             switch("app2", app2, "main", then=STEADY[4])
-            labkit.wait_for(lambda: c.haproxy.servers()["app2"] == "UP", 15,
+            zdddlab.wait_for(lambda: c.haproxy.servers()["app2"] == "UP", 15,
                             "HAProxy to put app2 back")
             time.sleep(2.0)
         finally:
@@ -187,4 +184,4 @@ def report(records: list[dict], phases: list[tuple[str, float]],
 
 
 if __name__ == "__main__":
-    labkit.run_main(main, "demo")
+    zdddlab.run_main(main, "demo")

@@ -1,4 +1,11 @@
-"""Shared fixtures. Tests are marked by folder: unit/, integration/, e2e/, system/."""
+"""Shared fixtures. Tests are marked by folder: unit/, integration/, e2e/, system/.
+
+`lab` and `public_lab` are zdddlab.AppLab's: a client and an app namespace joined by a veth,
+vhosts main (8080) and backup (80), a private bus, and lab.start_zddd(config, wait=True).
+`lab` takes an optional indirect parameter, the backend zddd is started with:
+
+    @pytest.mark.parametrize("lab", ["nftables", "tc"], indirect=True)
+"""
 
 from __future__ import annotations
 
@@ -11,10 +18,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from lab import (APP_V4, APP_V6, CLIENT_V4, CLIENT_V6, Bus, NetNS, Vhost, Zddd,  # noqa: E402
-                 link)
+from zdddlab import AppLab
 
 LAYERS = ("unit", "integration", "e2e", "system")
 
@@ -33,42 +37,9 @@ def need_root():
                     "or select the fast tests with -m unit")
 
 
-class Lab:
-    """A client namespace and an app-server namespace joined by a veth, vhosts main (8080) and
-    backup (80) in the app namespace, a private bus, and (after start_zddd) a zddd."""
-
-    def __init__(self, tmp: Path):
-        self.tmp = tmp
-        self.closers = []
-        self.client = self._own(NetNS("cli"))
-        self.app = self._own(NetNS("app"))
-        link(self.client, self.app, (CLIENT_V4, CLIENT_V6), (APP_V4, APP_V6))
-        self.main = Vhost(self.app, 8080, "main")
-        self.closers.append(self.main.stop)
-        self.backup = Vhost(self.app, 80, "backup")
-        self.closers.append(self.backup.stop)
-        self.bus = self._own(Bus(tmp))
-        self.zddd: Zddd | None = None
-
-    def _own(self, thing):
-        self.closers.append(thing.close)
-        return thing
-
-    def start_zddd(self, config: dict | None = None, wait: bool = True) -> Zddd:
-        self.zddd = self._own(Zddd(self.app, self.bus, self.tmp, config))
-        return self.zddd.start(wait=wait)
-
-    def close(self):
-        for close in reversed(self.closers):
-            try:
-                close()
-            except Exception as e:  # keep cleaning up
-                print(f"cleanup: {e}", file=sys.stderr)
-
-
 @contextmanager
-def _lab_in(tmp: Path):
-    lab = Lab(tmp)
+def _lab_in(tmp: Path, backend: str = "nftables"):
+    lab = AppLab(tmp, backend=backend)
     try:
         yield lab
     finally:
@@ -78,8 +49,8 @@ def _lab_in(tmp: Path):
 
 
 @pytest.fixture
-def lab(need_root, tmp_path):
-    with _lab_in(tmp_path) as lab:
+def lab(request, need_root, tmp_path):
+    with _lab_in(tmp_path, getattr(request, "param", "nftables")) as lab:
         yield lab
 
 

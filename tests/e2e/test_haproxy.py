@@ -12,21 +12,18 @@ from __future__ import annotations
 import sys
 import time
 from collections import Counter
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "examples"))
-import labkit  # noqa: E402
+import zdddlab
 
 pytestmark = pytest.mark.e2e
 
 
 def start_cluster(usage: str):
-    lab = labkit.Lab(prefix="e2e")
+    lab = zdddlab.Lab(prefix="e2e")
     try:
-        cluster = labkit.cluster(lab, usage)
+        cluster = zdddlab.cluster(lab, usage)
     except BaseException:
         lab.close()
         raise
@@ -52,10 +49,10 @@ def health_port(need_root):
     yield from running_cluster("health-port")
 
 
-def dump_logs(lab: labkit.Lab, cluster: labkit.Cluster) -> None:
+def dump_logs(lab: zdddlab.Lab, cluster: zdddlab.Cluster) -> None:
     """Shown by pytest only when the test failed."""
     for app in cluster.apps.values():
-        print(f"--- {app.name} zddd ---\n{app.zddd.process.log()[-3000:]}", file=sys.stderr)
+        print(f"--- {app.name} zddd ---\n{app.zddd.log()[-3000:]}", file=sys.stderr)
     print(f"--- haproxy ---\n{cluster.haproxy.proc.log_text()[-3000:]}", file=sys.stderr)
 
 
@@ -74,8 +71,8 @@ def hold(seconds: float) -> tuple[float, float]:
     return start, time.monotonic()
 
 
-def haproxy_state(cluster: labkit.Cluster, server: str, accept, timeout: float = 10) -> str:
-    return labkit.wait_for(lambda: (lambda s: s if accept(s) else None)(
+def haproxy_state(cluster: zdddlab.Cluster, server: str, accept, timeout: float = 10) -> str:
+    return zdddlab.wait_for(lambda: (lambda s: s if accept(s) else None)(
         cluster.haproxy.servers()[server]), timeout, f"HAProxy's {server} state")
 
 
@@ -156,9 +153,9 @@ def test_deploy_script_keeps_traffic_flowing(traffic_port):
     load = lab.loadgen("load", c.client, c.url, workers=4, interval=0.02)
     try:
         hold(1.0)
-        result = lab.exec(app1.netns, ["env", f"ZDDD_BUS={app1.zddd.bus}",
-                                       f"ZDDCTL={labkit.VENV_BIN / 'zddctl'}",
-                                       str(labkit.EXAMPLES / "deploy.sh"),
+        result = lab.exec(app1.netns, ["env", f"ZDDD_BUS={app1.zddd.bus.address}",
+                                       f"ZDDCTL={zdddlab.VENV_BIN / 'zddctl'}",
+                                       str(zdddlab.EXAMPLES / "deploy.sh"),
                                        "sh", "-c", f"{mark}; sleep 2; {mark}"],
                           check=False, timeout=120)
         finished = time.monotonic()
@@ -190,7 +187,7 @@ def test_health_port_off_fails_over_to_backups_and_main_restores(health_port):
         # Both of HAProxy's signals say "out": the agent put the server in MAINT (HAProxy
         # suspends checks then), and the check's port, 8888, now refuses connections.
         agent_said = c.haproxy.stat()["app1"]["agent_status"]
-        check_port_open = labkit.port_open(lab, c.lb, 8888, host=labkit.APP_ADDRS["app1"])
+        check_port_open = zdddlab.port_open(lab, c.lb, 8888, host=zdddlab.APP_ADDRS["app1"])
         app1_off = hold(1.5)
         app2.ctl("switch", "off", "--wait-drained=30")
         app2_out = haproxy_state(c, "app2", out_of_rotation)

@@ -7,7 +7,7 @@ import signal
 import time
 
 import pytest
-from lab import (APP_V4, APP_V6, KeepAlive, NftMonitor, connect_error, http_get, wait_for,
+from zdddlab import (APP_V4, APP_V6, KeepAlive, NftMonitor, connect_error, http_get, wait_for,
                  without_counters)
 
 
@@ -152,7 +152,7 @@ def test_a_damaged_table_is_adopted_and_repaired_at_start(lab):
 
 
 def test_a_changed_target_port_while_down_is_taken_over_at_start(lab):
-    from lab import Vhost
+    from zdddlab import Vhost
 
     z = lab.start_zddd()
     switch(z, "backup")
@@ -186,7 +186,7 @@ def test_losing_the_bus_exits_non_zero_and_leaves_the_data_plane(lab):
 def test_a_second_zddd_in_the_namespace_refuses_before_touching_the_kernel(lab, own_bus):
     """One zddd per data plane, whatever bus, config or state file the second one has: without
     the lock both would "repair" each other's table four times a second, forever."""
-    from lab import Bus, Zddd
+    from zdddlab import Bus, Zddd
 
     z = lab.start_zddd()
     switch(z, "backup")

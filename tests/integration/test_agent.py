@@ -7,7 +7,7 @@ import json
 import subprocess
 import time
 
-from lab import (APP_V4, APP_V6, PYTHON, VENV_BIN, HeldConnection, agent_ask, connect_error,
+from zdddlab import (APP_V4, APP_V6, PYTHON, VENV_BIN, HeldConnection, agent_ask, connect_error,
                  wait_for)
 
 # interval 0.2 + timeout 0.5 (the lab's defaults) + margin

@@ -2,7 +2,7 @@
 nothing touched (no table in the kernel, no state file, no bus name)."""
 
 import pytest
-from lab import VENV_BIN, Bus, NetNS
+from zdddlab import VENV_BIN, Bus, NetNS
 
 
 class Bare:
@@ -125,7 +125,7 @@ def test_missing_config_file_given_explicitly_is_a_config_error(bare):
 def test_a_valid_config_with_other_ports_runs(lab):
     """The counterpart: the same machinery accepts a good config, so the refusals above are
     about the keys, not about the harness."""
-    from lab import Vhost, http_get, APP_V4
+    from zdddlab import Vhost, http_get, APP_V4
 
     other = Vhost(lab.app, 8081, "main8081")
     lab.closers.append(other.stop)

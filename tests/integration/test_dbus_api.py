@@ -6,7 +6,7 @@ import json
 import signal
 
 import pytest
-from lab import APP_V4, Vhost, http_get, scrape_metrics, wait_for, without_counters
+from zdddlab import APP_V4, Vhost, http_get, scrape_metrics, wait_for, without_counters
 
 from zddd.service.dbus import Message, MessageBus, MessageType, Variant
 
@@ -135,7 +135,7 @@ def test_reload_with_a_broken_config_keeps_the_old_one(lab, text, key):
                                     {"bpf_pin_dir": "/sys/fs/bpf/zddd-other"}],
                          ids=["listen_port", "backend", "bpf_pin_dir"])
 def test_reload_changing_a_restart_key_is_refused(lab, change):
-    from lab import to_toml
+    from zdddlab import to_toml
 
     z = lab.start_zddd()
     assert z.zddctl("switch", "backup").returncode == 0
@@ -225,7 +225,7 @@ def test_zddctl_without_zddd(lab):
 def subprocess_zddctl(*argv: str):
     import subprocess
 
-    from lab import VENV_BIN
+    from zdddlab import VENV_BIN
     return subprocess.run([str(VENV_BIN / "zddctl"), *argv], capture_output=True, text=True,
                           timeout=10)
 
@@ -321,7 +321,7 @@ def test_unprivileged_user_may_introspect_but_not_own_the_name(public_lab):
               "    except Exception as e:\n"
               "        print(type(e).__name__, getattr(e, 'type', ''))\n"
               "asyncio.run(main())\n")
-    from lab import VENV_BIN
+    from zdddlab import VENV_BIN
     r = subprocess.run([*nobody, str(VENV_BIN / "python"), "-c", script, lab.bus.address],
                        capture_output=True, text=True, timeout=10)
     assert "AccessDenied" in r.stdout, (r.stdout, r.stderr)
@@ -346,7 +346,7 @@ def test_a_state_file_that_cannot_be_written_refuses_the_switch(lab):
 
 
 def test_reload_moves_the_metrics_and_agent_listeners(lab):
-    from lab import agent_ask, connect_error
+    from zdddlab import agent_ask, connect_error
 
     z = lab.start_zddd()
     assert agent_ask(lab.client, APP_V4) == "ready up"

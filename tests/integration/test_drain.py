@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from lab import (APP_V4, APP_V6, VENV_BIN, HeldConnection, SignalWatcher, agent_ask, http_get,
+from zdddlab import (APP_V4, APP_V6, VENV_BIN, HeldConnection, SignalWatcher, agent_ask, http_get,
                  wait_for)
 
 # Measured from the close: SPEC's 200 ms plus a margin for a loaded two-core test machine.

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 
-from lab import APP_V4, Vhost, http_get, wait_for
+from zdddlab import APP_V4, Vhost, http_get, wait_for
 
 # interval 0.2 + timeout 0.5 (the lab's defaults) + margin
 HEALTH_NOTICES_WITHIN = 1.5

@@ -5,7 +5,7 @@ what a hostile caller would send; run on Debian's dbus-fast, which zddd's replie
 import subprocess
 
 import pytest
-from lab import APP_V4, http_get
+from zdddlab import APP_V4, http_get
 
 E = "org.zddd.Steering1.Error."
 DEST = ("org.zddd.Steering1", "/org/zddd/Steering1", "org.zddd.Steering1.Manager")

@@ -10,7 +10,7 @@ from pathlib import Path
 from prometheus_client.parser import text_string_to_metric_families
 
 import zddd
-from lab import APP_V4, HeldConnection, agent_ask, http_get, wait_for
+from zdddlab import APP_V4, HeldConnection, agent_ask, http_get, wait_for
 
 TARGETS = ("main", "backup", "off")
 RESULTS = ("ok", "refused", "failed")

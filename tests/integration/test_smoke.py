@@ -1,4 +1,4 @@
-from lab import APP_V4, http_get
+from zdddlab import APP_V4, http_get
 
 
 def test_main_then_backup(lab):

@@ -4,7 +4,7 @@ connections staying where they started, `off` refusing, loopback traffic, drift 
 import time
 
 import pytest
-from lab import (APP_V4, APP_V6, KeepAlive, connect_error, http_get, scrape_metrics, wait_for)
+from zdddlab import (APP_V4, APP_V6, KeepAlive, connect_error, http_get, scrape_metrics, wait_for)
 
 
 def assert_serves(lab, target: str) -> None:
@@ -199,7 +199,7 @@ def strip_handles(listing: dict) -> list:
 
 def test_traffic_routed_through_the_host_is_not_steered(lab):
     """fib daddr type local: port 8888 of another machine behind the app host stays its own."""
-    from lab import NetNS, Vhost, link
+    from zdddlab import NetNS, Vhost, link
 
     far = NetNS("far")
     lab.closers.append(far.close)

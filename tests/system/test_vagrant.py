@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+import zdddlab
 from machine import HOST_PATH, Machine
 from test_package import deb  # noqa: F401  (dist/zddd_<version>_all.deb, rebuilt when stale)
 
@@ -264,14 +265,9 @@ def test_vagrant_validate(tmp_path):
 
 def test_vagrantfile_addresses_are_the_demos():
     """The HAProxy example and the demo address the app servers; the Vagrantfile must agree."""
-    sys.path.insert(0, str(EXAMPLES))
-    try:
-        import labkit
-    finally:
-        sys.path.remove(str(EXAMPLES))
     text = (TOP / "Vagrantfile").read_text()
     network = dict(re.findall(r'^\s*"(\w+)"\s*=>\s*"([\d.]+)",?$', text, re.M))
-    assert network == {**labkit.APP_ADDRS, "lb": labkit.LB_APP_ADDR}, network
+    assert network == {**zdddlab.APP_ADDRS, "lb": zdddlab.LB_APP_ADDR}, network
     cfg = (EXAMPLES / "haproxy/traffic-port.cfg").read_text()
     servers = dict(re.findall(r"^\s*server (\w+) ([\d.]+):8888", cfg, re.M))
-    assert servers == labkit.APP_ADDRS, servers
+    assert servers == zdddlab.APP_ADDRS, servers

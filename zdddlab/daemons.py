@@ -1,0 +1,326 @@
+"""The daemons a lab runs: zddd, small test vhosts, nginx's config, HAProxy.
+
+`Zddd` is a real zddd process in a namespace on a private `Bus`, with a config of the lab's
+defaults (state file in its directory, fast probes) plus overrides. It is what tests drive
+(`zddctl`, `call`, `prop`) and what the demo and bench drive (`ctl`, `status`, which raise
+LabError on failure). `steered_to()` reads where the kernel steers new connections, through a
+reader per backend (`STEERING_READERS`); a backend without a reader of the lab's own is read by
+zddd's own backend code, run in the namespace.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .base import PYTHON, REPO, VENV_BIN, LabError, Proc, wait_for
+from .bus import INTERFACE, PROPERTIES, Bus, dbus_call, name_has_owner
+from .net import NetNS
+
+
+def _toml_value(value) -> str:
+    return json.dumps(value) if not isinstance(value, bool) else str(value).lower()
+
+
+def to_toml(config: dict) -> str:
+    """Enough TOML for zddd configs: top-level scalars/lists and nested tables."""
+    lines, tables = [], []
+
+    def emit(prefix: str, table: dict) -> None:
+        scalars = {k: v for k, v in table.items() if not isinstance(v, dict)}
+        if prefix:
+            tables.append(f"[{prefix}]")
+            tables.extend(f"{k} = {_toml_value(v)}" for k, v in scalars.items())
+        else:
+            lines.extend(f"{k} = {_toml_value(v)}" for k, v in scalars.items())
+        for k, v in table.items():
+            if isinstance(v, dict):
+                emit(f"{prefix}.{k}" if prefix else k, v)
+
+    emit("", config)
+    return "\n".join(lines + tables) + "\n"
+
+
+class Zddd:
+    """A real zddd process in `ns` on `bus`, its files (config, log, state) in `tmp`. `config`
+    holds overrides of the lab defaults; `backend` is the configured one ("nftables" unless
+    the config says otherwise)."""
+
+    def __init__(self, ns: NetNS, bus: Bus, tmp: Path, config: dict | None = None, *,
+                 name: str = "zddd"):
+        self.name, self.ns, self.bus, self.tmp = name, ns, bus, tmp
+        self.config_path = tmp / "zddd.toml"
+        self.log_path = tmp / "zddd.log"
+        self.state_path = tmp / "state.json"
+        self.config = {"state_file": str(self.state_path), "drain_timeout": 10,
+                       "health": {"interval": 0.2, "timeout": 0.5}}
+        self.config.update(config or {})
+        self.proc: subprocess.Popen | None = None
+        self._log = None
+        self.write_config()
+
+    @property
+    def backend(self) -> str:
+        return self.config.get("backend", "nftables")
+
+    @property
+    def process(self) -> "Zddd":
+        """This object: the demo's old lab wrapped a Zddd, and callers wrote `.process.log()`."""
+        return self
+
+    def write_config(self, text: str | None = None) -> None:
+        self.config_path.write_text(text if text is not None else to_toml(self.config))
+
+    # ---- lifetime ----
+
+    def start(self, wait: bool = True) -> "Zddd":
+        """Start zddd; with `wait`, return once it owns its bus name (LabError if it exits)."""
+        self._log = open(self.log_path, "a")
+        self.proc = self.ns.popen(str(VENV_BIN / "zddd"), "--config", str(self.config_path),
+                                  "--bus", self.bus.address, stdout=self._log,
+                                  stderr=subprocess.STDOUT)
+        if wait:
+            wait_for(lambda: self.proc.poll() is not None or self.owns_name(), 15,
+                     f"{self.name} to own its bus name")
+            self.check_alive()
+        return self
+
+    def owns_name(self) -> bool:
+        return name_has_owner(self.bus.address)
+
+    def kill(self, sig: int = signal.SIGKILL) -> int:
+        """Send `sig` and wait for the exit; returns the exit status, once the bus name is
+        released."""
+        self.proc.send_signal(sig)
+        rc = self.proc.wait(timeout=10)
+        self._close_log()
+        wait_for(lambda: not self.owns_name(), 5, "the bus name to be released")
+        return rc
+
+    def check_alive(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            rc = None if self.proc is None else self.proc.returncode
+            raise LabError(f"{self.name} exited with {rc}:\n{self.log()[-2000:]}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def _close_log(self) -> None:
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def close(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=5)
+        self._close_log()
+
+    # ---- talking to it ----
+
+    def zddctl(self, *args: str, user: str | None = None, timeout: float = 60):
+        """zddctl against this zddd (from the root namespace: the bus is a unix socket), as
+        `user` if given; the CompletedProcess, whatever the exit status."""
+        argv = [str(VENV_BIN / "zddctl"), "--bus", self.bus.address, *args]
+        kw = {}
+        if user:
+            # Another user may not be able to reach the checkout (a clone in /root is 0700):
+            # run zddctl from a world-readable copy of the package, with Debian's python.
+            argv = [PYTHON, "-m", "zddd.cli", *argv[1:]]
+            kw = {"cwd": "/", "env": {**os.environ, "PYTHONPATH": str(public_package())}}
+            # Numeric ids: Debian's nobody has group nogroup, not a group named after it.
+            pw = pwd.getpwnam(user)
+            argv = ["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--clear-groups",
+                    *argv]
+        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, **kw)
+
+    def ctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        """zddctl; with `check`, a non-zero exit is a LabError carrying zddctl's stderr."""
+        res = self.zddctl(*args, timeout=120)
+        if check and res.returncode != 0:
+            raise LabError(f"zddctl {' '.join(args)} exited {res.returncode}: "
+                           f"{res.stderr.strip()}")
+        return res
+
+    def status(self) -> dict:
+        return json.loads(self.ctl("status", "--json").stdout)
+
+    def call(self, member: str, signature: str = "", *body, timeout: float = 60):
+        """Call a Manager method; returns (error_name or None, reply body)."""
+        return dbus_call(self.bus.address, member, signature, list(body), timeout)
+
+    def prop(self, name: str):
+        err, body = dbus_call(self.bus.address, "Get", "ss", [INTERFACE, name], 10,
+                              interface=PROPERTIES)
+        if err is not None:
+            raise LabError(f"Get {name}: {err} {body}")
+        return body[0].value
+
+    # ---- the kernel's view ----
+
+    def nft(self) -> dict:
+        """The kernel's view of zddd's table in the namespace (JSON), or {} if absent."""
+        r = self.ns.run("nft", "-j", "list", "table", "inet", "zddd", check=False)
+        return json.loads(r.stdout) if r.returncode == 0 else {}
+
+    def steered_to(self) -> str | None:
+        """The target the kernel steers new connections to ("off" when zddd's data plane is
+        there but steers nowhere), or None when nothing of zddd's is in the kernel."""
+        return STEERING_READERS.get(self.backend, read_with_zddd)(self)
+
+
+_public_package: Path | None = None
+
+
+def public_package() -> Path:
+    """A directory every user can read holding a copy of the `zddd` package (for PYTHONPATH),
+    made once per process and removed at its exit."""
+    global _public_package
+    if _public_package is None:
+        top = Path(tempfile.mkdtemp(prefix="zddd-pkg-"))
+        atexit.register(shutil.rmtree, top, True)
+        shutil.copytree(REPO / "zddd", top / "zddd",
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        for path in [top, *top.rglob("*")]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        _public_package = top
+    return _public_package
+
+
+def read_nftables(zddd: Zddd) -> str | None:
+    """The chain the steer map's element points at, read straight from the kernel."""
+    for item in zddd.nft().get("nftables", []):
+        m = item.get("map")
+        if m and m["name"] == "steer":
+            elems = m.get("elem", [])
+            return elems[0][1]["goto"]["target"].removeprefix("steer_") if elems else "off"
+    return None
+
+
+READ_WITH_ZDDD = r"""
+import json, sys
+from zddd.backends import Desired, backend_class
+from zddd.config import load
+config = load(sys.argv[1])
+state = backend_class(config.backend)().read(Desired.from_config(config, None))
+print(json.dumps(None if state is None else state.active or "off"))
+"""
+
+
+def read_with_zddd(zddd: Zddd) -> str | None:
+    """What zddd's own backend code reads from the kernel, run in the namespace with zddd's
+    config: for backends the lab has no reader of its own for (not independent of zddd, so a
+    test that can should read the kernel itself)."""
+    r = zddd.ns.run(str(VENV_BIN / "python"), "-c", READ_WITH_ZDDD, str(zddd.config_path),
+                    check=False)
+    if r.returncode != 0:
+        raise LabError(f"reading {zddd.backend}'s steering failed: {r.stderr.strip()}")
+    return json.loads(r.stdout)
+
+
+# Backend name -> a reader of where that backend steers, independent of zddd's code. The BPF
+# backends add theirs here (e.g. "tc": read the pinned steering map with bpftool).
+STEERING_READERS: dict[str, Callable[[Zddd], str | None]] = {"nftables": read_nftables}
+
+
+class Vhost:
+    """tests/httpd.py on a port in a namespace, answering its name; `statuses` maps paths to
+    the HTTP status they answer instead of 200 (e.g. {"/health": 404})."""
+
+    def __init__(self, ns: NetNS, port: int, name: str, statuses: dict[str, int] | None = None):
+        self.ns, self.port, self.name = ns, port, name
+        self.statuses = dict(statuses or {})
+        self.proc: subprocess.Popen | None = None
+        self.start()
+
+    def start(self) -> None:
+        self.proc = self.ns.popen(PYTHON, str(REPO / "tests" / "httpd.py"), str(self.port),
+                                  self.name, *(f"{p}={c}" for p, c in self.statuses.items()),
+                                  stdout=subprocess.PIPE, text=True)
+        if self.proc.stdout.readline().strip() != "ready":
+            self.stop()
+            raise LabError(f"vhost {self.name} failed to start on port {self.port}")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=5)
+
+
+NGINX_CONF = """worker_processes {workers};
+pid {root}/nginx.pid;
+daemon off;
+error_log {root}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  default_type text/plain;
+  keepalive_requests 1000000;
+  client_body_temp_path {root}/temp/body;
+  proxy_temp_path {root}/temp/proxy;
+  fastcgi_temp_path {root}/temp/fastcgi;
+  uwsgi_temp_path {root}/temp/uwsgi;
+  scgi_temp_path {root}/temp/scgi;
+{servers}
+}}
+"""
+
+
+@dataclass
+class HAProxy:
+    """A running HAProxy (see Lab.haproxy) and its admin socket."""
+
+    netns: NetNS | str
+    socket_path: Path
+    proc: Proc
+
+    def command(self, cmd: str) -> str:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(2)
+            s.connect(str(self.socket_path))
+            s.sendall(cmd.encode() + b"\n")
+            chunks = []
+            while chunk := s.recv(65536):
+                chunks.append(chunk)
+        return b"".join(chunks).decode()
+
+    def stat(self, backend: str = "app") -> dict[str, dict[str, str]]:
+        """Server name → its `show stat` row (status, check_status, agent_status, ...)."""
+        lines = self.command("show stat").splitlines()
+        header = lines[0].lstrip("# ").split(",")
+        rows = (dict(zip(header, line.split(","), strict=False)) for line in lines[1:] if line)
+        return {row["svname"]: row for row in rows if row.get("pxname") == backend
+                and row.get("svname") not in ("FRONTEND", "BACKEND")}
+
+    def servers(self, backend: str = "app") -> dict[str, str]:
+        """Server name → HAProxy status (UP, DOWN, MAINT, DRAIN, "UP 1/2", ...)."""
+        return {name: row["status"] for name, row in self.stat(backend).items()}
+
+
+def lab_haproxy_config(text: str, admin_socket: Path) -> str:
+    """The shipped config with what needs a full system replaced: the admin socket path, the
+    chroot and user switch (harmless, but the lab needs none), syslog and daemon mode."""
+    out = []
+    replaced = False
+    for line in text.splitlines():
+        word = line.split()[:2]
+        if word[:2] == ["stats", "socket"]:
+            indent = line[:len(line) - len(line.lstrip())]
+            line = f"{indent}stats socket {admin_socket} mode 600 level admin"
+            replaced = True
+        elif word[:1] in (["chroot"], ["user"], ["group"], ["daemon"], ["log"]):
+            continue
+        out.append(line)
+    if not replaced:
+        raise LabError("the HAProxy config has no `stats socket` line to point at the lab")
+    return "\n".join(out) + "\n"
