@@ -2,7 +2,7 @@
 """Does steered traffic harm the direct traffic that follows it? One client, three phases.
 
 In fresh namespaces (client 198.51.100.10, app 198.51.100.11 with nginx main :8080 and backup
-:80), the backend under test is set up in the app namespace by tests/backend_driver.py (the
+:80), the backend under test is set up in the app namespace by zdddlab.driver (the
 backend alone, no daemon) and steers the listen port 8888 to main. Then the same client runs
 wrk with `Connection: close` (a new connection per request, so client ports are reused fast;
 the client's port range is narrowed to --ports ports to make reuse certain):
@@ -33,14 +33,9 @@ import argparse
 import re
 import statistics
 import subprocess
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "examples"))
-sys.path.insert(0, str(ROOT / "tests"))
-import labkit  # noqa: E402
-from backend_driver import DriverClient  # noqa: E402
+import zdddlab
+from zdddlab.driver import DriverClient
 
 APP, CLIENT = "198.51.100.11", "198.51.100.10"
 LISTEN = 8888
@@ -50,7 +45,7 @@ GOAL_FLIP_P50_USEC = 20
 SYN_RETRANS, RETRANS_SEGS = "TcpExtTCPSynRetrans", "TcpRetransSegs"
 
 
-def wrk(lab: labkit.Lab, ns: str, port: int, seconds: int, conns: int,
+def wrk(lab: zdddlab.Lab, ns: str, port: int, seconds: int, conns: int,
         close: bool = True) -> float:
     """Requests per second from one wrk run (errors fail the bench: a refused or reset
     connection is a lost request, not a slow one)."""
@@ -66,14 +61,14 @@ def wrk(lab: labkit.Lab, ns: str, port: int, seconds: int, conns: int,
         return 0.0
     match = re.search(r"Requests/sec:\s+([\d.]+)", out)
     if not match:
-        raise labkit.LabError(f"wrk printed no rate:\n{out}")
+        raise zdddlab.LabError(f"wrk printed no rate:\n{out}")
     errors = re.search(r"Socket errors: (.*)", out)
     if errors:
         print(f"    wrk socket errors on :{port}: {errors.group(1)}")
     return float(match.group(1))
 
 
-def counters(lab: labkit.Lab, ns: str) -> dict[str, int]:
+def counters(lab: zdddlab.Lab, ns: str) -> dict[str, int]:
     """The namespace's absolute TCP counters (nstat -a reads /proc/net of the namespace; the
     history file is not used)."""
     out = lab.exec(ns, ["nstat", "-asz", SYN_RETRANS, RETRANS_SEGS], capture_output=True,
@@ -86,7 +81,7 @@ def counters(lab: labkit.Lab, ns: str) -> dict[str, int]:
     return values
 
 
-def setup_backend(lab: labkit.Lab, app: str, backend: str) -> DriverClient:
+def setup_backend(lab: zdddlab.Lab, app: str, backend: str) -> DriverClient:
     """The backend in the app namespace, steering 8888 to main, driven directly."""
     bpffs = lab.tmp / "bpf"
     bpffs.mkdir()
@@ -94,7 +89,7 @@ def setup_backend(lab: labkit.Lab, app: str, backend: str) -> DriverClient:
     lab.closers.append(lambda: subprocess.run(["umount", str(bpffs)], check=False))
     desired = {"listen_port": LISTEN, "ports": {"main": 8080, "backup": 80},
                "pin_dir": str(bpffs / "zddd"), "flow_entries": 65536}
-    app_ns = lab._netns_object(app)
+    app_ns = lab.ns(app)
     driver = DriverClient(app_ns.popen, backend, desired)
     lab.closers.append(driver.close)
     driver("probe")
@@ -108,7 +103,7 @@ def percentile(values: list[float], pct: float) -> float:
 
 
 def run(args) -> int:
-    with labkit.Lab(prefix="zbm") as lab:
+    with zdddlab.Lab(prefix="zbm") as lab:
         client, app = lab.netns("cli"), lab.netns("app")
         lab.link(client, "eth0", app, "eth0", cidr_a=f"{CLIENT}/24", cidr_b=f"{APP}/24")
         low = 32768
@@ -173,7 +168,7 @@ def main() -> None:
     parser.add_argument("--keepalive", action="store_true",
                         help="also compare keep-alive throughput through 8888 with direct")
     args = parser.parse_args()
-    labkit.run_main(lambda: run(args), "mixed_traffic")
+    zdddlab.run_main(lambda: run(args), "mixed_traffic")
 
 
 if __name__ == "__main__":

@@ -34,7 +34,6 @@ from .daemons import NGINX_CONF, HAProxy, Vhost, Zddd, lab_haproxy_config
 from .net import NetNS, bridge, link, ns_name
 from .probes import port_open
 
-BPFFS = Path("/sys/fs/bpf")
 
 
 @dataclass
@@ -48,6 +47,7 @@ class Lab:
     procs: list[Proc] = field(default_factory=list)
     closers: list = field(default_factory=list)  # called in reverse order on close
     _old_handlers: dict = field(default_factory=dict)
+    _bpffs: Path | None = None  # this lab's own bpffs mount, once a pin dir was asked for
 
     # ---- lifetime ----
 
@@ -127,15 +127,25 @@ class Lab:
         return run(["ip", "netns", "exec", ns_name(ns), *argv], **kw)
 
     def bpf_pin_dir(self, mount: bool = True) -> str:
-        """A fresh path /sys/fs/bpf/zt-<random> for one zddd's pins (zddd creates it), removed
-        with everything in it at close (pins are files in bpffs). With `mount`, bpffs is
-        mounted at /sys/fs/bpf first if it is not, as zddd would; it is never unmounted
-        (other labs and zddds may be using it). The nftables backend needs no mount."""
-        if mount and not _bpffs_mounted():
-            run(["mount", "-t", "bpf", "bpf", str(BPFFS)])
-        path = BPFFS / f"zt-{secrets.token_hex(4)}"
-        self.closers.append(lambda: shutil.rmtree(path, ignore_errors=True))
-        return str(path)
+        """A fresh pin directory for one zddd (zddd creates it). It lies on a bpffs this lab
+        mounts for itself under /run and unmounts at close: not under /sys/fs/bpf, because
+        `ip netns exec` remounts /sys, so pins there would vanish with a zddd started in a
+        namespace and no restart could adopt them. Without `mount` (nftables needs no bpffs)
+        only a path is given."""
+        if not mount:
+            return f"/run/zddd-lab-unused/zt-{secrets.token_hex(4)}"
+        if self._bpffs is None:
+            mnt = Path("/run") / f"zddd-lab-bpf-{secrets.token_hex(4)}"
+            mnt.mkdir(parents=True)
+            run(["mount", "-t", "bpf", "bpf", str(mnt)])
+            self._bpffs = mnt
+
+            def unmount() -> None:
+                subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+                mnt.rmdir()
+
+            self.closers.append(unmount)
+        return str(self._bpffs / f"zt-{secrets.token_hex(4)}")
 
     # ---- processes ----
 
@@ -211,11 +221,6 @@ class Lab:
         lg = LoadGen(proc, out)
         wait_for(lambda: proc.check_alive() or lg.records(), 10, f"{name} first response")
         return lg
-
-
-def _bpffs_mounted() -> bool:
-    with open("/proc/self/mounts") as mounts:
-        return any(line.split()[1:3] == [str(BPFFS), "bpf"] for line in mounts)
 
 
 @dataclass

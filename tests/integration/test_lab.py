@@ -31,7 +31,7 @@ def test_the_backend_parameter_reaches_zddd(lab):
     z = lab.start_zddd()
     assert lab.backend == z.backend == z.config["backend"] == "nftables"
     assert z.config["bpf_pin_dir"] == lab.pin_dir
-    assert lab.pin_dir.startswith("/sys/fs/bpf/zt-")
+    assert lab.pin_dir.startswith("/run/zddd-lab-")
     assert z.prop("Backend") == "nftables"
     assert z.steered_to() == "main"
 

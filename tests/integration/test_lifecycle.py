@@ -7,7 +7,7 @@ import subprocess
 import time
 
 import pytest
-from lab import APP_V4, VENV_BIN, agent_ask, connect_error, http_get, wait_for, without_counters
+from zdddlab import APP_V4, VENV_BIN, agent_ask, connect_error, http_get, wait_for, without_counters
 
 
 def squat(ns, port: int, host: str = "0.0.0.0"):
@@ -110,7 +110,7 @@ def test_a_table_of_an_older_layout_is_rewritten_without_a_flip(lab):
 
 def socket_held(lab):
     """A keep-alive connection through 8888; returns a function that asks it again."""
-    from lab import KeepAlive
+    from zdddlab import KeepAlive
 
     k = KeepAlive(lab.client, APP_V4, 8888)
     lab.closers.append(k.close)

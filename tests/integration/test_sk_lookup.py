@@ -1,4 +1,4 @@
-"""The sk_lookup backend driven directly (tests/backend_driver.py) inside an app namespace:
+"""The sk_lookup backend driven directly (zdddlab.driver) inside an app namespace:
 steering in both families without rewriting, adoption, drift repair, listener changes, removal
 and per-target connection counts. Each test has its own namespaces and its own bpffs mount
 (pins in a host-visible bpffs, so a second driver process can adopt them), removed at the end.
@@ -15,8 +15,8 @@ from contextlib import suppress
 from pathlib import Path
 
 import pytest
-from backend_driver import DriverClient
-from lab import (APP_V4, APP_V6, CLIENT_V4, CLIENT_V6, HeldConnection, KeepAlive, NetNS, Vhost,
+from zdddlab.driver import DriverClient
+from zdddlab import (APP_V4, APP_V6, CLIENT_V4, CLIENT_V6, HeldConnection, KeepAlive, NetNS, Vhost,
                  connect_error, http_get, link, wait_for)
 
 from zddd import bpfsys
@@ -27,7 +27,7 @@ LISTEN = 8888
 
 
 def Driver(ns: NetNS, desired: dict, prefix: tuple[str, ...] = ()) -> DriverClient:
-    """tests/backend_driver.py running the sk_lookup backend in `ns`."""
+    """zdddlab.driver running the sk_lookup backend in `ns`."""
     return DriverClient(ns.popen, "sk_lookup", desired, prefix=prefix)
 
 

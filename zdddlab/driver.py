@@ -1,6 +1,6 @@
 """Drive one zddd backend directly, without the daemon, from inside a network namespace.
 
-    ip netns exec NS .venv/bin/python tests/backend_driver.py BACKEND JSON_DESIRED
+    ip netns exec NS .venv/bin/python -m zdddlab.driver BACKEND JSON_DESIRED
 
 Reads one JSON command per line on stdin and answers one JSON line on stdout ({"error": ...}
 when the command raised). The backend runs in this process, so it sees the namespace the way
@@ -15,7 +15,7 @@ zddd would. Commands (key "op"):
     listener {target}        the backend's listener_problem(target), if it has one
     flips {n}                n switches main/backup; the apply time of each, µs
 
-Tests (tests/integration/test_sk_lookup.py) and bench/mixed_traffic.py use it.
+Tests (tests/integration/test_sk_lookup.py) and the bench use it.
 """
 
 from __future__ import annotations
@@ -25,12 +25,11 @@ import os
 import sys
 import threading
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from zddd.backends import Desired, backend_class
+from zddd.connections import ConnectionCounter
 
-from zddd.backends import Desired, backend_class  # noqa: E402
-from zddd.connections import ConnectionCounter  # noqa: E402
+from .base import VENV_BIN
 
 
 class DriverClient:
@@ -39,10 +38,10 @@ class DriverClient:
     RuntimeError with the backend's error."""
 
     def __init__(self, popen, backend: str, desired: dict, prefix: tuple[str, ...] = (),
-                 python: str = str(Path(__file__).resolve().parent.parent / ".venv/bin/python")):
+                 python: str = str(VENV_BIN / "python")):
         import subprocess
 
-        self.proc = popen(*prefix, python, str(Path(__file__).resolve()), backend,
+        self.proc = popen(*prefix, python, "-m", "zdddlab.driver", backend,
                           json.dumps(desired), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                           text=True)
         line = self.proc.stdout.readline()
