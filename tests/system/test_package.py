@@ -365,7 +365,8 @@ def test_config_broken_at_boot_fails_the_unit_and_programs_nothing(machine):
 
 def test_zddctl_version_and_bash_completion(machine):
     m = machine
-    version = (TOP / "zddd/__init__.py").read_text().split('"')[1]
+    version = re.search(r'^__version__ = "(.*)"$', (TOP / "zddd/__init__.py").read_text(),
+                        re.M).group(1)
     assert m.sh("zddctl --version").out == f"zddctl {version}"
     shipped = m.root / "usr/share/bash-completion/completions/zddctl"
     assert shipped.read_text() == (TOP / "packaging/bash-completion/zddctl").read_text()
