@@ -411,23 +411,28 @@ def test_a_release_failing_its_health_check_on_the_second_host_stops_the_roll(fl
 # The roll's order does not depend on the usage: one usage is enough, and saves half a minute.
 @pytest.mark.parametrize("fleet", ["traffic-port"], indirect=True)
 def test_a_failure_on_the_first_host_leaves_the_others_untouched(fleet, request):
-    """r4 is broken on app1, the first host: app1 is rolled back, app2 is never touched."""
+    """r4 passes its health check on app1, the first host, but does not serve r4: the check
+    through the load balancer fails after app1 is back on main, app1 is taken off main again
+    and rolled back, and app2 is never touched."""
     lab, c = fleet
     usage = request.node.callspec.params["fleet"]
-    release(app_root(lab, "app1"), "main", "r4", "app1 main r4 broken", healthy=False)
+    release(app_root(lab, "app1"), "main", "r4", "app1 main wrong build")
     release(app_root(lab, "app2"), "main", "r4", "app2 main r4")
     app2_log = len(c.apps["app2"].zddd.process.log())
 
-    result = playbook(lab, c, usage, "-e", "release=r4", "-e", "main_up_wait=3")
+    result = playbook(lab, c, usage, "-e", "release=r4", "-e", "lb_verify_wait=3")
 
     out = result.stdout + result.stderr
     assert result.returncode != 0 and "fatal: [app1]" in out, out[-3000:]
+    assert re.search(r"TASK \[.*Take the host off main again before the rollback\] \*+\n"
+                     r"changed: \[app1\]", out), out[-3000:]
     # app2 passed the preflight (staged, checked), and the roll never reached it.
     roll = out.split("PLAY [Rolling deploy", 1)[1]
     assert "[app2]" not in roll, roll[-3000:]
     assert current(app_root(lab, "app1")) == "releases/r3"
     assert current(app_root(lab, "app2")) == "releases/r2"
-    # Not one switch on app2: its zddd logged nothing since.
+    assert direct(lab, c, "app1") == "app1 main r3"
+    # Not one switch on app2: its zddd logged none since.
     since = c.apps["app2"].zddd.process.log()[app2_log:]
     assert "event=switch" not in since and "event=drain" not in since, since
     for host in HOSTS:
