@@ -1,6 +1,11 @@
 """zddctl: the command-line client of zddd's D-Bus API.
 
 Exit status: 0 done; 1 refused, failed or timed out (the reason on stderr); 2 usage error.
+
+`zddctl -H [USER@]HOST COMMAND` runs the same command with the zddctl of HOST, over ssh, and
+exits with its status: the arguments are checked here first (a usage error is exit 2 without
+any connection), ssh failures are exit 1 with a line saying so. The ssh command is
+$ZDDCTL_SSH (split like a shell would, default `ssh`), the way systemctl -H takes $SYSTEMD_SSH.
 """
 
 from __future__ import annotations
@@ -8,9 +13,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import shlex
+import subprocess
 import sys
 import time
 
+from . import __version__
 from .service.dbus import (BUS_NAME, ERROR_PREFIX, INTERFACE, OBJECT_PATH, Message, MessageBus,
                            MessageType, Variant, bus_address)
 
@@ -33,12 +42,25 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _ssh_host(text: str) -> str:
+    # What ssh gets as its destination: nothing it could read as an option or split apart.
+    if not text or text.startswith("-") or any(c.isspace() for c in text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not [USER@]HOST")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="zddctl", description="Control zddd, the zero-downtime deployment daemon.",
         epilog="Exit status: 0 done; 1 refused, failed or timed out; 2 usage error.")
-    p.add_argument("--bus", default="system", metavar="system|session|ADDRESS",
-                   help="the D-Bus bus zddd serves on (default: system)")
+    p.add_argument("--version", action="version", version=f"zddctl {__version__}")
+    # None, not "system", when not given: -H passes --bus on only when it was asked for.
+    p.add_argument("--bus", default=None, metavar="system|session|ADDRESS",
+                   help="the D-Bus bus zddd serves on (default: system; with -H, the remote "
+                        "host's bus)")
+    p.add_argument("-H", "--host", type=_ssh_host, metavar="[USER@]HOST",
+                   help="run the command on HOST over ssh (its zddctl, same output and exit "
+                        "status; the ssh command is $ZDDCTL_SSH, default ssh)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     s = sub.add_parser("status", help="show the active target, drains and targets")
     s.add_argument("--json", action="store_true", help="print JSON")
@@ -150,7 +172,7 @@ def format_status(st: dict) -> str:
 
 
 async def run(args: argparse.Namespace) -> int:
-    client = await Client.connect(args.bus)
+    client = await Client.connect(args.bus or "system")
     try:
         if args.command == "status":
             st = status_dict(await client.properties())
@@ -177,7 +199,9 @@ async def switch(client: Client, args: argparse.Namespace) -> None:
                           [args.target, {"force": Variant("b", True)}])
     else:
         await client.call("Switch", "s", [args.target])
-    if args.target == "off" and not args.force:
+    if args.target == "off" and previous == "off":
+        print("already off: nothing to drain")
+    elif args.target == "off" and not args.force:
         print(f"draining {previous or 'the active target'} towards off")
     else:
         print(f"switched to {args.target}")
@@ -191,9 +215,64 @@ async def switch(client: Client, args: argparse.Namespace) -> None:
     print(f"{previous} is drained")
 
 
+def remote_argv(args: argparse.Namespace) -> list[str]:
+    """The zddctl command line that -H runs on the remote host: the parsed command, spelled out
+    in full (no abbreviations left to a remote zddctl of another version), without -H."""
+    argv = ["zddctl"]
+    if args.bus is not None:
+        argv += ["--bus", args.bus]
+    argv.append(args.command)
+    if args.command == "status" and args.json:
+        argv.append("--json")
+    elif args.command == "switch":
+        if args.force:
+            argv.append("--force")
+        if args.wait_drained is not None:
+            argv.append("--wait-drained" if args.wait_drained < 0
+                        else f"--wait-drained={args.wait_drained!r}")
+    elif args.command == "wait-drained":
+        argv.append(f"--timeout={args.timeout!r}")
+    if args.command in ("switch", "wait-drained"):
+        # "--": a target that starts with "-" reaches zddd as given (and is its InvalidTarget).
+        argv += ["--", args.target]
+    return argv
+
+
+# ssh's own failures (cannot connect, authentication, host key) are its exit status 255; a shell
+# that cannot find a command exits 127 (126: found but not executable).
+SSH_FAILED = 255
+COMMAND_NOT_FOUND = (126, 127)
+
+
+def run_remote(args: argparse.Namespace) -> int:
+    try:
+        ssh = shlex.split(os.environ.get("ZDDCTL_SSH", "")) or ["ssh"]
+    except ValueError as e:
+        raise Failure(f"ZDDCTL_SSH cannot be split into words: {e}") from None
+    # -n: stdin stays ours (a `while read host` loop keeps its input); -T: no terminal, so the
+    # output is byte for byte the remote zddctl's; -x -a: no X11 or agent forwarding. ssh joins
+    # the remote command into one string for the remote shell: every word is quoted.
+    argv = [*ssh, "-n", "-T", "-x", "-a", "--", args.host, shlex.join(remote_argv(args))]
+    try:
+        rc = subprocess.run(argv).returncode
+    except OSError as e:
+        raise Failure(f"cannot run {ssh[0]}: {e.strerror or e}") from None
+    if rc in (EXIT_OK, EXIT_FAILED, EXIT_USAGE):
+        return rc
+    if rc == SSH_FAILED:
+        raise Failure(f"ssh to {args.host} failed (its reason is above)")
+    if rc in COMMAND_NOT_FOUND:
+        raise Failure(f"{args.host} could not run zddctl (exit {rc}): is zddd installed there?")
+    if rc < 0:
+        raise Failure(f"ssh to {args.host} was killed by signal {-rc}")
+    raise Failure(f"zddctl on {args.host} exited {rc}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.host is not None:
+            return run_remote(args)
         return asyncio.run(run(args))
     except Failure as e:
         print(f"zddctl: {e}", file=sys.stderr)

@@ -382,3 +382,12 @@ def test_config_broken_at_boot_fails_the_unit_and_programs_nothing(machine):
     assert "invalid config: targets.main.port: port 70000 is out of range" in log, log
     assert "zddd" not in m.sh("nft list tables", check=True).stdout
     assert m.sh("curl -sS --max-time 3 127.0.0.1:8888").returncode != 0
+
+
+def test_zddctl_version_and_bash_completion(machine):
+    m = machine
+    version = re.search(r'^__version__ = "(.*)"$', (TOP / "zddd/__init__.py").read_text(),
+                        re.M).group(1)
+    assert m.sh("zddctl --version").out == f"zddctl {version}"
+    shipped = m.root / "usr/share/bash-completion/completions/zddctl"
+    assert shipped.read_text() == (TOP / "packaging/bash-completion/zddctl").read_text()

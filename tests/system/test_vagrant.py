@@ -74,7 +74,8 @@ def booted(deb: Path, packages: list[str], checkout: str):  # noqa: F811
 
 @pytest.fixture(scope="module")
 def app(deb):  # noqa: F811
-    yield from booted(deb, ["nginx-light"], "/vagrant")
+    # openssh-server and sudo: what the Vagrant box has, for the playbook run from the host.
+    yield from booted(deb, ["nginx-light", "openssh-server", "sudo"], "/vagrant")
 
 
 @pytest.fixture(scope="module")
@@ -195,6 +196,78 @@ def test_a_deployed_release_survives_provisioning(app):
          "ln -sfn releases/2 /srv/app/main/current", check=True)
     provision(m, "/vagrant/vagrant/provision-app.sh app1")
     assert curl(m, "127.0.0.1:8888") == "app1 main v2"
+
+
+def vagrant_box_login(m: Machine, key: Path) -> None:
+    """What the debian/bookworm64 box and `vagrant up` give the host: sshd, a user vagrant
+    with passwordless sudo whose authorized key is Vagrant's per-machine key, and the VM's
+    private network address (here on the container's lo: it has no other interface)."""
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    m.sh("apt-get install -y -q --no-install-recommends openssh-server sudo", check=True,
+         timeout=300)
+    m.sh("id vagrant >/dev/null 2>&1 || useradd -m -s /bin/bash vagrant", check=True)
+    m.write("/etc/sudoers.d/vagrant", "vagrant ALL=(ALL) NOPASSWD: ALL\n", 0o440)
+    m.write("/home/vagrant/.ssh/authorized_keys", key.with_suffix(".pub").read_text(), 0o600)
+    m.sh("chown -R vagrant: /home/vagrant/.ssh && systemctl start ssh && "
+         f"ip addr replace {import_labkit().APP_ADDRS['app1']}/32 dev lo", check=True)
+
+
+def import_labkit():
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        import labkit
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    return labkit
+
+
+def test_rolling_deploy_playbook_from_the_host(app, tmp_path):
+    """The README's `ansible-playbook -i examples/ansible/vagrant.ini ...`, run on the host from
+    a checkout (inside the container's network namespace, where the VM's address is), against
+    the provisioned app server. Two additions: `-l app1` (there is no app2 here) and an lb_url
+    where the host's HAProxy, with the shipped traffic-port config, listens in that namespace
+    (the container has no lb, and its own :8080 is the main vhost)."""
+    labkit = import_labkit()
+    m = app
+    checkout = tmp_path / "checkout"
+    shutil.copytree(TOP / "examples" / "ansible", checkout / "examples" / "ansible")
+    key_dir = checkout / ".vagrant" / "machines" / "app1" / "virtualbox"
+    key_dir.mkdir(parents=True)
+    vagrant_box_login(m, key_dir / "private_key")
+    release = checkout / "build" / "release-v3"
+    release.mkdir(parents=True)
+    (release / "index.html").write_text("main v3\n")
+    (release / "healthz").write_text("ok\n")
+    previous = m.sh("readlink /srv/app/main/current", check=True).out
+
+    netns = ["nsenter", f"--net=/proc/{m.leader}/ns/net"]
+    cfg = tmp_path / "haproxy.cfg"
+    cfg.write_text(labkit.lab_haproxy_config(
+        (EXAMPLES / "haproxy" / "traffic-port.cfg").read_text().replace("bind :80", "bind :8081"),
+        tmp_path / "haproxy.sock"))
+    haproxy = subprocess.Popen([*netns, "haproxy", "-db", "-f", str(cfg)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {"PATH": HOST_PATH, "LANG": "C.UTF-8", "HOME": str(tmp_path),
+           "ANSIBLE_HOME": str(tmp_path / "ansible"), "ANSIBLE_NOCOLOR": "1",
+           # No ssh master left behind in the container's namespace after the run.
+           "ANSIBLE_SSH_ARGS": "-o ControlMaster=no"}
+    try:
+        r = subprocess.run(
+            [*netns, "ansible-playbook", "-i", "examples/ansible/vagrant.ini",
+             "examples/ansible/rolling-deploy.yml", "-e", "release=v3",
+             "-e", f"release_src={release}", "-l", "app1",
+             "-e", "lb_url=http://127.0.0.1:8081/"],
+            cwd=checkout, env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        haproxy.kill()
+        haproxy.wait(10)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr
+    assert m.sh("readlink /srv/app/main/current").out == "releases/v3"
+    assert (m.root / "srv/app/main/releases/v3/index.html").read_text() == "main v3\n"
+    assert curl(m, "127.0.0.1:8888") == "main v3"
+    assert status(m)["active_target"] == "main"
+    # The release before is still there for a rollback.
+    assert (m.root / "srv/app/main" / previous / "index.html").exists()
 
 
 # ---- load balancer ----

@@ -1,0 +1,439 @@
+"""Fleet operations end to end: examples/ansible/rolling-deploy.yml rolls a release across both
+app servers while a client sends steady traffic through HAProxy, in both HAProxy usages, and
+`zddctl -H` drives a host over ssh.
+
+The lab is the e2e topology (examples/labkit.py) with what a fleet needs on top, built here:
+each app namespace runs the shipped nginx vhosts (examples/nginx/) serving a versioned release
+layout in the lab's directory (main/current -> releases/<name>), zddd probing their /healthz,
+and an sshd of the test's own (Debian's openssh-server, a host key and a client key generated
+for the test, listening only on the host's address inside its namespace, killed at teardown).
+Ansible and zddctl -H run inside the load balancer's namespace with examples/ansible/lab.ini.
+
+The tests of one usage share one lab and run in file order, like an operator would: ssh checks,
+a roll to r2, a roll to r3 that fails on app2, a roll to r4 that fails on app1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "examples"))
+import labkit  # noqa: E402
+
+ANSIBLE = REPO / "examples" / "ansible"
+PLAYBOOK = ANSIBLE / "rolling-deploy.yml"
+SSHD = "/usr/sbin/sshd"
+HOSTS = tuple(labkit.APP_ADDRS)
+
+pytestmark = pytest.mark.e2e
+
+
+# ---- the lab ----------------------------------------------------------------------------
+
+SSHD_CONFIG = """# The test's own sshd: its own keys and files, root by key only, nothing of the
+# host's.
+ListenAddress {addr}:22
+HostKey {host_key}
+AuthorizedKeysFile {authorized_keys}
+PidFile none
+PermitRootLogin prohibit-password
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UsePAM no
+# The lab's files live under /tmp, which is world-writable: StrictModes would refuse them.
+StrictModes no
+# What an installed zddd gives a login: zddctl on PATH (here the checkout's venv). SHLVL=1:
+# bash run by sshd then skips root's ~/.bashrc (bash reads it only at shell level 1), which on
+# the development machines puts pyenv first on PATH and costs 0.6 s per command.
+SetEnv PATH={venv_bin}:/usr/sbin:/usr/bin:/sbin:/bin SHLVL=1
+Subsystem sftp /usr/lib/openssh/sftp-server
+"""
+
+SSH_CONFIG = """Host *
+    User root
+    IdentityFile {dir}/id_ed25519
+    IdentitiesOnly yes
+    UserKnownHostsFile {dir}/known_hosts
+    GlobalKnownHostsFile /dev/null
+    StrictHostKeyChecking yes
+    BatchMode yes
+    ConnectTimeout 5
+"""
+
+
+def keygen(path: Path) -> str:
+    """A new ed25519 key pair at `path` (and .pub); returns the public key line."""
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", path.name, "-f",
+                    str(path)], check=True, capture_output=True)
+    return path.with_suffix(".pub").read_text().strip()
+
+
+def ssh_setup(lab: labkit.Lab) -> Path:
+    """The client side: a key, known_hosts with each app host's own host key, an ssh_config
+    (examples/ansible/lab.ini points Ansible at it). Returns the directory."""
+    directory = lab.tmp / "ssh"
+    directory.mkdir()
+    client_pub = keygen(directory / "id_ed25519")
+    (directory / "authorized_keys").write_text(client_pub + "\n")
+    known = []
+    for name, addr in labkit.APP_ADDRS.items():
+        host_pub = keygen(directory / f"{name}_host_key")
+        known.append(f"{addr} {host_pub}")
+    (directory / "known_hosts").write_text("\n".join(known) + "\n")
+    (directory / "ssh_config").write_text(SSH_CONFIG.format(dir=directory))
+    return directory
+
+
+def start_sshd(lab: labkit.Lab, name: str, ns: str, addr: str, ssh_dir: Path) -> labkit.Proc:
+    conf = ssh_dir / f"{name}_sshd_config"
+    conf.write_text(SSHD_CONFIG.format(addr=addr, host_key=ssh_dir / f"{name}_host_key",
+                                       authorized_keys=ssh_dir / "authorized_keys",
+                                       venv_bin=labkit.VENV_BIN))
+    # sshd's privilege separation directory is compiled in; the package's tmpfiles create it at
+    # boot, which this machine has not had.
+    Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
+    labkit._run([SSHD, "-t", "-f", str(conf)])
+    proc = lab.spawn(f"{name}-sshd", ns, [SSHD, "-D", "-e", "-f", str(conf)])
+    labkit.wait_for(lambda: proc.check_alive() or labkit.port_open(lab, ns, 22, host=addr), 10,
+                    f"{name}'s sshd")
+    return proc
+
+
+def release(root: Path, vhost: str, name: str, page: str, healthy: bool = True) -> Path:
+    """A release directory under root/<vhost>/releases/<name> with index.html (and healthz)."""
+    directory = root / vhost / "releases" / name
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "index.html").write_text(page + "\n")
+    if healthy:
+        (directory / "healthz").write_text("ok\n")
+    return directory
+
+
+def current(app_root: Path, vhost: str = "main") -> str:
+    return os.readlink(app_root / vhost / "current")
+
+
+def start_nginx(lab: labkit.Lab, name: str, ns: str, app_root: Path) -> labkit.Proc:
+    """nginx with the shipped vhosts (main :8080, backup :80), their roots moved from /srv/app
+    to the host's layout in the lab."""
+    root = lab.tmp / f"{name}-nginx"
+    (root / "temp").mkdir(parents=True)
+    servers = "\n".join((REPO / "examples" / "nginx" / f"{v}.conf").read_text()
+                        .replace("/srv/app/", f"{app_root}/") for v in ("main", "backup"))
+    conf = root / "nginx.conf"
+    # Workers as root: the releases are in the lab's directory, which only root may read.
+    conf.write_text("user root;\n" + labkit.NGINX_CONF.format(root=root, workers=1,
+                                                               servers=servers))
+    proc = lab.spawn(f"{name}-nginx", ns, ["nginx", "-p", str(root), "-e",
+                                           str(root / "error.log"), "-c", str(conf)])
+    for port in (8080, 80):
+        labkit.wait_for(lambda p=port: proc.check_alive() or labkit.port_open(lab, ns, p), 10,
+                        f"{name}'s nginx on {port}")
+    return proc
+
+
+ZDDD_CONFIG = {"targets": {"main": {"port": 8080, "health": "http:/healthz"},
+                           "backup": {"port": 80, "health": "http:/healthz"}}}
+
+
+def fleet_cluster(lab: labkit.Lab, usage: str) -> labkit.Cluster:
+    """labkit.cluster's topology with release layouts, the shipped vhosts and sshd; every host
+    starts on release r1 ("<host> main r1"). Returns once HAProxy has every server UP."""
+    lb = lab.netns("lb")
+    client = lab.netns("client")
+    lab.bridge(lb, f"{labkit.LB_APP_ADDR}/24")
+    lab.link(lb, "client", client, "eth0", cidr_a=f"{labkit.LB_CLIENT_ADDR}/24",
+             cidr_b=f"{labkit.CLIENT_ADDR}/24")
+    ssh_dir = ssh_setup(lab)
+    apps = {}
+    for name, addr in labkit.APP_ADDRS.items():
+        ns = lab.netns(name)
+        lab.link(lb, name, ns, "eth0", cidr_b=f"{addr}/24", master_a="br0")
+        app_root = lab.tmp / name / "srv" / "app"
+        for vhost, page in (("main", f"{name} main r1"), ("backup", f"{name} backup")):
+            release(app_root, vhost, "r1", page)
+            (app_root / vhost / "current").symlink_to("releases/r1")
+        nginx = start_nginx(lab, name, ns, app_root)
+        bus = lab.dbus_daemon(f"{name}-bus")  # lab.ini: <lab_root>/<host>-bus/bus
+        zddd = lab.zddd(f"{name}-zddd", ns, bus, ZDDD_CONFIG)
+        start_sshd(lab, name, ns, addr, ssh_dir)
+        apps[name] = labkit.AppServer(name, ns, addr, zddd, nginx)
+    haproxy = lab.haproxy("haproxy", lb, labkit.HAPROXY_CONFIGS[usage].read_text())
+    labkit.wait_for(lambda: set(haproxy.servers().values()) == {"UP"}, 20,
+                    "HAProxy to see every server UP")
+    return labkit.Cluster(lb, client, apps, haproxy)
+
+
+def lab_for(usage: str):
+    if os.geteuid() != 0:
+        pytest.fail("this test needs root (network namespaces, nftables)")
+    lab = labkit.Lab(prefix="ans")
+    try:
+        cluster = fleet_cluster(lab, usage)
+        yield lab, cluster
+    finally:
+        for proc in lab.procs:
+            if proc.name.endswith(("-sshd", "haproxy")) or not proc.alive():
+                print(f"--- {proc.name} ---\n{proc.log_text()[-2000:]}", file=sys.stderr)
+        lab.close()
+
+
+@pytest.fixture(scope="module", params=["traffic-port", "health-port"])
+def fleet(request):
+    yield from lab_for(request.param)
+
+
+# ---- driving it ---------------------------------------------------------------------------
+
+def app_root(lab: labkit.Lab, host: str) -> Path:
+    return lab.tmp / host / "srv" / "app"
+
+
+def ansible_env(lab: labkit.Lab) -> dict[str, str]:
+    """Ansible's state in the lab's directory, not in root's home."""
+    tmp = lab.tmp / "ansible"
+    return {**os.environ, "ANSIBLE_HOME": str(tmp / "home"),
+            "ANSIBLE_LOCAL_TEMP": str(tmp / "local"), "ANSIBLE_REMOTE_TEMP": str(tmp / "remote"),
+            "ANSIBLE_SSH_CONTROL_PATH_DIR": str(tmp / "cp"), "ANSIBLE_NOCOLOR": "1",
+            "ANSIBLE_FORCE_COLOR": "0", "ANSIBLE_RETRY_FILES_ENABLED": "0"}
+
+
+def playbook(lab: labkit.Lab, c: labkit.Cluster, usage: str, *extra: str,
+             timeout: float = 150) -> subprocess.CompletedProcess:
+    """ansible-playbook with examples/ansible/lab.ini, from the load balancer's namespace."""
+    started = time.monotonic()
+    argv = ["ansible-playbook", "-i", str(ANSIBLE / "lab.ini"), str(PLAYBOOK),
+            "-e", f"lab_root={lab.tmp}", "-e", f"haproxy_usage={usage}", *extra]
+    result = lab.exec(c.lb, argv, env=ansible_env(lab), cwd=lab.tmp, check=False,
+                      timeout=timeout)
+    print(f"ansible-playbook took {time.monotonic() - started:.1f} s:\n{result.stdout}"
+          f"{result.stderr}", file=sys.stderr)
+    return result
+
+
+class RotationWatch:
+    """Samples HAProxy's stats socket every 50 ms: which main servers (app1, app2) are in
+    rotation, i.e. in a state that takes new requests ("UP", "UP 1/2")."""
+
+    def __init__(self, haproxy: labkit.HAProxy):
+        self.haproxy = haproxy
+        self.samples: list[tuple[float, dict[str, str]]] = []
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                servers = self.haproxy.servers()
+                self.samples.append((time.monotonic(),
+                                     {h: servers.get(h, "?") for h in HOSTS}))
+            except OSError:
+                pass
+            self.stopping.wait(0.05)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.thread.join()
+
+    def both_out(self) -> list:
+        return [(t, s) for t, s in self.samples
+                if not any(state.startswith("UP") for state in s.values())]
+
+    def ever_out(self, host: str) -> bool:
+        return any(not s[host].startswith("UP") for _, s in self.samples)
+
+
+def rolled(lab: labkit.Lab, c: labkit.Cluster, usage: str, *extra: str):
+    """Run the playbook under steady load with HAProxy watched; returns (result, records,
+    watch, finished) where `finished` is the monotonic time the playbook ended."""
+    load = lab.loadgen("load", c.client, c.url, workers=4, interval=0.02)
+    watch = RotationWatch(c.haproxy)
+    try:
+        time.sleep(0.5)
+        result = playbook(lab, c, usage, *extra)
+        finished = time.monotonic()
+        time.sleep(1.5)
+    finally:
+        watch.stop()
+        records = load.finish()
+    return result, records, watch, finished
+
+
+def answers(records: list[dict], start: float = 0, end: float = float("inf")) -> Counter:
+    return Counter(r["body"] if r["ok"] else "ERROR" for r in records if start <= r["t"] < end)
+
+
+def failed(records: list[dict]) -> list[dict]:
+    return [r for r in records if not r["ok"]]
+
+
+def direct(lab: labkit.Lab, c: labkit.Cluster, host: str, port: int = 8888) -> str:
+    """What the host answers on `port`, asked from the load balancer's namespace."""
+    r = lab.exec(c.lb, ["curl", "-sS", "--max-time", "3",
+                        f"http://{labkit.APP_ADDRS[host]}:{port}/"], check=False)
+    return r.stdout.strip() if r.returncode == 0 else f"curl failed: {r.stderr.strip()}"
+
+
+def assert_rotation_kept(watch: RotationWatch, usage: str) -> None:
+    assert len(watch.samples) > 50, "HAProxy was hardly sampled"
+    assert not watch.both_out(), f"both hosts out of rotation: {watch.both_out()[:3]}"
+    if usage == "health-port":
+        # The playbook took each host out in turn (switch off): the watch could have seen it.
+        assert watch.ever_out("app1") and watch.ever_out("app2"), watch.samples[::20]
+
+
+# ---- zddctl -H ----------------------------------------------------------------------------
+
+def zddctl_h(lab: labkit.Lab, c: labkit.Cluster, *args: str, host: str = "app1",
+             bus: bool = True) -> subprocess.CompletedProcess:
+    """zddctl -H root@<host address> [--bus <host's bus>] ARGS, from the load balancer."""
+    ssh = f"ssh -F {lab.tmp / 'ssh' / 'ssh_config'}"
+    address = labkit.APP_ADDRS.get(host, host)
+    argv = [str(labkit.VENV_BIN / "zddctl"), "-H", f"root@{address}"]
+    if bus:
+        argv += ["--bus", c.apps[host].zddd.bus]
+    return lab.exec(c.lb, [*argv, *args], env={**os.environ, "ZDDCTL_SSH": ssh}, check=False,
+                    timeout=60)
+
+
+@pytest.mark.parametrize("fleet", ["traffic-port"], indirect=True)
+def test_zddctl_over_ssh_gives_the_remote_output_and_exit_status(fleet):
+    lab, c = fleet
+    app1 = c.apps["app1"].zddd
+    local = app1.ctl("status", "--json")
+    remote = zddctl_h(lab, c, "status", "--json")
+    assert remote.returncode == 0, remote.stderr
+
+    def strip(st: dict) -> dict:  # connection counts change with HAProxy's checks
+        return {**st, "targets": {n: {**t, "connections": None}
+                                  for n, t in st["targets"].items()}}
+
+    assert strip(json.loads(remote.stdout)) == strip(json.loads(local.stdout))
+    # A refusal on the remote host: its message and its exit status 1, as run there.
+    here = app1.ctl("switch", "été", check=False)
+    there = zddctl_h(lab, c, "switch", "été")
+    assert (there.returncode, there.stdout, there.stderr) == (1, here.stdout, here.stderr)
+    assert "InvalidTarget" in there.stderr and "Traceback" not in there.stderr
+    # A switch made over ssh is a switch on that host, not here.
+    there = zddctl_h(lab, c, "switch", "backup")
+    assert (there.returncode, there.stdout) == (0, "switched to backup\n"), there
+    assert app1.status()["active_target"] == "backup"
+    assert direct(lab, c, "app1") == "app1 backup"
+    there = zddctl_h(lab, c, "switch", "main")
+    assert there.returncode == 0 and app1.status()["active_target"] == "main", there
+    # A usage error is found before any connection: exit 2, nothing from ssh.
+    there = zddctl_h(lab, c, "switch")
+    assert there.returncode == 2 and "ssh" not in there.stderr, there
+    # ssh failing (nothing listens on the load balancer's own port 22): one line, exit 1.
+    there = zddctl_h(lab, c, "status", host="127.0.0.1", bus=False)
+    assert there.returncode == 1, there
+    assert "zddctl: ssh to root@127.0.0.1 failed" in there.stderr, there.stderr
+    # The remote zddctl cannot reach a bus: the remote failure, exit 1.
+    there = zddctl_h(lab, c, "--bus", "unix:path=/nonexistent", "status", bus=False)
+    assert there.returncode == 1 and "cannot connect" in there.stderr, there
+
+
+# ---- the rolling deploy ---------------------------------------------------------------------
+
+def test_rolling_deploy_under_load(fleet, request):
+    lab, c = fleet
+    usage = request.node.callspec.params["fleet"]
+    build = lab.tmp / "build" / "r2"
+    build.mkdir(parents=True)
+    (build / "index.html").write_text("main r2\n")
+    (build / "healthz").write_text("ok\n")
+
+    result, records, watch, finished = rolled(lab, c, usage, "-e", "release=r2",
+                                              "-e", f"release_src={build}")
+
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr
+    assert not failed(records), failed(records)[:5]
+    assert_rotation_kept(watch, usage)
+    seen = answers(records)
+    assert seen["app1 main r1"] > 0 and seen["app2 main r1"] > 0, seen
+    if usage == "traffic-port":
+        # Each host served from its backup vhost while its main vhost was being deployed.
+        assert seen["app1 backup"] > 0 and seen["app2 backup"] > 0, seen
+    # After the roll, every answer is the new release, from both hosts.
+    assert set(answers(records, finished)) == {"main r2"}, answers(records, finished)
+    for host in HOSTS:
+        assert current(app_root(lab, host)) == "releases/r2"
+        assert c.apps[host].zddd.status()["active_target"] == "main"
+        assert direct(lab, c, host, 8080) == "main r2"
+    assert re.search(r"app1\s*: ok=\d+\s+changed=\d+\s+unreachable=0\s+failed=0",
+                     result.stdout), result.stdout[-1500:]
+
+
+def test_a_release_failing_its_health_check_on_the_second_host_stops_the_roll(fleet, request):
+    """r3 is staged on both hosts, but app2's copy has no /healthz: app1 ends on r3, app2 is
+    rolled back to r2 and serves, and the playbook fails naming app2."""
+    lab, c = fleet
+    usage = request.node.callspec.params["fleet"]
+    release(app_root(lab, "app1"), "main", "r3", "app1 main r3")
+    release(app_root(lab, "app2"), "main", "r3", "app2 main r3 broken", healthy=False)
+
+    result, records, watch, finished = rolled(lab, c, usage, "-e", "release=r3",
+                                              "-e", "main_up_wait=5")
+
+    out = result.stdout + result.stderr
+    assert result.returncode != 0, out[-3000:]
+    # The last failure reported is the one that stopped the roll (the first is the health
+    # check's, which the rollback handled).
+    failures = re.findall(r"fatal: \[app2\]: FAILED! => (.*)", out)
+    assert failures, out[-3000:]
+    msg = json.loads(failures[-1])["msg"]
+    assert msg.startswith("app2: deploying r3 failed") and "rolled back to releases/r2" in msg, \
+        msg
+    assert not failed(records), failed(records)[:5]
+    assert_rotation_kept(watch, usage)
+    assert current(app_root(lab, "app1")) == "releases/r3"
+    assert current(app_root(lab, "app2")) == "releases/r2"
+    for host in HOSTS:
+        assert c.apps[host].zddd.status()["active_target"] == "main"
+    # The broken release never answered a client; afterwards both hosts serve from main.
+    assert "app2 main r3 broken" not in answers(records)
+    assert set(answers(records, finished)) == {"app1 main r3", "main r2"}, \
+        answers(records, finished)
+
+
+# The roll's order does not depend on the usage: one usage is enough, and saves half a minute.
+@pytest.mark.parametrize("fleet", ["traffic-port"], indirect=True)
+def test_a_failure_on_the_first_host_leaves_the_others_untouched(fleet, request):
+    """r4 passes its health check on app1, the first host, but does not serve r4: the check
+    through the load balancer fails after app1 is back on main, app1 is taken off main again
+    and rolled back, and app2 is never touched."""
+    lab, c = fleet
+    usage = request.node.callspec.params["fleet"]
+    release(app_root(lab, "app1"), "main", "r4", "app1 main wrong build")
+    release(app_root(lab, "app2"), "main", "r4", "app2 main r4")
+    app2_log = len(c.apps["app2"].zddd.process.log())
+
+    result = playbook(lab, c, usage, "-e", "release=r4", "-e", "lb_verify_wait=3")
+
+    out = result.stdout + result.stderr
+    assert result.returncode != 0 and "fatal: [app1]" in out, out[-3000:]
+    assert re.search(r"TASK \[.*Take the host off main again before the rollback\] \*+\n"
+                     r"changed: \[app1\]", out), out[-3000:]
+    # app2 passed the preflight (staged, checked), and the roll never reached it.
+    roll = out.split("PLAY [Rolling deploy", 1)[1]
+    assert "[app2]" not in roll, roll[-3000:]
+    assert current(app_root(lab, "app1")) == "releases/r3"
+    assert current(app_root(lab, "app2")) == "releases/r2"
+    assert direct(lab, c, "app1") == "app1 main r3"
+    # Not one switch on app2: its zddd logged none since.
+    since = c.apps["app2"].zddd.process.log()[app2_log:]
+    assert "event=switch" not in since and "event=drain" not in since, since
+    for host in HOSTS:
+        assert c.apps[host].zddd.status()["active_target"] == "main"
