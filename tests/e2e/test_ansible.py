@@ -2,7 +2,7 @@
 app servers while a client sends steady traffic through HAProxy, in both HAProxy usages, and
 `zddctl -H` drives a host over ssh.
 
-The lab is the e2e topology (examples/labkit.py) with what a fleet needs on top, built here:
+The lab is the e2e topology (zdddlab) with what a fleet needs on top, built here:
 each app namespace runs the shipped nginx vhosts (examples/nginx/) serving a versioned release
 layout in the lab's directory (main/current -> releases/<name>), zddd probing their /healthz,
 and an sshd of the test's own (Debian's openssh-server, a host key and a client key generated
@@ -27,14 +27,14 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "examples"))
-import labkit  # noqa: E402
+import zdddlab
+
+REPO = zdddlab.REPO
 
 ANSIBLE = REPO / "examples" / "ansible"
 PLAYBOOK = ANSIBLE / "rolling-deploy.yml"
 SSHD = "/usr/sbin/sshd"
-HOSTS = tuple(labkit.APP_ADDRS)
+HOSTS = tuple(zdddlab.APP_ADDRS)
 
 pytestmark = pytest.mark.e2e
 
@@ -79,7 +79,7 @@ def keygen(path: Path) -> str:
     return path.with_suffix(".pub").read_text().strip()
 
 
-def ssh_setup(lab: labkit.Lab) -> Path:
+def ssh_setup(lab: zdddlab.Lab) -> Path:
     """The client side: a key, known_hosts with each app host's own host key, an ssh_config
     (examples/ansible/lab.ini points Ansible at it). Returns the directory."""
     directory = lab.tmp / "ssh"
@@ -87,7 +87,7 @@ def ssh_setup(lab: labkit.Lab) -> Path:
     client_pub = keygen(directory / "id_ed25519")
     (directory / "authorized_keys").write_text(client_pub + "\n")
     known = []
-    for name, addr in labkit.APP_ADDRS.items():
+    for name, addr in zdddlab.APP_ADDRS.items():
         host_pub = keygen(directory / f"{name}_host_key")
         known.append(f"{addr} {host_pub}")
     (directory / "known_hosts").write_text("\n".join(known) + "\n")
@@ -95,17 +95,17 @@ def ssh_setup(lab: labkit.Lab) -> Path:
     return directory
 
 
-def start_sshd(lab: labkit.Lab, name: str, ns: str, addr: str, ssh_dir: Path) -> labkit.Proc:
+def start_sshd(lab: zdddlab.Lab, name: str, ns: str, addr: str, ssh_dir: Path) -> zdddlab.Proc:
     conf = ssh_dir / f"{name}_sshd_config"
     conf.write_text(SSHD_CONFIG.format(addr=addr, host_key=ssh_dir / f"{name}_host_key",
                                        authorized_keys=ssh_dir / "authorized_keys",
-                                       venv_bin=labkit.VENV_BIN))
+                                       venv_bin=zdddlab.VENV_BIN))
     # sshd's privilege separation directory is compiled in; the package's tmpfiles create it at
     # boot, which this machine has not had.
     Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
-    labkit._run([SSHD, "-t", "-f", str(conf)])
+    zdddlab.run([SSHD, "-t", "-f", str(conf)])
     proc = lab.spawn(f"{name}-sshd", ns, [SSHD, "-D", "-e", "-f", str(conf)])
-    labkit.wait_for(lambda: proc.check_alive() or labkit.port_open(lab, ns, 22, host=addr), 10,
+    zdddlab.wait_for(lambda: proc.check_alive() or zdddlab.port_open(lab, ns, 22, host=addr), 10,
                     f"{name}'s sshd")
     return proc
 
@@ -124,7 +124,7 @@ def current(app_root: Path, vhost: str = "main") -> str:
     return os.readlink(app_root / vhost / "current")
 
 
-def start_nginx(lab: labkit.Lab, name: str, ns: str, app_root: Path) -> labkit.Proc:
+def start_nginx(lab: zdddlab.Lab, name: str, ns: str, app_root: Path) -> zdddlab.Proc:
     """nginx with the shipped vhosts (main :8080, backup :80), their roots moved from /srv/app
     to the host's layout in the lab."""
     root = lab.tmp / f"{name}-nginx"
@@ -133,12 +133,12 @@ def start_nginx(lab: labkit.Lab, name: str, ns: str, app_root: Path) -> labkit.P
                         .replace("/srv/app/", f"{app_root}/") for v in ("main", "backup"))
     conf = root / "nginx.conf"
     # Workers as root: the releases are in the lab's directory, which only root may read.
-    conf.write_text("user root;\n" + labkit.NGINX_CONF.format(root=root, workers=1,
+    conf.write_text("user root;\n" + zdddlab.NGINX_CONF.format(root=root, workers=1,
                                                                servers=servers))
     proc = lab.spawn(f"{name}-nginx", ns, ["nginx", "-p", str(root), "-e",
                                            str(root / "error.log"), "-c", str(conf)])
     for port in (8080, 80):
-        labkit.wait_for(lambda p=port: proc.check_alive() or labkit.port_open(lab, ns, p), 10,
+        zdddlab.wait_for(lambda p=port: proc.check_alive() or zdddlab.port_open(lab, ns, p), 10,
                         f"{name}'s nginx on {port}")
     return proc
 
@@ -147,17 +147,17 @@ ZDDD_CONFIG = {"targets": {"main": {"port": 8080, "health": "http:/healthz"},
                            "backup": {"port": 80, "health": "http:/healthz"}}}
 
 
-def fleet_cluster(lab: labkit.Lab, usage: str) -> labkit.Cluster:
-    """labkit.cluster's topology with release layouts, the shipped vhosts and sshd; every host
+def fleet_cluster(lab: zdddlab.Lab, usage: str) -> zdddlab.Cluster:
+    """zdddlab.cluster's topology with release layouts, the shipped vhosts and sshd; every host
     starts on release r1 ("<host> main r1"). Returns once HAProxy has every server UP."""
     lb = lab.netns("lb")
     client = lab.netns("client")
-    lab.bridge(lb, f"{labkit.LB_APP_ADDR}/24")
-    lab.link(lb, "client", client, "eth0", cidr_a=f"{labkit.LB_CLIENT_ADDR}/24",
-             cidr_b=f"{labkit.CLIENT_ADDR}/24")
+    lab.bridge(lb, f"{zdddlab.LB_APP_ADDR}/24")
+    lab.link(lb, "client", client, "eth0", cidr_a=f"{zdddlab.LB_CLIENT_ADDR}/24",
+             cidr_b=f"{zdddlab.CLIENT_ADDR}/24")
     ssh_dir = ssh_setup(lab)
     apps = {}
-    for name, addr in labkit.APP_ADDRS.items():
+    for name, addr in zdddlab.APP_ADDRS.items():
         ns = lab.netns(name)
         lab.link(lb, name, ns, "eth0", cidr_b=f"{addr}/24", master_a="br0")
         app_root = lab.tmp / name / "srv" / "app"
@@ -168,17 +168,17 @@ def fleet_cluster(lab: labkit.Lab, usage: str) -> labkit.Cluster:
         bus = lab.dbus_daemon(f"{name}-bus")  # lab.ini: <lab_root>/<host>-bus/bus
         zddd = lab.zddd(f"{name}-zddd", ns, bus, ZDDD_CONFIG)
         start_sshd(lab, name, ns, addr, ssh_dir)
-        apps[name] = labkit.AppServer(name, ns, addr, zddd, nginx)
-    haproxy = lab.haproxy("haproxy", lb, labkit.HAPROXY_CONFIGS[usage].read_text())
-    labkit.wait_for(lambda: set(haproxy.servers().values()) == {"UP"}, 20,
+        apps[name] = zdddlab.AppServer(name, ns, addr, zddd, nginx)
+    haproxy = lab.haproxy("haproxy", lb, zdddlab.HAPROXY_CONFIGS[usage].read_text())
+    zdddlab.wait_for(lambda: set(haproxy.servers().values()) == {"UP"}, 20,
                     "HAProxy to see every server UP")
-    return labkit.Cluster(lb, client, apps, haproxy)
+    return zdddlab.Cluster(lb, client, apps, haproxy)
 
 
 def lab_for(usage: str):
     if os.geteuid() != 0:
         pytest.fail("this test needs root (network namespaces, nftables)")
-    lab = labkit.Lab(prefix="ans")
+    lab = zdddlab.Lab(prefix="ans")
     try:
         cluster = fleet_cluster(lab, usage)
         yield lab, cluster
@@ -196,11 +196,11 @@ def fleet(request):
 
 # ---- driving it ---------------------------------------------------------------------------
 
-def app_root(lab: labkit.Lab, host: str) -> Path:
+def app_root(lab: zdddlab.Lab, host: str) -> Path:
     return lab.tmp / host / "srv" / "app"
 
 
-def ansible_env(lab: labkit.Lab) -> dict[str, str]:
+def ansible_env(lab: zdddlab.Lab) -> dict[str, str]:
     """Ansible's state in the lab's directory, not in root's home."""
     tmp = lab.tmp / "ansible"
     return {**os.environ, "ANSIBLE_HOME": str(tmp / "home"),
@@ -209,7 +209,7 @@ def ansible_env(lab: labkit.Lab) -> dict[str, str]:
             "ANSIBLE_FORCE_COLOR": "0", "ANSIBLE_RETRY_FILES_ENABLED": "0"}
 
 
-def playbook(lab: labkit.Lab, c: labkit.Cluster, usage: str, *extra: str,
+def playbook(lab: zdddlab.Lab, c: zdddlab.Cluster, usage: str, *extra: str,
              timeout: float = 150) -> subprocess.CompletedProcess:
     """ansible-playbook with examples/ansible/lab.ini, from the load balancer's namespace."""
     started = time.monotonic()
@@ -226,7 +226,7 @@ class RotationWatch:
     """Samples HAProxy's stats socket every 50 ms: which main servers (app1, app2) are in
     rotation, i.e. in a state that takes new requests ("UP", "UP 1/2")."""
 
-    def __init__(self, haproxy: labkit.HAProxy):
+    def __init__(self, haproxy: zdddlab.HAProxy):
         self.haproxy = haproxy
         self.samples: list[tuple[float, dict[str, str]]] = []
         self.stopping = threading.Event()
@@ -255,7 +255,7 @@ class RotationWatch:
         return any(not s[host].startswith("UP") for _, s in self.samples)
 
 
-def rolled(lab: labkit.Lab, c: labkit.Cluster, usage: str, *extra: str):
+def rolled(lab: zdddlab.Lab, c: zdddlab.Cluster, usage: str, *extra: str):
     """Run the playbook under steady load with HAProxy watched; returns (result, records,
     watch, finished) where `finished` is the monotonic time the playbook ended."""
     load = lab.loadgen("load", c.client, c.url, workers=4, interval=0.02)
@@ -279,10 +279,10 @@ def failed(records: list[dict]) -> list[dict]:
     return [r for r in records if not r["ok"]]
 
 
-def direct(lab: labkit.Lab, c: labkit.Cluster, host: str, port: int = 8888) -> str:
+def direct(lab: zdddlab.Lab, c: zdddlab.Cluster, host: str, port: int = 8888) -> str:
     """What the host answers on `port`, asked from the load balancer's namespace."""
     r = lab.exec(c.lb, ["curl", "-sS", "--max-time", "3",
-                        f"http://{labkit.APP_ADDRS[host]}:{port}/"], check=False)
+                        f"http://{zdddlab.APP_ADDRS[host]}:{port}/"], check=False)
     return r.stdout.strip() if r.returncode == 0 else f"curl failed: {r.stderr.strip()}"
 
 
@@ -296,14 +296,14 @@ def assert_rotation_kept(watch: RotationWatch, usage: str) -> None:
 
 # ---- zddctl -H ----------------------------------------------------------------------------
 
-def zddctl_h(lab: labkit.Lab, c: labkit.Cluster, *args: str, host: str = "app1",
+def zddctl_h(lab: zdddlab.Lab, c: zdddlab.Cluster, *args: str, host: str = "app1",
              bus: bool = True) -> subprocess.CompletedProcess:
     """zddctl -H root@<host address> [--bus <host's bus>] ARGS, from the load balancer."""
     ssh = f"ssh -F {lab.tmp / 'ssh' / 'ssh_config'}"
-    address = labkit.APP_ADDRS.get(host, host)
-    argv = [str(labkit.VENV_BIN / "zddctl"), "-H", f"root@{address}"]
+    address = zdddlab.APP_ADDRS.get(host, host)
+    argv = [str(zdddlab.VENV_BIN / "zddctl"), "-H", f"root@{address}"]
     if bus:
-        argv += ["--bus", c.apps[host].zddd.bus]
+        argv += ["--bus", c.apps[host].zddd.bus.address]
     return lab.exec(c.lb, [*argv, *args], env={**os.environ, "ZDDCTL_SSH": ssh}, check=False,
                     timeout=60)
 

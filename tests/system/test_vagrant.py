@@ -209,16 +209,7 @@ def vagrant_box_login(m: Machine, key: Path) -> None:
     m.write("/etc/sudoers.d/vagrant", "vagrant ALL=(ALL) NOPASSWD: ALL\n", 0o440)
     m.write("/home/vagrant/.ssh/authorized_keys", key.with_suffix(".pub").read_text(), 0o600)
     m.sh("chown -R vagrant: /home/vagrant/.ssh && systemctl start ssh && "
-         f"ip addr replace {import_labkit().APP_ADDRS['app1']}/32 dev lo", check=True)
-
-
-def import_labkit():
-    sys.path.insert(0, str(EXAMPLES))
-    try:
-        import labkit
-    finally:
-        sys.path.remove(str(EXAMPLES))
-    return labkit
+         f"ip addr replace {zdddlab.APP_ADDRS['app1']}/32 dev lo", check=True)
 
 
 def test_rolling_deploy_playbook_from_the_host(app, tmp_path):
@@ -227,7 +218,6 @@ def test_rolling_deploy_playbook_from_the_host(app, tmp_path):
     the provisioned app server. Two additions: `-l app1` (there is no app2 here) and an lb_url
     where the host's HAProxy, with the shipped traffic-port config, listens in that namespace
     (the container has no lb, and its own :8080 is the main vhost)."""
-    labkit = import_labkit()
     m = app
     checkout = tmp_path / "checkout"
     shutil.copytree(TOP / "examples" / "ansible", checkout / "examples" / "ansible")
@@ -242,7 +232,7 @@ def test_rolling_deploy_playbook_from_the_host(app, tmp_path):
 
     netns = ["nsenter", f"--net=/proc/{m.leader}/ns/net"]
     cfg = tmp_path / "haproxy.cfg"
-    cfg.write_text(labkit.lab_haproxy_config(
+    cfg.write_text(zdddlab.lab_haproxy_config(
         (EXAMPLES / "haproxy" / "traffic-port.cfg").read_text().replace("bind :80", "bind :8081"),
         tmp_path / "haproxy.sock"))
     haproxy = subprocess.Popen([*netns, "haproxy", "-db", "-f", str(cfg)],
