@@ -140,6 +140,14 @@ def backend_class(name: str) -> type[Backend]:
         from .nftables import NftablesBackend
 
         return NftablesBackend
+    if name == "tc":
+        from .bpf import TcBackend
+
+        return TcBackend
+    if name == "xdp":
+        from .bpf import XdpBackend
+
+        return XdpBackend
     raise BackendUnavailable(
         f"backend {name!r} is not available in this version of zddd; use backend = \"nftables\"")
 
