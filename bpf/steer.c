@@ -4,8 +4,8 @@
 // rewritten to the target its flow was pinned to at its first SYN. Egress (tc clsact egress):
 // a reply from a target port gets its source port rewritten back to LISTEN_PORT, but only for
 // flows ingress steered, so clients that talk to a target port directly are never touched.
-// Everything else passes untouched: not TCP, not IPv4/IPv6, IPv6 with extension headers, IP
-// fragments, and packets for other ports.
+// Everything else passes untouched: not TCP, not IPv4/IPv6, IPv6 with extension headers other
+// than up to two Hop-by-Hop/Destination/Routing headers, IP fragments, other ports.
 //
 // Flows are pinned at their first SYN: a SYN without ACK to a local address takes the port in
 // `active` (0: off) and overwrites any entry of the same addresses and ports, so a client that
@@ -23,6 +23,7 @@
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/if_ether.h>
 #include <uapi/linux/in.h>
+#include <uapi/linux/in6.h>
 #include <uapi/linux/ip.h>
 #include <uapi/linux/ipv6.h>
 #include <uapi/linux/pkt_cls.h>
@@ -117,9 +118,23 @@ static __always_inline int parse(void *data, void *data_end, struct packet *p, i
         struct ipv6hdr *ip6 = data + off;
         if ((void *)(ip6 + 1) > data_end)
             return SHORT;
-        if (ip6->nexthdr != IPPROTO_TCP)  // extension headers: not ours to follow
-            return PASS;
         off += sizeof(*ip6);
+        __u8 next = ip6->nexthdr;
+        // Skip up to two Hop-by-Hop / Destination / Routing headers: the kernel's own BIG TCP
+        // packets carry a Hop-by-Hop jumbo option (lo sends IPv6 segments over 64 KB).
+        // Fragments and anything else pass untouched.
+#pragma unroll
+        for (int i = 0; i < 2; i++) {
+            if (next != IPPROTO_HOPOPTS && next != IPPROTO_DSTOPTS && next != IPPROTO_ROUTING)
+                break;
+            struct ipv6_opt_hdr *ext = data + off;
+            if ((void *)(ext + 1) > data_end)
+                return SHORT;
+            next = ext->nexthdr;
+            off += (ext->hdrlen + 1) * 8;
+        }
+        if (next != IPPROTO_TCP)
+            return PASS;
         tcp = data + off;
         if ((void *)(tcp + 1) > data_end)
             return SHORT;
@@ -211,7 +226,7 @@ static __always_inline int tc_parse(struct __sk_buff *skb, struct packet *p, int
     if (rc != SHORT)
         return rc;
     // Headers not in the linear part (rare): pull just enough and look again.
-    __u32 want = sizeof(struct ethhdr) + 60 + sizeof(struct tcphdr);
+    __u32 want = sizeof(struct ethhdr) + 40 + 2 * 64 + sizeof(struct tcphdr);
     if (bpf_skb_pull_data(skb, skb->len < want ? skb->len : want))
         return PASS;
     __builtin_memset(p, 0, sizeof(*p));
@@ -265,7 +280,7 @@ int zddd_xdp(struct xdp_md *ctx)
     if (!port)
         return XDP_PASS;
     // Bounds again for the verifier: parse() checked them, but on its own pointers.
-    struct tcphdr *tcp = data + (p.l4_offset & 0xff);
+    struct tcphdr *tcp = data + (p.l4_offset & 0x1fff);
     if ((void *)(tcp + 1) > data_end)
         return XDP_PASS;
     __u16 new_n = bpf_htons(port);

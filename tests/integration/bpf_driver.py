@@ -12,6 +12,7 @@ import sys
 import time
 
 from zddd.backends import ApplyError, BackendUnavailable, Desired, backend_class
+from zddd.backends.bpf import source_path
 
 
 def desired_of(d: dict) -> Desired:
@@ -37,6 +38,10 @@ def main():
         try:
             if op == "new":
                 backend = backend_class(request["backend"])()
+                if request.get("source_suffix"):
+                    # Stands in for an upgraded package: the same maps, other program code.
+                    backend._source = source_path().read_bytes() + request[
+                        "source_suffix"].encode()
                 answer = None
             elif op == "probe":
                 started = time.monotonic()
