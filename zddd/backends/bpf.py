@@ -60,6 +60,7 @@ XDP_FLAGS_UPDATE_IF_NOEXIST, XDP_FLAGS_SKB_MODE, XDP_FLAGS_DRV_MODE = 1, 2, 4
 ARPHRD_ETHER, ARPHRD_LOOPBACK = 1, 772
 IFF_UP = 1
 TCA_BPF_ID = 11
+MODULES_DIR = Path("/lib/modules")  # bcc compiles against <this>/<release>/build
 
 FLOW_KEY_SIZE, FLOW_VALUE_SIZE = 36, 4
 STAMP_FORMAT = "=4I8IQ"
@@ -158,7 +159,7 @@ class BpfBackend(Backend):
     # ---- probe ------------------------------------------------------------------------------
 
     def probe(self) -> None:
-        unavailable = f'; or use backend = "nftables"'
+        unavailable = '; or use backend = "nftables"'
         try:
             import bcc  # noqa: F401
         except ImportError:
@@ -166,7 +167,7 @@ class BpfBackend(Backend):
                 f"the {self.name} backend needs bcc: apt-get install python3-bpfcc"
                 f"{unavailable}") from None
         release = os.uname().release
-        if not Path(f"/lib/modules/{release}/build/include").is_dir():
+        if not (MODULES_DIR / release / "build" / "include").is_dir():
             raise BackendUnavailable(
                 f"no kernel headers for {release} (bcc compiles zddd's BPF programs against "
                 f"them): apt-get install linux-headers-{release}{unavailable}")
@@ -213,13 +214,19 @@ class BpfBackend(Backend):
             self._ipr = IPRoute()
         return self._ipr
 
-    def _links(self) -> list[tuple[str, int, int, int]]:
-        """(name, index, flags, type) of every link in this network namespace."""
-        return [(m.get_attr("IFLA_IFNAME"), m["index"], m["flags"], m["ifi_type"])
-                for m in self._netlink().get_links()]
+    def _links(self) -> list[tuple[str, int, int, int, tuple[int, int]]]:
+        """(name, index, flags, type, (XDP program id, mode)) of every link in this network
+        namespace, from one netlink dump."""
+        return [(m.get_attr("IFLA_IFNAME"), m["index"], m["flags"], m["ifi_type"],
+                 _xdp_of(m)) for m in self._netlink().get_links()]
+
+    def _clsact_indexes(self) -> set[int]:
+        """Interfaces with a clsact qdisc, from one dump (only they can hold our filters)."""
+        return {q["index"] for q in self._netlink().get_qdiscs()
+                if q.get_attr("TCA_KIND") == "clsact"}
 
     def _resolve(self, desired: Desired, links) -> tuple[dict[str, int], tuple[str, ...]]:
-        by_name = {name: (index, flags, kind) for name, index, flags, kind in links}
+        by_name = {name: (index, flags, kind) for name, index, flags, kind, _ in links}
         if desired.interfaces is None:
             # Every interface up that carries Ethernet framing (what steer.c parses): lo and
             # Ethernet-like links; tunnels without a link layer are left alone.
@@ -251,23 +258,10 @@ class BpfBackend(Backend):
                 found[hook] = _bpf_filter_prog_id(options)
         return found
 
-    def _has_clsact(self, index: int) -> bool:
-        return any(q.get_attr("TCA_KIND") == "clsact"
-                   for q in self._netlink().get_qdiscs(index=index))
-
     def _xdp(self, index: int) -> tuple[int, int]:
         """(program id, mode flag) of the XDP program on the interface, (0, 0) if none."""
         (msg,) = self._netlink().get_links(index)
-        xdp = msg.get_attr("IFLA_XDP")
-        if not xdp:
-            return 0, 0
-        drv = xdp.get_attr("IFLA_XDP_DRV_PROG_ID")
-        skb = xdp.get_attr("IFLA_XDP_SKB_PROG_ID")
-        if drv:
-            return drv, XDP_FLAGS_DRV_MODE
-        if skb:
-            return skb, XDP_FLAGS_SKB_MODE
-        return xdp.get_attr("IFLA_XDP_PROG_ID") or 0, 0
+        return _xdp_of(msg)
 
     def _xdp_mode(self, desired: Desired, ifname: str) -> int:
         if ifname == "lo" or desired.xdp_mode == "generic":
@@ -398,21 +392,22 @@ class BpfBackend(Backend):
             problems.append(f"interface {name} missing")
         want = {hook: found.pins.get(hook) for hook in ("ingress", "egress")}
         orphan_prog_ids = set()
-        for ifname, index, _, _ in links:
-            hooks = {h: (pid, 0) for h, pid in self._filter_ids(index).items()}
+        clsact = self._clsact_indexes()
+        for ifname, index, _, _, (prog_id, mode) in links:
+            filters = self._filter_ids(index) if index in clsact else {}
+            hooks = {h: (pid, 0) for h, pid in filters.items()}
             if self.ingress_hook == "xdp":
-                prog_id, mode = self._xdp(index)
                 if prog_id and self._is_ours(prog_id):
                     hooks["xdp"] = (prog_id, mode)
                 elif prog_id:
                     found.foreign_xdp.add(ifname)
             if hooks:
                 found.attached[ifname] = hooks
-            if self._has_clsact(index):
+            if index in clsact:
                 found.clsact.add(ifname)
-            for hook, (prog_id, _) in hooks.items():
-                if prog_id not in want.values():
-                    orphan_prog_ids.add(prog_id)
+            for attached_id, _ in hooks.values():
+                if attached_id not in want.values():
+                    orphan_prog_ids.add(attached_id)
             if ifname not in found.interfaces:
                 for hook in hooks:
                     problems.append(f"{hook} program attached on {ifname}, not configured")
@@ -601,7 +596,7 @@ class BpfBackend(Backend):
         except Exception as e:
             if getattr(e, "code", None) != 17:  # EEXIST: someone added it meanwhile
                 raise
-        if not self._has_clsact(index):
+        if index not in self._clsact_indexes():
             raise ApplyError(f"clsact on {ifname} did not stick", changed=True)
 
     def _step_attach(self, directory: str, ifname: str, index: int, hook: str, mode: int):
@@ -655,11 +650,11 @@ class BpfBackend(Backend):
         except OSError:
             pins = []
         attached = []
-        for ifname, index, _, _ in self._links():
-            for hook in self._filter_ids(index):
+        clsact = self._clsact_indexes()
+        for ifname, index, _, _, (prog_id, mode) in self._links():
+            for hook in self._filter_ids(index) if index in clsact else ():
                 attached.append((ifname, index, hook, 0))
             if self.ingress_hook == "xdp":
-                prog_id, mode = self._xdp(index)
                 if prog_id and self._is_ours(prog_id):
                     attached.append((ifname, index, "xdp", mode))
         return directory, pins, attached
@@ -775,6 +770,19 @@ class XdpBackend(BpfBackend):
 
     def _ingress_type(self, bpf_class) -> int:
         return bpf_class.XDP
+
+
+def _xdp_of(link) -> tuple[int, int]:
+    xdp = link.get_attr("IFLA_XDP")
+    if not xdp:
+        return 0, 0
+    drv = xdp.get_attr("IFLA_XDP_DRV_PROG_ID")
+    skb = xdp.get_attr("IFLA_XDP_SKB_PROG_ID")
+    if drv:
+        return drv, XDP_FLAGS_DRV_MODE
+    if skb:
+        return skb, XDP_FLAGS_SKB_MODE
+    return xdp.get_attr("IFLA_XDP_PROG_ID") or 0, 0
 
 
 def _bpf_filter_prog_id(options) -> int:
