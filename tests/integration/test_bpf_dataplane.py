@@ -213,6 +213,29 @@ def test_other_traffic_untouched(steering):
         assert _fixed_port_get(bpflab.client, host, 80, 40123) == "backup"
 
 
+def test_routed_traffic_is_not_steered(steering):
+    """With forwarding on, a connection to port 8888 of a host behind the app server passes
+    through it untouched; the app server's own 8888 is still steered."""
+    bpflab, driver = steering
+    far = bpflab._own(NetNS("far"))
+    link(bpflab.app, far, ("203.0.113.1", "2001:db8:1::1"), ("203.0.113.2", "2001:db8:1::2"))
+    bpflab.app.run("sysctl", "-qw", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1")
+    bpflab.client.run("ip", "route", "add", "203.0.113.0/24", "via", APP_V4)
+    bpflab.client.run("ip", "-6", "route", "add", "2001:db8:1::/64", "via", APP_V6)
+    far.run("ip", "route", "add", "198.51.100.0/24", "via", "203.0.113.1")
+    far.run("ip", "-6", "route", "add", "2001:db8::/64", "via", "2001:db8:1::1")
+    far_vhost = Vhost(far, 8888, "far")
+    try:
+        driver.sync("main")  # the new veth gets the programs too
+        assert "veth" not in " ".join(driver.read()["problems"])
+        for host in ("203.0.113.2", "2001:db8:1::2"):
+            assert bpflab.get(host) == "far"
+        for host in (APP_V4, APP_V6):
+            assert bpflab.get(host) == "main"
+    finally:
+        far_vhost.stop()
+
+
 def test_reused_client_port_follows_the_switch(steering):
     bpflab, driver = steering
     for host in (APP_V4, APP_V6):

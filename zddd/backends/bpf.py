@@ -152,6 +152,7 @@ class BpfBackend(Backend):
         self._ipr = None
         self._active: bpfsys.MapHandle | None = None
         self._active_id = 0
+        self._known_prog_ids: set[int] = set()  # programs this instance saw pinned as its own
         self._desired: Desired | None = None
         self.compile_seconds: float | None = None
         self._source: bytes | None = None
@@ -253,10 +254,14 @@ class BpfBackend(Backend):
                 if msg["info"] >> 16 != TC_PRIORITY[self.name] or msg["handle"] != TC_HANDLE:
                     continue
                 options = msg.get_attr("TCA_OPTIONS")
-                if options is None:
-                    continue
+                if options is None or options.get_attr("TCA_BPF_NAME") != self._filter_name(
+                        hook):
+                    continue  # someone else's filter at zddd's priority: not ours
                 found[hook] = _bpf_filter_prog_id(options)
         return found
+
+    def _filter_name(self, hook: str) -> str:
+        return f"zddd-{self.name}-{hook}"
 
     def _xdp(self, index: int) -> tuple[int, int]:
         """(program id, mode flag) of the XDP program on the interface, (0, 0) if none."""
@@ -391,6 +396,7 @@ class BpfBackend(Backend):
         for name in found.missing_interfaces:
             problems.append(f"interface {name} missing")
         want = {hook: found.pins.get(hook) for hook in ("ingress", "egress")}
+        self._known_prog_ids.update(i for i in want.values() if i)
         orphan_prog_ids = set()
         clsact = self._clsact_indexes()
         for ifname, index, _, _, (prog_id, mode) in links:
@@ -431,6 +437,11 @@ class BpfBackend(Backend):
             self._find_orphans(found, prog_id)
 
     def _is_ours(self, prog_id: int) -> bool:
+        """Is this XDP program zddd's? Programs seen pinned by this instance are; others are
+        judged by name, which needs CAP_SYS_ADMIN (BPF_PROG_GET_FD_BY_ID): without it an
+        unknown program counts as someone else's, and zddd leaves it alone."""
+        if prog_id in self._known_prog_ids:
+            return True
         try:
             fd = bpfsys.prog_fd_by_id(prog_id)
         except OSError:
@@ -609,7 +620,7 @@ class BpfBackend(Backend):
                 ok = self._xdp(index) == (prog_id, mode)
             else:
                 self._netlink().tc("replace-filter", "bpf", index, handle=TC_HANDLE, fd=fd,
-                                   name=f"zddd-{self.name}-{hook}", parent=PARENT[hook],
+                                   name=self._filter_name(hook), parent=PARENT[hook],
                                    prio=TC_PRIORITY[self.name], classid=1, direct_action=True)
                 ok = self._filter_ids(index).get(hook) == prog_id
         finally:
