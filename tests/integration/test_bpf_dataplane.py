@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from zddd.backends.bpf import pinned_active_port
+
 from lab import (APP_V4, APP_V6, CLIENT_V4, CLIENT_V6, PYTHON, REPO, KeepAlive, NetNS, Vhost,
                  connect_error, http_get, link)
 
@@ -167,8 +169,11 @@ def test_probe_build_and_steer_main_backup_off(bpflab):
             assert bpflab.get(host) == name, (target, host)
         for host in ("127.0.0.1", "::1"):  # lo is an interface like any other
             assert bpflab.get(host, ns=bpflab.app) == name, (target, host)
+        assert pinned_active_port(bpflab.pin_dir, bpflab.backend) == dict(
+            bpflab.desired["ports"])[target]  # read from outside the namespace
     result = driver.sync(None)
     assert result["layout"] == [] and result["after"]["active"] is None
+    assert pinned_active_port(bpflab.pin_dir, bpflab.backend) == 0
     for host in (APP_V4, APP_V6):
         assert bpflab.refused(host)
     with pytest.raises(ConnectionError):

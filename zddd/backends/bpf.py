@@ -678,17 +678,9 @@ class BpfBackend(Backend):
         if not pins and not attached:
             return None
         where = sorted({ifname for ifname, *_ in attached})
-        steering = ""
-        try:
-            fd = bpfsys.obj_get(os.path.join(directory, "active"))
-            try:
-                raw = bpfsys.MapHandle(fd, 4, 4).lookup(b"\0\0\0\0")
-            finally:
-                os.close(fd)
-            port = struct.unpack("=I", raw)[0] if raw else 0
-            steering = f" steering to port {port}" if port else " steering nothing"
-        except OSError:
-            pass
+        port = pinned_active_port(os.path.dirname(directory), self.name)
+        steering = "" if port is None else (
+            f" steering to port {port}" if port else " steering nothing")
         return (f"{self.name} programs on {', '.join(where) or 'no interface'}, "
                 f"{len(pins)} pins in {directory}{steering}")
 
@@ -781,6 +773,22 @@ class XdpBackend(BpfBackend):
 
     def _ingress_type(self, bpf_class) -> int:
         return bpf_class.XDP
+
+
+def pinned_active_port(pin_dir: str, backend: str) -> int | None:
+    """The port new connections are steered to according to the pinned `active` map of
+    `backend` ("tc" or "xdp") under `pin_dir`: 0 for off, None if nothing is pinned. Pins do
+    not belong to a network namespace, so a test can read this from outside the namespace
+    (given the same bpffs mount). Needs no bcc."""
+    try:
+        fd = bpfsys.obj_get(os.path.join(pin_dir, backend, "active"))
+    except OSError:
+        return None
+    try:
+        raw = bpfsys.MapHandle(fd, 4, 4).lookup(b"\0\0\0\0")
+    finally:
+        os.close(fd)
+    return struct.unpack("=I", raw)[0] if raw else None
 
 
 def _xdp_of(link) -> tuple[int, int]:
