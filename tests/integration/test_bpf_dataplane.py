@@ -368,6 +368,13 @@ def test_removed_pins_are_restored_and_flows_kept(steering):
     assert result["after"] == {"active": "backup", "intact": True, "problems": []}
     assert held.get() == "main"  # the flow map survived the repair
     assert bpflab.get(APP_V4) == "backup"
+    # Even with the whole directory gone, the maps the attached programs use come back.
+    subprocess.run(["rm", "-r", f"{bpflab.pin_dir}/{bpflab.backend}"], check=True)
+    assert driver.read()["intact"] is False
+    result = driver.sync("backup")
+    assert result["after"] == {"active": "backup", "intact": True, "problems": []}, result
+    assert held.get() == "main"
+    assert bpflab.get(APP_V6) == "backup"
     held.close()
 
 

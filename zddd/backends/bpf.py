@@ -553,6 +553,7 @@ class BpfBackend(Backend):
         raise ApplyError(f"configured interfaces not found: {', '.join(names)}", changed=False)
 
     def _step_repin(self, directory: str, name: str, map_id: int) -> None:
+        bpfsys.ensure_bpffs_dir(directory)  # the whole directory may have gone
         fd = bpfsys.map_fd_by_id(map_id)
         try:
             bpfsys.obj_pin(fd, os.path.join(directory, name))
