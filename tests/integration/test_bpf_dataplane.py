@@ -195,6 +195,45 @@ def test_only_listed_interfaces_steer(bpflab):
     assert "zddd" not in bpflab.app.run("tc", "filter", "show", "dev", "lo", "ingress").stdout
 
 
+def test_xdp_mode_generic_and_back_to_native(bpflab):
+    if bpflab.backend != "xdp":
+        pytest.skip("xdp_mode only concerns the xdp backend")
+    driver = bpflab.driver(xdp_mode="generic")
+    driver.sync("main")
+    assert "xdpgeneric" in bpflab.app.run("ip", "link", "show", "dev", bpflab.veth).stdout
+    assert bpflab.get(APP_V4) == "main"
+    state = driver.ask("read", xdp_mode="native")
+    assert state["problems"] == [f"xdp program on {bpflab.veth} in the wrong mode"]
+    result = driver.sync("backup", xdp_mode="native")
+    assert result["layout"] == ["attach"] and result["after"]["intact"], result
+    shown = bpflab.app.run("ip", "link", "show", "dev", bpflab.veth).stdout
+    assert "xdpgeneric" not in shown and "prog/xdp" in shown
+    # lo stays generic whatever the mode says.
+    assert "xdpgeneric" in bpflab.app.run("ip", "link", "show", "dev", "lo").stdout
+    assert bpflab.get(APP_V6) == "backup"
+
+
+def test_mounts_bpffs_where_none_is(bpflab, tmp_path):
+    """A pin dir outside any bpffs gets one mounted on it. (The mount is made in the driver's
+    private mount namespace, from `ip netns exec`, and goes with it.)"""
+    plain = tmp_path / "pins"
+    driver = bpflab.driver(pin_dir=str(plain))
+    result = driver.sync("backup")
+    assert result["after"]["intact"], result
+    assert bpflab.get(APP_V4) == "backup"
+    assert driver.read()["intact"]
+    driver.ask("remove")
+    assert driver.read() is None
+
+
+def test_missing_interface_fails_before_any_change(bpflab):
+    driver = bpflab.driver(interfaces=["lo", "zt-nonexistent"])
+    with pytest.raises(DriverError) as e:
+        driver.sync("main")
+    assert "zt-nonexistent" in str(e.value) and e.value.changed is False
+    assert bpflab.pins() == [] and "zddd" not in bpflab.hooks()
+
+
 def test_other_traffic_untouched(steering):
     bpflab, driver = steering
     # UDP to the listen port reaches whoever listens there, unchanged.

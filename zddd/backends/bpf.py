@@ -635,9 +635,9 @@ class BpfBackend(Backend):
             raise ApplyError(f"{ifname} has another XDP program (id {current}); zddd does not "
                              "replace it", changed=False)
         if current and current_mode != mode:
-            self._netlink().link("set", index=index, xdp_fd=-1, xdp_flags=current_mode)
+            bpfsys.xdp_set(index, -1, current_mode)
         # Replacing our own program in the same mode is one atomic swap in the kernel.
-        self._netlink().link("set", index=index, xdp_fd=fd, xdp_flags=mode)
+        bpfsys.xdp_set(index, fd, mode)
 
     def _step_detach(self, ifname: str, mode: int, hook: str) -> None:
         index = self._netlink().link_lookup(ifname=ifname)
@@ -647,7 +647,7 @@ class BpfBackend(Backend):
 
     def _detach(self, index: int, hook: str, mode: int) -> None:
         if hook == "xdp":
-            self._netlink().link("set", index=index, xdp_fd=-1, xdp_flags=mode)
+            bpfsys.xdp_set(index, -1, mode)
         else:
             self._netlink().tc("del-filter", "bpf", index, handle=TC_HANDLE,
                                parent=PARENT[hook], prio=TC_PRIORITY[self.name])

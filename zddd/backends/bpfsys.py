@@ -171,6 +171,35 @@ def map_fd_by_id(id_: int) -> int:
     return _fd_by_id(MAP_GET_FD_BY_ID, id_)
 
 
+def xdp_set(index: int, fd: int, flags: int) -> None:
+    """Attach the XDP program `fd` to interface `index` (fd -1: detach), in the mode `flags`
+    says (XDP_FLAGS_SKB_MODE 2, XDP_FLAGS_DRV_MODE 4). One RTM_SETLINK on a netlink socket of
+    its own: Debian's pyroute2 0.7 encodes IFLA_XDP_FLAGS as a big-endian u16, which the
+    kernel refuses, and without flags the kernel picks the mode itself."""
+    import socket
+
+    def nla(kind: int, payload: bytes) -> bytes:
+        header = struct.pack("=HH", 4 + len(payload), kind)
+        return header + payload + b"\0" * (-len(payload) % 4)
+
+    ifla_xdp, ifla_xdp_fd, ifla_xdp_flags, nla_f_nested = 43, 1, 3, 0x8000
+    rtm_setlink, nlm_f_request, nlm_f_ack, nlmsg_error = 19, 1, 4, 2
+    body = struct.pack("=BxHiII", socket.AF_UNSPEC, 0, index, 0, 0) + nla(
+        ifla_xdp | nla_f_nested,
+        nla(ifla_xdp_fd, struct.pack("=i", fd)) + nla(ifla_xdp_flags, struct.pack("=I", flags)))
+    message = struct.pack("=IHHII", 16 + len(body), rtm_setlink, nlm_f_request | nlm_f_ack, 1,
+                          0) + body
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as sock:
+        sock.bind((0, 0))
+        sock.send(message)
+        reply = sock.recv(65536)
+    length, kind = struct.unpack_from("=IH", reply, 0)
+    if kind == nlmsg_error:
+        (error,) = struct.unpack_from("=i", reply, 16)
+        if error < 0:
+            raise OSError(-error, os.strerror(-error))
+
+
 _cpus: int | None = None
 
 
@@ -223,4 +252,4 @@ def ensure_bpffs_dir(path: str) -> None:
 
 
 __all__ = ["obj_get", "obj_pin", "MapHandle", "map_info", "prog_info", "prog_fd_by_id",
-           "map_fd_by_id", "possible_cpus", "is_bpffs", "ensure_bpffs_dir", "errno"]
+           "map_fd_by_id", "possible_cpus", "is_bpffs", "ensure_bpffs_dir", "xdp_set", "errno"]
