@@ -195,9 +195,17 @@ def test_only_listed_interfaces_steer(bpflab):
     assert "zddd" not in bpflab.app.run("tc", "filter", "show", "dev", "lo", "ingress").stdout
 
 
-def test_xdp_mode_generic_and_back_to_native(bpflab):
-    if bpflab.backend != "xdp":
-        pytest.skip("xdp_mode only concerns the xdp backend")
+@pytest.fixture
+def xdplab(need_root):
+    lab = BpfLab("xdp")
+    try:
+        yield lab
+    finally:
+        lab.close()
+
+
+def test_xdp_mode_generic_and_back_to_native(xdplab):
+    bpflab = xdplab
     driver = bpflab.driver(xdp_mode="generic")
     driver.sync("main")
     assert "xdpgeneric" in bpflab.app.run("ip", "link", "show", "dev", bpflab.veth).stdout

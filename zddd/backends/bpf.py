@@ -59,7 +59,6 @@ PARENT = {"ingress": 0xFFFFFFF2, "egress": 0xFFFFFFF3}
 XDP_FLAGS_UPDATE_IF_NOEXIST, XDP_FLAGS_SKB_MODE, XDP_FLAGS_DRV_MODE = 1, 2, 4
 ARPHRD_ETHER, ARPHRD_LOOPBACK = 1, 772
 IFF_UP = 1
-TCA_BPF_ID = 11
 MODULES_DIR = Path("/lib/modules")  # bcc compiles against <this>/<release>/build
 
 FLOW_KEY_SIZE, FLOW_VALUE_SIZE = 36, 4
@@ -218,13 +217,12 @@ class BpfBackend(Backend):
     def _links(self) -> list[tuple[str, int, int, int, tuple[int, int]]]:
         """(name, index, flags, type, (XDP program id, mode)) of every link in this network
         namespace, from one netlink dump."""
-        return [(m.get_attr("IFLA_IFNAME"), m["index"], m["flags"], m["ifi_type"],
-                 _xdp_of(m)) for m in self._netlink().get_links()]
+        return [(link.name, link.index, link.flags, link.type, _xdp_of(link))
+                for link in bpfsys.links()]
 
     def _clsact_indexes(self) -> set[int]:
         """Interfaces with a clsact qdisc, from one dump (only they can hold our filters)."""
-        return {q["index"] for q in self._netlink().get_qdiscs()
-                if q.get_attr("TCA_KIND") == "clsact"}
+        return {index for index, kind in bpfsys.qdisc_kinds() if kind == "clsact"}
 
     def _resolve(self, desired: Desired, links) -> tuple[dict[str, int], tuple[str, ...]]:
         by_name = {name: (index, flags, kind) for name, index, flags, kind, _ in links}
@@ -243,21 +241,14 @@ class BpfBackend(Backend):
         return chosen, tuple(missing)
 
     def _filter_ids(self, index: int) -> dict[str, int]:
-        """Program ids of this backend's filters on the interface, by hook."""
+        """Program ids of this backend's filters on the interface, by hook: ours are at our
+        priority and handle, with our name (someone else's filter there is not ours)."""
         found = {}
         for hook, parent in PARENT.items():
-            try:
-                messages = self._netlink().get_filters(index=index, parent=parent)
-            except Exception:  # no clsact here
-                continue
-            for msg in messages:
-                if msg["info"] >> 16 != TC_PRIORITY[self.name] or msg["handle"] != TC_HANDLE:
-                    continue
-                options = msg.get_attr("TCA_OPTIONS")
-                if options is None or options.get_attr("TCA_BPF_NAME") != self._filter_name(
-                        hook):
-                    continue  # someone else's filter at zddd's priority: not ours
-                found[hook] = _bpf_filter_prog_id(options)
+            for prio, handle, name, prog_id in bpfsys.bpf_filters(index, parent):
+                if (prio, handle, name) == (TC_PRIORITY[self.name], TC_HANDLE,
+                                            self._filter_name(hook)):
+                    found[hook] = prog_id
         return found
 
     def _filter_name(self, hook: str) -> str:
@@ -265,8 +256,10 @@ class BpfBackend(Backend):
 
     def _xdp(self, index: int) -> tuple[int, int]:
         """(program id, mode flag) of the XDP program on the interface, (0, 0) if none."""
-        (msg,) = self._netlink().get_links(index)
-        return _xdp_of(msg)
+        for link in bpfsys.links():
+            if link.index == index:
+                return _xdp_of(link)
+        return 0, 0
 
     def _xdp_mode(self, desired: Desired, ifname: str) -> int:
         if ifname == "lo" or desired.xdp_mode == "generic":
@@ -792,35 +785,12 @@ def pinned_active_port(pin_dir: str, backend: str) -> int | None:
     return struct.unpack("=I", raw)[0] if raw else None
 
 
-def _xdp_of(link) -> tuple[int, int]:
-    xdp = link.get_attr("IFLA_XDP")
-    if not xdp:
-        return 0, 0
-    drv = xdp.get_attr("IFLA_XDP_DRV_PROG_ID")
-    skb = xdp.get_attr("IFLA_XDP_SKB_PROG_ID")
-    if drv:
-        return drv, XDP_FLAGS_DRV_MODE
-    if skb:
-        return skb, XDP_FLAGS_SKB_MODE
-    return xdp.get_attr("IFLA_XDP_PROG_ID") or 0, 0
-
-
-def _bpf_filter_prog_id(options) -> int:
-    """TCA_BPF_ID of a cls_bpf filter. Debian's pyroute2 0.7 does not decode it, so the
-    attribute is read from the raw message when needed."""
-    for name, value in options.get("attrs", []):
-        if name == "TCA_BPF_ID":
-            return int(value)
-    data, offset, length = options.data, options.offset, options.length
-    position, end = offset + 4, offset + length
-    while position + 4 <= end:
-        nla_len, nla_type = struct.unpack_from("=HH", data, position)
-        if nla_len < 4:
-            break
-        if nla_type & 0x3FFF == TCA_BPF_ID and nla_len >= 8:
-            return struct.unpack_from("=I", data, position + 4)[0]
-        position += (nla_len + 3) & ~3
-    return 0
+def _xdp_of(link: bpfsys.Link) -> tuple[int, int]:
+    if link.xdp_drv:
+        return link.xdp_drv, XDP_FLAGS_DRV_MODE
+    if link.xdp_skb:
+        return link.xdp_skb, XDP_FLAGS_SKB_MODE
+    return link.xdp_any, 0
 
 
 def _describe(step: tuple) -> str:

@@ -200,6 +200,107 @@ def xdp_set(index: int, fd: int, flags: int) -> None:
             raise OSError(-error, os.strerror(-error))
 
 
+# ---- rtnetlink dumps: what the reconciler reads every tick, without pyroute2's decoding ----
+
+RTM_GETLINK, RTM_GETQDISC, RTM_GETTFILTER = 18, 38, 46
+IFLA_IFNAME, IFLA_XDP = 3, 43
+IFLA_XDP_PROG_ID, IFLA_XDP_DRV_PROG_ID, IFLA_XDP_SKB_PROG_ID = 4, 5, 6
+TCA_KIND, TCA_OPTIONS, TCA_BPF_NAME, TCA_BPF_ID = 1, 2, 7, 11
+
+
+def _attrs(data: bytes, start: int, end: int) -> dict[int, bytes]:
+    found = {}
+    while start + 4 <= end:
+        length, kind = struct.unpack_from("=HH", data, start)
+        if length < 4:
+            break
+        found[kind & 0x3FFF] = data[start + 4:start + length]
+        start += (length + 3) & ~3
+    return found
+
+
+def _dump(kind: int, header: bytes) -> list[tuple[bytes, dict[int, bytes]]]:
+    """One rtnetlink dump: (fixed header, attributes) of every message. OSError on error."""
+    import socket
+
+    request = struct.pack("=IHHII", 16 + len(header), kind, 0x301, 1, 0) + header
+    messages = []
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as sock:
+        sock.bind((0, 0))
+        sock.send(request)
+        while True:
+            data = sock.recv(1 << 20)
+            offset = 0
+            while offset + 16 <= len(data):
+                length, msg_type = struct.unpack_from("=IH", data, offset)
+                if msg_type == 3:  # NLMSG_DONE
+                    return messages
+                if msg_type == 2:  # NLMSG_ERROR
+                    (error,) = struct.unpack_from("=i", data, offset + 16)
+                    if error < 0:
+                        raise OSError(-error, os.strerror(-error))
+                    return messages
+                body = offset + 16
+                messages.append((data[body:body + len(header)],
+                                 _attrs(data, body + len(header), offset + length)))
+                offset += (length + 3) & ~3
+
+
+def _u32(raw: bytes | None) -> int:
+    return struct.unpack("=I", raw[:4])[0] if raw else 0
+
+
+def _text(raw: bytes | None) -> str:
+    return raw.split(b"\0", 1)[0].decode(errors="replace") if raw else ""
+
+
+@dataclass(frozen=True)
+class Link:
+    name: str
+    index: int
+    type: int
+    flags: int
+    xdp_drv: int  # XDP program ids by mode, 0 for none
+    xdp_skb: int
+    xdp_any: int
+
+
+def links() -> list[Link]:
+    found = []
+    for header, attrs in _dump(RTM_GETLINK, struct.pack("=BxHiII", 0, 0, 0, 0, 0)):
+        _, type_, index, flags, _ = struct.unpack("=BxHiII", header)
+        xdp = _attrs(attrs[IFLA_XDP], 0, len(attrs[IFLA_XDP])) if IFLA_XDP in attrs else {}
+        found.append(Link(_text(attrs.get(IFLA_IFNAME)), index, type_, flags,
+                          _u32(xdp.get(IFLA_XDP_DRV_PROG_ID)),
+                          _u32(xdp.get(IFLA_XDP_SKB_PROG_ID)),
+                          _u32(xdp.get(IFLA_XDP_PROG_ID))))
+    return found
+
+
+def qdisc_kinds() -> list[tuple[int, str]]:
+    """(interface index, kind) of every qdisc in the namespace."""
+    return [(struct.unpack_from("=i", header, 4)[0], _text(attrs.get(TCA_KIND)))
+            for header, attrs in _dump(RTM_GETQDISC, struct.pack("=BxxxiIII", 0, 0, 0, 0, 0))]
+
+
+def bpf_filters(index: int, parent: int) -> list[tuple[int, int, str, int]]:
+    """(priority, handle, name, program id) of the cls_bpf filters under `parent` (e.g. the
+    clsact ingress 0xFFFFFFF2) of interface `index`; [] when there is no such parent."""
+    try:
+        dumped = _dump(RTM_GETTFILTER, struct.pack("=BxxxiIII", 0, index, 0, parent, 0))
+    except OSError:
+        return []
+    found = []
+    for header, attrs in dumped:
+        _, handle, _, info = struct.unpack_from("=iIII", header, 4)
+        if _text(attrs.get(TCA_KIND)) != "bpf" or TCA_OPTIONS not in attrs:
+            continue
+        options = _attrs(attrs[TCA_OPTIONS], 0, len(attrs[TCA_OPTIONS]))
+        found.append((info >> 16, handle, _text(options.get(TCA_BPF_NAME)),
+                      _u32(options.get(TCA_BPF_ID))))
+    return found
+
+
 _cpus: int | None = None
 
 
