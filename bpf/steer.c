@@ -10,7 +10,8 @@
 // Flows are pinned at their first SYN: a SYN without ACK to a local address takes the port in
 // `active` (0: off) and overwrites any entry of the same addresses and ports, so a client that
 // reuses its port never inherits an old target; in off the old entry is deleted and the SYN
-// passes unchanged (nothing listens on LISTEN_PORT: refused). Every later segment follows its
+// passes unchanged (nothing listens on LISTEN_PORT: refused). A retransmission of the first SYN
+// (same sequence number) keeps the entry it made. Every later segment follows its
 // entry, whatever `active` says by then. Entries are never deleted on FIN or RST (a blind or
 // out-of-window RST must not cut a live flow loose); the LRU map evicts the least recently
 // used entry when full, and live flows refresh theirs with every segment.
@@ -51,6 +52,7 @@ struct flow_key {
 struct flow_value {
     __u16 port;  // the target port, host order
     __u16 reserved;
+    __u32 syn_seq;  // sequence number of the SYN that chose it: a retransmission is no new flow
 };
 
 // The layout stamp zddd writes after building (never read by the programs).
@@ -81,6 +83,7 @@ struct packet {
     struct bpf_fib_lookup fib;
     __u32 l4_offset;
     __u16 sport, dport;  // host order
+    __u32 seq;           // raw, only compared
     __u8 syn_only;       // SYN without ACK: a new connection
 };
 
@@ -152,6 +155,7 @@ static __always_inline int parse(void *data, void *data_end, struct packet *p, i
     p->sport = bpf_ntohs(tcp->source);
     p->dport = bpf_ntohs(tcp->dest);
     p->key.client_port = ingress ? tcp->source : tcp->dest;
+    p->seq = tcp->seq;
     p->syn_only = tcp->syn && !tcp->ack;
     p->fib.l4_protocol = IPPROTO_TCP;
     return PARSED;
@@ -193,6 +197,11 @@ static __always_inline __u16 ingress_port(void *ctx, struct packet *p, __u32 ifi
     }
     if (!for_this_host(ctx, p, ifindex))
         return 0;
+    // A retransmitted SYN (same sequence number) belongs to the flow its first SYN pinned,
+    // whatever was switched since, and is not counted again.
+    struct flow_value *pinned = flows.lookup(&p->key);
+    if (pinned && pinned->syn_seq == p->seq)
+        return pinned->port;
     __u32 zero = 0;
     __u32 *target = active.lookup(&zero);
     if (!target || *target == 0) {
@@ -200,7 +209,7 @@ static __always_inline __u16 ingress_port(void *ctx, struct packet *p, __u32 ifi
             count(COUNT_DELETED);
         return 0;
     }
-    struct flow_value v = {.port = *target};
+    struct flow_value v = {.port = *target, .syn_seq = p->seq};
     if (flows.insert(&p->key, &v) == 0)
         count(COUNT_ADDED);
     else

@@ -301,6 +301,34 @@ def test_reused_client_port_follows_the_switch(steering):
         assert _fixed_port_get(bpflab.client, host, 8888, 40200) == "main"
 
 
+def test_retransmitted_syn_keeps_its_target(steering):
+    """The first SYN's SYN-ACK is lost; the target is switched; the client's retransmitted SYN
+    (same sequence number) still reaches the target the first SYN chose, counted once."""
+    bpflab, driver = steering
+    before = driver.ask("counters")["steered"]
+    bpflab.client.run("nft", "add table inet zt; add chain inet zt in { type filter hook input "
+                      "priority 0; }; add rule inet zt in tcp sport 8888 tcp flags syn,ack drop")
+    # (the client's own namespace: nothing of the host's or zddd's)
+    script = ("import sys, urllib.request; print(urllib.request.urlopen("
+              f"'http://{APP_V4}:8888/', timeout=10).read().decode().strip())")
+    client = bpflab.client.popen(PYTHON, "-c", script, stdout=subprocess.PIPE, text=True)
+    wait_for_steered(driver, "main", before["main"] + 1)  # the first SYN, SYN-ACK dropped
+    driver.sync("backup")
+    bpflab.client.run("nft", "delete", "table", "inet", "zt")
+    out, _ = client.communicate(timeout=15)  # after the SYN retransmission (about 1 s)
+    assert out.strip() == "main"
+    after = driver.ask("counters")["steered"]
+    assert after == {"main": before["main"] + 1, "backup": before["backup"]}, after
+    assert bpflab.get(APP_V4) == "backup"
+
+
+def wait_for_steered(driver: Driver, target: str, count: int) -> None:
+    deadline = time.monotonic() + 5
+    while driver.ask("counters")["steered"][target] < count:
+        assert time.monotonic() < deadline, f"no SYN steered to {target}"
+        time.sleep(0.02)
+
+
 # ---- established flows -----------------------------------------------------------------------
 
 def test_thousand_connections_survive_fifty_switches(steering):

@@ -3,7 +3,8 @@ egress). Both run bpf/steer.c, compiled with bcc; see its header for the packet 
 
 Kernel layout, per backend, under `<bpf_pin_dir>/<backend>/` (tc/ or xdp/):
 
-    flows    LRU hash: (client addr, local addr, client port) -> target port, set at the SYN
+    flows    LRU hash: (client addr, local addr, client port) -> (target port, SYN seq),
+             set at the first SYN
     active   array[1]: the port new connections go to, 0 for off. A switch is one update of it.
     counts   per-CPU hash: target port -> new flows steered; 65536/65537 -> entries added/deleted
     stamp    array[1]: magic, LAYOUT_VERSION, listen port, target ports, digest of the build
@@ -61,7 +62,7 @@ ARPHRD_ETHER, ARPHRD_LOOPBACK = 1, 772
 IFF_UP = 1
 MODULES_DIR = Path("/lib/modules")  # bcc compiles against <this>/<release>/build
 
-FLOW_KEY_SIZE, FLOW_VALUE_SIZE = 36, 4
+FLOW_KEY_SIZE, FLOW_VALUE_SIZE = 36, 8
 STAMP_FORMAT = "=4I8IQ"
 STAMP_SIZE = struct.calcsize(STAMP_FORMAT)
 
