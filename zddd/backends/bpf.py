@@ -28,7 +28,22 @@ What callers may rely on:
   hand is re-pinned from the map the attached programs still use.
 - `apply` never leaves two programs of zddd's on one hook: filters are replaced in place, XDP
   programs swapped atomically. ApplyError(changed=True) when a layout step had begun.
-- `flows_steered` and `flow_table` only read maps, from any thread.
+- `flows_steered` and `flow_table` only read maps, from any thread. `flow_table` counts
+  entries added minus deleted by the programs (no walk of the map), capped at capacity.
+- `leftover` and `remove` need no bcc and no compile. `remove` detaches this backend's
+  programs from every interface and deletes its pin directory; clsact qdiscs stay (others'
+  filters may share them), and so does a bpffs that zddd mounted.
+- `interfaces = None` means every interface that is up and carries Ethernet framing (lo and
+  Ethernet-like links; tunnels without a link layer are skipped). A configured interface that
+  does not exist makes `plan` a single failing step (ApplyError, changed=False): nothing is
+  built or flipped until it exists.
+- The pin dir is made on a bpffs: a directory inside a mounted one, else bpffs is mounted on
+  /sys/fs/bpf (for paths under it) or on the pin dir. A mount belongs to the mount namespace
+  zddd runs in: `ip netns exec` and systemd's sandboxing give private ones, where a mount made
+  by zddd vanishes when it exits (the programs keep running; a restart re-pins their maps).
+- Capabilities: CAP_BPF + CAP_NET_ADMIN to load and attach, CAP_SYS_ADMIN to mount bpffs and to
+  re-pin maps by id (BPF_MAP_GET_FD_BY_ID) after a pin was removed by hand.
+- `pinned_active_port(pin_dir, backend)` reads the steering from the pins alone (for labs).
 """
 
 from __future__ import annotations
@@ -57,7 +72,7 @@ COUNT_ADDED, COUNT_DELETED = 65536, 65537
 TC_PRIORITY = {"tc": 0x2DD, "xdp": 0x2DE}  # distinct, so neither backend replaces the other's
 TC_HANDLE = 1
 PARENT = {"ingress": 0xFFFFFFF2, "egress": 0xFFFFFFF3}
-XDP_FLAGS_UPDATE_IF_NOEXIST, XDP_FLAGS_SKB_MODE, XDP_FLAGS_DRV_MODE = 1, 2, 4
+XDP_FLAGS_SKB_MODE, XDP_FLAGS_DRV_MODE = 2, 4
 ARPHRD_ETHER, ARPHRD_LOOPBACK = 1, 772
 IFF_UP = 1
 MODULES_DIR = Path("/lib/modules")  # bcc compiles against <this>/<release>/build
@@ -732,9 +747,10 @@ class BpfBackend(Backend):
         return {name: totals.get(port, 0) for name, port in self._desired.ports}
 
     def flow_table(self) -> tuple[int, int] | None:
-        """(entries in use, capacity). Entries are counted, not walked: added minus deleted by
-        the programs, capped at capacity (LRU evictions are not counted, so once the map has
-        filled this stays at capacity, which is what it is: full, evicting the oldest)."""
+        """(entries in use, capacity). Entries are counted, not walked (a 1M-entry map would
+        take seconds): added minus deleted by the programs, capped at capacity. LRU evictions
+        are not counted, so once the map has filled this stays at capacity, which is what it
+        is then: full, evicting the least recently used."""
         counted = self._counts()
         if counted is None:
             return None
