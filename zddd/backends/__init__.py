@@ -150,6 +150,14 @@ def backend_class(name: str) -> type[Backend]:
         from .nftables import NftablesBackend
 
         return NftablesBackend
+    if name == "tc":
+        from .bpf import TcBackend
+
+        return TcBackend
+    if name == "xdp":
+        from .bpf import XdpBackend
+
+        return XdpBackend
     if name == "sk_lookup":
         from .sk_lookup import SkLookupBackend
 

@@ -1,0 +1,53 @@
+"""probe() of the tc/xdp backends where they cannot run: one line that says what is missing
+and points to the nftables backend, said before anything touches the kernel."""
+
+import sys
+
+import pytest
+
+from zddd.backends import BackendUnavailable, backend_class
+from zddd.backends import bpf
+
+
+@pytest.fixture(params=["tc", "xdp"])
+def backend(request, monkeypatch):
+    def no_compile(*args):
+        raise AssertionError("probe compiled although it should have given up first")
+
+    instance = backend_class(request.param)()
+    monkeypatch.setattr(instance, "_compile", no_compile)
+    return instance
+
+
+def test_no_kernel_headers(backend, monkeypatch, tmp_path):
+    pytest.importorskip("bcc")
+    monkeypatch.setattr(bpf, "MODULES_DIR", tmp_path)
+    with pytest.raises(BackendUnavailable) as e:
+        backend.probe()
+    text = str(e.value)
+    release = __import__("os").uname().release
+    assert text.startswith(f"no kernel headers for {release}")
+    assert f"apt-get install linux-headers-{release}" in text
+    assert text.endswith('use backend = "nftables"') and "\n" not in text
+
+
+def test_no_bcc(backend, monkeypatch):
+    monkeypatch.setitem(sys.modules, "bcc", None)
+    with pytest.raises(BackendUnavailable) as e:
+        backend.probe()
+    assert "apt-get install python3-bpfcc" in str(e.value)
+    assert 'backend = "nftables"' in str(e.value) and "\n" not in str(e.value)
+
+
+def test_source_found():
+    assert bpf.source_path().name == "steer.c" and bpf.source_path().exists()
+
+
+def test_build_flags_and_stamp_follow_the_config():
+    one = bpf.Build(8888, (80, 8080), 1024)
+    other = bpf.Build(8888, (80, 9090), 1024)
+    assert "-DIS_TARGET_PORT(p)=((p)==80||(p)==8080)" in one.cflags(None)
+    assert '-DPIN_DIR="/sys/fs/bpf/zddd/tc"' in one.cflags("/sys/fs/bpf/zddd/tc")
+    assert one.digest(b"source") != other.digest(b"source")
+    assert one.digest(b"source") != one.digest(b"source 2")
+    assert len(one.stamp(b"source")) == bpf.STAMP_SIZE
