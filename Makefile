@@ -6,7 +6,7 @@ PYTEST  := $(VPY) -m pytest
 
 DEBS := nftables python3-nftables python3-pyroute2 python3-dbus-fast python3-sdnotify \
         python3-prometheus-client python3-pytest python3-venv python3-pip python3-setuptools iproute2 dbus systemd curl \
-        haproxy nginx-light wrk python3-bpfcc python3-hypothesis procps \
+        haproxy nginx-light wrk python3-bpfcc python3-hypothesis procps bpftool \
         ansible-core openssh-server bash-completion
 
 .PHONY: setup test test-fast test-integration test-e2e test-system lint demo bench deb clean

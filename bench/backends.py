@@ -32,7 +32,6 @@ import argparse
 import asyncio
 import os
 import statistics
-import threading
 import time
 
 import zdddlab
@@ -120,9 +119,9 @@ def baseline(args) -> dict:
                          "HAProxy to take app1 out")
         failover = time.monotonic() - removed
         # The deploy: app1's main vhost is down while the new release starts.
-        lab.exec(app1.netns, ["nft", "add table inet deploy; add chain inet deploy in "
-                                     "{ type filter hook input priority 0; }; "
-                                     "add rule inet deploy in tcp dport 8080 reject with tcp reset"])
+        lab.exec(app1.netns, ["nft", "add table inet deploy; add chain inet deploy in { type "
+                                     "filter hook input priority 0; }; add rule inet deploy in "
+                                     "tcp dport 8080 reject with tcp reset"])
         time.sleep(args.deploy_seconds)
         lab.exec(app1.netns, ["nft", "delete table inet deploy"])
         app1.zddd.ctl("switch", "main")

@@ -228,9 +228,46 @@ def read_with_zddd(zddd: Zddd) -> str | None:
     return json.loads(r.stdout)
 
 
-# Backend name -> a reader of where that backend steers, independent of zddd's code. The BPF
-# backends add theirs here (e.g. "tc": read the pinned steering map with bpftool).
-STEERING_READERS: dict[str, Callable[[Zddd], str | None]] = {"nftables": read_nftables}
+def _pinned_u32(path: str) -> int | None:
+    """Key 0 of a pinned array map of u32, read with bpftool (not zddd's code); None when
+    nothing is pinned there."""
+    r = subprocess.run(["bpftool", "-j", "map", "lookup", "pinned", path, "key", "0", "0", "0",
+                        "0"], capture_output=True, text=True)
+    if r.returncode != 0:
+        return None
+    value = json.loads(r.stdout)["value"]
+    return int.from_bytes(bytes(int(b, 16) for b in value[:4]), "little")
+
+
+def _target_ports(zddd: Zddd) -> dict[str, int]:
+    ports = {"main": 8080, "backup": 80}
+    for name, spec in zddd.config.get("targets", {}).items():
+        ports[name] = spec.get("port", ports[name])
+    return ports
+
+
+def read_rewriting_bpf(zddd: Zddd) -> str | None:
+    """tc and xdp: the port in the pinned `active` array (0: off)."""
+    port = _pinned_u32(f"{zddd.config['bpf_pin_dir']}/{zddd.backend}/active")
+    if port is None:
+        return None
+    return "off" if port == 0 else {p: t for t, p in _target_ports(zddd).items()}.get(port, "?")
+
+
+def read_sk_lookup(zddd: Zddd) -> str | None:
+    """sk_lookup: the pinned `active` array holds 0 for off, else 1 + the target's index in
+    name order."""
+    index = _pinned_u32(f"{zddd.config['bpf_pin_dir']}/sk_lookup_active")
+    if index is None:
+        return None
+    names = sorted(_target_ports(zddd))
+    return "off" if index == 0 else names[index - 1] if index <= len(names) else "?"
+
+
+# Backend name -> a reader of where that backend steers, independent of zddd's code.
+STEERING_READERS: dict[str, Callable[[Zddd], str | None]] = {
+    "nftables": read_nftables, "tc": read_rewriting_bpf, "xdp": read_rewriting_bpf,
+    "sk_lookup": read_sk_lookup}
 
 
 class Vhost:

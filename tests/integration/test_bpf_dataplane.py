@@ -22,7 +22,7 @@ import pytest
 
 from zddd.backends.bpf import pinned_active_port
 
-from lab import (APP_V4, APP_V6, CLIENT_V4, CLIENT_V6, PYTHON, REPO, KeepAlive, NetNS, Vhost,
+from zdddlab import (APP_V4, APP_V6, CLIENT_V4, CLIENT_V6, PYTHON, REPO, KeepAlive, NetNS, Vhost,
                  connect_error, http_get, link)
 
 BACKENDS = ("tc", "xdp")
