@@ -5,6 +5,10 @@ vhosts main (8080) and backup (80), a private bus, and lab.start_zddd(config, wa
 `lab` takes an optional indirect parameter, the backend zddd is started with:
 
     @pytest.mark.parametrize("lab", ["nftables", "tc"], indirect=True)
+
+The behaviour suite runs for every backend: a module marked `pytestmark = pytest.mark.backends`
+runs each of its tests that use `lab` once per backend; a test marked
+`@pytest.mark.backends("nftables")` (e.g. one that reads nft's own listing) only for those named.
 """
 
 from __future__ import annotations
@@ -21,6 +25,13 @@ import pytest
 from zdddlab import AppLab
 
 LAYERS = ("unit", "integration", "e2e", "system")
+ALL_BACKENDS = ("nftables", "tc", "xdp", "sk_lookup")
+
+
+def pytest_generate_tests(metafunc):
+    marker = metafunc.definition.get_closest_marker("backends")
+    if marker is not None and "lab" in metafunc.fixturenames:
+        metafunc.parametrize("lab", marker.args or ALL_BACKENDS, indirect=True)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -26,6 +26,7 @@ from pathlib import Path
 from .base import PYTHON, REPO, VENV_BIN, LabError, Proc, wait_for
 from .bus import INTERFACE, PROPERTIES, Bus, dbus_call, name_has_owner
 from .net import NetNS
+from .probes import without_counters
 
 
 def _toml_value(value) -> str:
@@ -177,6 +178,30 @@ class Zddd:
         """The target the kernel steers new connections to ("off" when zddd's data plane is
         there but steers nowhere), or None when nothing of zddd's is in the kernel."""
         return STEERING_READERS.get(self.backend, read_with_zddd)(self)
+
+    def data_plane(self) -> object:
+        """Everything of zddd's in the kernel, comparable between two moments: equal means
+        nothing was rewritten or re-attached (packet counters left out). nftables: the table's
+        listing with handles; BPF: where it steers, each pin's inode (a re-pin makes a new
+        one), and the programs attached in the namespace by id."""
+        if self.backend == "nftables":
+            return without_counters(self.nft())
+        pins = {}
+        root = Path(self.config["bpf_pin_dir"])
+        for path in sorted(root.rglob("*")) if root.exists() else ():
+            pins[str(path.relative_to(root))] = path.stat().st_ino
+        attached = self.ns.run("bpftool", "-j", "net", "show", check=False).stdout
+        links = subprocess.run(["bpftool", "-j", "link", "show"], capture_output=True,
+                               text=True).stdout
+        netns_links = sorted(
+            (link.get("prog_id"), link.get("netns_ino")) for link in json.loads(links or "[]")
+            if link.get("type") == "netns" and link.get("attach_type") == "sk_lookup"
+            and str(link.get("netns_ino")) == self._netns_inode())
+        return {"steering": self.steered_to(), "pins": pins,
+                "attached": json.loads(attached or "[]"), "links": netns_links}
+
+    def _netns_inode(self) -> str:
+        return self.ns.run("stat", "-L", "-c", "%i", "/proc/self/ns/net").stdout.strip()
 
 
 _public_package: Path | None = None

@@ -7,8 +7,18 @@ import signal
 import time
 
 import pytest
-from zdddlab import (APP_V4, APP_V6, KeepAlive, NftMonitor, connect_error, http_get, wait_for,
-                 without_counters)
+from zdddlab import APP_V4, APP_V6, KeepAlive, connect_error, http_get, wait_for
+
+pytestmark = pytest.mark.backends
+
+
+def nft_monitor(lab, z):
+    """nft's own event stream of zddd's table: for nftables, every change shows, even one undone
+    at once; BPF backends are compared by data_plane() alone."""
+    if z.backend != "nftables":
+        return None
+    monitor = nft_monitor(lab, z)
+    return monitor
 
 
 def switch(z, target: str) -> None:
@@ -43,15 +53,15 @@ def test_kill_9_leaves_traffic_and_table_as_they_were(lab, target):
         switch(z, target)
         want = "refused" if target == "off" else target
         assert serves(lab, APP_V4) == serves(lab, APP_V6) == want
-        before = without_counters(z.nft())
+        before = z.data_plane()
         assert z.kill(signal.SIGKILL) == -signal.SIGKILL
-        assert without_counters(z.nft()) == before
+        assert z.data_plane() == before
         assert z.steered_to() == target
         assert serves(lab, APP_V4) == serves(lab, APP_V6) == want
         if target != "off":
             assert http_get(lab.app, "127.0.0.1", 8888) == target
         assert kept.get() == first  # the connection opened before the switch and the kill
-        assert without_counters(z.nft()) == before
+        assert z.data_plane() == before
     finally:
         kept.close()
 
@@ -64,15 +74,14 @@ def test_restart_adopts_without_a_flip(lab, sig):
     kept = KeepAlive(lab.client, APP_V4, 8888)
     try:
         assert kept.get() == "backup"
-        before = without_counters(z.nft())  # handles included: a rewrite would change them
-        monitor = NftMonitor(lab.app)  # an element flipped and flipped back keeps its handles
-        lab.closers.append(monitor.close)
+        before = z.data_plane()  # handles and pins included: a rewrite would change them
+        monitor = nft_monitor(lab, z)  # an element flipped and flipped back keeps its handles
         rc = z.kill(sig)
         assert rc == (0 if sig == signal.SIGTERM else -signal.SIGKILL), z.log()
         z.start()
-        assert monitor.changes() == [], "the kernel changed during the restart"
+        assert monitor is None or monitor.changes() == [], "the kernel changed on restart"
         assert "how=adopted" in last_start(z) and "target=backup" in last_start(z)
-        assert without_counters(z.nft()) == before, "the table was rewritten on adoption"
+        assert z.data_plane() == before, "the table was rewritten on adoption"
         assert z.prop("ActiveTarget") == "backup"
         # Nothing was committed by this process, so there is no commit time to report.
         assert z.prop("LastSwitchUSec") == 0
@@ -91,12 +100,12 @@ def test_kernel_wins_over_the_state_file(lab):
     switch(z, "backup")
     z.kill(signal.SIGKILL)
     write_state(z, "main")
-    before = without_counters(z.nft())
+    before = z.data_plane()
     z.start()
     assert "how=adopted" in last_start(z)
     assert z.prop("ActiveTarget") == "backup"
     assert z.steered_to() == "backup"
-    assert without_counters(z.nft()) == before
+    assert z.data_plane() == before
     assert http_get(lab.client, APP_V4, 8888) == "backup"
     # The saved desired state now agrees with the kernel.
     assert json.loads(z.state_path.read_text())["target"] == "backup"
@@ -116,7 +125,6 @@ def test_adopts_off_from_the_kernel(lab):
 @pytest.mark.parametrize("saved", ["backup", "off", "main"])
 def test_no_table_restores_the_saved_target(lab, saved):
     (lab.tmp / "state.json").write_text(json.dumps({"target": saved}) + "\n")
-    assert lab.app.run("nft", "list table inet zddd", check=False).returncode != 0
     z = lab.start_zddd({"initial": "backup" if saved == "main" else "main"})
     assert "how=restored" in last_start(z), last_start(z)
     assert z.prop("ActiveTarget") == saved
@@ -137,11 +145,12 @@ def test_neither_table_nor_state_uses_initial(lab, state_file):
     assert json.loads(z.state_path.read_text())["target"] == "backup"
 
 
+@pytest.mark.backends("nftables")
 def test_a_damaged_table_is_adopted_and_repaired_at_start(lab):
     z = lab.start_zddd()
     switch(z, "backup")
     z.kill(signal.SIGKILL)
-    clean = without_counters(z.nft())
+    clean = z.data_plane()
     lab.app.run("nft", "add rule inet zddd prerouting tcp dport 9999 drop")
     z.start()
     assert "how=adopted" in last_start(z) and "target=backup" in last_start(z)
@@ -170,15 +179,14 @@ def test_a_changed_target_port_while_down_is_taken_over_at_start(lab):
 def test_losing_the_bus_exits_non_zero_and_leaves_the_data_plane(lab):
     z = lab.start_zddd()
     switch(z, "backup")
-    before = without_counters(z.nft())
-    monitor = NftMonitor(lab.app)
-    lab.closers.append(monitor.close)
+    before = z.data_plane()
+    monitor = nft_monitor(lab, z)
     lab.bus.close()
     wait_for(lambda: z.proc.poll() is not None, 10, "zddd to exit without its bus")
     assert z.proc.returncode == 1, z.log()
     assert "event=bus_lost" in z.log()
-    assert monitor.changes() == []
-    assert without_counters(z.nft()) == before
+    assert monitor is None or monitor.changes() == []
+    assert z.data_plane() == before
     assert http_get(lab.client, APP_V4, 8888) == "backup"
 
 
@@ -190,16 +198,16 @@ def test_a_second_zddd_in_the_namespace_refuses_before_touching_the_kernel(lab, 
 
     z = lab.start_zddd()
     switch(z, "backup")
-    before = without_counters(z.nft())
-    monitor = NftMonitor(lab.app)
-    lab.closers.append(monitor.close)
+    before = z.data_plane()
+    monitor = nft_monitor(lab, z)
     second_tmp = lab.tmp / "second"
     second_tmp.mkdir()
     bus = lab.bus
     if own_bus:
         bus = Bus(second_tmp)
         lab.closers.append(bus.close)
-    second = Zddd(lab.app, bus, second_tmp, {"initial": "main"})
+    second = Zddd(lab.app, bus, second_tmp, {"initial": "main", "backend": z.backend,
+                                             "bpf_pin_dir": z.config["bpf_pin_dir"]})
     lab.closers.append(second.close)
     second.start(wait=False)
     assert second.proc.wait(timeout=15) == 1, second.log()
@@ -208,8 +216,8 @@ def test_a_second_zddd_in_the_namespace_refuses_before_touching_the_kernel(lab, 
     if own_bus:
         assert not second.owns_name()  # it gave up before connecting to its bus
     time.sleep(0.6)  # two reconcile rounds of the first: nothing to repair either
-    assert monitor.changes() == []
-    assert without_counters(z.nft()) == before
+    assert monitor is None or monitor.changes() == []
+    assert z.data_plane() == before
     assert "drift_repaired" not in z.log()
     # The first one still answers and is in control.
     assert z.prop("ActiveTarget") == "backup"

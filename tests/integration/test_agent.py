@@ -7,8 +7,11 @@ import json
 import subprocess
 import time
 
+import pytest
 from zdddlab import (APP_V4, APP_V6, PYTHON, VENV_BIN, HeldConnection, agent_ask, connect_error,
                  wait_for)
+
+pytestmark = pytest.mark.backends
 
 # interval 0.2 + timeout 0.5 (the lab's defaults) + margin
 HEALTH_NOTICES_WITHIN = 1.5

@@ -12,6 +12,8 @@ import pytest
 from zdddlab import (APP_V4, APP_V6, VENV_BIN, HeldConnection, SignalWatcher, agent_ask, http_get,
                  wait_for)
 
+pytestmark = pytest.mark.backends
+
 # Measured from the close: SPEC's 200 ms plus a margin for a loaded two-core test machine.
 DRAINED_WITHIN = 0.4
 

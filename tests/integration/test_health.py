@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import time
 
+import pytest
 from zdddlab import APP_V4, Vhost, http_get, wait_for
+
+pytestmark = pytest.mark.backends
 
 # interval 0.2 + timeout 0.5 (the lab's defaults) + margin
 HEALTH_NOTICES_WITHIN = 1.5

@@ -9,6 +9,8 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
+import pytest
+
 import zddd
 from zdddlab import APP_V4, HeldConnection, agent_ask, http_get, wait_for
 
@@ -35,13 +37,14 @@ def scrape(lab) -> Scrape:
     return Scrape(r.stdout)
 
 
+@pytest.mark.backends
 def test_every_metric_from_start(lab):
-    lab.start_zddd()
+    z = lab.start_zddd()
     m = scrape(lab)
     for target in TARGETS + ("invalid",):
         for result in RESULTS:
             assert m("zddd_switches_total", target=target, result=result) == 0
-    assert m("zddd_switch_duration_seconds_count", backend="nftables") == 0
+    assert m("zddd_switch_duration_seconds_count", backend=z.backend) == 0
     buckets = {s.labels["le"] for s in m.families["zddd_switch_duration_seconds"].samples
                if s.name.endswith("_bucket")}
     assert {"1e-05", "0.0001", "0.001", "1.0", "60.0", "+Inf"} <= buckets
@@ -54,7 +57,10 @@ def test_every_metric_from_start(lab):
     assert m("zddd_flows_steered_total", target="backup") == 0
     assert m("zddd_drift_repairs_total") == 0
     assert m("zddd_collection_errors_total") == 0
-    assert m("zddd_build_info", version=zddd.__version__, backend="nftables") == 1
+    assert m("zddd_build_info", version=zddd.__version__, backend=z.backend) == 1
+    if z.backend != "nftables":  # a flow map: its fill and its size
+        assert m("zddd_flow_capacity") == 1048576
+        assert m("zddd_flow_entries") >= 0
     assert m.families["zddd_switches"].type == "counter"
     assert m.families["zddd_switch_duration_seconds"].type == "histogram"
     assert m.families["zddd_target_connections"].type == "gauge"
