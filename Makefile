@@ -53,8 +53,10 @@ lint: setup
 	test -x $(VENV)/bin/ruff || $(VPY) -m pip install -q ruff
 	$(VENV)/bin/ruff check zddd zdddlab tests bench examples
 
+# BACKEND=tc|xdp|sk_lookup runs the demo on that data plane (bcc, kernel headers: `make setup`).
+BACKEND ?= nftables
 demo: setup
-	$(VPY) examples/demo.py
+	$(VPY) examples/demo.py --backend $(BACKEND)
 
 bench: setup
 	$(VPY) bench/switch_and_throughput.py

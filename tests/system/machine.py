@@ -67,19 +67,21 @@ def host_debian_sources() -> list[str]:
     return found
 
 
-def base_tree() -> Path:
-    """The cached base tree, made with mmdebstrap when absent (about 25 s, 280 MB)."""
+def base_tree(extra: tuple[str, ...] = (), flavor: str = "base") -> Path:
+    """The cached base tree, made with mmdebstrap when absent (about 25 s, 280 MB). `extra`
+    packages make a tree of another `flavor` (cached beside the base one, not replacing it)."""
     sources = host_debian_sources()
+    packages = (*PACKAGES, *extra)
     key = hashlib.sha256("\n".join(
-        [SUITE, *PACKAGES] + [Path(s).read_text() for s in sources]).encode()).hexdigest()[:12]
-    base = CACHE_DIR / f"{SUITE}-base-{key}"
+        [SUITE, *packages] + [Path(s).read_text() for s in sources]).encode()).hexdigest()[:12]
+    base = CACHE_DIR / f"{SUITE}-{flavor}-{key}"
     if (base / "etc/os-release").exists():
         return base
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(prefix=f"{base.name}.partial-", dir=CACHE_DIR))
     try:
         subprocess.run(
-            ["mmdebstrap", "--variant=minbase", "--include=" + ",".join(PACKAGES),
+            ["mmdebstrap", "--variant=minbase", "--include=" + ",".join(packages),
              # Snapshot mirrors serve Release files whose Valid-Until has passed.
              '--aptopt=Acquire::Check-Valid-Until "false"', SUITE, str(partial / "root"),
              *sources],
@@ -91,7 +93,7 @@ def base_tree() -> Path:
             if not (base / "etc/os-release").exists():
                 raise
         # Trees made for an older package list or other sources are not used again.
-        for old in CACHE_DIR.glob(f"{SUITE}-base-*"):
+        for old in CACHE_DIR.glob(f"{SUITE}-{flavor}-*"):
             if old != base and ".partial-" not in old.name:
                 shutil.rmtree(old, ignore_errors=True)
     except subprocess.CalledProcessError as e:
@@ -119,13 +121,17 @@ class Machine:
         self.leader = 0
         self.base = base
         self.bpffs = workdir / "bpffs"
+        # More systemd-nspawn options (capabilities, binds), for machines that need them.
+        self.nspawn_args: list[str] = []
 
     @classmethod
-    def fresh(cls, prefix: str) -> "Machine":
+    def fresh(cls, prefix: str, extra: tuple[str, ...] = (), flavor: str = "base") -> "Machine":
         """A machine over the cached base tree (made, with its tools, when missing), in a new
-        work directory under /var/tmp; `create` and `boot` are the caller's."""
+        work directory under /var/tmp; `create` and `boot` are the caller's. `extra` packages
+        come from a tree of their own `flavor` (see `base_tree`)."""
         ensure_tools()
-        return cls(base_tree(), Path(tempfile.mkdtemp(prefix=prefix, dir="/var/tmp")))
+        return cls(base_tree(extra, flavor),
+                   Path(tempfile.mkdtemp(prefix=prefix, dir="/var/tmp")))
 
     def create(self) -> None:
         """Copy the base tree (the cache stays clean). `destroy` undoes this, even half done."""
@@ -142,7 +148,7 @@ class Machine:
         self.nspawn = subprocess.Popen(
             ["systemd-nspawn", "--boot", "--register=no", "--keep-unit", "--private-network",
              "--console=passive", f"--machine={self.name}", f"--bind={self.bpffs}:/sys/fs/bpf",
-             "-D", str(self.root)],
+             *self.nspawn_args, "-D", str(self.root)],
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
             env={"PATH": HOST_PATH, "LANG": "C.UTF-8"})
         log.close()
