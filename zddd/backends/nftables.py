@@ -103,6 +103,22 @@ def _comparable(obj: dict) -> dict:
     return {k: v for k, v in obj.items() if k not in _VOLATILE}
 
 
+# nft names a protocol number only where /etc/protocols does (Debian's netbase; a minimal
+# system may lack it): the same rule lists as `meta l4proto tcp` or `meta l4proto 6`.
+_PROTOCOL_NUMBERS = {"tcp": 6}
+
+
+def _same_rules(found: list, wanted: list) -> bool:
+    def normal(value):
+        if isinstance(value, dict):
+            return {k: normal(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [normal(v) for v in value]
+        return _PROTOCOL_NUMBERS.get(value, value) if isinstance(value, str) else value
+
+    return normal(found) == normal(wanted)
+
+
 class NftablesBackend(Backend):
     name = "nftables"
 
@@ -169,7 +185,7 @@ class NftablesBackend(Backend):
                 continue
             want = {k: v for k, v in obj.items() if k != "rules"}
             if _comparable(found[key]) != _comparable(want) or (
-                    key[0] == "chain" and rules.get(key[1], []) != obj["rules"]):
+                    key[0] == "chain" and not _same_rules(rules.get(key[1], []), obj["rules"])):
                 problems.append(f"{key[0]} {key[1]} changed")
         active = None
         by_chain = {_chain_for(t): t for t, _ in desired.ports}
