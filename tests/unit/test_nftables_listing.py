@@ -22,7 +22,7 @@ def listing(desired: Desired, *, l4proto="tcp") -> list[dict]:
             obj["elem"] = [[8888, {"goto": {"target": "steer_main"}}]]
         out.append({kind: {**obj, "handle": handle}})
         handle += 1
-    for (kind, name), obj in _layout(desired).items():
+    for (_, name), obj in _layout(desired).items():
         for expr in obj.get("rules", []):
             expr = copy.deepcopy(expr)
             for stmt in expr:
