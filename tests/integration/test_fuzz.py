@@ -539,3 +539,59 @@ def test_zddctl_random_arguments_never_trace_back(lab):
 
     check()
     assert_unharmed(lab, z, before)
+
+
+# ---- many callers -------------------------------------------------------------------------------
+
+CALLERS = r"""
+import asyncio, sys
+from dbus_fast import Message
+from dbus_fast.aio import MessageBus
+
+async def one(address):
+    bus = await MessageBus(bus_address=address).connect()
+    try:
+        reply = await bus.call(Message(
+            destination="org.zddd.Steering1", path="/org/zddd/Steering1",
+            interface="org.zddd.Steering1.Manager", member="WaitDrained", signature="st",
+            body=["backup", 0]))
+        assert reply.body == [True], reply.body
+    finally:
+        bus.disconnect()
+
+async def main(address, n):
+    sem = asyncio.Semaphore(16)
+    async def limited():
+        async with sem:
+            await one(address)
+    await asyncio.gather(*(limited() for _ in range(n)))
+
+asyncio.run(main(sys.argv[1], int(sys.argv[2])))
+print("done")
+"""
+
+
+def rss_kib(pid: int) -> int:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def many_callers(z, n: int) -> None:
+    r = subprocess.run([str(VENV_BIN / "python"), "-c", CALLERS, z.bus.address, str(n)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.stdout.strip() == "done", r.stderr[-2000:]
+
+
+@pytest.mark.xfail(strict=True, reason="lead is fixing: the cache of caller uids grows by one "
+                                       "entry per bus connection that ever called a method")
+def test_memory_does_not_grow_with_the_number_of_callers(lab):
+    z = lab.start_zddd()
+    many_callers(z, 300)  # warm-up: allocator arenas, dbus-fast's own caches
+    before = rss_kib(z.proc.pid)
+    many_callers(z, 1500)
+    grown = rss_kib(z.proc.pid) - before
+    # ~220 bytes per caller with the cache: 1500 callers would add over 300 KiB.
+    assert grown < 128, f"RSS grew by {grown} KiB over 1500 callers"
+    assert z.proc.poll() is None and "Traceback" not in z.log()
