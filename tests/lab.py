@@ -230,12 +230,17 @@ class Zddd:
 
     def zddctl(self, *args: str, user: str | None = None, timeout: float = 60):
         argv = [str(VENV_BIN / "zddctl"), "--bus", self.bus.address, *args]
+        kw = {}
         if user:
+            # Another user may not be able to reach the checkout (a clone in /root is 0700):
+            # run zddctl from a world-readable copy of the package, with Debian's python.
+            argv = [PYTHON, "-m", "zddd.cli", *argv[1:]]
+            kw = {"cwd": "/", "env": {**os.environ, "PYTHONPATH": str(public_package())}}
             # Numeric ids: Debian's nobody has group nogroup, not a group named after it.
             pw = pwd.getpwnam(user)
             argv = ["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--clear-groups",
                     *argv]
-        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, **kw)
 
     def call(self, member: str, signature: str = "", *body, timeout: float = 60):
         """Call a Manager method; returns (error_name or None, reply body)."""
@@ -266,6 +271,28 @@ class Zddd:
         if self.proc and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(timeout=5)
+
+
+_public_package: Path | None = None
+
+
+def public_package() -> Path:
+    """A directory every user can read holding a copy of the `zddd` package (for PYTHONPATH),
+    made once per test process and removed at its exit."""
+    global _public_package
+    if _public_package is None:
+        import atexit
+        import shutil
+        import tempfile
+
+        top = Path(tempfile.mkdtemp(prefix="zddd-pkg-"))
+        atexit.register(shutil.rmtree, top, True)
+        shutil.copytree(REPO / "zddd", top / "zddd",
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        for path in [top, *top.rglob("*")]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        _public_package = top
+    return _public_package
 
 
 def dbus_call(address: str, member: str, signature: str, body: list, timeout: float,
