@@ -8,7 +8,7 @@ step, what zddd reports (ActiveTarget, Draining, the state file) must match wher
 connection to 8888 goes ("main"/"backup", or refused for off or for a stopped vhost) and what a
 simple model of the contract predicts.
 
-Bounded by ZDDD_MODEL_EXAMPLES (default 12) × ZDDD_MODEL_STEPS (default 10): about two minutes.
+Bounded by ZDDD_MODEL_EXAMPLES (default 20) × ZDDD_MODEL_STEPS (default 10): about two minutes.
 ZDDD_MODEL_BACKEND (default nftables) picks the `backend` config key, so the same model runs
 against the other data planes; tampering is nftables-only, and for other backends the kernel is
 judged by the traffic alone.
@@ -31,10 +31,10 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from lab import APP_V4, HeldConnection, connect_error, http_get, wait_for
 
 BACKEND = os.environ.get("ZDDD_MODEL_BACKEND", "nftables")
-EXAMPLES = int(os.environ.get("ZDDD_MODEL_EXAMPLES", "12"))
+EXAMPLES = int(os.environ.get("ZDDD_MODEL_EXAMPLES", "20"))
 STEPS = int(os.environ.get("ZDDD_MODEL_STEPS", "10"))
 TARGETS = ("main", "backup")
-DRAIN_TIMEOUTS = (0.6, 0.9)  # reloads switch between them
+DRAIN_TIMEOUTS = (2.0, 3.0)  # reloads switch between them
 E = "org.zddd.Steering1.Error."
 SLACK = 1.5  # seconds a drain may overrun its deadline (polling, a loaded machine)
 
@@ -133,9 +133,12 @@ class ZdddModel(RuleBasedStateMachine):
         assert err is None, self._fail(f"forced Switch({target}) failed: {err}")
         self.active, self.draining = target, ""
 
-    @rule()
-    def drain(self):
+    @rule(hold=st.booleans())
+    def drain(self, hold):
         self._settle_drain()
+        if hold and len(self.held) < 3:
+            # A connection that keeps the drain going to its timeout (over several steps).
+            self.hold_a_connection()
         err = self._call("Switch", "s", "off")
         assert err is None, self._fail(f"Switch(off) failed: {err}")
         if self.active != "off" and not self.draining:
