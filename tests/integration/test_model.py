@@ -195,8 +195,9 @@ class ZdddModel(RuleBasedStateMachine):
         if how == "flush-map":
             run("nft", "flush", "map", "inet", "zddd", "steer")
         elif how == "other-element":
-            run("nft", "flush", "map", "inet", "zddd", "steer")
-            run("nft", "add", "element", "inet", "zddd", "steer", "{ 8888 : goto steer_backup }")
+            # One transaction: zddd's repair must not slip in between the two.
+            run("nft", "flush map inet zddd steer; "
+                "add element inet zddd steer { 8888 : goto steer_backup }")
         elif how == "delete-table":
             run("nft", "delete", "table", "inet", "zddd")
         elif how == "flush-hook":
