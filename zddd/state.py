@@ -76,7 +76,7 @@ class StateFile:
 
     def save(self, state: SavedState) -> None:
         """Replace the file atomically: a crash leaves either the old or the new state."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        _make_dirs(self.path.parent)
         fd, tmp = tempfile.mkstemp(prefix=".state.", dir=self.path.parent)
         try:
             with os.fdopen(fd, "w") as f:
@@ -102,3 +102,20 @@ class StateFile:
             pass
         finally:
             os.close(dir_fd)
+
+
+def _make_dirs(directory: Path) -> None:
+    """mkdir -p with mode 0755 for every directory it creates (Path.mkdir gives the parents
+    0777 minus the umask): never group- or world-writable, whatever the umask, because whoever
+    can write there decides where traffic goes after the next restart."""
+    missing = []
+    while not directory.exists():
+        missing.append(directory)
+        if directory.parent == directory:
+            break
+        directory = directory.parent
+    for path in reversed(missing):
+        try:
+            os.mkdir(path, 0o755)
+        except FileExistsError:
+            pass

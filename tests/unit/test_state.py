@@ -85,11 +85,13 @@ def test_a_failed_save_keeps_the_old_file_and_leaves_no_temporary_file(tmp_path)
 def test_the_saved_file_is_not_writable_by_others(tmp_path):
     old = os.umask(0)  # even with a careless umask
     try:
-        StateFile(str(tmp_path / "state.json")).save(SavedState("main"))
+        StateFile(str(tmp_path / "new" / "dir" / "state.json")).save(SavedState("main"))
     finally:
         os.umask(old)
-    mode = (tmp_path / "state.json").stat().st_mode
-    assert not mode & (stat.S_IWOTH | stat.S_IWGRP), oct(mode)
+    for path in (tmp_path / "new", tmp_path / "new" / "dir", tmp_path / "new" / "dir" /
+                 "state.json"):
+        mode = path.stat().st_mode
+        assert not mode & (stat.S_IWOTH | stat.S_IWGRP), (path, oct(mode))
 
 
 @settings(max_examples=200, deadline=1000)
