@@ -9,7 +9,7 @@ DEBS := nftables python3-nftables python3-pyroute2 python3-dbus-fast python3-sdn
         haproxy nginx-light wrk python3-bpfcc python3-hypothesis procps bpftool \
         ansible-core openssh-server bash-completion
 
-.PHONY: setup test test-fast test-integration test-e2e test-system lint demo bench deb clean
+.PHONY: setup test test-fast test-integration test-e2e test-system lint demo bench soak deb clean
 
 setup: $(VENV)/.setup-done
 
@@ -60,6 +60,11 @@ demo: setup
 
 bench: setup
 	$(VPY) bench/switch_and_throughput.py
+
+# Endurance, not in CI: load through HAProxy, a switch a second and a drain cycle a minute for
+# SOAK_MINUTES (default 30); prints failed requests, zddd's RSS and descriptors, switch p50/p99.
+soak: setup
+	$(VPY) bench/soak.py
 
 # dist/zddd_<version>_all.deb for Debian 12 with dpkg-buildpackage; installs its own build
 # dependencies and fails on lintian errors (packaging/build-deb.sh).

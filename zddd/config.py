@@ -20,6 +20,11 @@ ALL_TARGETS = TARGET_NAMES + (OFF,)
 BACKENDS = ("nftables", "tc", "xdp", "sk_lookup")
 # Keys whose change a running daemon cannot take over: they name what it owns in the kernel.
 RESTART_KEYS = ("backend", "listen_port", "bpf_pin_dir")
+# The longest duration any key takes: the D-Bus API's own limit (over 24 h is InvalidArgument),
+# and far below what asyncio's timers and the µs properties (uint64) can hold.
+MAX_SECONDS = 24 * 3600
+# Linux' IFNAMSIZ is 16 bytes with the terminating NUL.
+MAX_IFNAME_BYTES = 15
 
 
 class ConfigError(ValueError):
@@ -114,10 +119,22 @@ def _port(value: Any, key: str) -> int:
 
 def _seconds(value: Any, key: str, *, allow_zero: bool) -> float:
     _expect(value, (int, float), key, "a number of seconds")
-    # Not finite (TOML's inf, nan) would overflow where seconds become µs (DrainTimeoutUSec).
+    # Not finite (TOML's inf, nan) or huge (TOML integers have no bound in tomllib) would
+    # overflow where seconds become µs (DrainTimeoutUSec) or a timer's deadline.
+    if isinstance(value, int) and abs(value) > MAX_SECONDS:
+        raise ConfigError(key, f"{value} is out of range 0-{MAX_SECONDS} seconds")
     if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
         raise ConfigError(key, f"{value} is not a valid duration")
+    if value > MAX_SECONDS:
+        raise ConfigError(key, f"{value} is out of range 0-{MAX_SECONDS} seconds")
     return float(value)
+
+
+def _no_control(value: str, key: str, what: str) -> str:
+    # A NUL cannot reach the kernel (paths, names) and other control characters are never meant.
+    if any(not c.isprintable() for c in value):
+        raise ConfigError(key, f"{value!r} is not a valid {what}: control character")
+    return value
 
 
 def _choice(value: Any, key: str, choices: tuple[str, ...]) -> str:
@@ -137,7 +154,9 @@ def parse_health(value: Any, key: str) -> Health:
     _expect(value, str, key, 'a string ("tcp", "http:/path" or "none")')
     if value in ("tcp", "none"):
         return Health(value)
-    if value.startswith("http:/") and not any(c.isspace() for c in value):
+    # The path goes into the request line as it is: printable ASCII without spaces only.
+    if value.startswith("http:/") and all(c.isascii() and c.isprintable() and not c.isspace()
+                                          for c in value):
         return Health("http", value[len("http:"):])
     raise ConfigError(key, f'{value!r} is not "tcp", "http:/path" or "none"')
 
@@ -147,7 +166,8 @@ def parse_endpoint(value: Any, key: str) -> Endpoint | None:
     if value == "":
         return None
     host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit():
+    # isascii: str.isdigit() also takes digits like "²" that int() refuses.
+    if not sep or not (port.isascii() and port.isdigit()):
         raise ConfigError(key, f"{value!r} is not host:port (IPv6 as [addr]:port)")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
@@ -176,7 +196,9 @@ def from_dict(data: dict) -> Config:
         ifaces = _expect(data["interfaces"], list, "interfaces", "a list of interface names")
         for i, name in enumerate(ifaces):
             _expect(name, str, f"interfaces[{i}]", "an interface name")
-            if not name or len(name) > 15 or "/" in name or any(c.isspace() for c in name):
+            # The kernel's own rule (dev_valid_name): at most 15 bytes, no "/", ":" or space.
+            if (not name or name in (".", "..") or len(name.encode()) > MAX_IFNAME_BYTES
+                    or any(c in "/:" or c.isspace() or not c.isprintable() for c in name)):
                 raise ConfigError(f"interfaces[{i}]", f"{name!r} is not a valid interface name")
         kw["interfaces"] = tuple(ifaces)
     if "xdp_mode" in data:
@@ -186,7 +208,7 @@ def from_dict(data: dict) -> Config:
             value = _expect(data[key], str, key, "an absolute path")
             if not value.startswith("/"):
                 raise ConfigError(key, f"{value!r} is not an absolute path")
-            kw[key] = value
+            kw[key] = _no_control(value, key, "path")
     if "bpf_flow_entries" in data:
         value = _expect(data["bpf_flow_entries"], int, "bpf_flow_entries", "an integer")
         if not 1024 <= value <= 1 << 26:
@@ -260,4 +282,6 @@ def load(path: str | Path | None) -> Config:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError("", f"{path}: not valid TOML: {e}") from None
+    except RecursionError:  # tomllib recurses once per nesting level of arrays and tables
+        raise ConfigError("", f"{path}: not valid TOML: nested too deeply") from None
     return from_dict(data)

@@ -1,14 +1,27 @@
-"""The saved desired state: written atomically before the kernel changes, read at start."""
+"""The saved desired state: written atomically before the kernel changes, read at start.
+
+A state file that is missing is normal (first start). One that exists but cannot be read or
+trusted (corrupt, truncated, not a file, unknown target) is ignored with one warning line in the
+log: at start the kernel's state then wins when zddd's data plane is there, else `initial`. A save
+that fails raises OSError and leaves the previous file as it was; no temporary file stays behind.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .config import ALL_TARGETS, TARGET_NAMES
+from .logfmt import quote
+
+log = logging.getLogger("zddd")
+# A real state file is under 200 bytes; anything far bigger is not one (and is not read whole).
+MAX_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -28,24 +41,42 @@ class StateFile:
         self.path = Path(path)
 
     def load(self) -> SavedState | None:
-        """The saved state, or None when there is none or it cannot be trusted."""
+        """The saved state, or None when there is none or it cannot be trusted (then with a
+        warning in the log)."""
         try:
-            data = json.loads(self.path.read_text())
+            with open(self.path, "rb") as f:
+                raw = f.read(MAX_BYTES + 1)
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            return self._untrusted(e.strerror or str(e))
+        if len(raw) > MAX_BYTES:
+            return self._untrusted(f"larger than {MAX_BYTES} bytes")
+        try:
+            data = json.loads(raw.decode("utf-8"))
             state = SavedState(
-                target=str(data["target"]),
-                draining=str(data.get("draining", "")),
+                target=data["target"],
+                draining=data.get("draining", ""),
                 drain_deadline=float(data.get("drain_deadline", 0.0)),
-                drain_answered=bool(data.get("drain_answered", False)),
+                drain_answered=data.get("drain_answered", False),
             )
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            return None
-        if state.target not in ALL_TARGETS or state.draining not in ("",) + TARGET_NAMES:
-            return None
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
+            return self._untrusted(f"not a state file ({type(e).__name__})")
+        if (state.target not in ALL_TARGETS or state.draining not in ("",) + TARGET_NAMES
+                or not isinstance(state.drain_answered, bool)
+                or (state.draining and state.target != "off")
+                or not math.isfinite(state.drain_deadline)):
+            return self._untrusted("its content is not a valid state")
         return state
+
+    def _untrusted(self, why: str) -> None:
+        log.warning("event=state_file_ignored path=%s reason=%s", quote(str(self.path)),
+                    quote(why))
+        return None
 
     def save(self, state: SavedState) -> None:
         """Replace the file atomically: a crash leaves either the old or the new state."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        _make_dirs(self.path.parent)
         fd, tmp = tempfile.mkstemp(prefix=".state.", dir=self.path.parent)
         try:
             with os.fdopen(fd, "w") as f:
@@ -60,3 +91,31 @@ class StateFile:
             except FileNotFoundError:
                 pass
             raise
+        # The rename itself must reach the disk too, or a power cut could bring back the old file.
+        try:
+            dir_fd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:
+            return
+        try:
+            os.fsync(dir_fd)
+        except OSError:
+            pass
+        finally:
+            os.close(dir_fd)
+
+
+def _make_dirs(directory: Path) -> None:
+    """mkdir -p with mode 0755 for every directory it creates (Path.mkdir gives the parents
+    0777 minus the umask): never group- or world-writable, whatever the umask, because whoever
+    can write there decides where traffic goes after the next restart."""
+    missing = []
+    while not directory.exists():
+        missing.append(directory)
+        if directory.parent == directory:
+            break
+        directory = directory.parent
+    for path in reversed(missing):
+        try:
+            os.mkdir(path, 0o755)
+        except FileExistsError:
+            pass

@@ -321,8 +321,10 @@ def test_unprivileged_user_may_introspect_but_not_own_the_name(public_lab):
               "    except Exception as e:\n"
               "        print(type(e).__name__, getattr(e, 'type', ''))\n"
               "asyncio.run(main())\n")
-    from zdddlab import VENV_BIN
-    r = subprocess.run([*nobody, str(VENV_BIN / "python"), "-c", script, lab.bus.address],
+    # Debian's python (dbus-fast is a Debian package), not the venv's: nobody may not be able
+    # to reach the checkout (a clone in /root is 0700).
+    from zdddlab import PYTHON
+    r = subprocess.run([*nobody, PYTHON, "-c", script, lab.bus.address], cwd="/",
                        capture_output=True, text=True, timeout=10)
     assert "AccessDenied" in r.stdout, (r.stdout, r.stderr)
     assert z.prop("ActiveTarget") == "main"
