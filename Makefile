@@ -59,7 +59,7 @@ demo: setup
 	$(VPY) examples/demo.py --backend $(BACKEND)
 
 bench: setup
-	$(VPY) bench/switch_and_throughput.py
+	$(VPY) bench/backends.py
 
 # Endurance, not in CI: load through HAProxy, a switch a second and a drain cycle a minute for
 # SOAK_MINUTES (default 30); prints failed requests, zddd's RSS and descriptors, switch p50/p99.

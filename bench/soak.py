@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Endurance run (`make soak`, not in CI): zddd under steady load for SOAK_MINUTES (default 30).
 
-The demo's cluster in the traffic-port usage (examples/labkit.py cluster(): a client, HAProxy,
+The demo's cluster in the traffic-port usage (zdddlab.cluster(): a client, HAProxy,
 two app servers with nginx vhosts and a zddd each). wrk sends keep-alive requests through
 HAProxy the whole time. On app1, zddd switches main <-> backup every second, and once a minute
 runs a drain cycle instead (Switch(off), wait until the drain ended, Switch(main), wait until
@@ -19,17 +19,13 @@ import argparse
 import asyncio
 import os
 import re
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import labkit  # noqa: E402
-from switch_and_throughput import percentile  # noqa: E402
-
-from zddd.service.dbus import (BUS_NAME, INTERFACE, OBJECT_PATH, Message,  # noqa: E402
-                               MessageBus, MessageType)
+import zdddlab
+from zddd.service.dbus import (BUS_NAME, INTERFACE, OBJECT_PATH, Message, MessageBus,
+                               MessageType)
+from zdddlab.measure import percentile
 
 GOAL_RSS_GROWTH = 0.05
 DRAIN_EVERY = 60.0
@@ -40,7 +36,7 @@ def rss_kib(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
-    raise labkit.LabError(f"no VmRSS for pid {pid}")
+    raise zdddlab.LabError(f"no VmRSS for pid {pid}")
 
 
 def open_fds(pid: int) -> int:
@@ -58,7 +54,7 @@ class Control:
                                             interface=interface, member=member,
                                             signature=signature, body=list(body)))
         if reply.message_type == MessageType.ERROR:
-            raise labkit.LabError(f"{member}{tuple(body)}: {reply.error_name}: {reply.body}")
+            raise zdddlab.LabError(f"{member}{tuple(body)}: {reply.error_name}: {reply.body}")
         return reply.body
 
     async def prop(self, name: str):
@@ -84,13 +80,13 @@ async def churn(ctl: Control, cluster, app, until: float, log) -> tuple[list[int
             while await ctl.prop("ActiveTarget") != "off":
                 await asyncio.sleep(0.1)
                 if time.monotonic() - started > 60:
-                    raise labkit.LabError("a drain did not end within 60 s")
+                    raise zdddlab.LabError("a drain did not end within 60 s")
             drained = time.monotonic() - started
             await ctl.call("Switch", "s", ["main"])
             while cluster.haproxy.servers().get(app.name) != "UP":
                 await asyncio.sleep(0.1)
                 if time.monotonic() - started > 90:
-                    raise labkit.LabError("HAProxy did not take the server back within 90 s")
+                    raise zdddlab.LabError("HAProxy did not take the server back within 90 s")
             drains += 1
             log(f"drain cycle {drains}: drained in {drained:.1f} s, UP again after "
                 f"{time.monotonic() - started:.1f} s")
@@ -109,7 +105,7 @@ def wrk_failures(output: str) -> tuple[int, int, str]:
     """(requests, failed requests, the error lines) from wrk's report."""
     total = re.search(r"(\d+) requests in", output)
     if not total:
-        raise labkit.LabError(f"no request count in wrk's output:\n{output}")
+        raise zdddlab.LabError(f"no request count in wrk's output:\n{output}")
     failed = 0
     lines = []
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
@@ -138,8 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     def log(text: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
 
-    with labkit.Lab(prefix="zds") as lab:
-        cluster = labkit.cluster(lab, "traffic-port", {"backend": args.backend,
+    with zdddlab.Lab(prefix="zds") as lab:
+        cluster = zdddlab.cluster(lab, "traffic-port", {"backend": args.backend,
                                                        "drain_timeout": 30})
         app = cluster.apps["app1"]
         pid = app.zddd.process.proc.pid
@@ -164,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         app.zddd.check_alive()
         time.sleep(1)  # let the last switch's connections settle before counting
         rss_end, fds_end = rss_kib(pid), open_fds(pid)
-        labkit.wait_for(lambda: not wrk.alive(), 30, "wrk to finish")
+        zdddlab.wait_for(lambda: not wrk.alive(), 30, "wrk to finish")
         output = wrk.log_text()
         requests, failed, errors = wrk_failures(output)
         zddd_log = app.zddd.process.log()
@@ -193,4 +189,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    labkit.run_main(main, "soak")
+    zdddlab.run_main(main, "soak")

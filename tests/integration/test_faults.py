@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
-from lab import (APP_V4, Bus, HeldConnection, NftMonitor, Zddd, connect_error, http_get,
+from zdddlab import (APP_V4, Bus, HeldConnection, NftMonitor, Zddd, connect_error, http_get,
                  wait_for, without_counters)
 
 E = "org.zddd.Steering1.Error."
@@ -106,8 +106,6 @@ def test_a_state_file_that_cannot_be_read_or_written_stops_the_start(lab, with_t
         assert serves(lab) == "backup"
 
 
-@pytest.mark.xfail(strict=True, reason="lead is fixing: Steering.start commits the kernel before "
-                                       "it saves the state; save first, as for every switch")
 def test_a_start_that_cannot_save_leaves_no_table_behind(lab):
     z = Zddd(lab.app, lab.bus, lab.tmp)
     lab.closers.append(z.close)
@@ -295,8 +293,6 @@ def test_a_hostile_table_while_running_gives_backend_failure_and_traffic_stays(l
     assert assert_consistent(lab, z) == "main"
 
 
-@pytest.mark.xfail(strict=True, reason="lead is fixing: a repair that does not stick is backed "
-                                       "off and said once, not retried 4 times a second")
 def test_a_repair_the_kernel_refuses_is_not_retried_four_times_a_second(lab):
     z = lab.start_zddd()
     lab.app.run("nft", "delete", "table", "inet", "zddd")
@@ -307,8 +303,6 @@ def test_a_repair_the_kernel_refuses_is_not_retried_four_times_a_second(lab):
     assert failures <= 3, f"{failures} repair_failed lines in 3 s"
 
 
-@pytest.mark.xfail(strict=True, reason="backends/nftables.py reads no table flags: a table made "
-                                       "dormant (flags dormant) steers nothing yet reads intact")
 def test_a_dormant_table_is_repaired(lab):
     lab.start_zddd()
     lab.app.run("nft", "add", "table", "inet", "zddd", "{ flags dormant; }")
@@ -317,8 +311,6 @@ def test_a_dormant_table_is_repaired(lab):
 
 # ---- one zddd per data plane ------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="lead is fixing: a lock per data plane, taken before the "
-                                       "kernel is touched")
 def test_a_second_zddd_on_another_bus_in_the_same_netns_refuses_to_start(lab):
     z = lab.start_zddd()
     assert z.call("Switch", "s", "backup")[0] is None
@@ -348,7 +340,7 @@ class Squatter:
     """A process in `ns` listening on `port` (all addresses), so zddd cannot bind there."""
 
     def __init__(self, ns, port: int):
-        from lab import PYTHON
+        from zdddlab import PYTHON
 
         self.proc = ns.popen(PYTHON, "-c", (
             "import socket, sys\n"
@@ -365,8 +357,6 @@ class Squatter:
             self.proc.wait(timeout=5)
 
 
-@pytest.mark.xfail(strict=True, reason="lead is fixing: an agent that cannot bind at start fails "
-                                       "the start instead of being only logged")
 def test_an_agent_port_in_use_at_start_fails_the_start_naming_it(lab):
     squatter = Squatter(lab.app, 8889)
     lab.closers.append(squatter.close)
@@ -381,10 +371,8 @@ def test_an_agent_port_in_use_at_start_fails_the_start_naming_it(lab):
     assert "agent" in z.log().strip().splitlines()[-1]
 
 
-@pytest.mark.xfail(strict=True, reason="lead is fixing: Reload is all or nothing, listeners "
-                                       "included")
 def test_a_reload_whose_agent_cannot_bind_fails_and_changes_nothing(lab):
-    from lab import agent_ask
+    from zdddlab import agent_ask
 
     z = lab.start_zddd()
     squatter = Squatter(lab.app, 7009)

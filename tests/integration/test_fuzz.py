@@ -15,7 +15,7 @@ import time
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from lab import (APP_V4, PYTHON, VENV_BIN, agent_ask, dbus_call, http_get, scrape_metrics,
+from zdddlab import (APP_V4, PYTHON, VENV_BIN, agent_ask, dbus_call, http_get, scrape_metrics,
                  without_counters)
 
 from zddd.service.dbus import Variant
@@ -426,8 +426,6 @@ def test_metrics_garbage_half_open_and_other_paths(lab):
     assert_unharmed(lab, z, before)
 
 
-@pytest.mark.xfail(strict=True, reason="lead is fixing: metrics answers only /metrics (404 "
-                                       "for other paths)")
 def test_metrics_answers_404_for_other_paths(lab):
     lab.start_zddd()
     for path in ("/", "/metricsx", "/favicon.ico", "/../etc/passwd", "/metrics/../x"):
@@ -436,8 +434,6 @@ def test_metrics_answers_404_for_other_paths(lab):
         assert " 404 " in status and "zddd_" not in out["data"], (path, status)
 
 
-@pytest.mark.xfail(strict=True, reason="lead is fixing: metrics served from the event loop, "
-                                       "so a slow client cannot hold the endpoint")
 def test_a_slowloris_client_does_not_stop_other_scrapes(lab):
     z = lab.start_zddd()
     before = baseline(lab, z)
@@ -450,8 +446,6 @@ def test_a_slowloris_client_does_not_stop_other_scrapes(lab):
     assert_unharmed(lab, z, before)
 
 
-@pytest.mark.xfail(strict=True, reason="lead is fixing: metrics served from the event loop, "
-                                       "so idle clients cannot hold the endpoint")
 def test_a_thousand_idle_metrics_connections_do_not_stop_a_scrape(lab):
     z = lab.start_zddd()
     before = baseline(lab, z)
@@ -463,9 +457,6 @@ def test_a_thousand_idle_metrics_connections_do_not_stop_a_scrape(lab):
     assert_unharmed(lab, z, before)
 
 
-@pytest.mark.xfail(strict=True, reason="lead is fixing: metrics served from the event loop "
-                                       "(today one thread with a listen backlog of 5 answers "
-                                       "under 100 of 1000 concurrent scrapes in 30 s)")
 def test_a_thousand_scrapes_at_once_are_all_answered(lab):
     z = lab.start_zddd()
     before = baseline(lab, z)
@@ -584,8 +575,6 @@ def many_callers(z, n: int) -> None:
     assert r.stdout.strip() == "done", r.stderr[-2000:]
 
 
-@pytest.mark.xfail(strict=True, reason="lead is fixing: the cache of caller uids grows by one "
-                                       "entry per bus connection that ever called a method")
 def test_memory_does_not_grow_with_the_number_of_callers(lab):
     z = lab.start_zddd()
     many_callers(z, 300)  # warm-up: allocator arenas, dbus-fast's own caches

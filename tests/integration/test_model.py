@@ -28,7 +28,7 @@ from conftest import Lab
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
-from lab import APP_V4, HeldConnection, connect_error, http_get, wait_for
+from zdddlab import APP_V4, HeldConnection, connect_error, http_get, wait_for
 
 BACKEND = os.environ.get("ZDDD_MODEL_BACKEND", "nftables")
 EXAMPLES = int(os.environ.get("ZDDD_MODEL_EXAMPLES", "20"))

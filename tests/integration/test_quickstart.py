@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 import subprocess
 
-from lab import REPO, NetNS
+from zdddlab import REPO, NetNS
 
 QUICK_START = re.compile(r"## Five-minute quick start\n\n```sh\n(.*?)```", re.S)
 

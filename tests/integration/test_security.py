@@ -15,7 +15,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from lab import APP_V4, BUS_CONFIG, POLICY, Bus, connect_error, wait_for
+from zdddlab import APP_V4, BUS_CONFIG, POLICY, Bus, connect_error, wait_for
 
 DEST = ("org.zddd.Steering1", "/org/zddd/Steering1")
 MANAGER = "org.zddd.Steering1.Manager"
