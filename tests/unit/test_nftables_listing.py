@@ -56,3 +56,14 @@ def test_another_protocol_is_drift(monkeypatch):
     state = read(monkeypatch, listing(DESIRED, l4proto=17))
     assert not state.intact
     assert set(state.problems) == {"chain steer_main changed", "chain steer_backup changed"}
+
+
+def test_a_refused_batch_is_reported_by_its_first_error_line():
+    from zddd.backends.nftables import _first_error
+
+    err = ("Error: Could not process rule: Operation not permitted\n{...}\n^^^^\n"
+           "Error: Could not process rule: Operation not permitted\n{...}\n^^^^\n")
+    assert _first_error(err) == ("Error: Could not process rule: Operation not permitted "
+                                 "(and 1 more)")
+    assert _first_error("  \n") == "nftables refused the batch"
+    assert _first_error("something odd\nmore") == "something odd"

@@ -119,6 +119,16 @@ def _same_rules(found: list, wanted: list) -> bool:
     return normal(found) == normal(wanted)
 
 
+def _first_error(err: str | None) -> str:
+    """libnftables repeats the kernel's error for every command of a refused batch (with the
+    command and a caret line): the first error line says it."""
+    lines = [line for line in (err or "").splitlines() if line.startswith("Error:")]
+    if not lines:
+        return ((err or "").strip() or "nftables refused the batch").splitlines()[0]
+    more = f" (and {len(lines) - 1} more)" if len(lines) > 1 else ""
+    return lines[0] + more
+
+
 class NftablesBackend(Backend):
     name = "nftables"
 
@@ -140,7 +150,7 @@ class NftablesBackend(Backend):
     def _cmd(self, commands: list) -> dict | None:
         rc, out, err = self._nft().json_cmd({"nftables": commands})
         if rc != 0:
-            raise ApplyError((err or "nftables refused the batch").strip())
+            raise ApplyError(_first_error(err))
         return out
 
     def probe(self) -> None:
@@ -178,6 +188,10 @@ class NftablesBackend(Backend):
                                  "alone")
         expected = _layout(desired)
         problems = []
+        for item in listing:
+            flags = item.get("table", {}).get("flags")
+            if flags:  # e.g. dormant: the table is there but its hooks do nothing
+                problems.append(f"table flags {flags}")
         for key in sorted(set(found) ^ set(expected)):
             problems.append(f"{key[0]} {key[1]} {'missing' if key in expected else 'foreign'}")
         for key, obj in expected.items():
@@ -237,7 +251,8 @@ class NftablesBackend(Backend):
         differ, or that zddd would not have written, are removed first; the table itself is
         never deleted, so the NAT hooks stay registered throughout."""
         expected = _layout(desired)
-        table = {"family": FAMILY, "name": TABLE}
+        # No flags: a table someone made dormant wakes up again.
+        table = {"family": FAMILY, "name": TABLE, "flags": []}
         commands: list = [{"add": {"table": table}}]
         # References first: rules and map elements can point at objects about to go.
         for (kind, name) in found:
