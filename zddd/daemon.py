@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import resource
 import signal
 import socket
 import struct
@@ -353,8 +354,17 @@ def remove_data_plane(config: Config) -> int:
     return EXIT_FAILURE if failed else 0
 
 
+def _raise_fd_limit() -> None:
+    """Up to the hard limit (systemd's default soft limit is 1024): a thousand agent or metrics
+    clients at once must not starve zddd of descriptors for the kernel and the bus."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    _raise_fd_limit()
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_Formatter())
     logging.basicConfig(level=logging.INFO, handlers=[handler])

@@ -17,7 +17,8 @@ def nft_monitor(lab, z):
     at once; BPF backends are compared by data_plane() alone."""
     if z.backend != "nftables":
         return None
-    monitor = nft_monitor(lab, z)
+    monitor = NftMonitor(lab.app)
+    lab.closers.append(monitor.close)
     return monitor
 
 
@@ -171,7 +172,10 @@ def test_a_changed_target_port_while_down_is_taken_over_at_start(lab):
     z.config["targets"] = {"backup": {"port": 8081}}
     z.write_config()
     z.start()
-    assert "how=adopted" in last_start(z) and "target=backup" in last_start(z)
+    # nftables still reads "steering backup" from its map; a BPF map holds the old port, which
+    # no target has any more, so the saved state names the target: backup either way.
+    how = "how=adopted" if z.backend == "nftables" else "how=restored"
+    assert how in last_start(z) and "target=backup" in last_start(z), last_start(z)
     assert z.prop("Targets")["backup"] == 8081
     assert http_get(lab.client, APP_V4, 8888) == "backup8081"
 

@@ -266,7 +266,9 @@ def test_a_hostile_table_at_start_fails_the_start_and_is_left_alone(lab):
     z.start(wait=False)
     assert z.proc.wait(timeout=15) == 1, z.log()
     last = z.log().strip().splitlines()[-1]
-    assert "event=start_failed" in last and "refused" in last, last
+    # nft 1.0.6 lists an owned table's flags as garbage, at times not JSON: either the read
+    # or the write is refused, and zddd says which.
+    assert "event=start_failed" in last and ("refused" in last or "cannot read" in last), last
     assert without_counters(z.nft()) == before
     assert not z.owns_name()
     no_traceback(z)

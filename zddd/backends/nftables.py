@@ -147,8 +147,17 @@ class NftablesBackend(Backend):
             self._local.nft = nft
         return nft
 
+    def _json_cmd(self, commands: list) -> tuple[int, dict | None, str]:
+        try:
+            return self._nft().json_cmd({"nftables": commands})
+        except ValueError as e:
+            # nft 1.0.6 prints garbage for the flags of a table another process owns, at
+            # times not even JSON: what is there is not zddd's to read.
+            raise ApplyError(f"nft printed what is not JSON ({e}); is table {FAMILY} {TABLE} "
+                             "owned by another process?") from None
+
     def _cmd(self, commands: list) -> dict | None:
-        rc, out, err = self._nft().json_cmd({"nftables": commands})
+        rc, out, err = self._json_cmd(commands)
         if rc != 0:
             raise ApplyError(_first_error(err))
         return out
@@ -166,12 +175,11 @@ class NftablesBackend(Backend):
             raise BackendUnavailable(f"nftables is not usable here: {e}") from None
 
     def _list(self) -> list[dict] | None:
-        rc, out, err = self._nft().json_cmd(
-            {"nftables": [{"list": {"table": {"family": FAMILY, "name": TABLE}}}]})
+        rc, out, err = self._json_cmd([{"list": {"table": {"family": FAMILY, "name": TABLE}}}])
         if rc != 0:
             if "No such file or directory" in (err or ""):
                 return None
-            raise ApplyError((err or "cannot list the table").strip())
+            raise ApplyError(_first_error(err))
         return out["nftables"]
 
     def read(self, desired: Desired) -> KernelState | None:

@@ -31,7 +31,9 @@ RESULTS = ("ok", "refused", "failed")
 # A client has this long to send its request and take the answer.
 CLIENT_TIMEOUT = 10.0
 MAX_REQUEST_BYTES = 8192
-MAX_CLIENTS = 64
+# Past this many connections still sending their request, the oldest of them is dropped, so
+# idle connections can never keep a real scrape out.
+MAX_PENDING = 2048
 
 
 class _KernelCollector:
@@ -142,7 +144,8 @@ class MetricsServer(Observer):
         self.registry = CollectorRegistry()
         self.registry.register(_Exported(_KernelCollector(core, self.errors), events))
         self.core = core
-        self.clients = 0
+        self._pending: dict[asyncio.StreamWriter, None] = {}  # oldest first
+        self._rendered: bytes | None = None
         self._sock: socket.socket | None = None
         self._server: asyncio.base_events.Server | None = None
         core.observers.append(self)
@@ -171,16 +174,31 @@ class MetricsServer(Observer):
                                                   limit=MAX_REQUEST_BYTES)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        """The exposition now. Scrapes answered in the same turn of the event loop (a burst of
+        clients) share one rendering; the next turn renders afresh, so nothing is stale."""
+        if self._rendered is None:
+            self._rendered = generate_latest(self.registry)
+            try:
+                asyncio.get_running_loop().call_soon(self._fresh)
+            except RuntimeError:  # no loop (called directly): nothing to share with
+                self._rendered, rendered = None, self._rendered
+                return rendered
+        return self._rendered
+
+    def _fresh(self) -> None:
+        self._rendered = None
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self.clients >= MAX_CLIENTS:
-            writer.transport.abort()
-            return
-        self.clients += 1
+        if len(self._pending) >= MAX_PENDING:
+            oldest = next(iter(self._pending))
+            self._pending.pop(oldest)
+            oldest.transport.abort()
+        self._pending[writer] = None
         try:
             async with asyncio.timeout(CLIENT_TIMEOUT):
-                status, body, ctype = await self._answer(reader)
+                request = await self._head(reader)
+                self._pending.pop(writer, None)
+                status, body, ctype = self._answer(request)
                 head = (f"HTTP/1.0 {status}\r\nContent-Type: {ctype}\r\n"
                         f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n")
                 writer.write(head.encode() + body)
@@ -191,11 +209,10 @@ class MetricsServer(Observer):
         except Exception:
             log.exception("event=metrics_failed")
         finally:
-            self.clients -= 1
+            self._pending.pop(writer, None)
             writer.close()
 
-    async def _answer(self, reader: asyncio.StreamReader) -> tuple[str, bytes, str]:
-        request = await self._head(reader)
+    def _answer(self, request: bytes) -> tuple[str, bytes, str]:
         parts = request.split(b" ")
         if len(parts) != 3 or not parts[2].startswith(b"HTTP/"):
             return "400 Bad Request", b"bad request\n", "text/plain"
