@@ -6,7 +6,7 @@ PYTEST  := $(VPY) -m pytest
 
 DEBS := nftables python3-nftables python3-pyroute2 python3-dbus-fast python3-sdnotify \
         python3-prometheus-client python3-pytest python3-venv python3-pip python3-setuptools iproute2 dbus systemd curl \
-        haproxy nginx-light wrk python3-bpfcc python3-hypothesis procps bpftool \
+        haproxy nginx-light wrk python3-bpfcc python3-hypothesis python3-pytest-xdist procps bpftool \
         ansible-core openssh-server bash-completion
 
 .PHONY: setup test test-fast test-integration test-e2e test-system lint demo bench soak deb clean
@@ -29,15 +29,20 @@ $(VENV)/.setup-done: pyproject.toml Makefile
 	$(VPY) -c 'import pathlib, site; pathlib.Path(site.getsitepackages()[0], "zdddlab.pth").write_text("$(CURDIR)\n")'
 	touch $@
 
-# The whole suite. pytest's exit code 5 ("no tests ran") fails like any other.
+# The whole suite. pytest's exit code 5 ("no tests ran") fails like any other. Unit and
+# integration tests each build their own namespaces, buses and bpffs, and mostly wait on the
+# kernel and the network, so they run on 4 workers (the behaviour suite runs once per backend);
+# e2e and system tests share clusters and containers per module and run in one process.
+JOBS ?= 4
 test: setup
-	$(PYTEST) tests
+	$(PYTEST) -n $(JOBS) tests/unit tests/integration
+	$(PYTEST) tests/e2e tests/system
 
 test-fast: setup
 	$(PYTEST) -m unit tests
 
 test-integration: setup
-	$(PYTEST) -m integration tests
+	$(PYTEST) -n $(JOBS) -m integration tests
 
 test-e2e: setup
 	$(PYTEST) -m e2e tests
