@@ -117,6 +117,7 @@ class Steering:
         self._repair_backoff = 0.0  # seconds; 0 while repairs stick
         self._next_repair = float("-inf")
         self._failed_problems: tuple[str, ...] | None = None
+        self._read_error: str | None = None
 
     # ---- read-only view -------------------------------------------------------------------
 
@@ -434,8 +435,11 @@ class Steering:
         try:
             current = self.backend.read(self._desired(None))
         except ApplyError as e:
-            log.warning("event=read_failed error=%s", quote(str(e)))
+            if str(e) != self._read_error:  # said once, not four times a second
+                log.warning("event=read_failed error=%s", quote(str(e)))
+            self._read_error = str(e)
             return False
+        self._read_error = None
         if current is not None and current.intact and (current.active or OFF) == expected:
             if self._repair_backoff:
                 log.info("event=repair_holds")
@@ -455,7 +459,8 @@ class Steering:
         try:
             self._commit(expected, current)
         except ApplyError as e:
-            log.error("event=repair_failed error=%s", quote(str(e)))
+            if not self._repair_backoff:  # a refusal that repeats is said once, with the back-off
+                log.error("event=repair_failed error=%s", quote(str(e)))
             return False
         if not self._repair_backoff:
             log.warning("event=drift_repaired target=%s found=%s problems=%s", expected, found,

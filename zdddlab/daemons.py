@@ -91,8 +91,9 @@ class Zddd:
                                   "--bus", self.bus.address, stdout=self._log,
                                   stderr=subprocess.STDOUT)
         if wait:
-            wait_for(lambda: self.proc.poll() is not None or self.owns_name(), 15,
-                     f"{self.name} to own its bus name")
+            # A BPF backend compiles with bcc first: seconds, more with parallel test workers.
+            wait_for(lambda: self.proc.poll() is not None or self.owns_name(),
+                     15 if self.backend == "nftables" else 60, f"{self.name} to own its bus name")
             self.check_alive()
         return self
 

@@ -7,7 +7,7 @@ import signal
 import time
 
 import pytest
-from zdddlab import APP_V4, APP_V6, KeepAlive, connect_error, http_get, wait_for
+from zdddlab import APP_V4, APP_V6, KeepAlive, NftMonitor, connect_error, http_get, wait_for
 
 pytestmark = pytest.mark.backends
 
@@ -172,9 +172,9 @@ def test_a_changed_target_port_while_down_is_taken_over_at_start(lab):
     z.config["targets"] = {"backup": {"port": 8081}}
     z.write_config()
     z.start()
-    # nftables still reads "steering backup" from its map; a BPF map holds the old port, which
-    # no target has any more, so the saved state names the target: backup either way.
-    how = "how=adopted" if z.backend == "nftables" else "how=restored"
+    # nftables and sk_lookup still read "steering backup" (a chain, a target index); tc and xdp
+    # hold the old port, which no target has any more, so the saved state names the target.
+    how = "how=restored" if z.backend in ("tc", "xdp") else "how=adopted"
     assert how in last_start(z) and "target=backup" in last_start(z), last_start(z)
     assert z.prop("Targets")["backup"] == 8081
     assert http_get(lab.client, APP_V4, 8888) == "backup8081"

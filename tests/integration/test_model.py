@@ -24,11 +24,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from conftest import Lab
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
-from zdddlab import APP_V4, HeldConnection, connect_error, http_get, wait_for
+from zdddlab import APP_V4, AppLab, HeldConnection, connect_error, http_get, wait_for
 
 BACKEND = os.environ.get("ZDDD_MODEL_BACKEND", "nftables")
 EXAMPLES = int(os.environ.get("ZDDD_MODEL_EXAMPLES", "20"))
@@ -47,12 +46,11 @@ class ZdddModel(RuleBasedStateMachine):
         self.lab = None
         self.held: list[tuple[str, HeldConnection]] = []
         try:
-            self.lab = Lab(self.tmp)
+            self.lab = AppLab(self.tmp, backend=BACKEND)
             self.vhosts = {"main": self.lab.main, "backup": self.lab.backup}
             self.z = self.lab.start_zddd({
-                "backend": BACKEND, "drain_timeout": DRAIN_TIMEOUTS[0],
+                "drain_timeout": DRAIN_TIMEOUTS[0],
                 "health": {"interval": 0.1, "timeout": 0.3},
-                "bpf_pin_dir": f"/sys/fs/bpf/{self.tmp.name}",
             })
         except BaseException:
             self._close()
