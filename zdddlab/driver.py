@@ -2,20 +2,30 @@
 
     ip netns exec NS .venv/bin/python -m zdddlab.driver BACKEND JSON_DESIRED
 
-Reads one JSON command per line on stdin and answers one JSON line on stdout ({"error": ...}
-when the command raised). The backend runs in this process, so it sees the namespace the way
-zddd would. Commands (key "op"):
+JSON_DESIRED holds the fields of zddd.backends.Desired but `active` (`ports` as a mapping or as
+[name, port] pairs; pin_dir and flow_entries default to /sys/fs/bpf/zddd and 4096). Reads one
+JSON command per line on stdin and answers one JSON line on stdout ({"error": ..., "changed":
+...} when the command raised; `changed` is ApplyError's). The backend runs in this process, so
+it sees the namespace the way zddd would. Commands (key "op"); those marked [desired] take an
+optional "desired" mapping of fields that differ from JSON_DESIRED for that command alone:
 
-    probe | read | leftover | remove | flows | new (a fresh backend instance)
-    switch {target}          read, plan, apply, as zddd's core does; the plan's size and time
+    probe                    the backend's probe; how long it took, s ("seconds")
+    new {source_suffix}      a fresh backend instance (as a restarted zddd); a BPF backend's
+                             program source gets `source_suffix` appended (an upgraded package)
+    read [desired]           the backend's read: active, intact, problems (None: nothing there)
+    switch {target} [desired]  read, plan, apply, as zddd's core does: the state before and
+                             after, the number of layout steps and their names ("steps"),
+                             whether there was a flip, the apply time in µs
     reconcile {target}       repair as the core's reconciler does; whether it repaired
     reconciler {target, interval}  keep reconciling in a thread (until "stop")
     stop                     stop the reconciler thread
+    leftover [desired] | remove [desired]
+    flows                    flows_steered and flow_table
     count                    established connections per target (ConnectionCounter)
     listener {target}        the backend's listener_problem(target), if it has one
     flips {n}                n switches main/backup; the apply time of each, µs
 
-Tests (tests/integration/test_sk_lookup.py) and the bench use it.
+Tests (tests/integration/test_sk_lookup.py, test_bpf_dataplane.py) and the bench use it.
 """
 
 from __future__ import annotations
@@ -32,10 +42,19 @@ from zddd.connections import ConnectionCounter
 from .base import VENV_BIN
 
 
+class DriverError(RuntimeError):
+    """The backend raised: the message names the command; `changed` is ApplyError's (False when
+    nothing of the plan took effect)."""
+
+    def __init__(self, message: str, changed: bool = False):
+        super().__init__(message)
+        self.changed = changed
+
+
 class DriverClient:
     """The other end: starts this script with `popen` (e.g. a NetNS's, so it runs in that
     namespace) and sends it commands; `client(op, **args)` returns the answer or raises
-    RuntimeError with the backend's error."""
+    DriverError with the backend's error."""
 
     def __init__(self, popen, backend: str, desired: dict, prefix: tuple[str, ...] = (),
                  python: str = str(VENV_BIN / "python")):
@@ -57,7 +76,7 @@ class DriverClient:
             raise RuntimeError(f"the backend driver died during {op}")
         answer = json.loads(line)
         if "error" in answer:
-            raise RuntimeError(f"{op}: {answer['error']}")
+            raise DriverError(f"{op}: {answer['error']}", answer.get("changed", False))
         return answer
 
     def close(self) -> None:
@@ -66,25 +85,36 @@ class DriverClient:
             self.proc.wait(timeout=5)
 
 
+def desired_of(fields: dict) -> Desired:
+    """A Desired (active None) from JSON_DESIRED's fields."""
+    fields = {"pin_dir": "/sys/fs/bpf/zddd", "flow_entries": 4096, **fields}
+    fields["ports"] = tuple(sorted(dict(fields["ports"]).items()))
+    if fields.get("interfaces") is not None:
+        fields["interfaces"] = tuple(fields["interfaces"])
+    return Desired(active=None, **fields)
+
+
+def _step_name(step) -> str:
+    # The tc/xdp backends' steps are tuples led by their name; sk_lookup's are dataclasses.
+    return step[0] if isinstance(step, tuple) else type(step).__name__
+
+
 class Driver:
     def __init__(self, backend: str, desired: dict):
         self.backend_name = backend
-        self.desired = Desired(desired["listen_port"], tuple(sorted(
-            (name, port) for name, port in desired["ports"].items())), None,
-            pin_dir=desired.get("pin_dir", "/sys/fs/bpf/zddd"),
-            flow_entries=desired.get("flow_entries", 4096))
+        self.fields = desired
+        self.desired = desired_of(desired)
         self.lock = threading.Lock()
         self.reconciler: threading.Thread | None = None
         self.stopping = threading.Event()
         self.repairs = 0
-        self.new()
+        self.op_new()
 
-    def new(self) -> dict:
-        self.backend = backend_class(self.backend_name)()
-        return {}
+    def _desired(self, overrides: dict | None) -> Desired:
+        return desired_of({**self.fields, **overrides}) if overrides else self.desired
 
-    def _state(self):
-        return self.backend.read(self.desired)
+    def _state(self, desired: Desired | None = None):
+        return self.backend.read(desired or self.desired)
 
     @staticmethod
     def _describe(state) -> dict | None:
@@ -93,23 +123,31 @@ class Driver:
         return {"active": state.active, "intact": state.intact, "problems": list(state.problems)}
 
     def op_probe(self) -> dict:
+        started = time.perf_counter()
         self.backend.probe()
+        return {"seconds": time.perf_counter() - started}
+
+    def op_new(self, source_suffix: str | None = None) -> dict:
+        self.backend = backend_class(self.backend_name)()
+        if source_suffix:
+            from zddd.backends.bpf import source_path
+
+            self.backend._source = source_path().read_bytes() + source_suffix.encode()
         return {}
 
-    def op_new(self) -> dict:
-        return self.new()
+    def op_read(self, desired: dict | None = None) -> dict:
+        return {"state": self._describe(self._state(self._desired(desired)))}
 
-    def op_read(self) -> dict:
-        return {"state": self._describe(self._state())}
-
-    def op_switch(self, target: str | None) -> dict:
-        current = self._state()
-        plan = self.backend.plan(current, self.desired.steering(target))
+    def op_switch(self, target: str | None, desired: dict | None = None) -> dict:
+        wanted = self._desired(desired)
+        current = self._state(wanted)
+        plan = self.backend.plan(current, wanted.steering(target))
         started = time.perf_counter()
         self.backend.apply(plan)
         usec = (time.perf_counter() - started) * 1e6
-        return {"layout": len(plan.layout), "flip": plan.flip is not None, "usec": usec,
-                "before": self._describe(current)}
+        return {"layout": len(plan.layout), "steps": [_step_name(s) for s in plan.layout],
+                "flip": plan.flip is not None, "usec": usec, "before": self._describe(current),
+                "after": self._describe(self._state(wanted))}
 
     def op_reconcile(self, target: str | None) -> dict:
         current = self._state()
@@ -140,11 +178,11 @@ class Driver:
             self.reconciler.join()
         return {"repairs": self.repairs}
 
-    def op_leftover(self) -> dict:
-        return {"leftover": self.backend.leftover(self.desired)}
+    def op_leftover(self, desired: dict | None = None) -> dict:
+        return {"leftover": self.backend.leftover(self._desired(desired))}
 
-    def op_remove(self) -> dict:
-        self.backend.remove(self.desired)
+    def op_remove(self, desired: dict | None = None) -> dict:
+        self.backend.remove(self._desired(desired))
         return {}
 
     def op_flows(self) -> dict:
@@ -186,7 +224,8 @@ def main() -> None:
             with driver.lock if op != "stop" else _nolock():
                 answer = getattr(driver, f"op_{op}")(**command)
         except Exception as e:
-            answer = {"error": f"{type(e).__name__}: {e}"}
+            answer = {"error": f"{type(e).__name__}: {e}",
+                      "changed": getattr(e, "changed", False)}
         print(json.dumps(answer), flush=True)
 
 

@@ -1,10 +1,10 @@
 """The tc and xdp backends driven directly (no daemon) in a namespace pair, on the real kernel.
 
-The backend runs in the app namespace in a driver process (tests/integration/bpf_driver.py,
-one JSON request per line), as zddd would. Pins go to a bpffs the test mounts in a temporary
-directory of the host's mount namespace: `ip netns exec` gives each process a private mount
-namespace with its own /sys, so a bpffs mounted from inside it would vanish with the process,
-while one mounted outside is shared by every driver the test starts (a restarted zddd).
+The backend runs in the app namespace in a driver process (zdddlab.driver, one JSON command
+per line), as zddd would. Pins go to a bpffs the test mounts in a temporary directory of the
+host's mount namespace: `ip netns exec` gives each process a private mount namespace with its
+own /sys, so a bpffs mounted from inside it would vanish with the process, while one mounted
+outside is shared by every driver the test starts (a restarted zddd).
 Namespaces, the mount and its pins go when the test ends, also on failure.
 """
 
@@ -24,52 +24,23 @@ from zddd.backends.bpf import pinned_active_port
 
 from zdddlab import (APP_V4, APP_V6, CLIENT_V4, CLIENT_V6, PYTHON, REPO, KeepAlive, NetNS, Vhost,
                  connect_error, http_get, link)
+from zdddlab.driver import DriverClient, DriverError
 
 BACKENDS = ("tc", "xdp")
-DRIVER = Path(__file__).with_name("bpf_driver.py")
 VENV_PYTHON = str(REPO / ".venv" / "bin" / "python")
 
 
-class DriverError(Exception):
-    def __init__(self, message: str, changed: bool):
-        super().__init__(message)
-        self.changed = changed
-
-
-class Driver:
-    """A backend instance in its own process in `ns`; `ask` sends one request."""
+class Driver(DriverClient):
+    """A backend instance in its own process in `ns`, with the two calls these tests make most."""
 
     def __init__(self, ns: NetNS, backend: str, desired: dict):
-        self.desired = desired
-        self.proc = ns.popen(VENV_PYTHON, str(DRIVER), stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, text=True)
-        self.ask("new", backend=backend)
+        super().__init__(ns.popen, backend, desired)
 
-    def ask(self, op: str, **overrides):
-        request = {"op": op}
-        if op != "new":
-            request["desired"] = {**self.desired, **overrides}
-        else:
-            request.update(overrides)
-        self.proc.stdin.write(json.dumps(request) + "\n")
-        self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
-        assert line, f"driver died answering {op}"
-        answer = json.loads(line)
-        if "error" in answer:
-            raise DriverError(answer["error"], answer["changed"])
-        return answer["ok"]
+    def read(self, **overrides):
+        return self("read", desired=overrides)["state"]
 
-    def read(self):
-        return self.ask("read")
-
-    def sync(self, active="main", **overrides):
-        return self.ask("sync", active=active, **overrides)
-
-    def close(self):
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=5)
+    def sync(self, target="main", **overrides):
+        return self("switch", target=target, desired=overrides)
 
 
 class BpfLab:
@@ -95,7 +66,7 @@ class BpfLab:
         self.closers.append(self.backup.stop)
         self.pin_dir = f"{self.mount}/zddd"
         self.desired = {"listen_port": 8888, "ports": [["backup", 80], ["main", 8080]],
-                        "active": "main", "interfaces": None, "pin_dir": self.pin_dir,
+                        "interfaces": None, "pin_dir": self.pin_dir,
                         "flow_entries": 4096, "xdp_mode": "native"}
 
     def _own(self, thing):
@@ -155,16 +126,16 @@ def steering(bpflab):
 
 def test_probe_build_and_steer_main_backup_off(bpflab):
     driver = bpflab.driver()
-    compile_seconds = driver.ask("probe")
+    compile_seconds = driver("probe")["seconds"]
     assert compile_seconds < 30
     assert driver.read() is None  # nothing of zddd's before the first build
     result = driver.sync("main")
     assert result["before"] is None
-    assert result["layout"][0] == "build" and result["flip"]
+    assert result["steps"][0] == "build" and result["flip"]
     assert result["after"] == {"active": "main", "intact": True, "problems": []}
     for target, name in (("main", "main"), ("backup", "backup"), ("main", "main")):
         result = driver.sync(target)
-        assert result["layout"] == []  # an intact layout: the switch is the flip alone
+        assert result["steps"] == []  # an intact layout: the switch is the flip alone
         for host in (APP_V4, APP_V6):
             assert bpflab.get(host) == name, (target, host)
         for host in ("127.0.0.1", "::1"):  # lo is an interface like any other
@@ -172,7 +143,7 @@ def test_probe_build_and_steer_main_backup_off(bpflab):
         assert pinned_active_port(bpflab.pin_dir, bpflab.backend) == dict(
             bpflab.desired["ports"])[target]  # read from outside the namespace
     result = driver.sync(None)
-    assert result["layout"] == [] and result["after"]["active"] is None
+    assert result["steps"] == [] and result["after"]["active"] is None
     assert pinned_active_port(bpflab.pin_dir, bpflab.backend) == 0
     for host in (APP_V4, APP_V6):
         assert bpflab.refused(host)
@@ -180,7 +151,7 @@ def test_probe_build_and_steer_main_backup_off(bpflab):
         bpflab.get("127.0.0.1", ns=bpflab.app)
     # The vhosts themselves are untouched throughout.
     assert bpflab.get(APP_V4, 8080) == "main" and bpflab.get(APP_V6, 80) == "backup"
-    counters = driver.ask("counters")
+    counters = driver("flows")
     assert counters["steered"]["main"] >= 8 and counters["steered"]["backup"] >= 4
     used, capacity = counters["table"]
     assert capacity == 4096 and 1 <= used <= 4096
@@ -210,10 +181,10 @@ def test_xdp_mode_generic_and_back_to_native(xdplab):
     driver.sync("main")
     assert "xdpgeneric" in bpflab.app.run("ip", "link", "show", "dev", bpflab.veth).stdout
     assert bpflab.get(APP_V4) == "main"
-    state = driver.ask("read", xdp_mode="native")
+    state = driver.read(xdp_mode="native")
     assert state["problems"] == [f"xdp program on {bpflab.veth} in the wrong mode"]
     result = driver.sync("backup", xdp_mode="native")
-    assert result["layout"] == ["attach"] and result["after"]["intact"], result
+    assert result["steps"] == ["attach"] and result["after"]["intact"], result
     shown = bpflab.app.run("ip", "link", "show", "dev", bpflab.veth).stdout
     assert "xdpgeneric" not in shown and "prog/xdp" in shown
     # lo stays generic whatever the mode says.
@@ -230,7 +201,7 @@ def test_mounts_bpffs_where_none_is(bpflab, tmp_path):
     assert result["after"]["intact"], result
     assert bpflab.get(APP_V4) == "backup"
     assert driver.read()["intact"]
-    driver.ask("remove")
+    driver("remove")
     assert driver.read() is None
 
 
@@ -305,7 +276,7 @@ def test_retransmitted_syn_keeps_its_target(steering):
     """The first SYN's SYN-ACK is lost; the target is switched; the client's retransmitted SYN
     (same sequence number) still reaches the target the first SYN chose, counted once."""
     bpflab, driver = steering
-    before = driver.ask("counters")["steered"]
+    before = driver("flows")["steered"]
     bpflab.client.run("nft", "add table inet zt; add chain inet zt in { type filter hook input "
                       "priority 0; }; add rule inet zt in tcp sport 8888 tcp flags syn,ack drop")
     # (the client's own namespace: nothing of the host's or zddd's)
@@ -317,14 +288,14 @@ def test_retransmitted_syn_keeps_its_target(steering):
     bpflab.client.run("nft", "delete", "table", "inet", "zt")
     out, _ = client.communicate(timeout=15)  # after the SYN retransmission (about 1 s)
     assert out.strip() == "main"
-    after = driver.ask("counters")["steered"]
+    after = driver("flows")["steered"]
     assert after == {"main": before["main"] + 1, "backup": before["backup"]}, after
     assert bpflab.get(APP_V4) == "backup"
 
 
 def wait_for_steered(driver: Driver, target: str, count: int) -> None:
     deadline = time.monotonic() + 5
-    while driver.ask("counters")["steered"][target] < count:
+    while driver("flows")["steered"][target] < count:
         assert time.monotonic() < deadline, f"no SYN steered to {target}"
         time.sleep(0.02)
 
@@ -347,7 +318,7 @@ def test_thousand_connections_survive_fifty_switches(steering):
     opened = 0
     for i, target in enumerate(sequence):
         result = driver.sync(target)
-        assert result["layout"] == []
+        assert result["steps"] == []
         host = (APP_V4, APP_V6)[i % 2]
         if target is None:
             assert holder_ask(f"open {host} 1") == ["refused"]
@@ -398,9 +369,9 @@ def test_fresh_instance_adopts_without_flip(steering):
     second = bpflab.driver()
     assert second.read() == {"active": "backup", "intact": True, "problems": []}
     result = second.sync("backup")
-    assert result["layout"] == [] and not result["flip"]
+    assert result["steps"] == [] and not result["flip"]
     result = second.sync("main")  # the flip goes through the pinned map
-    assert result["layout"] == [] and result["flip"]
+    assert result["steps"] == [] and result["flip"]
     assert bpflab.get(APP_V6) == "main"
     assert held.get() == "backup"
     held.close()
@@ -421,7 +392,7 @@ def test_hand_detached_programs_are_reattached(steering):
     assert any(bpflab.veth in p for p in state["problems"]), state
     assert any("egress program missing on lo" == p for p in state["problems"]), state
     result = driver.sync("main")
-    assert "build" not in result["layout"] and "attach" in result["layout"]
+    assert "build" not in result["steps"] and "attach" in result["steps"]
     assert result["after"]["intact"], result
     assert bpflab.get(APP_V4) == "main" and bpflab.get("::1", ns=bpflab.app) == "main"
     assert held.get() == "main"
@@ -439,7 +410,7 @@ def test_removed_pins_are_restored_and_flows_kept(steering):
     assert not state["intact"]
     assert {f"pin {p} missing" for p in ("flows", "active", "ingress")} <= set(state["problems"])
     result = driver.sync("backup")
-    assert result["layout"][:2] == ["repin", "repin"] and "build" in result["layout"]
+    assert result["steps"][:2] == ["repin", "repin"] and "build" in result["steps"]
     assert result["after"] == {"active": "backup", "intact": True, "problems": []}
     assert held.get() == "main"  # the flow map survived the repair
     assert bpflab.get(APP_V4) == "backup"
@@ -461,11 +432,11 @@ def test_upgrade_keeps_established_flows(steering):
     driver.close()
     # A new zddd whose programs differ (a package upgrade): it rebuilds them over the pins.
     upgraded = bpflab.driver()
-    upgraded.ask("new", backend=bpflab.backend, source_suffix="\n// upgraded\n")
+    upgraded("new", source_suffix="\n// upgraded\n")
     state = upgraded.read()
     assert state["problems"] == ["programs built from another source or configuration"]
     result = upgraded.sync("backup")
-    assert result["layout"][0] == "build" and result["after"]["intact"], result
+    assert result["steps"][0] == "build" and result["after"]["intact"], result
     assert [k.get() for k in held] == ["main", "main"]
     assert bpflab.get(APP_V4) == "backup"
     for k in held:
@@ -480,9 +451,9 @@ def test_config_change_rebuilds_and_keeps_flows(steering):
     other = Vhost(bpflab.app, 9090, "other")
     try:
         ports = [["backup", 9090], ["main", 8080]]
-        assert not driver.ask("read", ports=ports)["intact"]
+        assert not driver.read(ports=ports)["intact"]
         result = driver.sync("backup", ports=ports)
-        assert result["layout"][0] == "build" and result["after"]["intact"]
+        assert result["steps"][0] == "build" and result["after"]["intact"]
         assert bpflab.get(APP_V4) == "other"
         assert held.get() == "main"
     finally:
@@ -492,11 +463,11 @@ def test_config_change_rebuilds_and_keeps_flows(steering):
 
 def test_leftover_and_remove(steering):
     bpflab, driver = steering
-    text = driver.ask("leftover")
+    text = driver("leftover")["leftover"]
     assert text.startswith(f"{bpflab.backend} programs on ") and "steering to port 8080" in text
     assert "zddd" in bpflab.hooks()
-    driver.ask("remove")
-    assert driver.ask("leftover") is None
+    driver("remove")
+    assert driver("leftover")["leftover"] is None
     assert driver.read() is None
     assert bpflab.pins() == ["zddd"]
     hooks = bpflab.hooks()
@@ -523,10 +494,10 @@ def test_each_backend_owns_only_its_own(need_root):
         tc.sync("main")
         xdp = Driver(lab.app, "xdp", lab.desired)
         lab.closers.append(xdp.close)
-        assert xdp.ask("leftover") is None
+        assert xdp("leftover")["leftover"] is None
         xdp.sync("backup")
-        assert tc.ask("leftover").startswith("tc programs")
-        xdp.ask("remove")
+        assert tc("leftover")["leftover"].startswith("tc programs")
+        xdp("remove")
         assert tc.read() == {"active": "main", "intact": True, "problems": []}
         assert lab.get(APP_V4) == "main"
     finally:

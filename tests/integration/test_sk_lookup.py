@@ -19,7 +19,7 @@ from zdddlab.driver import DriverClient
 from zdddlab import (APP_V4, APP_V6, CLIENT_V4, CLIENT_V6, HeldConnection, KeepAlive, NetNS, Vhost,
                  connect_error, http_get, link, wait_for)
 
-from zddd import bpfsys
+from zddd.backends import bpfsys
 
 pytestmark = pytest.mark.usefixtures("need_root")
 
@@ -262,7 +262,7 @@ def test_a_fresh_instance_adopts_without_a_flip(skl):
 def _link_id(skl) -> int:
     fd = bpfsys.obj_get(str(skl.pin_dir / "sk_lookup_link"))
     try:
-        return bpfsys.LinkInfo(fd).id
+        return bpfsys.link_info(fd).id
     finally:
         os.close(fd)
 
@@ -275,7 +275,7 @@ def _netns_links(ns: NetNS) -> list[int]:
         with suppress(OSError):
             fd = bpfsys.link_fd_by_id(link_id)
             try:
-                info = bpfsys.LinkInfo(fd)
+                info = bpfsys.link_info(fd)
                 if info.type == bpfsys.BPF_LINK_TYPE_NETNS and info.netns_ino == ino:
                     found.append(link_id)
             finally:

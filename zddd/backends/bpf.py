@@ -83,10 +83,10 @@ STAMP_SIZE = struct.calcsize(STAMP_FORMAT)
 
 # name -> (map type, key size, value size, max entries or None for desired.flow_entries)
 MAPS = {
-    "flows": (bpfsys.MAP_TYPE_LRU_HASH, FLOW_KEY_SIZE, FLOW_VALUE_SIZE, None),
-    "active": (bpfsys.MAP_TYPE_ARRAY, 4, 4, 1),
-    "counts": (bpfsys.MAP_TYPE_PERCPU_HASH, 4, 8, 64),
-    "stamp": (bpfsys.MAP_TYPE_ARRAY, 4, STAMP_SIZE, 1),
+    "flows": (bpfsys.BPF_MAP_TYPE_LRU_HASH, FLOW_KEY_SIZE, FLOW_VALUE_SIZE, None),
+    "active": (bpfsys.BPF_MAP_TYPE_ARRAY, 4, 4, 1),
+    "counts": (bpfsys.BPF_MAP_TYPE_PERCPU_HASH, 4, 8, 64),
+    "stamp": (bpfsys.BPF_MAP_TYPE_ARRAY, 4, STAMP_SIZE, 1),
 }
 # Maps each pinned program must be using (checked against the pins by id).
 PROG_MAPS = {"ingress": ("flows", "active", "counts"), "egress": ("flows",)}
@@ -376,8 +376,8 @@ class BpfBackend(Backend):
 
     def _prog_type(self, hook: str) -> int:
         if hook == "ingress" and self.ingress_hook == "xdp":
-            return bpfsys.PROG_TYPE_XDP
-        return bpfsys.PROG_TYPE_SCHED_CLS
+            return bpfsys.BPF_PROG_TYPE_XDP
+        return bpfsys.BPF_PROG_TYPE_SCHED_CLS
 
     def _read_stamp(self, fds, found: Found):
         if "stamp" not in fds or "stamp" in found.bad_pins:

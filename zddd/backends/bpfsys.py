@@ -1,42 +1,82 @@
-"""The bpf(2) calls the BPF backends make outside bcc, through ctypes.
+"""Raw bpf(2), rtnetlink, pidfd and bpffs calls the BPF backends make outside bcc, through ctypes.
 
-Reading, flipping and removing pinned objects needs no compiler and no bcc: `leftover` and
-`remove` work on machines where bcc cannot run, and a flip is one BPF_MAP_UPDATE_ELEM on a map
-opened from its pin. Every function raises OSError (with errno) when the kernel refuses.
+What callers may rely on: nothing here needs bcc or a compiler, so reading, flipping and
+removing pinned objects works on machines where programs cannot be compiled (`leftover`,
+`remove`), and a flip is one BPF_MAP_UPDATE_ELEM on a map opened from its pin. Every function
+raises OSError with the kernel's errno (so FileNotFoundError for ENOENT; the bpf command's name
+is in the message) when the kernel refuses. File descriptors returned are the caller's to close
+(the kernel opens bpf objects O_CLOEXEC).
+
+The layouts of `union bpf_attr` and of the info structs are the kernel's UAPI (linux/bpf.h),
+which only ever grows at the end; only the leading fields used here are packed, and the kernel
+reads the fields a shorter attr leaves out as 0.
 """
 
 from __future__ import annotations
 
 import ctypes
-import errno
 import os
 import platform
 import struct
 from dataclasses import dataclass
 
+_libc = ctypes.CDLL(None, use_errno=True)
+_syscall = _libc.syscall
+_syscall.restype = ctypes.c_long
+
+# bpf(2) has a number of its own on each architecture; pidfd_open and pidfd_getfd came after
+# the numbering was unified (424 and up), so theirs are the same everywhere.
 _SYS_BPF = {"x86_64": 321, "aarch64": 280, "armv7l": 386, "ppc64le": 361, "s390x": 351,
             "riscv64": 280}.get(platform.machine(), 321)
+_SYS_PIDFD_OPEN = 434
+_SYS_PIDFD_GETFD = 438
 
-MAP_CREATE, MAP_LOOKUP_ELEM, MAP_UPDATE_ELEM, MAP_DELETE_ELEM, MAP_GET_NEXT_KEY = 0, 1, 2, 3, 4
-OBJ_PIN, OBJ_GET = 6, 7
-PROG_GET_FD_BY_ID, MAP_GET_FD_BY_ID, OBJ_GET_INFO_BY_FD = 13, 14, 15
+BPF_MAP_CREATE = 0
+BPF_MAP_LOOKUP_ELEM = 1
+BPF_MAP_UPDATE_ELEM = 2
+BPF_MAP_DELETE_ELEM = 3
+BPF_MAP_GET_NEXT_KEY = 4
+BPF_OBJ_PIN = 6
+BPF_OBJ_GET = 7
+BPF_PROG_GET_FD_BY_ID = 13
+BPF_MAP_GET_FD_BY_ID = 14
+BPF_OBJ_GET_INFO_BY_FD = 15
+BPF_LINK_CREATE = 28
+BPF_LINK_GET_FD_BY_ID = 30
+BPF_LINK_GET_NEXT_ID = 31
+BPF_LINK_DETACH = 34
 
-BPF_ANY, BPF_NOEXIST, BPF_EXIST = 0, 1, 2
+_COMMANDS = {value: name for name, value in globals().items()
+             if name.startswith(("BPF_MAP_", "BPF_OBJ_", "BPF_PROG_", "BPF_LINK_"))}
 
-MAP_TYPE_HASH, MAP_TYPE_ARRAY, MAP_TYPE_PERCPU_HASH, MAP_TYPE_LRU_HASH = 1, 2, 5, 9
-PROG_TYPE_SCHED_CLS, PROG_TYPE_XDP = 3, 6
+BPF_ANY, BPF_NOEXIST, BPF_EXIST = 0, 1, 2  # map update flags
+
+BPF_MAP_TYPE_HASH = 1
+BPF_MAP_TYPE_ARRAY = 2
+BPF_MAP_TYPE_PERCPU_HASH = 5
+BPF_MAP_TYPE_PERCPU_ARRAY = 6
+BPF_MAP_TYPE_LRU_HASH = 9
+BPF_MAP_TYPE_SOCKMAP = 15
+
+BPF_PROG_TYPE_SCHED_CLS = 3
+BPF_PROG_TYPE_XDP = 6
+BPF_PROG_TYPE_SK_LOOKUP = 30
+
+BPF_SK_LOOKUP = 36  # the attach type of sk_lookup programs
+BPF_LINK_TYPE_NETNS = 5
 
 BPF_FS_MAGIC = 0xCAFE4A11
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.syscall.restype = ctypes.c_long
 
-
-def _bpf(cmd: int, attr: ctypes.Array) -> int:
-    rc = _libc.syscall(_SYS_BPF, cmd, attr, len(attr))
+def _bpf(cmd: int, attr: bytes | ctypes.Array) -> int:
+    """One bpf(2) call. `attr` is packed bytes, or a buffer the caller keeps (for calls made
+    again and again, and for commands whose answer the kernel writes into the attr)."""
+    if isinstance(attr, bytes):
+        attr = ctypes.create_string_buffer(attr, len(attr))
+    rc = _syscall(_SYS_BPF, cmd, attr, len(attr))
     if rc < 0:
         err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
+        raise OSError(err, f"bpf({_COMMANDS.get(cmd, cmd)}): {os.strerror(err)}")
     return rc
 
 
@@ -44,17 +84,48 @@ def _addr(buf) -> int:
     return ctypes.addressof(buf) if buf is not None else 0
 
 
-def obj_get(path: str) -> int:
-    """An fd for the object pinned at `path` (FileNotFoundError if there is none)."""
-    name = ctypes.create_string_buffer(os.fsencode(path))
-    attr = ctypes.create_string_buffer(struct.pack("=QII", _addr(name), 0, 0), 16)
-    return _bpf(OBJ_GET, attr)
+# ---- map elements -----------------------------------------------------------------------------
+
+def map_update(map_fd: int, key: bytes, value: bytes, flags: int = BPF_ANY) -> None:
+    k = ctypes.create_string_buffer(key, len(key))
+    v = ctypes.create_string_buffer(value, len(value))
+    _bpf(BPF_MAP_UPDATE_ELEM, struct.pack("=IIQQQ", map_fd, 0, _addr(k), _addr(v), flags))
 
 
-def obj_pin(fd: int, path: str) -> None:
-    name = ctypes.create_string_buffer(os.fsencode(path))
-    attr = ctypes.create_string_buffer(struct.pack("=QII", _addr(name), fd, 0), 16)
-    _bpf(OBJ_PIN, attr)
+def map_lookup(map_fd: int, key: bytes, value_size: int) -> bytes | None:
+    """The value, or None if the key has no element (ENOENT)."""
+    k = ctypes.create_string_buffer(key, len(key))
+    v = ctypes.create_string_buffer(value_size)
+    try:
+        _bpf(BPF_MAP_LOOKUP_ELEM, struct.pack("=IIQQQ", map_fd, 0, _addr(k), _addr(v), 0))
+    except FileNotFoundError:
+        return None
+    return v.raw
+
+
+def map_delete(map_fd: int, key: bytes) -> bool:
+    """True if an element was deleted, False if there was none."""
+    k = ctypes.create_string_buffer(key, len(key))
+    try:
+        _bpf(BPF_MAP_DELETE_ELEM, struct.pack("=IIQ", map_fd, 0, _addr(k)))
+    except FileNotFoundError:
+        return False
+    return True
+
+
+class Updater:
+    """One map element written again and again with the least work per call: the attr and
+    the key/value buffers are built once (a switch is one of these calls, a few µs)."""
+
+    def __init__(self, map_fd: int, key: bytes, value_size: int):
+        self._key = ctypes.create_string_buffer(key, len(key))
+        self._value = ctypes.create_string_buffer(value_size)
+        packed = struct.pack("=IIQQQ", map_fd, 0, _addr(self._key), _addr(self._value), BPF_ANY)
+        self._attr = ctypes.create_string_buffer(packed, len(packed))
+
+    def write(self, value: bytes) -> None:
+        ctypes.memmove(self._value, value, len(value))
+        _bpf(BPF_MAP_UPDATE_ELEM, self._attr)
 
 
 class MapHandle:
@@ -79,7 +150,7 @@ class MapHandle:
 
     def lookup(self, key: bytes) -> bytes | None:
         try:
-            self._elem(MAP_LOOKUP_ELEM, key, self.value)
+            self._elem(BPF_MAP_LOOKUP_ELEM, key, self.value)
         except FileNotFoundError:
             return None
         return self.value.raw
@@ -92,11 +163,11 @@ class MapHandle:
 
     def update(self, key: bytes, value: bytes, flags: int = BPF_ANY) -> None:
         ctypes.memmove(self.value, value, len(value))
-        self._elem(MAP_UPDATE_ELEM, key, self.value, flags)
+        self._elem(BPF_MAP_UPDATE_ELEM, key, self.value, flags)
 
     def delete(self, key: bytes) -> bool:
         try:
-            self._elem(MAP_DELETE_ELEM, key, None)
+            self._elem(BPF_MAP_DELETE_ELEM, key, None)
         except FileNotFoundError:
             return False
         return True
@@ -105,6 +176,52 @@ class MapHandle:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+_cpus: int | None = None
+
+
+def possible_cpus() -> int:
+    """How many values a per-CPU map holds per key (the kernel's possible CPUs)."""
+    global _cpus
+    if _cpus is None:
+        with open("/sys/devices/system/cpu/possible") as f:
+            text = f.read().strip()
+        count = 0
+        for part in text.split(","):
+            lo, _, hi = part.partition("-")
+            count += int(hi or lo) - int(lo) + 1
+        _cpus = count
+    return _cpus
+
+
+# ---- pins, ids, info --------------------------------------------------------------------------
+
+def obj_pin(fd: int, path: str) -> None:
+    name = ctypes.create_string_buffer(os.fsencode(path))
+    _bpf(BPF_OBJ_PIN, struct.pack("=QII", _addr(name), fd, 0))
+
+
+def obj_get(path: str) -> int:
+    """An fd for the object pinned at `path` (FileNotFoundError if nothing is pinned there)."""
+    name = ctypes.create_string_buffer(os.fsencode(path))
+    return _bpf(BPF_OBJ_GET, struct.pack("=QII", _addr(name), 0, 0))
+
+
+def _fd_by_id(cmd: int, id_: int) -> int:
+    return _bpf(cmd, struct.pack("=III", id_, 0, 0))
+
+
+def prog_fd_by_id(id_: int) -> int:
+    return _fd_by_id(BPF_PROG_GET_FD_BY_ID, id_)
+
+
+def map_fd_by_id(id_: int) -> int:
+    return _fd_by_id(BPF_MAP_GET_FD_BY_ID, id_)
+
+
+def link_fd_by_id(id_: int) -> int:
+    return _fd_by_id(BPF_LINK_GET_FD_BY_ID, id_)
 
 
 @dataclass(frozen=True)
@@ -126,12 +243,23 @@ class ProgInfo:
     map_ids: tuple[int, ...]
 
 
+@dataclass(frozen=True)
+class LinkInfo:
+    """A netns link's: a link that was detached (BPF_LINK_DETACH, or its netns went away) has
+    netns_ino 0."""
+
+    type: int
+    id: int
+    prog_id: int
+    netns_ino: int
+    attach_type: int
+
+
 def _info(fd: int, size: int, extra=None) -> bytes:
     info = ctypes.create_string_buffer(size)
     if extra is not None:
         extra(info)
-    attr = ctypes.create_string_buffer(struct.pack("=IIQ", fd, size, _addr(info)), 16)
-    _bpf(OBJ_GET_INFO_BY_FD, attr)
+    _bpf(BPF_OBJ_GET_INFO_BY_FD, struct.pack("=IIQ", fd, size, _addr(info)))
     return info.raw
 
 
@@ -158,18 +286,39 @@ def prog_info(fd: int) -> ProgInfo:
     return ProgInfo(type_, id_, _name(raw[64:80]), tuple(ids[:count]))
 
 
-def _fd_by_id(cmd: int, id_: int) -> int:
-    attr = ctypes.create_string_buffer(struct.pack("=III", id_, 0, 0), 12)
-    return _bpf(cmd, attr)
+def link_info(fd: int) -> LinkInfo:
+    raw = _info(fd, 64)
+    type_, id_, prog_id = struct.unpack_from("=III", raw, 0)
+    netns_ino, attach_type = struct.unpack_from("=II", raw, 16)
+    return LinkInfo(type_, id_, prog_id, netns_ino, attach_type)
 
 
-def prog_fd_by_id(id_: int) -> int:
-    return _fd_by_id(PROG_GET_FD_BY_ID, id_)
+# ---- BPF links (sk_lookup attaches to a network namespace through one) ----------------------
+
+def link_create_netns(prog_fd: int, netns_fd: int, attach_type: int = BPF_SK_LOOKUP) -> int:
+    return _bpf(BPF_LINK_CREATE, struct.pack("=IIII", prog_fd, netns_fd, attach_type, 0))
 
 
-def map_fd_by_id(id_: int) -> int:
-    return _fd_by_id(MAP_GET_FD_BY_ID, id_)
+def link_detach(link_fd: int) -> None:
+    _bpf(BPF_LINK_DETACH, struct.pack("=I", link_fd))
 
+
+def link_ids() -> list[int]:
+    """The ids of every BPF link on the machine (all namespaces)."""
+    ids, current = [], 0
+    attr = ctypes.create_string_buffer(8)  # start_id in, next_id out
+    while True:
+        struct.pack_into("=II", attr, 0, current, 0)
+        try:
+            _bpf(BPF_LINK_GET_NEXT_ID, attr)
+        except FileNotFoundError:
+            return ids
+        current = struct.unpack_from("=I", attr, 4)[0]
+        ids.append(current)
+
+
+# ---- rtnetlink: XDP attach, and the dumps the reconciler reads every tick ---------------------
+# (without pyroute2's decoding, which costs more than the reconciler may spend)
 
 def xdp_set(index: int, fd: int, flags: int) -> None:
     """Attach the XDP program `fd` to interface `index` (fd -1: detach), in the mode `flags`
@@ -199,8 +348,6 @@ def xdp_set(index: int, fd: int, flags: int) -> None:
         if error < 0:
             raise OSError(-error, os.strerror(-error))
 
-
-# ---- rtnetlink dumps: what the reconciler reads every tick, without pyroute2's decoding ----
 
 RTM_GETLINK, RTM_GETQDISC, RTM_GETTFILTER = 18, 38, 46
 IFLA_IFNAME, IFLA_XDP = 3, 43
@@ -256,6 +403,8 @@ def _text(raw: bytes | None) -> str:
 
 @dataclass(frozen=True)
 class Link:
+    """A network interface (not a BPF link) as RTM_GETLINK reports it."""
+
     name: str
     index: int
     type: int
@@ -266,6 +415,7 @@ class Link:
 
 
 def links() -> list[Link]:
+    """Every network interface of the namespace."""
     found = []
     for header, attrs in _dump(RTM_GETLINK, struct.pack("=BxHiII", 0, 0, 0, 0, 0)):
         _, type_, index, flags, _ = struct.unpack("=BxHiII", header)
@@ -301,22 +451,7 @@ def bpf_filters(index: int, parent: int) -> list[tuple[int, int, str, int]]:
     return found
 
 
-_cpus: int | None = None
-
-
-def possible_cpus() -> int:
-    """How many values a per-CPU map holds per key (the kernel's possible CPUs)."""
-    global _cpus
-    if _cpus is None:
-        with open("/sys/devices/system/cpu/possible") as f:
-            text = f.read().strip()
-        count = 0
-        for part in text.split(","):
-            lo, _, hi = part.partition("-")
-            count += int(hi or lo) - int(lo) + 1
-        _cpus = count
-    return _cpus
-
+# ---- bpffs ------------------------------------------------------------------------------------
 
 class _StatFs(ctypes.Structure):
     _fields_ = [("f_type", ctypes.c_long), ("rest", ctypes.c_byte * 112)]
@@ -325,32 +460,59 @@ class _StatFs(ctypes.Structure):
 def is_bpffs(path: str) -> bool:
     buf = _StatFs()
     if _libc.statfs(os.fsencode(path), ctypes.byref(buf)) != 0:
-        return False
+        err = ctypes.get_errno()
+        raise OSError(err, f"statfs {path}: {os.strerror(err)}")
     return (buf.f_type & 0xFFFFFFFF) == BPF_FS_MAGIC
 
 
 def mount_bpffs(path: str) -> None:
-    rc = _libc.mount(b"bpf", os.fsencode(path), b"bpf", 0, None)
-    if rc != 0:
+    if _libc.mount(b"bpf", os.fsencode(path), b"bpf", 0, None) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"mount -t bpf bpf {path}: {os.strerror(err)}")
 
 
-def ensure_bpffs_dir(path: str) -> None:
-    """Make `path` a directory on a bpffs: mkdir inside a mounted one, else mount bpffs at
-    /sys/fs/bpf when `path` lies under it (where every BPF tool looks), else at `path`."""
+def ensure_bpffs_dir(path: str, mode: int = 0o777) -> None:
+    """Make `path` a directory on bpffs (created with `mode` if it is not there). If the
+    filesystem under it is not bpffs, bpffs is mounted at /sys/fs/bpf when `path` lies below it
+    (the conventional place, where every BPF tool looks; never a second time over one already
+    there), else on `path` itself."""
     existing = path
     while not os.path.isdir(existing):
         existing = os.path.dirname(existing.rstrip("/")) or "/"
     if not is_bpffs(existing):
         standard = "/sys/fs/bpf"
-        if (path.rstrip("/") + "/").startswith(standard + "/") and os.path.isdir(standard):
-            mount_bpffs(standard)
-        else:
-            os.makedirs(path, exist_ok=True)
-            mount_bpffs(path)
-    os.makedirs(path, exist_ok=True)
+        below = (path.rstrip("/") + "/").startswith(standard + "/")
+        mount_at = standard if below else path
+        os.makedirs(mount_at, exist_ok=True)
+        if not is_bpffs(mount_at):
+            mount_bpffs(mount_at)
+    os.makedirs(path, mode=mode, exist_ok=True)
 
 
-__all__ = ["obj_get", "obj_pin", "MapHandle", "map_info", "prog_info", "prog_fd_by_id",
-           "map_fd_by_id", "possible_cpus", "is_bpffs", "ensure_bpffs_dir", "xdp_set", "errno"]
+# ---- sockets of other processes ---------------------------------------------------------------
+
+def pidfd_open(pid: int) -> int:
+    fd = _syscall(_SYS_PIDFD_OPEN, ctypes.c_int(pid), ctypes.c_uint(0))
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"pidfd_open({pid}): {os.strerror(err)}")
+    return fd
+
+
+def pidfd_getfd(pidfd: int, target_fd: int) -> int:
+    """A duplicate of another process' fd (needs CAP_SYS_PTRACE over it). O_CLOEXEC is set."""
+    fd = _syscall(_SYS_PIDFD_GETFD, ctypes.c_int(pidfd), ctypes.c_int(target_fd),
+                  ctypes.c_uint(0))
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"pidfd_getfd: {os.strerror(err)}")
+    return fd
+
+
+def take_fd(pid: int, target_fd: int) -> int:
+    """pidfd_getfd of process `pid`'s fd `target_fd`, through a pidfd closed again here."""
+    pidfd = pidfd_open(pid)
+    try:
+        return pidfd_getfd(pidfd, target_fd)
+    finally:
+        os.close(pidfd)

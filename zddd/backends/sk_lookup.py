@@ -42,10 +42,9 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import bpfsys
 from ..connections import (TCP_ESTABLISHED, TCP_LISTEN, Flow, SocketInfo, as_flow,
                            dump_sockets)
-from . import ApplyError, Backend, BackendUnavailable, Desired, KernelState, Plan
+from . import ApplyError, Backend, BackendUnavailable, Desired, KernelState, Plan, bpfsys
 
 log = logging.getLogger("zddd")
 
@@ -280,7 +279,7 @@ class SkLookupBackend(Backend):
             found.layout_problems.append(f"not pinned: {', '.join(missing)}")
             return
         for name in MAPS:
-            info = bpfsys.MapInfo(fds[name])
+            info = bpfsys.map_info(fds[name])
             if info.type != _MAP_TYPES[name]:
                 found.layout_problems.append(f"{PREFIX}{name} is not zddd's map")
                 return
@@ -297,9 +296,9 @@ class SkLookupBackend(Backend):
                     "layout for listen port {2}, {3} targets, {4} slots, {5} flow entries"
                     .format(*stamp))
             return
-        prog = bpfsys.ProgInfo(fds["prog"])
-        map_ids = {bpfsys.MapInfo(fds[name]).id for name in ("active", "sockets", "flows",
-                                                              "steered")}
+        prog = bpfsys.prog_info(fds["prog"])
+        map_ids = {bpfsys.map_info(fds[name]).id for name in ("active", "sockets", "flows",
+                                                               "steered")}
         if prog.type != bpfsys.BPF_PROG_TYPE_SK_LOOKUP or not map_ids <= set(prog.map_ids):
             found.layout_problems.append("the pinned program does not use the pinned maps")
 
@@ -309,8 +308,8 @@ class SkLookupBackend(Backend):
         if "link" not in fds:
             found.link_problems.append("link not pinned")
             return
-        link = bpfsys.LinkInfo(fds["link"])
-        prog = bpfsys.ProgInfo(fds["prog"])
+        link = bpfsys.link_info(fds["link"])
+        prog = bpfsys.prog_info(fds["prog"])
         if link.type != bpfsys.BPF_LINK_TYPE_NETNS or link.prog_id != prog.id:
             found.link_problems.append("the pinned link is not of the pinned program")
         elif link.netns_ino == 0:
@@ -375,9 +374,9 @@ class SkLookupBackend(Backend):
         """Keep a handle on the active map from this read, so the flip is one syscall."""
         if "active" not in fds:
             return
-        info = bpfsys.MapInfo(fds["active"])
+        info = bpfsys.map_info(fds["active"])
         if self._active_fd is not None:
-            if bpfsys.MapInfo(self._active_fd).id == info.id:
+            if bpfsys.map_info(self._active_fd).id == info.id:
                 return
             os.close(self._active_fd)
         self._active_fd = os.dup(fds["active"])
@@ -451,7 +450,7 @@ class SkLookupBackend(Backend):
             from bcc import BPF
         except ImportError:
             raise ApplyError("bcc is not installed (python3-bpfcc)") from None
-        bpfsys.ensure_pin_dir(desired.pin_dir)
+        bpfsys.ensure_bpffs_dir(desired.pin_dir, mode=0o700)
         try:
             bpf = _compile(BPF, source_path(), desired)
         except Exception as e:
