@@ -167,6 +167,7 @@ class BpfBackend(Backend):
         self._ipr = None
         self._active: bpfsys.MapHandle | None = None
         self._active_id = 0
+        self._flipper: tuple[int, bpfsys.Updater] | None = None  # (fd it was built for, it)
         self._known_prog_ids: set[int] = set()  # programs this instance saw pinned as its own
         self._desired: Desired | None = None
         self.compile_seconds: float | None = None
@@ -548,7 +549,10 @@ class BpfBackend(Backend):
             handle = self._active
             if handle is None:
                 handle = self._open_active()
-            handle.update(b"\0\0\0\0", struct.pack("=I", port))
+            if self._flipper is None or self._flipper[0] != handle.fd:
+                # The syscall's arguments built once per open map: a flip is then one write.
+                self._flipper = (handle.fd, bpfsys.Updater(handle.fd, b"\0\0\0\0", 4))
+            self._flipper[1].write(struct.pack("=I", port))
 
     def _open_active(self) -> bpfsys.MapHandle:
         desired = self._desired
