@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"start: RSS {rss_start} KiB, {fds_start} open descriptors")
 
         async def run():
-            bus = await MessageBus(bus_address=app.zddd.bus).connect()
+            bus = await MessageBus(bus_address=app.zddd.bus.address).connect()
             try:
                 return await churn(Control(bus), cluster, app, time.monotonic() + seconds, log)
             finally:
