@@ -31,9 +31,9 @@ $(VENV)/.setup-done: pyproject.toml Makefile
 
 # The whole suite. pytest's exit code 5 ("no tests ran") fails like any other. Unit and
 # integration tests each build their own namespaces, buses and bpffs, and mostly wait on the
-# kernel and the network, so they run on 4 workers (the behaviour suite runs once per backend);
+# kernel and the network, so they run on 3 workers (the behaviour suite runs once per backend);
 # e2e and system tests share clusters and containers per module and run in one process.
-JOBS ?= 4
+JOBS ?= 3
 test: setup
 	$(PYTEST) -n $(JOBS) tests/unit tests/integration
 	$(PYTEST) tests/e2e tests/system
