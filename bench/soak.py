@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         cluster = zdddlab.cluster(lab, "traffic-port", {"backend": args.backend,
                                                        "drain_timeout": 30})
         app = cluster.apps["app1"]
-        pid = app.zddd.process.proc.pid
+        pid = app.zddd.proc.pid
         wrk = lab.spawn("wrk", cluster.client,
                         ["wrk", "-t2", f"-c{args.connections}", f"-d{seconds + 5}s",
                          "--timeout", "5s", cluster.url])
@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         zdddlab.wait_for(lambda: not wrk.alive(), 30, "wrk to finish")
         output = wrk.log_text()
         requests, failed, errors = wrk_failures(output)
-        zddd_log = app.zddd.process.log()
+        zddd_log = app.zddd.log()
 
     growth = (rss_end - rss_start) / rss_start
     p50, p99 = percentile(commits, 50), percentile(commits, 99)

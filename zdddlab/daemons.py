@@ -74,11 +74,6 @@ class Zddd:
     def backend(self) -> str:
         return self.config.get("backend", "nftables")
 
-    @property
-    def process(self) -> "Zddd":
-        """This object: the demo's old lab wrapped a Zddd, and callers wrote `.process.log()`."""
-        return self
-
     def write_config(self, text: str | None = None) -> None:
         self.config_path.write_text(text if text is not None else to_toml(self.config))
 

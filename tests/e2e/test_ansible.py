@@ -418,7 +418,7 @@ def test_a_failure_on_the_first_host_leaves_the_others_untouched(fleet, request)
     usage = request.node.callspec.params["fleet"]
     release(app_root(lab, "app1"), "main", "r4", "app1 main wrong build")
     release(app_root(lab, "app2"), "main", "r4", "app2 main r4")
-    app2_log = len(c.apps["app2"].zddd.process.log())
+    app2_log = len(c.apps["app2"].zddd.log())
 
     result = playbook(lab, c, usage, "-e", "release=r4", "-e", "lb_verify_wait=3")
 
@@ -433,7 +433,7 @@ def test_a_failure_on_the_first_host_leaves_the_others_untouched(fleet, request)
     assert current(app_root(lab, "app2")) == "releases/r2"
     assert direct(lab, c, "app1") == "app1 main r3"
     # Not one switch on app2: its zddd logged none since.
-    since = c.apps["app2"].zddd.process.log()[app2_log:]
+    since = c.apps["app2"].zddd.log()[app2_log:]
     assert "event=switch" not in since and "event=drain" not in since, since
     for host in HOSTS:
         assert c.apps[host].zddd.status()["active_target"] == "main"

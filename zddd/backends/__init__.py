@@ -21,7 +21,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, replace
 from typing import Any
 
-from ..config import BACKENDS, Config
+from ..config import Config
 
 
 class BackendUnavailable(Exception):
@@ -168,16 +168,3 @@ def backend_class(name: str) -> type[Backend]:
 
 def make_backend(config: Config) -> Backend:
     return backend_class(config.backend)()
-
-
-def other_backends(config: Config) -> list[Backend]:
-    """Every backend zddd knows other than the configured one, for leftovers at start."""
-    others = []
-    for name in BACKENDS:
-        if name == config.backend:
-            continue
-        try:
-            others.append(backend_class(name)())
-        except BackendUnavailable:
-            continue
-    return others
