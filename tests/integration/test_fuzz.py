@@ -3,8 +3,7 @@ sd-bus, and the project's own client), the agent and metrics ports, and zddctl's
 
 Every case must get a clear error promptly, and afterwards zddd still serves, its log holds no
 traceback, and the data plane is exactly as before (the nft listing without counters, handles
-included, so a rewrite would show). Cases for defects the lead is fixing are marked
-xfail(strict=True): they fail today and the lead flips them with the fix."""
+included, so a rewrite would show)."""
 
 from __future__ import annotations
 

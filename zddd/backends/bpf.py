@@ -160,6 +160,7 @@ class BpfBackend(Backend):
 
     name = "bpf"
     ingress_function = ""
+    ingress_program_type = ""  # the bcc BPF class' name for it: SCHED_CLS or XDP
     ingress_hook = ""  # "ingress" (tc) or "xdp"
 
     def __init__(self) -> None:
@@ -214,13 +215,11 @@ class BpfBackend(Backend):
         from bcc import BPF
 
         bpf = BPF(text=self._source_text().decode(), cflags=build.cflags(pin_dir))
-        programs = {"ingress": bpf.load_func(self.ingress_function, self._ingress_type(BPF)),
+        programs = {"ingress": bpf.load_func(self.ingress_function,
+                                             getattr(BPF, self.ingress_program_type)),
                     "egress": bpf.load_func("zddd_egress", BPF.SCHED_CLS)}
         bpf.zddd_programs = programs
         return bpf
-
-    def _ingress_type(self, bpf_class) -> int:
-        raise NotImplementedError
 
     # ---- netlink ----------------------------------------------------------------------------
 
@@ -776,18 +775,14 @@ class TcBackend(BpfBackend):
     name = "tc"
     ingress_function = "zddd_ingress"
     ingress_hook = "ingress"
-
-    def _ingress_type(self, bpf_class) -> int:
-        return bpf_class.SCHED_CLS
+    ingress_program_type = "SCHED_CLS"
 
 
 class XdpBackend(BpfBackend):
     name = "xdp"
     ingress_function = "zddd_xdp"
     ingress_hook = "xdp"
-
-    def _ingress_type(self, bpf_class) -> int:
-        return bpf_class.XDP
+    ingress_program_type = "XDP"
 
 
 def pinned_active_port(pin_dir: str, backend: str) -> int | None:
