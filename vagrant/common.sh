@@ -49,3 +49,16 @@ enable_now() {
     systemctl is-enabled --quiet "$1" || systemctl enable --quiet "$1"
     systemctl is-active --quiet "$1" || systemctl start "$1"
 }
+
+# reload_now UNIT: reload (or restart) it and return once it is running again. A Type=notify
+# service such as HAProxy says RELOADING=1 when the reload job has already returned, and stays
+# "reloading" until its new worker says READY=1; whoever runs provisioning next expects "active".
+reload_now() {
+    systemctl reload-or-restart "$1"
+    tries=0
+    while [ "$(systemctl is-active "$1")" != active ]; do
+        tries=$((tries + 1))
+        [ "$tries" -le 100 ] || die "$1 is $(systemctl is-active "$1") 10 s after its reload"
+        sleep 0.1
+    done
+}

@@ -50,7 +50,7 @@ if [ -e /etc/nginx/sites-enabled/default ] || [ -L /etc/nginx/sites-enabled/defa
 fi
 if [ -n "$nginx_changed" ]; then
     nginx -t -q
-    systemctl reload-or-restart nginx
+    reload_now nginx
     say "nginx reloaded"
 fi
 enable_now nginx

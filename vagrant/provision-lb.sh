@@ -19,7 +19,7 @@ if install_file "$cfg" /etc/haproxy/haproxy.cfg; then
 fi
 enable_now haproxy
 if [ -n "$changed" ]; then
-    systemctl reload-or-restart haproxy
+    reload_now haproxy
     say "haproxy reloaded"
 fi
 say "lb ready: HAProxy on :80"
