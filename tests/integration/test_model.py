@@ -1,17 +1,19 @@
 """A model-based test of zddd's state machine (hypothesis stateful testing) against a real zddd
-and the real kernel in a namespace.
+and the real kernel in a namespace, for every backend.
 
 Random sequences of switches, forced switches, drains (short drain_timeout, with and without a
 connection holding them open), reloads, health flaps (a vhost stopped and started), SIGTERM and
-SIGKILL restarts, and tampering with the data plane (nft commands on zddd's table). After every
-step, what zddd reports (ActiveTarget, Draining, the state file) must match where a fresh
-connection to 8888 goes ("main"/"backup", or refused for off or for a stopped vhost) and what a
-simple model of the contract predicts.
+SIGKILL restarts, and tampering with the data plane (each backend's own: nft commands on zddd's
+table; tc filters, clsact qdiscs and XDP programs detached by hand; pins removed; the sk_lookup
+link detached or its socket map emptied; another target written into the `active` map). After
+every step, what zddd reports (ActiveTarget, Draining, the state file) must match where the
+kernel steers (read without zddd's code), where a fresh connection to 8888 goes
+("main"/"backup", or refused for off or for a stopped vhost), and what a simple model of the
+contract predicts.
 
-Bounded by ZDDD_MODEL_EXAMPLES (default 20) × ZDDD_MODEL_STEPS (default 10): about two minutes.
-ZDDD_MODEL_BACKEND (default nftables) picks the `backend` config key, so the same model runs
-against the other data planes; tampering is nftables-only, and for other backends the kernel is
-judged by the traffic alone.
+One test per backend (`-k nftables`, `-k sk_lookup`, ...). Bounded by ZDDD_MODEL_EXAMPLES
+(default 20 for nftables, 6 for the BPF backends, whose every start compiles with bcc) ×
+ZDDD_MODEL_STEPS (default 10): about two minutes each.
 """
 
 from __future__ import annotations
@@ -20,17 +22,18 @@ import json
 import os
 import shutil
 import signal
+import struct
+import subprocess
 import tempfile
 import time
 from pathlib import Path
 
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 from zdddlab import APP_V4, AppLab, HeldConnection, connect_error, http_get, wait_for
 
-BACKEND = os.environ.get("ZDDD_MODEL_BACKEND", "nftables")
-EXAMPLES = int(os.environ.get("ZDDD_MODEL_EXAMPLES", "20"))
+EXAMPLES = {"nftables": 20, "tc": 6, "xdp": 6, "sk_lookup": 6}
 STEPS = int(os.environ.get("ZDDD_MODEL_STEPS", "10"))
 TARGETS = ("main", "backup")
 DRAIN_TIMEOUTS = (2.0, 3.0)  # reloads switch between them
@@ -39,6 +42,8 @@ SLACK = 1.5  # seconds a drain may overrun its deadline (polling, a loaded machi
 
 
 class ZdddModel(RuleBasedStateMachine):
+    backend = "nftables"  # each backend's subclass (at the end) names its own
+
     def __init__(self):
         super().__init__()
         assert os.geteuid() == 0, "the model test needs root (namespaces, nftables)"
@@ -46,7 +51,7 @@ class ZdddModel(RuleBasedStateMachine):
         self.lab = None
         self.held: list[tuple[str, HeldConnection]] = []
         try:
-            self.lab = AppLab(self.tmp, backend=BACKEND)
+            self.lab = AppLab(self.tmp, backend=self.backend)
             self.vhosts = {"main": self.lab.main, "backup": self.lab.backup}
             self.z = self.lab.start_zddd({
                 "drain_timeout": DRAIN_TIMEOUTS[0],
@@ -102,7 +107,7 @@ class ZdddModel(RuleBasedStateMachine):
         state file); retried when a drain ended while it was being read."""
         for _ in range(10):
             before = (self.z.prop("ActiveTarget"), self.z.prop("Draining"))
-            kernel = self.z.steered_to() if BACKEND == "nftables" else None
+            kernel = self.z.steered_to()
             traffic = self._serves()
             state = json.loads(self.z.state_path.read_text())
             after = (self.z.prop("ActiveTarget"), self.z.prop("Draining"))
@@ -185,35 +190,29 @@ class ZdddModel(RuleBasedStateMachine):
         self.z.kill(sig)
         self.z.start()
 
-    @precondition(lambda self: BACKEND == "nftables")
-    @rule(how=st.sampled_from(["flush-map", "other-element", "delete-table", "flush-hook",
-                               "foreign-chain"]))
-    def tamper(self, how):
-        run = self.lab.app.run
-        if how == "flush-map":
-            run("nft", "flush", "map", "inet", "zddd", "steer")
-        elif how == "other-element":
-            # One transaction: zddd's repair must not slip in between the two.
-            run("nft", "flush map inet zddd steer; "
-                "add element inet zddd steer { 8888 : goto steer_backup }")
-        elif how == "delete-table":
-            run("nft", "delete", "table", "inet", "zddd")
-        elif how == "flush-hook":
-            run("nft", "flush", "chain", "inet", "zddd", "prerouting")
-        else:
-            run("nft", "add", "chain", "inet", "zddd", "intruder")
+    @rule(choice=st.integers(0, 5))
+    def tamper(self, choice):
+        how = TAMPERING[self.backend][choice % len(TAMPERING[self.backend])]
+        event(f"tamper: {how.__name__}")  # seen with --hypothesis-show-statistics
+        how(self)
         # zddd repairs within a few reconcile periods.
         self._settle_drain()
         steering = self.draining or self.active
 
         def repaired():
-            listing = self.z.nft()
-            names = {i["chain"]["name"] for i in listing.get("nftables", []) if "chain" in i}
-            return (self.z.steered_to() == steering and "intruder" not in names
+            return (self.z.steered_to() == steering and not self._intruder()
                     and self._serves() == (steering if steering != "off" and self.up[steering]
                                            else "refused"))
 
-        wait_for(repaired, 5, f"zddd to repair the table after {how}", interval=0.1)
+        wait_for(repaired, 5, f"zddd to repair its data plane after {how.__name__}",
+                 interval=0.1)
+
+    def _intruder(self) -> bool:
+        if self.backend != "nftables":
+            return False
+        listing = self.z.nft()
+        return any(i["chain"]["name"] == "intruder" for i in listing.get("nftables", [])
+                   if "chain" in i)
 
     # ---- the invariant ------------------------------------------------------------------------
 
@@ -237,8 +236,7 @@ class ZdddModel(RuleBasedStateMachine):
             assert state["target"] == active and state.get("draining", "") == "", self._fail(
                 f"{where}; state file {state}")
         # ... with the kernel and where a fresh connection goes ...
-        if kernel is not None:
-            assert kernel == active, self._fail(f"{where}; kernel steers to {kernel}")
+        assert kernel == active, self._fail(f"{where}; kernel steers to {kernel}")
         expected = active if active != "off" and self.up[active] else "refused"
         assert traffic == expected, self._fail(f"{where}; a new connection got {traffic}")
         # ... and with the model.
@@ -260,7 +258,125 @@ class ZdddModel(RuleBasedStateMachine):
         assert "Traceback" not in self.z.log(), self._fail("a traceback in zddd's log")
 
 
-ZdddModel.TestCase.settings = settings(
-    max_examples=EXAMPLES, stateful_step_count=STEPS, deadline=None, database=None,
-    suppress_health_check=list(HealthCheck))
-TestZdddModel = ZdddModel.TestCase
+# ---- tampering, per backend ----------------------------------------------------------------
+
+def _nft(*commands: str):
+    def tamper(model: ZdddModel) -> None:
+        model.lab.app.run("nft", "; ".join(commands))  # one transaction: no repair in between
+    tamper.__name__ = commands[0]
+    return tamper
+
+
+def _each_interface(template: str, name: str):
+    """`template` run for every interface of the app's namespace ({dev}); failures ignored
+    (an interface may have nothing attached)."""
+    def tamper(model: ZdddModel) -> None:
+        links = json.loads(model.lab.app.run("ip", "-j", "link", "show").stdout)
+        script = "; ".join(template.format(dev=link["ifname"]) + " 2>/dev/null"
+                           for link in links)
+        model.lab.app.run("sh", "-c", script + "; true")
+    tamper.__name__ = name
+    return tamper
+
+
+def _pins(*names: str):
+    def tamper(model: ZdddModel) -> None:
+        root = Path(model.z.config["bpf_pin_dir"])
+        for name in names:
+            subprocess.run(["rm", "-rf", str(root / name)], check=True)
+    tamper.__name__ = "remove pins " + " ".join(names)
+    return tamper
+
+
+def _other_target(pin: str, values: dict[int, int], default: int):
+    """Write another target into the `active` map, as a foreign tool would."""
+    def tamper(model: ZdddModel) -> None:
+        from zddd.backends import bpfsys
+
+        fd = bpfsys.obj_get(str(Path(model.z.config["bpf_pin_dir"]) / pin))
+        try:
+            now = struct.unpack("=I", bpfsys.map_lookup(fd, ZERO, 4))[0]
+            bpfsys.map_update(fd, ZERO, struct.pack("=I", values.get(now, default)))
+        finally:
+            os.close(fd)
+    tamper.__name__ = "other target in " + pin
+    return tamper
+
+
+def _sk_lookup_detach(model: ZdddModel) -> None:
+    """The link stays pinned but no longer attached."""
+    from zddd.backends import bpfsys
+
+    fd = bpfsys.obj_get(str(Path(model.z.config["bpf_pin_dir"]) / "sk_lookup_link"))
+    try:
+        bpfsys.link_detach(fd)
+    finally:
+        os.close(fd)
+
+
+def _sk_lookup_empty_sockets(model: ZdddModel) -> None:
+    """Every listener taken out of the socket map."""
+    from zddd.backends import bpfsys
+
+    fd = bpfsys.obj_get(str(Path(model.z.config["bpf_pin_dir"]) / "sk_lookup_sockets"))
+    try:
+        for key in range(32):
+            if bpfsys.map_lookup(fd, struct.pack("=I", key), 8):  # an empty slot: EINVAL
+                bpfsys.map_delete(fd, struct.pack("=I", key))
+    finally:
+        os.close(fd)
+
+
+ZERO = struct.pack("=I", 0)
+# tc/xdp: `active` holds the target's port (0 for off); sk_lookup: the target's place in the
+# sorted target names, plus one (backup 1, main 2; 0 for off).
+PORT_SWAP = {8080: 80, 80: 8080}
+INDEX_SWAP = {1: 2, 2: 1}
+TAMPERING = {
+    "nftables": [
+        _nft("flush map inet zddd steer"),
+        _nft("flush map inet zddd steer",
+             "add element inet zddd steer { 8888 : goto steer_backup }"),
+        _nft("delete table inet zddd"),
+        _nft("flush chain inet zddd prerouting"),
+        _nft("add chain inet zddd intruder"),
+    ],
+    "tc": [
+        _each_interface("tc filter del dev {dev} ingress", "tc ingress filters deleted"),
+        _each_interface("tc filter del dev {dev} egress", "tc egress filters deleted"),
+        _each_interface("tc qdisc del dev {dev} clsact", "clsact qdiscs deleted"),
+        _pins("tc/active", "tc/flows"),
+        _pins("tc"),
+        _other_target("tc/active", PORT_SWAP, 8080),
+    ],
+    "xdp": [
+        _each_interface("ip link set dev {dev} xdpgeneric off; ip link set dev {dev} xdp off",
+                        "xdp programs detached"),
+        _each_interface("tc filter del dev {dev} egress", "tc egress filters deleted"),
+        _each_interface("tc qdisc del dev {dev} clsact", "clsact qdiscs deleted"),
+        _pins("xdp/active", "xdp/ingress"),
+        _pins("xdp"),
+        _other_target("xdp/active", PORT_SWAP, 8080),
+    ],
+    "sk_lookup": [
+        _pins("sk_lookup_link"),
+        _sk_lookup_detach,
+        _sk_lookup_empty_sockets,
+        _other_target("sk_lookup_active", INDEX_SWAP, 2),
+    ],
+}
+
+
+def _test_case(backend: str):
+    model = type(f"ZdddModel_{backend}", (ZdddModel,), {"backend": backend})
+    model.TestCase.settings = settings(
+        max_examples=int(os.environ.get("ZDDD_MODEL_EXAMPLES", EXAMPLES[backend])),
+        stateful_step_count=STEPS, deadline=None, database=None,
+        suppress_health_check=list(HealthCheck))
+    return model.TestCase
+
+
+TestModel_nftables = _test_case("nftables")
+TestModel_tc = _test_case("tc")
+TestModel_xdp = _test_case("xdp")
+TestModel_sk_lookup = _test_case("sk_lookup")
