@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The tc/xdp backends' own figures, measured on the real kernel in a throwaway namespace.
 
-- flip: `apply` of a flip-only plan (one BPF_MAP_UPDATE_ELEM on the pinned `active` map), the
+- flip: `apply` of a flip-only plan (one store through zddd's mapping of the `active` map), the
   step zddd reports as LastSwitchUSec; p50/p99 over N flips main<->backup (goal: p50 <= 20 us)
 - read: one `read` (what the reconciler does every 0.25 s), p50 over 200
 - compile: `probe` (a cold bcc compile in a fresh process) and the first build (compile, load,

@@ -16,8 +16,8 @@
 
 // Which target new connections go to: 0 = off (nothing is assigned, so the connection is
 // refused because nothing listens on the listen port), i + 1 = target i. A switch is one
-// update of this element.
-BPF_TABLE("array", u32, u32, zddd_active, 1);
+// store into this element, which zddd maps into its memory (BPF_F_MMAPABLE).
+BPF_F_TABLE("array", u32, u32, zddd_active, 1, BPF_F_MMAPABLE);
 
 // The layout stamp, written by zddd when it builds the layout and read back before adopting.
 // The program does not read it; it is here so it is created with the other maps.
@@ -83,9 +83,11 @@ int zddd_sk_lookup(struct bpf_sk_lookup *ctx)
         return SK_PASS;
     u32 zero = 0;
     u32 *active = zddd_active.lookup(&zero);
-    if (!active || *active == 0 || *active > NTARGETS)
+    // Read once: zddd stores a new value through its mapping of the map at any moment.
+    u32 chosen = active ? *(volatile u32 *)active : 0;
+    if (chosen == 0 || chosen > NTARGETS)
         return SK_PASS;
-    u32 target = *active - 1;
+    u32 target = chosen - 1;
 
     struct zddd_local local = {};
     local.family = ctx->family;

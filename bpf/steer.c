@@ -68,12 +68,12 @@ struct stamp {
 #ifdef PIN_DIR
 BPF_TABLE_PINNED("lru_hash", struct flow_key, struct flow_value, flows, FLOW_ENTRIES,
                  PIN_DIR "/flows");
-BPF_TABLE_PINNED("array", __u32, __u32, active, 1, PIN_DIR "/active");
+BPF_TABLE_PINNED("array", __u32, __u32, active, 1, PIN_DIR "/active", BPF_F_MMAPABLE);
 BPF_TABLE_PINNED("percpu_hash", __u32, __u64, counts, 64, PIN_DIR "/counts");
 BPF_TABLE_PINNED("array", __u32, struct stamp, stamp, 1, PIN_DIR "/stamp");
 #else
 BPF_TABLE("lru_hash", struct flow_key, struct flow_value, flows, FLOW_ENTRIES);
-BPF_TABLE("array", __u32, __u32, active, 1);
+BPF_F_TABLE("array", __u32, __u32, active, 1, BPF_F_MMAPABLE);
 BPF_TABLE("percpu_hash", __u32, __u64, counts, 64);
 BPF_TABLE("array", __u32, struct stamp, stamp, 1);
 #endif
@@ -204,12 +204,14 @@ static __always_inline __u16 ingress_port(void *ctx, struct packet *p, __u32 ifi
         return pinned->port;
     __u32 zero = 0;
     __u32 *target = active.lookup(&zero);
-    if (!target || *target == 0) {
+    // Read once: zddd stores a new value through its mapping of the map at any moment.
+    __u32 port = target ? *(volatile __u32 *)target : 0;
+    if (port == 0) {
         if (flows.delete(&p->key) == 0)
             count(COUNT_DELETED);
         return 0;
     }
-    struct flow_value v = {.port = *target, .syn_seq = p->seq};
+    struct flow_value v = {.port = port, .syn_seq = p->seq};
     if (flows.insert(&p->key, &v) == 0)
         count(COUNT_ADDED);
     else

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import struct
 import subprocess
 import sys
 import time
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from zddd.backends import bpfsys
 from zddd.backends.bpf import pinned_active_port
 
 from zdddlab import (APP_V4, APP_V6, CLIENT_V4, CLIENT_V6, PYTHON, REPO, KeepAlive, NetNS, Vhost,
@@ -27,6 +29,7 @@ from zdddlab import (APP_V4, APP_V6, CLIENT_V4, CLIENT_V6, PYTHON, REPO, KeepAli
 from zdddlab.driver import DriverClient, DriverError
 
 BACKENDS = ("tc", "xdp")
+ZERO = struct.pack("=I", 0)
 VENV_PYTHON = str(REPO / ".venv" / "bin" / "python")
 
 
@@ -155,6 +158,34 @@ def test_probe_build_and_steer_main_backup_off(bpflab):
     assert counters["steered"]["main"] >= 8 and counters["steered"]["backup"] >= 4
     used, capacity = counters["table"]
     assert capacity == 4096 and 1 <= used <= 4096
+
+
+@pytest.mark.parametrize("mmapable", [True, False], ids=["mapped", "syscall"])
+def test_active_slot_writes_every_value_whole(mmapable):
+    """A switch is one store through a mapping of `active`; a map pinned by an older zddd
+    (no BPF_F_MMAPABLE, kept across an upgrade) is written with BPF_MAP_UPDATE_ELEM."""
+    flags = bpfsys.BPF_F_MMAPABLE if mmapable else 0
+    fd = bpfsys._bpf(bpfsys.BPF_MAP_CREATE,
+                     struct.pack("=IIIII", bpfsys.BPF_MAP_TYPE_ARRAY, 4, 4, 1, flags))
+    try:
+        slot = bpfsys.ActiveSlot(fd)
+        assert slot.mapped is mmapable
+        for value in (8080, 80, 0, 0xFFFFFFFF, 8888):
+            slot.write(value)
+            assert bpfsys.map_lookup(fd, ZERO, 4) == struct.pack("=I", value)
+        slot.close()
+        slot.close()  # twice is harmless
+    finally:
+        os.close(fd)
+
+
+def test_the_active_map_is_mapped(steering):
+    bpflab, _ = steering
+    fd = bpfsys.obj_get(f"{bpflab.pin_dir}/{bpflab.backend}/active")
+    try:
+        assert bpfsys.map_info(fd).flags & bpfsys.BPF_F_MMAPABLE
+    finally:
+        os.close(fd)
 
 
 def test_only_listed_interfaces_steer(bpflab):

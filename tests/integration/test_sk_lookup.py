@@ -107,6 +107,11 @@ def test_main_backup_off_in_both_families(skl):
     # Direct traffic is never touched.
     assert http_get(skl.client, APP_V4, 8080) == "main"
     assert skl.driver("read")["state"] == {"active": None, "intact": True, "problems": []}
+    fd = bpfsys.obj_get(str(skl.pin_dir / "sk_lookup_active"))
+    try:  # a switch is one store through zddd's mapping of it
+        assert bpfsys.map_info(fd).flags & bpfsys.BPF_F_MMAPABLE
+    finally:
+        os.close(fd)
 
 
 def test_the_app_sees_the_listen_port(skl):

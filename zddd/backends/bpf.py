@@ -5,7 +5,8 @@ Kernel layout, per backend, under `<bpf_pin_dir>/<backend>/` (tc/ or xdp/):
 
     flows    LRU hash: (client addr, local addr, client port) -> (target port, SYN seq),
              set at the first SYN
-    active   array[1]: the port new connections go to, 0 for off. A switch is one update of it.
+    active   array[1]: the port new connections go to, 0 for off. Created mmapable: a switch is
+             one 4-byte store into zddd's mapping of it (bpfsys.ActiveSlot).
     counts   per-CPU hash: target port -> new flows steered; 65536/65537 -> entries added/deleted
     stamp    array[1]: magic, LAYOUT_VERSION, listen port, target ports, digest of the build
     ingress  the ingress program (tc classifier or XDP), pinned
@@ -168,7 +169,9 @@ class BpfBackend(Backend):
         self._ipr = None
         self._active: bpfsys.MapHandle | None = None
         self._active_id = 0
-        self._flipper: tuple[int, bpfsys.Updater] | None = None  # (fd it was built for, it)
+        # (the open `active` map it writes, it): a rebuilt map is a new handle, and a mapping of
+        # the old map (which the mapping keeps alive) must never be written again.
+        self._flipper: tuple[bpfsys.MapHandle, bpfsys.ActiveSlot] | None = None
         self._known_prog_ids: set[int] = set()  # programs this instance saw pinned as its own
         self._desired: Desired | None = None
         self.compile_seconds: float | None = None
@@ -392,8 +395,7 @@ class BpfBackend(Backend):
             return 0
         with self._lock:
             if self._active is None or self._active_id != found.pins["active"]:
-                if self._active is not None:
-                    self._active.close()
+                self._close_active()
                 self._active = bpfsys.MapHandle(os.dup(fds["active"]), 4, 4)
                 self._active_id = found.pins["active"]
             raw = self._active.lookup(b"\0\0\0\0")
@@ -548,10 +550,22 @@ class BpfBackend(Backend):
             handle = self._active
             if handle is None:
                 handle = self._open_active()
-            if self._flipper is None or self._flipper[0] != handle.fd:
-                # The syscall's arguments built once per open map: a flip is then one write.
-                self._flipper = (handle.fd, bpfsys.Updater(handle.fd, b"\0\0\0\0", 4))
-            self._flipper[1].write(struct.pack("=I", port))
+            if self._flipper is None or self._flipper[0] is not handle:
+                # Mapped (or the syscall's arguments built) once per open map: a flip is then
+                # one store.
+                if self._flipper is not None:
+                    self._flipper[1].close()
+                self._flipper = (handle, bpfsys.ActiveSlot(handle.fd))
+            self._flipper[1].write(port)
+
+    def _close_active(self) -> None:
+        """Forget the open `active` map and its mapping (under the lock)."""
+        if self._flipper is not None:
+            self._flipper[1].close()
+            self._flipper = None
+        if self._active is not None:
+            self._active.close()
+            self._active = None
 
     def _open_active(self) -> bpfsys.MapHandle:
         desired = self._desired
@@ -610,9 +624,7 @@ class BpfBackend(Backend):
         if fresh:
             os.rename(work, final)
         with self._lock:
-            if self._active is not None:
-                self._active.close()
-                self._active = None
+            self._close_active()
 
     def _step_clsact(self, ifname: str, index: int) -> None:
         try:
@@ -707,9 +719,7 @@ class BpfBackend(Backend):
         for stale in Path(pin_dir).glob(f"{self.name}-build-*"):
             shutil.rmtree(stale, ignore_errors=True)
         with self._lock:
-            if self._active is not None:
-                self._active.close()
-                self._active = None
+            self._close_active()
 
     # ---- counters ---------------------------------------------------------------------------
 
@@ -763,9 +773,7 @@ class BpfBackend(Backend):
 
     def close(self) -> None:
         with self._lock:
-            if self._active is not None:
-                self._active.close()
-                self._active = None
+            self._close_active()
         if self._ipr is not None:
             self._ipr.close()
             self._ipr = None

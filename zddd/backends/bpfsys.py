@@ -2,7 +2,7 @@
 
 What callers may rely on: nothing here needs bcc or a compiler, so reading, flipping and
 removing pinned objects works on machines where programs cannot be compiled (`leftover`,
-`remove`), and a flip is one BPF_MAP_UPDATE_ELEM on a map opened from its pin. Every function
+`remove`), and a flip is one store into the `active` map (`ActiveSlot`). Every function
 raises OSError with the kernel's errno (so FileNotFoundError for ENOENT; the bpf command's name
 is in the message) when the kernel refuses. File descriptors returned are the caller's to close
 (the kernel opens bpf objects O_CLOEXEC).
@@ -15,6 +15,7 @@ reads the fields a shorter attr leaves out as 0.
 from __future__ import annotations
 
 import ctypes
+import mmap
 import os
 import platform
 import struct
@@ -50,6 +51,7 @@ _COMMANDS = {value: name for name, value in globals().items()
              if name.startswith(("BPF_MAP_", "BPF_OBJ_", "BPF_PROG_", "BPF_LINK_"))}
 
 BPF_ANY, BPF_NOEXIST, BPF_EXIST = 0, 1, 2  # map update flags
+BPF_F_MMAPABLE = 1 << 10  # map flag: an array that can be mapped into memory (ActiveSlot)
 
 BPF_MAP_TYPE_HASH = 1
 BPF_MAP_TYPE_ARRAY = 2
@@ -113,19 +115,43 @@ def map_delete(map_fd: int, key: bytes) -> bool:
     return True
 
 
-class Updater:
-    """One map element written again and again with the least work per call: the attr and
-    the key/value buffers are built once (a switch is one of these calls, a few µs)."""
+class ActiveSlot:
+    """The one u32 of a one-element array map (zddd's `active`), written again and again with
+    the least work per call. A map created with BPF_F_MMAPABLE is written through a shared
+    mapping: a switch is one aligned 4-byte store, which the programs' next lookup sees (no
+    syscall, and no reader can see half of it). A map without the flag (pinned by an older
+    zddd, kept across an upgrade) is written with BPF_MAP_UPDATE_ELEM from buffers built once."""
 
-    def __init__(self, map_fd: int, key: bytes, value_size: int):
-        self._key = ctypes.create_string_buffer(key, len(key))
-        self._value = ctypes.create_string_buffer(value_size)
-        packed = struct.pack("=IIQQQ", map_fd, 0, _addr(self._key), _addr(self._value), BPF_ANY)
-        self._attr = ctypes.create_string_buffer(packed, len(packed))
+    def __init__(self, map_fd: int):
+        self.mapped = False
+        try:
+            # mmap keeps its own duplicate of the descriptor: the map lives while this does.
+            self._mmap = mmap.mmap(map_fd, mmap.PAGESIZE, mmap.MAP_SHARED,
+                                   mmap.PROT_READ | mmap.PROT_WRITE)
+        except OSError:  # EINVAL: the map was created without BPF_F_MMAPABLE
+            self._key = ctypes.create_string_buffer(4)
+            self._value = ctypes.create_string_buffer(4)
+            packed = struct.pack("=IIQQQ", map_fd, 0, _addr(self._key), _addr(self._value),
+                                 BPF_ANY)
+            self._attr = ctypes.create_string_buffer(packed, len(packed))
+        else:
+            # An item of an "I" memoryview is stored with one memcpy of sizeof(unsigned int),
+            # which compiles to a single store; struct.pack_into("=I") would go byte by byte.
+            self._slot = memoryview(self._mmap).cast("I")
+            self.mapped = True
 
-    def write(self, value: bytes) -> None:
-        ctypes.memmove(self._value, value, len(value))
-        _bpf(BPF_MAP_UPDATE_ELEM, self._attr)
+    def write(self, value: int) -> None:
+        if self.mapped:
+            self._slot[0] = value
+        else:
+            struct.pack_into("=I", self._value, 0, value)
+            _bpf(BPF_MAP_UPDATE_ELEM, self._attr)
+
+    def close(self) -> None:
+        if self.mapped:
+            self._slot.release()
+            self._mmap.close()
+            self.mapped = False
 
 
 class MapHandle:

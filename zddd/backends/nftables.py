@@ -147,16 +147,20 @@ def _attr(kind: int, value: bytes) -> bytes:
     return struct.pack("=HH", length, kind) + value + b"\0" * (-length % 4)
 
 
-def table_flags(name: str = TABLE, family: int = _NFPROTO_INET) -> int | None:
+def table_flags(sock: socket.socket, name: str = TABLE, family: int = _NFPROTO_INET,
+                seq: int = 1) -> int | None:
     """The flags of nftables table `name` (NFT_TABLE_F_*), or None when there is no such table:
-    one NFT_MSG_GETTABLE, answered by the kernel without libnftables."""
+    one NFT_MSG_GETTABLE on `sock` (a NETLINK_NETFILTER socket, see `netfilter_socket`),
+    answered by the kernel without libnftables. Replies to other sequence numbers (left by an
+    earlier call that was interrupted) are skipped."""
     body = struct.pack("=BBH", family, 0, 0) + _attr(_NFTA_TABLE_NAME, name.encode() + b"\0")
     msg_type = _NFNL_SUBSYS_NFTABLES << 8 | _NFT_MSG_GETTABLE
-    request = struct.pack("=IHHII", 16 + len(body), msg_type, _NLM_F_REQUEST, 1, 0) + body
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, _NETLINK_NETFILTER) as sock:
-        sock.sendto(request, (0, 0))
+    sock.send(struct.pack("=IHHII", 16 + len(body), msg_type, _NLM_F_REQUEST, seq, 0) + body)
+    while True:
         reply = sock.recv(65536)
-    length, kind = struct.unpack_from("=IH", reply)
+        length, kind, _, reply_seq = struct.unpack_from("=IHHI", reply)
+        if reply_seq == seq:
+            break
     if kind == _NLMSG_ERROR:
         (error,) = struct.unpack_from("=i", reply, 16)
         if -error == errno.ENOENT:
@@ -173,6 +177,12 @@ def table_flags(name: str = TABLE, family: int = _NFPROTO_INET) -> int | None:
             return struct.unpack_from("!I", reply, offset + 4)[0]
         offset += (attr_len + 3) & ~3
     return 0
+
+
+def netfilter_socket() -> socket.socket:
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, _NETLINK_NETFILTER)
+    sock.connect((0, 0))
+    return sock
 
 
 def _flag_names(flags: int) -> list[str]:
@@ -233,16 +243,24 @@ class NftablesBackend(Backend):
         try:
             # Not `list tables`: it would print other tables' flags (see the docstring).
             self._cmd([{"list": {"flowtables": {"family": FAMILY}}}])
-            table_flags()
+            self._table_flags()
         except OSError as e:
             raise BackendUnavailable(f"nftables is not usable here: {e.strerror or e}") from None
         except ApplyError as e:
             raise BackendUnavailable(f"nftables is not usable here: {e}") from None
 
+    def _table_flags(self) -> int | None:
+        # Like the libnftables context: one netlink socket per thread, opened once.
+        sock = getattr(self._local, "netlink", None)
+        if sock is None:
+            sock = self._local.netlink = netfilter_socket()
+        self._local.seq = getattr(self._local, "seq", 0) % 0xFFFFFFFF + 1
+        return table_flags(sock, seq=self._local.seq)
+
     def _list(self) -> list[dict] | None:
         """The table as libnftables lists it in JSON, or None when there is none."""
         try:
-            flags = table_flags()
+            flags = self._table_flags()
         except OSError as e:
             raise ApplyError(f"cannot read table {FAMILY} {TABLE}: {e.strerror or e}") from None
         if flags is None:

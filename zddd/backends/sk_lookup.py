@@ -7,8 +7,8 @@ outlives zddd, and the tc/xdp backends' pins can share the directory):
 
     sk_lookup_link     BPF link of the program to zddd's network namespace (BPF_LINK_CREATE)
     sk_lookup_prog     the program (bpf/sk_lookup.c), so a lost link is recreated without bcc
-    sk_lookup_active   array[1] u32: 0 off, i + 1 target i (targets sorted by name); a switch is
-                       one update of this element
+    sk_lookup_active   array[1] u32: 0 off, i + 1 target i (targets sorted by name); mmapable:
+                       a switch is one store into zddd's mapping of it
     sk_lookup_sockets  SOCKMAP: target i's listening sockets at i * SLOTS + slot
     sk_lookup_flows    LRU hash: connection addresses -> target, for per-target counts
     sk_lookup_steered  per-CPU array: connections assigned, per target
@@ -131,7 +131,7 @@ class FillSockets:
 
 @dataclass(frozen=True)
 class Flip:
-    """The switch: one update of the active element (0 off, i + 1 target i)."""
+    """The switch: one store into the active element (0 off, i + 1 target i)."""
 
     pin_dir: str
     value: int
@@ -188,7 +188,7 @@ class SkLookupBackend(Backend):
     name = "sk_lookup"
 
     def __init__(self) -> None:
-        self._active_updater: bpfsys.Updater | None = None
+        self._active_slot: bpfsys.ActiveSlot | None = None
         self._active_fd: int | None = None
         self._desired: Desired | None = None
         # Listener cookie -> why it could not be taken; kept until the listener goes away.
@@ -380,7 +380,7 @@ class SkLookupBackend(Backend):
                 return
             os.close(self._active_fd)
         self._active_fd = os.dup(fds["active"])
-        self._active_updater = bpfsys.Updater(self._active_fd, _U32.pack(0), 4)
+        self._set_slot(bpfsys.ActiveSlot(self._active_fd))
 
     # ---- the health hook ------------------------------------------------------------------
 
@@ -438,11 +438,16 @@ class SkLookupBackend(Backend):
             raise ApplyError(f"sk_lookup: {e}", changed=done or bool(plan.layout)) from None
 
     def _flip(self, flip: Flip) -> None:
-        if self._active_updater is None:
+        if self._active_slot is None:
             fd = bpfsys.obj_get(_pin(flip.pin_dir, "active"))
             self._active_fd = fd
-            self._active_updater = bpfsys.Updater(fd, _U32.pack(0), 4)
-        self._active_updater.write(_U32.pack(flip.value))
+            self._set_slot(bpfsys.ActiveSlot(fd))
+        self._active_slot.write(flip.value)
+
+    def _set_slot(self, slot: bpfsys.ActiveSlot | None) -> None:
+        if self._active_slot is not None:
+            self._active_slot.close()
+        self._active_slot = slot
 
     def _build(self, step: Build) -> None:
         desired = self._desired = step.desired
@@ -547,7 +552,7 @@ class SkLookupBackend(Backend):
         if self._active_fd is not None:
             os.close(self._active_fd)
         self._active_fd = None
-        self._active_updater = None
+        self._set_slot(None)
 
     # ---- leftovers and removal --------------------------------------------------------------
 
