@@ -371,7 +371,8 @@ class SkLookupBackend(Backend):
         self._listener_problems = problems
 
     def _adopt_active_fd(self, fds: dict[str, int]) -> None:
-        """Keep a handle on the active map from this read, so the flip is one syscall."""
+        """Keep a handle on (and a mapping of) the active map from this read: the flip is then
+        one store."""
         if "active" not in fds:
             return
         info = bpfsys.map_info(fds["active"])
