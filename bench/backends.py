@@ -16,7 +16,8 @@ Per backend, in fresh namespaces (client 198.51.100.10, app 198.51.100.11: nginx
   before, and the client's SYN retransmits. A backend that rewrites ports shares the vhost's
   TCP tuple space: its TIME_WAIT sockets then reject the direct SYNs. Goal for sk_lookup:
   >= 0.9 and <= 20 retransmits. For the rewriting backends the row "+ own port" repeats it with
-  zddd steering to a second listen port of the main vhost (:8081), the documented mitigation.
+  zddd steering to a second listen port of the main vhost (:8081), the documented mitigation,
+  measured first, before any phase steers to :8080 (whose traces last up to 120 s).
 
 Baseline, the original design: HAProxy (examples/haproxy/health-port.cfg, no agent) checks
 :8888 of app1; the redirect is removed, and HAProxy's health check must notice before the
@@ -85,6 +86,24 @@ def bench_backend(backend: str, args) -> dict:
         commits, _ = asyncio.run(switch_times(bus.address, args.switches))
         row["switch_p50"], row["switch_p99"] = percentile(commits, 50), percentile(commits, 99)
 
+        low = 32768
+        # The client may reuse its own TIME_WAIT ports (else wrk runs out of its 1024 ports
+        # and the figure says nothing); what is measured is the vhost's side of the reuse.
+        narrow = [f"net.ipv4.ip_local_port_range={low} {low + args.ports - 1}",
+                  "net.ipv4.tcp_tw_reuse=1"]
+        wide = ["net.ipv4.ip_local_port_range=32768 60999", "net.ipv4.tcp_tw_reuse=2"]
+        if backend in REWRITING:
+            # The mitigation first, before anything is steered to :8080: flows steered there
+            # leave the vhost's TIME_WAIT sockets (60 s) and, with nftables, conntrack entries
+            # whose reply tuple is vhost:8080 <-> client:port (120 s in TIME_WAIT), and either
+            # makes a direct SYN from that client port wait. Here zddd steers to a port of the
+            # main vhost that no client uses.
+            lab.exec(client, ["sysctl", "-q", *narrow])
+            set_main_port(zddd, 8081)
+            row["own_ratio"], row["own_syn"] = mixed(client, args)
+            set_main_port(zddd, 8080)
+            lab.exec(client, ["sysctl", "-q", *wide])
+
         steered, direct = f"http://{APP}:8888/", f"http://{APP}:8080/"
         wrk(client, direct, seconds=1, cpus=args.wrk_cpus)  # warm-up
         ratios = []
@@ -96,19 +115,7 @@ def bench_backend(backend: str, args) -> dict:
         row["ratio"] = statistics.median(ratios)
         row["failed"], row["requests"] = flips_under_load(lab, client, zddd, args.flips)
 
-        low = 32768
-        # The client may reuse its own TIME_WAIT ports (else wrk runs out of its 1024 ports
-        # and the figure says nothing); what is measured is the vhost's side of the reuse.
-        lab.exec(client, ["sysctl", "-q",
-                          f"net.ipv4.ip_local_port_range={low} {low + args.ports - 1}",
-                          "net.ipv4.tcp_tw_reuse=1"])
-        if backend in REWRITING:
-            # The mitigation first (the steered flows' TIME_WAIT sockets, which live 60 s, are
-            # then on 8081, not on the 8080 of the run after it): zddd steers to a port of the
-            # main vhost that no client uses.
-            set_main_port(zddd, 8081)
-            row["own_ratio"], row["own_syn"] = mixed(client, args)
-            set_main_port(zddd, 8080)
+        lab.exec(client, ["sysctl", "-q", *narrow])
         row["mixed_ratio"], row["mixed_syn"] = mixed(client, args)
         zddd.check_alive()
         return row
