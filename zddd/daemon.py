@@ -126,8 +126,8 @@ class Listeners:
         if self.metrics is not None and self.metrics in core.observers:
             core.observers.remove(self.metrics)
         for server in (self.agent, self.metrics):
-            if server is not None and server._sock is not None:
-                server._sock.close()
+            if server is not None:
+                server.discard()
 
     async def serve(self) -> None:
         for server in (self.agent, self.metrics):

@@ -18,6 +18,7 @@ import socket
 
 from ..config import OFF, Endpoint
 from ..core import Snapshot
+from .listener import Listener
 
 log = logging.getLogger("zddd")
 
@@ -35,15 +36,16 @@ def agent_word(snap: Snapshot) -> str:
     return "ready up" if snap.up.get(snap.active) else "down"
 
 
-class AgentResponder:
+class AgentResponder(Listener):
     """Bind with `bind` (before zddd touches the kernel, so a taken port fails the start or the
     reload with nothing changed), then `serve`."""
 
+    backlog = 1024
+
     def __init__(self, polled):
+        super().__init__()
         self.polled = polled  # () -> Snapshot: the core's agent_polled
         self.active = 0
-        self._sock: socket.socket | None = None
-        self._server: asyncio.base_events.Server | None = None
 
     def bind(self, endpoint: Endpoint) -> None:
         """Bind and listen; raises OSError (the socket closed) if the address is not free."""
@@ -57,20 +59,10 @@ class AgentResponder:
             log.warning("event=agent_ipv4_only reason=\"no IPv6 on this host\"")
             endpoint = Endpoint("0.0.0.0", endpoint.port)
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if sock.family == socket.AF_INET6 and endpoint.host == "::":
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        try:
-            sock.bind((endpoint.host, endpoint.port))
-            sock.listen(1024)
-        except OSError:
-            sock.close()
-            raise
-        self._sock = sock
+        self._listen(sock, endpoint)
 
     async def serve(self) -> None:
-        assert self._sock is not None, "bind first"
-        self._server = await asyncio.start_server(self._handle, sock=self._sock, backlog=1024)
+        await self._serve(self._handle)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -102,12 +94,3 @@ class AgentResponder:
         finally:
             self.active -= 1
             writer.close()
-
-    async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-            self._server = None
-        elif self._sock is not None:
-            self._sock.close()
-        self._sock = None

@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from .. import __version__
-from ..config import ALL_TARGETS, TARGET_NAMES, Endpoint
+from ..config import ALL_TARGETS, TARGET_NAMES
 from ..core import Observer, Steering
 from ..logfmt import quote
+from .listener import Listener
 
 log = logging.getLogger("zddd")
 
@@ -121,10 +121,11 @@ class _Exported:
         return []
 
 
-class MetricsServer(Observer):
+class MetricsServer(Listener, Observer):
     """The registry, fed by core events; `bind` then `serve` exports it over HTTP."""
 
     def __init__(self, core: Steering):
+        super().__init__()
         backend = core.snapshot().backend
         events = CollectorRegistry()
         self.switches = Counter("zddd_switches", "Switch requests by target and result",
@@ -146,32 +147,10 @@ class MetricsServer(Observer):
         self.core = core
         self._pending: dict[asyncio.StreamWriter, None] = {}  # oldest first
         self._rendered: bytes | None = None
-        self._sock: socket.socket | None = None
-        self._server: asyncio.base_events.Server | None = None
         core.observers.append(self)
 
-    def bind(self, endpoint: Endpoint) -> None:
-        """Bind and listen; raises OSError (nothing left open) if the address is not free."""
-        sock = socket.socket(socket.AF_INET6 if ":" in endpoint.host else socket.AF_INET,
-                             socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((endpoint.host, endpoint.port))
-            sock.listen(128)
-        except OSError:
-            sock.close()
-            raise
-        self._sock = sock
-
-    @property
-    def port(self) -> int:
-        assert self._sock is not None
-        return self._sock.getsockname()[1]
-
     async def serve(self) -> None:
-        assert self._sock is not None, "bind first"
-        self._server = await asyncio.start_server(self._handle, sock=self._sock,
-                                                  limit=MAX_REQUEST_BYTES)
+        await self._serve(self._handle, limit=MAX_REQUEST_BYTES)
 
     def render(self) -> bytes:
         """The exposition now. Scrapes answered in the same turn of the event loop (a burst of
@@ -249,10 +228,4 @@ class MetricsServer(Observer):
     async def stop(self) -> None:
         if self in self.core.observers:
             self.core.observers.remove(self)
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-            self._server = None
-        elif self._sock is not None:
-            self._sock.close()
-        self._sock = None
+        await super().stop()
