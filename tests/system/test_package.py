@@ -101,26 +101,32 @@ def deb() -> Path:
     return path
 
 
+def app_server(m: Machine, deb: Path, users: tuple[str, ...] = ()) -> None:
+    """Create and boot `m` as an app server: `users` added, the example app@.service running
+    main (8080) and backup (80), then the .deb installed with apt, as an operator would (the
+    package starts zddd)."""
+    m.create()
+    m.write("/usr/local/bin/app", APP, 0o755)
+    for name, port in (("main", 8080), ("backup", 80)):
+        m.write(f"/etc/default/app-{name}", f"PORT={port}\n")
+        m.write(f"/srv/app/{name}/index.html", f"{name} v1\n")
+    # The example unit as the package ships it (the same file as in the checkout).
+    m.write("/etc/systemd/system/app@.service", (TOP / "systemd/app@.service").read_text())
+    shutil.copy(deb, m.root / "root" / deb.name)
+    m.boot()
+    for user in users:
+        m.sh(f"useradd --system --no-create-home {user}", check=True)
+    m.sh("systemctl enable --now app@main app@backup", check=True)
+    m.wait("curl -sf 127.0.0.1:8080 && curl -sf 127.0.0.1:80", 15, "the apps")
+    m.sh(f"apt-get install -y -q /root/{deb.name}", check=True, timeout=180)
+
+
 @pytest.fixture(scope="module")
 def machine(deb):
     started = time.monotonic()
     m = Machine.fresh("zddd-system-")
     try:
-        m.create()
-        m.write("/usr/local/bin/app", APP, 0o755)
-        for name, port in (("main", 8080), ("backup", 80)):
-            m.write(f"/etc/default/app-{name}", f"PORT={port}\n")
-            m.write(f"/srv/app/{name}/index.html", f"{name} v1\n")
-        # The example unit as the package ships it (the same file as in the checkout).
-        m.write("/etc/systemd/system/app@.service", (TOP / "systemd/app@.service").read_text())
-        shutil.copy(deb, m.root / "root" / deb.name)
-        m.boot()
-        m.sh("useradd --system --no-create-home alice && "
-             "useradd --system --no-create-home bob", check=True)
-        m.sh("systemctl enable --now app@main app@backup", check=True)
-        m.wait("curl -sf 127.0.0.1:8080 && curl -sf 127.0.0.1:80", 15, "the apps")
-        # Like an operator: apt installs it, and the package starts zddd.
-        m.sh(f"apt-get install -y -q /root/{deb.name}", check=True, timeout=180)
+        app_server(m, deb, users=("alice", "bob"))
         m.sh("usermod -a -G zddd bob", check=True)
         print(f"system test container ready in {time.monotonic() - started:.1f} s "
               f"(base tree {m.base})", file=sys.stderr)

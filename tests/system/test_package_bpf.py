@@ -19,14 +19,14 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import sys
 import time
 
 import pytest
 
 from machine import Machine
-from test_package import APP, DBUS_DEST, TOP, cursor, deb, journal_since, prop, through_8888, unit
+from test_package import (DBUS_DEST, app_server, cursor, deb, journal_since, prop, through_8888,
+                          unit)
 
 __all__ = ["deb"]  # the fixture, imported so that this module builds the .deb the same way
 
@@ -58,17 +58,7 @@ def machine(deb):
     m.nspawn_args = ["--capability=CAP_BPF,CAP_PERFMON",
                      "--system-call-filter=bpf perf_event_open pidfd_getfd", *header_binds()]
     try:
-        m.create()
-        m.write("/usr/local/bin/app", APP, 0o755)
-        for name, port in (("main", 8080), ("backup", 80)):
-            m.write(f"/etc/default/app-{name}", f"PORT={port}\n")
-            m.write(f"/srv/app/{name}/index.html", f"{name} v1\n")
-        m.write("/etc/systemd/system/app@.service", (TOP / "systemd/app@.service").read_text())
-        shutil.copy(deb, m.root / "root" / deb.name)
-        m.boot()
-        m.sh("systemctl enable --now app@main app@backup", check=True)
-        m.wait("curl -sf 127.0.0.1:8080 && curl -sf 127.0.0.1:80", 15, "the apps")
-        m.sh(f"apt-get install -y -q /root/{deb.name}", check=True, timeout=180)
+        app_server(m, deb)
         m.wait("test \"$(systemctl is-active zddd)\" = active", 30, "zddd on nftables")
         print(f"system test container (bpf) ready in {time.monotonic() - started:.1f} s "
               f"(base tree {m.base})", file=sys.stderr)
