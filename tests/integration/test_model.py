@@ -321,7 +321,7 @@ def _sk_lookup_empty_sockets(model: ZdddModel) -> None:
     fd = bpfsys.obj_get(str(Path(model.z.config["bpf_pin_dir"]) / "sk_lookup_sockets"))
     try:
         for key in range(32):
-            if bpfsys.map_lookup(fd, struct.pack("=I", key), 8):  # an empty slot: EINVAL
+            if bpfsys.map_lookup(fd, struct.pack("=I", key), 8):  # deleting an empty one: EINVAL
                 bpfsys.map_delete(fd, struct.pack("=I", key))
     finally:
         os.close(fd)
