@@ -20,10 +20,43 @@ import zdddlab
 pytestmark = pytest.mark.e2e
 
 
+# The own-port fix that examples/haproxy/health-port.cfg asks for on every app server: the main
+# vhost also listens on a port only zddd steers to, so HAProxy's checks through 8888 and its
+# direct traffic to 8080 never share a TCP tuple.
+OWN_PORT = 8081
+
+
+def own_port_cluster(lab: zdddlab.Lab, usage: str) -> zdddlab.Cluster:
+    """zdddlab.cluster's topology with the own-port fix applied: nginx answers "<host> main" on
+    8080 and OWN_PORT, and zddd's main target is OWN_PORT."""
+    lb = lab.netns("lb")
+    client = lab.netns("client")
+    lab.bridge(lb, f"{zdddlab.LB_APP_ADDR}/24")
+    lab.link(lb, "client", client, "eth0", cidr_a=f"{zdddlab.LB_CLIENT_ADDR}/24",
+             cidr_b=f"{zdddlab.CLIENT_ADDR}/24")
+    apps = {}
+    for name, addr in zdddlab.APP_ADDRS.items():
+        ns = lab.netns(name)
+        lab.link(lb, name, ns, "eth0", cidr_b=f"{addr}/24", master_a="br0")
+        bus = lab.dbus_daemon(f"{name}-bus")
+        main = f"{name} main"
+        nginx = lab.nginx(f"{name}-nginx", ns, {8080: main, OWN_PORT: main, 80: f"{name} backup"})
+        config = {"targets": {"main": {"port": OWN_PORT}}}
+        apps[name] = zdddlab.AppServer(name, ns, addr, lab.zddd(f"{name}-zddd", ns, bus, config),
+                                       nginx)
+    haproxy = lab.haproxy("haproxy", lb, zdddlab.HAPROXY_CONFIGS[usage].read_text())
+    zdddlab.wait_for(lambda: set(haproxy.servers().values()) == {"UP"}, 15,
+                     "HAProxy to see every server UP")
+    return zdddlab.Cluster(lb, client, apps, haproxy)
+
+
 def start_cluster(usage: str):
     lab = zdddlab.Lab(prefix="e2e")
     try:
-        cluster = zdddlab.cluster(lab, usage)
+        if usage == "health-port":
+            cluster = own_port_cluster(lab, usage)
+        else:
+            cluster = zdddlab.cluster(lab, usage)
     except BaseException:
         lab.close()
         raise
@@ -201,6 +234,7 @@ def test_health_port_off_fails_over_to_backups_and_main_restores(health_port):
         records = load.finish()
 
     assert not errors(records), errors(records)[:5]
+    assert app1.prop("Targets")["main"] == OWN_PORT
     assert out_of_rotation(app1_out) and out_of_rotation(app2_out), (app1_out, app2_out)
     # Only the agent ("maint") or an admin puts a server in MAINT; failed checks give DOWN.
     assert app1_out.startswith("MAINT"), (app1_out, agent_said)
