@@ -4,29 +4,54 @@ VENV    := .venv
 VPY     := $(VENV)/bin/python
 PYTEST  := $(VPY) -m pytest
 
-DEBS := nftables python3-nftables python3-pyroute2 python3-dbus-fast python3-sdnotify \
-        python3-prometheus-client python3-pytest python3-venv python3-pip python3-setuptools iproute2 dbus systemd curl \
-        haproxy nginx-light wrk python3-bpfcc python3-hypothesis python3-pytest-xdist procps bpftool \
-        ansible-core openssh-server bash-completion
+# What `make demo` uses (nftables backend): zddd's runtime, the venv, and the lab's HAProxy,
+# nginx and dbus-daemon. Installed on the machine itself: run it on a machine you can spare.
+DEMO_DEBS := nftables python3-nftables python3-pyroute2 python3-dbus-fast python3-sdnotify \
+        python3-prometheus-client python3-venv python3-pip python3-setuptools iproute2 dbus \
+        procps curl haproxy nginx-light
+# The eBPF backends (`make demo BACKEND=tc|xdp|sk_lookup`, the tests): bcc pulls LLVM/clang;
+# packaging/bpf-headers.sh adds kernel headers.
+BPF_DEBS := python3-bpfcc bpftool
+# What the whole suite needs on top: pytest, wrk, and an sshd and Ansible for the rolling-deploy
+# tests.
+TEST_DEBS := $(DEMO_DEBS) $(BPF_DEBS) python3-pytest python3-hypothesis python3-pytest-xdist \
+        systemd wrk ansible-core openssh-server bash-completion
 
-.PHONY: setup test test-fast test-integration test-e2e test-system lint demo bench soak deb clean
+.PHONY: setup setup-demo setup-bpf test test-fast test-integration test-e2e test-system lint \
+        demo bench soak deb clean
 
-setup: $(VENV)/.setup-done
-
-# Idempotent: apt-get only when a package is missing, the venv only when absent.
-$(VENV)/.setup-done: pyproject.toml Makefile
-	@missing=$$(for p in $(DEBS); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null \
+# apt-get only when a package is missing (after one apt-get update).
+define install_missing
+	@missing=$$(for p in $(1); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null \
 	    | grep -q 'install ok installed' || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 	    echo "installing:" $$missing; \
 	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
 	fi
-	sh packaging/bpf-headers.sh
+endef
+
+# Idempotent, each step only when needed: `setup-demo` the demo's packages and the venv,
+# `setup-bpf` bcc and kernel headers, `setup` everything the tests need.
+setup: $(VENV)/.setup-done
+setup-demo: $(VENV)/.setup-demo-done
+setup-bpf: $(VENV)/.setup-bpf-done
+
+$(VENV)/.setup-demo-done: pyproject.toml Makefile
+	$(call install_missing,$(DEMO_DEBS))
 	test -x $(VPY) || $(PY) -m venv --system-site-packages $(VENV)
 	$(VPY) -m pip install -q --no-build-isolation --no-deps -e .
 	@# zdddlab (the test/demo/bench lab) is not packaged: a .pth naming this checkout makes it
 	@# importable from the venv, in namespaces too. Rewritten each time, so it follows a move.
 	$(VPY) -c 'import pathlib, site; pathlib.Path(site.getsitepackages()[0], "zdddlab.pth").write_text("$(CURDIR)\n")'
+	touch $@
+
+$(VENV)/.setup-bpf-done: $(VENV)/.setup-demo-done
+	$(call install_missing,$(BPF_DEBS))
+	sh packaging/bpf-headers.sh
+	touch $@
+
+$(VENV)/.setup-done: $(VENV)/.setup-demo-done $(VENV)/.setup-bpf-done
+	$(call install_missing,$(TEST_DEBS))
 	touch $@
 
 # The whole suite. pytest's exit code 5 ("no tests ran") fails like any other. Unit and
@@ -58,9 +83,10 @@ lint: setup
 	test -x $(VENV)/bin/ruff || $(VPY) -m pip install -q ruff
 	$(VENV)/bin/ruff check zddd zdddlab tests bench examples
 
-# BACKEND=tc|xdp|sk_lookup runs the demo on that data plane (bcc, kernel headers: `make setup`).
+# BACKEND=tc|xdp|sk_lookup runs the demo on that data plane (it then installs bcc and kernel
+# headers too: setup-bpf).
 BACKEND ?= nftables
-demo: setup
+demo: setup-demo $(if $(filter-out nftables,$(BACKEND)),setup-bpf)
 	$(VPY) examples/demo.py --backend $(BACKEND)
 
 bench: setup
