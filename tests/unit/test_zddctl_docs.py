@@ -1,5 +1,5 @@
 """zddctl's documentation in step with its parser: every command and option of `zddctl --help`
-is in zddctl(1) (packaging/man/zddctl.1) and in the README's zddctl synopsis."""
+is in zddctl(1) (packaging/man/zddctl.1), the one reference the README links to."""
 
 from __future__ import annotations
 
@@ -30,20 +30,9 @@ def man_text() -> str:
     return re.sub(r"\\f[BIRP]", "", text.replace("\\-", "-"))
 
 
-def readme_synopsis() -> str:
-    readme = (REPO / "README.md").read_text()
-    section = readme.split("## zddctl\n", 1)[1]
-    return section.split("```", 2)[1]
-
-
 @pytest.mark.parametrize("word", parser_words())
 def test_in_the_man_page(word):
     assert re.search(rf"(?<![\w-]){re.escape(word)}(?![\w-])", man_text()), word
-
-
-@pytest.mark.parametrize("word", parser_words())
-def test_in_the_readme_synopsis(word):
-    assert re.search(rf"(?<![\w-]){re.escape(word)}(?![\w-])", readme_synopsis()), word
 
 
 def test_the_man_page_names_the_ssh_variable_and_troubleshooting():
