@@ -165,14 +165,18 @@ def test_the_ss_line_covers_sk_lookup():
 # ---- paths the man pages name are the package's ----------------------------------------------
 
 def installed_paths() -> set[str]:
-    lines = (REPO / "packaging/debian/zddd.install").read_text().splitlines()
+    """Where the binary packages' .install files put things (dh_install: sources, then the
+    destination directory)."""
     out = set()
-    for line in lines:
-        if line.strip():
-            src, dest = line.split()
-            out.add("/" + dest.rstrip("/") + "/" + Path(src).name if "*" not in src
-                    else "/" + dest.rstrip("/"))
-            out.add("/" + dest.rstrip("/"))
+    for install in (REPO / "packaging" / "debian").glob("*.install"):
+        for line in install.read_text().splitlines():
+            words = line.split("#", 1)[0].split()
+            if len(words) < 2:
+                continue
+            *sources, dest = words
+            dest = "/" + dest.strip("/")
+            out.add(dest)
+            out |= {f"{dest}/{Path(src).name}" for src in sources if "*" not in src}
     return out
 
 
