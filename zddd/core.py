@@ -6,6 +6,9 @@ read it through one immutable `Snapshot`, and subscribe to its events through `O
 speaks an adapter's vocabulary). Everything runs in one asyncio event loop, and
 every kernel change (switch, drain end, reload, repair) happens in a synchronous method with no
 await inside, so changes are serialized without a lock and each one is a single transaction.
+Observers see one snapshot per transition, published once all of its state is updated (never
+`ActiveTarget=off` while `Draining` still names a target): the helpers that change part of the
+state (`_commit`, `_begin_drain`, `_cancel_drain`) leave publishing to the transition.
 """
 
 from __future__ import annotations
@@ -235,6 +238,7 @@ class Steering:
                                       "anyway")
             usec = self._switch_kernel(target)
             self._cancel_drain()
+            self._publish()
             self._result(target, "ok", self.clock() - received)
             log.info("event=switch from=%s to=%s duration_usec=%d caller=%s",
                      old, target, usec, caller or "-")
@@ -249,6 +253,7 @@ class Steering:
         if force or timeout == 0:
             usec = self._switch_kernel(OFF)
             self._cancel_drain()
+            self._publish()
             self._result(target, "ok", self.clock() - received)
             log.info("event=switch from=%s to=off duration_usec=%d forced=yes caller=%s",
                      old, usec, caller or "-")
@@ -256,6 +261,7 @@ class Steering:
             return usec
         if self._drain is None:
             self._begin_drain(old, timeout, received=received, caller=caller or "-")
+            self._publish()
             log.info("event=drain_start target=%s timeout=%s caller=%s", old, timeout,
                      caller or "-")
         elif drain_timeout is not None:
@@ -297,8 +303,18 @@ class Steering:
         if plan:
             self.last_switch_usec = usec
         self.active = target
-        self._publish()
+        if plan.layout:
+            self._read_back(desired)
         return usec
+
+    def _read_back(self, desired: Desired) -> None:
+        """After layout steps, let the backend see what it built (what it reports about the
+        kernel, e.g. sk_lookup's listener problems, follows its reads). Best-effort: the
+        change is committed, and a read that fails now is the reconciler's to retry."""
+        try:
+            self.backend.read(desired)
+        except ApplyError as e:
+            log.warning("event=read_back_failed error=%s", quote(str(e)))
 
     def _save(self, state: SavedState) -> None:
         try:
@@ -328,7 +344,6 @@ class Steering:
         self._drain_answers = 0
         self._drain.task = asyncio.get_running_loop().create_task(
             self._run_drain(self._drain, received if received is not None else self.clock()))
-        self._publish()
 
     def _cancel_drain(self) -> None:
         if self._drain is None:
@@ -337,7 +352,6 @@ class Steering:
         if drain.task is not None and drain.task is not asyncio.current_task():
             drain.task.cancel()
         log.info("event=drain_cancelled target=%s", drain.target)
-        self._publish()
 
     def _drain_done(self, drain: _Drain) -> str | None:
         """Why the drain may end now, or None to keep waiting."""
@@ -367,8 +381,8 @@ class Steering:
                 await asyncio.sleep(1.0)
                 continue
             self._drain = None
-            self._result(OFF, "ok", self.clock() - received)
             self._publish()
+            self._result(OFF, "ok", self.clock() - received)
             log.info("event=switch from=%s to=off duration_usec=%d drain=%s drain_sec=%.3f "
                      "caller=%s", drain.target, usec, reason, self.clock() - received,
                      drain.caller)
@@ -462,6 +476,7 @@ class Steering:
             if not self._repair_backoff:  # a refusal that repeats is said once, with the back-off
                 log.error("event=repair_failed error=%s", quote(str(e)))
             return False
+        self._publish()
         if not self._repair_backoff:
             log.warning("event=drift_repaired target=%s found=%s problems=%s", expected, found,
                         quote("; ".join(problems)))
