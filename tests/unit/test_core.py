@@ -258,7 +258,8 @@ def test_a_saved_drain_is_resumed_and_ends_when_drained(rig, caplog):
         assert core.draining == "main" and core.active == "main"
         assert rig.backend.steering == "main"
         assert rig.saved() == {"target": "off", "draining": "main", "drain_deadline": WALL + 5,
-                               "drain_answered": True}
+                               "drain_answered": True, "drain_caller": "",
+                               "last_switch_timestamp": 0, "last_switch_caller": ""}
         await asyncio.sleep(0.2)
         assert core.draining == "main"  # a connection is still open
         rig.conns.counts["main"] = 0
@@ -397,7 +398,8 @@ def test_off_drains_and_a_switch_cancels_the_drain(rig):
         assert agent_word(core.agent_polled()) == "drain"
         core.switch("backup")
         assert core.draining == "" and core.active == "backup"
-        assert {"active": "backup", "draining": ""} in rig.rec.props
+        changed = rig.rec.props[-1]
+        assert changed["active"] == "backup" and changed["draining"] == ""
         await asyncio.sleep(0.1)
         assert core.active == "backup"  # the cancelled drain did not turn it off later
         core.close()
@@ -643,3 +645,56 @@ def test_a_resumed_drain_is_shown_once_at_start(rig):
         rig.core.close()
 
     run(scenario())
+
+
+# ---- the last switch: when and by whom ----------------------------------------------------
+
+def test_the_last_switch_is_stamped_with_its_time_and_caller_and_survives_a_restart(rig):
+    async def scenario():
+        core = rig.start()
+        assert core.snapshot().last_switch_timestamp == 0  # start is no switch
+        assert core.snapshot().last_switch_caller == ""
+        core.switch("backup", caller="uid=1000")
+        snap = core.snapshot()
+        assert snap.last_switch_timestamp == int(WALL * 1e6)
+        assert snap.last_switch_caller == "uid=1000"
+        assert rig.rec.props[-1]["last_switch_timestamp"] == int(WALL * 1e6)
+        core.switch("backup", caller="uid=0")  # nothing changes: no switch
+        assert core.snapshot().last_switch_caller == "uid=1000"
+        rig.conns.counts["backup"] = 1
+        core.wall = lambda: WALL + 10
+        core.switch("off", caller="uid=1001 ssh=alice@198.51.100.7")
+        assert core.snapshot().last_switch_caller == "uid=1000"  # a drain is not done yet
+        assert rig.saved()["drain_caller"] == "uid=1001 ssh=alice@198.51.100.7"
+        core.close()
+
+        # A restart resumes the drain with its caller; its end is the drain caller's switch.
+        again = Steering(rig.config, rig.backend, rig.store, health=rig.health,
+                         connections=rig.conns, wall=lambda: WALL + 11)
+        again.start()
+        again.agent_polled()  # HAProxy is told "drain"
+        assert again.snapshot().last_switch_caller == "uid=1000"
+        assert again.snapshot().last_switch_timestamp == int(WALL * 1e6)
+        rig.conns.counts["backup"] = 0
+        for _ in range(100):
+            if again.active == "off":
+                break
+            await asyncio.sleep(0.02)
+        assert again.active == "off"
+        assert again.snapshot().last_switch_caller == "uid=1001 ssh=alice@198.51.100.7"
+        assert again.snapshot().last_switch_timestamp == int((WALL + 11) * 1e6)
+        assert rig.saved()["last_switch_caller"] == "uid=1001 ssh=alice@198.51.100.7"
+        again.close()
+
+    run(scenario())
+
+
+def test_a_failed_switch_keeps_the_last_switch(rig):
+    core = rig.start()
+    core.switch("backup", caller="uid=1000")
+    rig.backend.fail = True
+    with pytest.raises(BackendFailure):
+        core.switch("main", caller="uid=0")
+    assert core.snapshot().last_switch_caller == "uid=1000"
+    assert rig.saved()["last_switch_caller"] == "uid=1000"
+    assert rig.saved()["target"] == "backup"
