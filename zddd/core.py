@@ -163,7 +163,7 @@ class Steering:
         return self.connections.count(self.targets)
 
     def flows_steered(self) -> dict[str, int]:
-        """New connections the data plane steered, per target (may run in another thread)."""
+        """New connections the data plane steered, per target, read from the kernel now."""
         return self.backend.flows_steered()
 
     def flow_table(self) -> tuple[int, int] | None:
