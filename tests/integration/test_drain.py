@@ -233,7 +233,7 @@ def test_drain_keeps_steering_while_a_connection_is_open_and_ends_when_it_closes
     assert (old, new) == ("main", "off") and usec > 0
     assert saved(z)["target"] == "off" and saved(z)["draining"] == ""
     line = [ln for ln in z.log().splitlines() if "event=switch " in ln][-1]
-    assert "from=main to=off" in line and "drain=drained" in line and "caller=uid=0" in line
+    assert "from=main to=off" in line and "drain=drained" in line and 'caller="uid=0"' in line
     with pytest.raises(ConnectionError):
         http_get(lab.client, APP_V4, 8888, timeout=2)
 
