@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from typing import Callable, Protocol
 
 from .backends import ApplyError, Backend, Desired, KernelState
-from .config import ALL_TARGETS, OFF, TARGET_NAMES, Config
+from .config import ALL_TARGETS, MAX_SECONDS, OFF, TARGET_NAMES, Config
 from .errors import BackendFailure, InvalidArgument, InvalidConfig, InvalidTarget, TargetUnhealthy
 from .logfmt import quote
 from .state import SavedState, StateFile
@@ -35,7 +35,6 @@ RECONCILE_INTERVAL = 0.25
 # A repair that does not stick (someone keeps changing zddd's objects back, or the kernel shows
 # them differently than zddd writes them) is retried less and less often, up to this.
 MAX_REPAIR_BACKOFF = 60.0
-MAX_WAIT_SECONDS = 24 * 3600
 
 
 @dataclass(frozen=True)
@@ -234,9 +233,10 @@ class Steering:
                      quote(target), quote(caller))
             raise InvalidTarget(f"unknown target {target!r}; valid targets: "
                                 f"{', '.join(ALL_TARGETS)}")
-        if drain_timeout is not None and not 0 <= drain_timeout <= MAX_WAIT_SECONDS:
+        if drain_timeout is not None and not 0 <= drain_timeout <= MAX_SECONDS:
             self._result(target, "refused", None)
-            raise InvalidArgument(f"drain timeout {drain_timeout} s is out of range 0-86400")
+            raise InvalidArgument(f"drain timeout {drain_timeout} s is out of range "
+                                  f"0-{MAX_SECONDS}")
         old = self.active
         if target != OFF:
             if not force and not self.health.is_up(target):
@@ -422,8 +422,8 @@ class Steering:
         if target not in TARGET_NAMES:
             raise InvalidTarget(f"unknown target {target!r}; valid targets: "
                                 f"{', '.join(TARGET_NAMES)}")
-        if not 0 <= timeout <= MAX_WAIT_SECONDS:
-            raise InvalidArgument(f"timeout {timeout} s is out of range 0-86400")
+        if not 0 <= timeout <= MAX_SECONDS:
+            raise InvalidArgument(f"timeout {timeout} s is out of range 0-{MAX_SECONDS}")
         deadline = self.clock() + timeout
         while True:
             pending = self.draining == target

@@ -31,7 +31,8 @@ except ImportError:  # Debian may carry only the original dbus-next; the API is 
     from dbus_next.service import ServiceInterface, dbus_property, signal  # type: ignore
 
 from .. import errors
-from ..core import MAX_WAIT_SECONDS, Observer, Snapshot, Steering
+from ..config import MAX_SECONDS
+from ..core import Observer, Snapshot, Steering
 from ..logfmt import quote
 
 log = logging.getLogger("zddd")
@@ -226,12 +227,13 @@ class Method:
 
 
 _OPTION_TYPES = {"force": "b", "drain_timeout_usec": "t"}
-MAX_WAIT_USEC = MAX_WAIT_SECONDS * 1_000_000
 
 
 def _usec_in_range(value: int, what: str) -> float:
-    if value > MAX_WAIT_USEC:
-        raise errors.InvalidArgument(f"{what} is over {MAX_WAIT_SECONDS // 3600} h")
+    """µs from the bus as seconds; InvalidArgument over the limit (checked here, before the
+    conversion to float can round a value just over it down to it)."""
+    if value > MAX_SECONDS * 1_000_000:
+        raise errors.InvalidArgument(f"{what} is over {MAX_SECONDS // 3600} h")
     return value / 1e6
 
 
