@@ -182,7 +182,10 @@ def describe_caller(uid: int, pid: int | None, *, proc: Path = Path("/proc"),
     `zddctl -H` does on the remote host). The host comes from the process' logind session
     (REMOTE_HOST, set by sshd through pam_systemd and not the caller's to change), else from
     SSH_CONNECTION in its environment where zddd may read it (same uid, or CAP_SYS_PTRACE):
-    advisory, like any login record. Best-effort: whatever cannot be read is left out."""
+    advisory, like any login record. Best-effort: whatever cannot be read is left out. Under
+    the shipped unit (ProtectProc=invisible, no CAP_SYS_PTRACE) zddd sees the processes of
+    root callers only, so `zddctl -H` as root or through sudo (which keeps the login session)
+    is named with its ssh origin, and a caller of group zddd as its uid alone."""
     who = f"uid={uid}"
     if pid is None or pid <= 0:
         return who
