@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 from .backends import ApplyError, Backend, Desired, KernelState
@@ -292,8 +292,7 @@ class Steering:
         stamp = _usec(self.wall()) if changes else self.last_switch_timestamp
         who = caller if changes else self.last_switch_caller
         try:
-            self._save(replace(SavedState(target), last_switch_timestamp=stamp,
-                               last_switch_caller=who))
+            self._save(SavedState(target, last_switch_timestamp=stamp, last_switch_caller=who))
             current = self.backend.read(self._desired(None))
             usec = self._commit(target, current)
         except (ApplyError, BackendFailure) as e:
