@@ -507,6 +507,7 @@ class _AdapterCore:
 def adapter(need_root, tmp_path):
     """zddd's D-Bus adapter serving a stand-in core on a private bus; yields the bus address."""
     import threading
+    import time
 
     from zdddlab import Bus
 
@@ -521,8 +522,15 @@ def adapter(need_root, tmp_path):
         pass
 
     try:
-        served = asyncio.run_coroutine_threadsafe(
-            dbus.serve(_AdapterCore(), bus.address, reload), loop).result(10)
+        for attempt in range(100):  # the socket file appears just before the daemon listens
+            try:
+                served = asyncio.run_coroutine_threadsafe(
+                    dbus.serve(_AdapterCore(), bus.address, reload), loop).result(10)
+                break
+            except ConnectionRefusedError:
+                if attempt == 99:
+                    raise
+                time.sleep(0.05)
         yield bus.address
         loop.call_soon_threadsafe(served.disconnect)
     finally:

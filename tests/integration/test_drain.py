@@ -288,7 +288,8 @@ def test_a_later_switch_to_main_cancels_the_drain(lab, signals):
     assert draining(z) == ""
     assert z.prop("ActiveTarget") == "main"
     assert saved(z) == {"target": "main", "draining": "", "drain_deadline": 0.0,
-                        "drain_answered": False}
+                        "drain_answered": False, "drain_caller": "",
+                        "last_switch_timestamp": 0, "last_switch_caller": ""}
     conn.close()
     time.sleep(0.5)  # a cancelled drain must not end in off once the connection is gone
     assert z.prop("ActiveTarget") == "main"
