@@ -563,3 +563,28 @@ def test_a_new_error_subclass_still_answers_with_its_condition(adapter):
 
 
 INTERFACE_NAME = "org.zddd.Steering1.Manager"
+
+
+def test_getall_works_while_connections_cannot_be_counted(lab):
+    """A real zddd whose sock_diag socket cannot be opened (no descriptor left): GetAll, and so
+    `zddctl status`, still answers; Connections is empty (unknown), not a failed call."""
+    import subprocess
+    from pathlib import Path
+
+    from zdddlab import dbus_call
+
+    z = lab.start_zddd({"health": {"interval": 5, "timeout": 0.5}})
+    assert z.prop("Connections") == {"main": 0, "backup": 0}
+    pid = z.proc.pid
+    open_fds = len(list(Path(f"/proc/{pid}/fd").iterdir()))
+    subprocess.run(["prlimit", f"--pid={pid}", f"--nofile={open_fds}:"], check=True)
+    try:
+        err, body = dbus_call(z.bus.address, "GetAll", "s", [INTERFACE_NAME], 10,
+                              interface="org.freedesktop.DBus.Properties")
+    finally:
+        subprocess.run(["prlimit", f"--pid={pid}", "--nofile=4096:"], check=True)
+    assert err is None, body
+    props = {k: v.value for k, v in body[0].items()}
+    assert props["ActiveTarget"] == "main" and props["Connections"] == {}
+    assert "event=count_failed" in z.log()
+    assert z.prop("Connections") == {"main": 0, "backup": 0}  # counted again once it can
