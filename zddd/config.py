@@ -20,8 +20,9 @@ ALL_TARGETS = TARGET_NAMES + (OFF,)
 BACKENDS = ("nftables", "tc", "xdp", "sk_lookup")
 # Keys whose change a running daemon cannot take over: they name what it owns in the kernel.
 RESTART_KEYS = ("backend", "listen_port", "bpf_pin_dir")
-# The longest duration any key takes: the D-Bus API's own limit (over 24 h is InvalidArgument),
-# and far below what asyncio's timers and the µs properties (uint64) can hold.
+# The longest duration any key or call takes (drain_timeout, WaitDrained, drain_timeout_usec):
+# the one definition of the 24 h limit, far below what asyncio's timers and the µs properties
+# (uint64) can hold. Messages about it are made from it.
 MAX_SECONDS = 24 * 3600
 # Linux' IFNAMSIZ is 16 bytes with the terminating NUL.
 MAX_IFNAME_BYTES = 15
@@ -69,7 +70,7 @@ class Endpoint:
 class Config:
     listen_port: int = 8888
     backend: str = "nftables"
-    interfaces: tuple[str, ...] | None = None  # None: every interface up at start
+    interfaces: tuple[str, ...] | None = None  # None: every interface up, looked up at each read
     xdp_mode: str = "native"
     bpf_pin_dir: str = "/sys/fs/bpf/zddd"
     bpf_flow_entries: int = 1048576
@@ -86,9 +87,6 @@ class Config:
     health_timeout: float = 0.5
     agent_listen: Endpoint | None = Endpoint("::", 8889)
     metrics_listen: Endpoint | None = Endpoint("127.0.0.1", 9488)
-
-    def target_port(self, name: str) -> int:
-        return self.targets[name].port
 
     def restart_changes(self, new: "Config") -> list[str]:
         """The keys that differ between self and new and that only a restart can apply."""

@@ -6,6 +6,9 @@ read it through one immutable `Snapshot`, and subscribe to its events through `O
 speaks an adapter's vocabulary). Everything runs in one asyncio event loop, and
 every kernel change (switch, drain end, reload, repair) happens in a synchronous method with no
 await inside, so changes are serialized without a lock and each one is a single transaction.
+Observers see one snapshot per transition, published once all of its state is updated (never
+`ActiveTarget=off` while `Draining` still names a target): the helpers that change part of the
+state (`_commit`, `_begin_drain`, `_cancel_drain`) leave publishing to the transition.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 from .backends import ApplyError, Backend, Desired, KernelState
-from .config import ALL_TARGETS, OFF, TARGET_NAMES, Config
+from .config import ALL_TARGETS, MAX_SECONDS, OFF, TARGET_NAMES, Config
 from .errors import BackendFailure, InvalidArgument, InvalidConfig, InvalidTarget, TargetUnhealthy
 from .logfmt import quote
 from .state import SavedState, StateFile
@@ -32,7 +35,6 @@ RECONCILE_INTERVAL = 0.25
 # A repair that does not stick (someone keeps changing zddd's objects back, or the kernel shows
 # them differently than zddd writes them) is retried less and less often, up to this.
 MAX_REPAIR_BACKOFF = 60.0
-MAX_WAIT_SECONDS = 24 * 3600
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,8 @@ class Snapshot:
     up: dict[str, bool] = field(default_factory=dict)  # name -> last probe passed
     last_switch_usec: int = 0  # the last data-plane commit, apply step alone
     drain_timeout: float = 0.0
+    last_switch_timestamp: int = 0  # when the last switch was committed, µs since the epoch
+    last_switch_caller: str = ""  # who asked for it (see Steering.switch), "" if never
 
 
 class Observer:
@@ -88,7 +92,7 @@ class _Drain:
     deadline: float  # monotonic
     wall_deadline: float  # the same moment in wall-clock time, for the state file
     task: asyncio.Task | None = None
-    caller: str = "-"  # who asked for it, for the log line of the switch that ends it
+    caller: str = ""  # who asked for it: the caller of the switch that ends it
 
 
 def _usec(seconds: float) -> int:
@@ -109,6 +113,8 @@ class Steering:
         self.wall = wall
         self.active = OFF
         self.last_switch_usec = 0
+        self.last_switch_timestamp = 0
+        self.last_switch_caller = ""
         self.observers: list[Observer] = []
         self._drain: _Drain | None = None
         self._last_agent_poll = float("-inf")
@@ -132,7 +138,8 @@ class Steering:
     def snapshot(self) -> Snapshot:
         return Snapshot(self.active, self.draining, self.backend.name, self.config.listen_port,
                         self.targets, {n: bool(self.health.is_up(n)) for n in self.targets},
-                        self.last_switch_usec, self.config.drain_timeout)
+                        self.last_switch_usec, self.config.drain_timeout,
+                        self.last_switch_timestamp, self.last_switch_caller)
 
     def agent_polled(self) -> Snapshot:
         """HAProxy asked the agent; the state to answer from. While draining, the answer tells
@@ -155,7 +162,7 @@ class Steering:
         return self.connections.count(self.targets)
 
     def flows_steered(self) -> dict[str, int]:
-        """New connections the data plane steered, per target (may run in another thread)."""
+        """New connections the data plane steered, per target, read from the kernel now."""
         return self.backend.flows_steered()
 
     def flow_table(self) -> tuple[int, int] | None:
@@ -173,6 +180,9 @@ class Steering:
         except ApplyError as e:
             raise BackendFailure(f"cannot read the kernel's state: {e}") from None
         saved = self.store.load()
+        if saved is not None:
+            self.last_switch_timestamp = saved.last_switch_timestamp
+            self.last_switch_caller = saved.last_switch_caller
         if kernel is not None and (kernel.intact or kernel.active is not None):
             active = kernel.active or OFF
             how = "adopted"
@@ -186,7 +196,7 @@ class Steering:
         if not resume:
             # Saved before the kernel changes, as for every switch: a crash in between must
             # not leave a restart to undo what the kernel was just given.
-            self._save(SavedState(active))
+            self._save(self._saved_as(active))
         if kernel is None or not kernel.intact:
             if kernel is not None:
                 log.warning("event=layout_rebuilt problems=%s", quote("; ".join(kernel.problems)))
@@ -197,7 +207,7 @@ class Steering:
         self.active = active
         if resume:
             remaining = max(0.0, saved.drain_deadline - self.wall())
-            self._begin_drain(active, remaining, save=False)
+            self._begin_drain(active, remaining, save=False, caller=saved.drain_caller)
             self._drain_answers = int(saved.drain_answered)
             if not saved.drain_answered and self.config.agent_listen is not None:
                 # HAProxy may have polled just before zddd went down and may poll again any
@@ -213,31 +223,35 @@ class Steering:
     def switch(self, target: str, *, force: bool = False,
                drain_timeout: float | None = None, caller: str = "") -> int:
         """Steer new connections to `target`. Returns the commit time in µs (0 if nothing
-        changed or a drain started). Raises InvalidTarget, TargetUnhealthy, BackendFailure."""
+        changed or a drain started). Raises InvalidTarget, TargetUnhealthy, BackendFailure.
+        `caller` says who asked (e.g. "uid=1000"): logged, and kept as LastSwitchCaller."""
         received = self.clock()
+        caller = caller or "-"
         if target not in ALL_TARGETS:
             self._result("invalid", "refused", None)
             log.info("event=switch_refused to=%s reason=invalid_target caller=%s",
-                     quote(target), caller or "-")
+                     quote(target), quote(caller))
             raise InvalidTarget(f"unknown target {target!r}; valid targets: "
                                 f"{', '.join(ALL_TARGETS)}")
-        if drain_timeout is not None and not 0 <= drain_timeout <= MAX_WAIT_SECONDS:
+        if drain_timeout is not None and not 0 <= drain_timeout <= MAX_SECONDS:
             self._result(target, "refused", None)
-            raise InvalidArgument(f"drain timeout {drain_timeout} s is out of range 0-86400")
+            raise InvalidArgument(f"drain timeout {drain_timeout} s is out of range "
+                                  f"0-{MAX_SECONDS}")
         old = self.active
         if target != OFF:
             if not force and not self.health.is_up(target):
                 self._result(target, "refused", None)
                 log.info("event=switch_refused to=%s reason=unhealthy caller=%s", target,
-                         caller or "-")
+                         quote(caller))
                 raise TargetUnhealthy(f"target {target!r} failed its last health probe "
                                       f"({self.health.reason(target)}); use force to switch "
                                       "anyway")
-            usec = self._switch_kernel(target)
+            usec = self._switch_kernel(target, caller)
             self._cancel_drain()
+            self._publish()
             self._result(target, "ok", self.clock() - received)
             log.info("event=switch from=%s to=%s duration_usec=%d caller=%s",
-                     old, target, usec, caller or "-")
+                     old, target, usec, quote(caller))
             if old != target:
                 self._emit_switched(old, target, usec)
             return usec
@@ -247,33 +261,40 @@ class Steering:
             self._result(target, "ok", self.clock() - received)
             return 0
         if force or timeout == 0:
-            usec = self._switch_kernel(OFF)
+            usec = self._switch_kernel(OFF, caller)
             self._cancel_drain()
+            self._publish()
             self._result(target, "ok", self.clock() - received)
             log.info("event=switch from=%s to=off duration_usec=%d forced=yes caller=%s",
-                     old, usec, caller or "-")
+                     old, usec, quote(caller))
             self._emit_switched(old, OFF, usec)
             return usec
         if self._drain is None:
-            self._begin_drain(old, timeout, received=received, caller=caller or "-")
+            self._begin_drain(old, timeout, received=received, caller=caller)
+            self._publish()
             log.info("event=drain_start target=%s timeout=%s caller=%s", old, timeout,
-                     caller or "-")
+                     quote(caller))
         elif drain_timeout is not None:
             # Asked again with a timeout of its own: the operator moves the drain's deadline.
             self._drain.deadline = self.clock() + drain_timeout
             self._drain.wall_deadline = self.wall() + drain_timeout
             self._save(self._saved_state())
             log.info("event=drain_deadline target=%s timeout=%s caller=%s", old,
-                     drain_timeout, caller or "-")
+                     drain_timeout, quote(caller))
         return 0
 
-    def _switch_kernel(self, target: str) -> int:
-        """Save `target` as the desired state, then commit it to the kernel. On failure the
-        kernel and the saved state are left as they were, and BackendFailure is raised."""
+    def _switch_kernel(self, target: str, caller: str) -> int:
+        """Save `target` as the desired state, then commit it to the kernel; a change of target
+        becomes the last switch (its time and `caller`). On failure the saved state is put
+        back and BackendFailure is raised; the kernel is as it was, or (ApplyError.changed)
+        half rebuilt for the reconciler to finish."""
+        changes = target != self.active
+        stamp = _usec(self.wall()) if changes else self.last_switch_timestamp
+        who = caller if changes else self.last_switch_caller
         try:
-            self._save(SavedState(target))
+            self._save(SavedState(target, last_switch_timestamp=stamp, last_switch_caller=who))
             current = self.backend.read(self._desired(None))
-            return self._commit(target, current)
+            usec = self._commit(target, current)
         except (ApplyError, BackendFailure) as e:
             self._result(target, "failed", None)
             log.error("event=switch_failed to=%s error=%s", target, quote(str(e)))
@@ -287,6 +308,8 @@ class Steering:
                 # The layout was half rebuilt; the reconciler reads it back and finishes.
                 self._next_repair = float("-inf")
             raise BackendFailure(f"the kernel refused the change: {e}") from None
+        self.last_switch_timestamp, self.last_switch_caller = stamp, who
+        return usec
 
     def _commit(self, target: str, current: KernelState | None) -> int:
         desired = self._desired(None if target == OFF else target)
@@ -297,8 +320,18 @@ class Steering:
         if plan:
             self.last_switch_usec = usec
         self.active = target
-        self._publish()
+        if plan.layout:
+            self._read_back(desired)
         return usec
+
+    def _read_back(self, desired: Desired) -> None:
+        """After layout steps, let the backend see what it built (what it reports about the
+        kernel, e.g. sk_lookup's listener problems, follows its reads). Best-effort: the
+        change is committed, and a read that fails now is the reconciler's to retry."""
+        try:
+            self.backend.read(desired)
+        except ApplyError as e:
+            log.warning("event=read_back_failed error=%s", quote(str(e)))
 
     def _save(self, state: SavedState) -> None:
         try:
@@ -310,9 +343,17 @@ class Steering:
 
     def _saved_state(self) -> SavedState:
         if self._drain:
-            return SavedState(OFF, self._drain.target, self._drain.wall_deadline,
-                              drain_answered=self._drain_answers > 0)
-        return SavedState(self.active)
+            return self._saved_as(OFF, self._drain, answered=self._drain_answers > 0)
+        return self._saved_as(self.active)
+
+    def _saved_as(self, target: str, drain: _Drain | None = None, *,
+                  answered: bool = False) -> SavedState:
+        """`target` (and `drain`) as saved state, with the last switch as it stands."""
+        return SavedState(target, drain.target if drain else "",
+                          drain.wall_deadline if drain else 0.0, drain_answered=answered,
+                          drain_caller=drain.caller if drain else "",
+                          last_switch_timestamp=self.last_switch_timestamp,
+                          last_switch_caller=self.last_switch_caller)
 
     def _desired(self, active: str | None) -> Desired:
         return Desired.from_config(self.config, active)
@@ -320,24 +361,24 @@ class Steering:
     # ---- drains ---------------------------------------------------------------------------
 
     def _begin_drain(self, target: str, timeout: float, *, save: bool = True,
-                     received: float | None = None, caller: str = "-") -> None:
+                     received: float | None = None, caller: str = "") -> None:
+        """Start draining `target` towards off (the caller publishes)."""
         drain = _Drain(target, self.clock() + timeout, self.wall() + timeout, caller=caller)
         if save:
-            self._save(SavedState(OFF, target, drain.wall_deadline))
+            self._save(self._saved_as(OFF, drain))
         self._drain = drain
         self._drain_answers = 0
         self._drain.task = asyncio.get_running_loop().create_task(
             self._run_drain(self._drain, received if received is not None else self.clock()))
-        self._publish()
 
     def _cancel_drain(self) -> None:
+        """Forget the drain in progress, if any (the caller publishes)."""
         if self._drain is None:
             return
         drain, self._drain = self._drain, None
         if drain.task is not None and drain.task is not asyncio.current_task():
             drain.task.cancel()
         log.info("event=drain_cancelled target=%s", drain.target)
-        self._publish()
 
     def _drain_done(self, drain: _Drain) -> str | None:
         """Why the drain may end now, or None to keep waiting."""
@@ -361,17 +402,17 @@ class Steering:
                 await asyncio.sleep(DRAIN_POLL_INTERVAL)
                 continue
             try:
-                usec = self._switch_kernel(OFF)
+                usec = self._switch_kernel(OFF, drain.caller or "-")
             except BackendFailure:
                 # Keep steering and retry: giving up would leave the host half-off.
                 await asyncio.sleep(1.0)
                 continue
             self._drain = None
-            self._result(OFF, "ok", self.clock() - received)
             self._publish()
+            self._result(OFF, "ok", self.clock() - received)
             log.info("event=switch from=%s to=off duration_usec=%d drain=%s drain_sec=%.3f "
                      "caller=%s", drain.target, usec, reason, self.clock() - received,
-                     drain.caller)
+                     quote(drain.caller or "-"))
             self._emit_switched(drain.target, OFF, usec)
 
     async def wait_drained(self, target: str, timeout: float) -> bool:
@@ -380,8 +421,8 @@ class Steering:
         if target not in TARGET_NAMES:
             raise InvalidTarget(f"unknown target {target!r}; valid targets: "
                                 f"{', '.join(TARGET_NAMES)}")
-        if not 0 <= timeout <= MAX_WAIT_SECONDS:
-            raise InvalidArgument(f"timeout {timeout} s is out of range 0-86400")
+        if not 0 <= timeout <= MAX_SECONDS:
+            raise InvalidArgument(f"timeout {timeout} s is out of range 0-{MAX_SECONDS}")
         deadline = self.clock() + timeout
         while True:
             pending = self.draining == target
@@ -462,6 +503,7 @@ class Steering:
             if not self._repair_backoff:  # a refusal that repeats is said once, with the back-off
                 log.error("event=repair_failed error=%s", quote(str(e)))
             return False
+        self._publish()
         if not self._repair_backoff:
             log.warning("event=drift_repaired target=%s found=%s problems=%s", expected, found,
                         quote("; ".join(problems)))

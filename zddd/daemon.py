@@ -16,10 +16,11 @@ import socket
 import struct
 import sys
 from pathlib import Path
+from typing import Awaitable, Callable
 
 from . import __version__
 from .backends import BackendUnavailable, Desired, backend_class, make_backend
-from .config import BACKENDS, Config, ConfigError, load
+from .config import BACKENDS, Config, ConfigError, Endpoint, load
 from .connections import ConnectionCounter
 from .core import Observer, Snapshot, Steering
 from .errors import BackendFailure, InvalidConfig
@@ -27,6 +28,7 @@ from .health import HealthMonitor
 from .logfmt import quote
 from .service import dbus as dbus_service
 from .service.agent import AgentResponder
+from .service.listener import Listener
 from .service.metrics import MetricsServer
 from .service.notify import Notifier
 from .state import StateFile
@@ -97,47 +99,82 @@ class DataPlaneLock:
 
 
 class Listeners:
-    """The agent and metrics endpoints of one config, bound together or not at all."""
+    """The agent and metrics endpoints of one config, bound together or not at all. Built for a
+    reload, it takes over from `current` each listener whose endpoint stays, so only the ones
+    that move are bound anew (binding an unchanged port again would find it taken)."""
 
-    def __init__(self, core: Steering, config: Config):
-        self.agent: AgentResponder | None = None
-        self.metrics: MetricsServer | None = None
+    def __init__(self, core: Steering, config: Config, current: "Listeners | None" = None):
+        self.endpoints: dict[str, Endpoint | None] = {"agent": config.agent_listen,
+                                                      "metrics": config.metrics_listen}
+        self.servers: dict[str, Listener] = {}
+        self._fresh: list[str] = []  # the roles bound here, not taken over
         try:
-            if config.agent_listen is not None:
-                self.agent = AgentResponder(core.agent_polled)
-                self._bind(self.agent, "agent.listen", config.agent_listen)
-            if config.metrics_listen is not None:
-                self.metrics = MetricsServer(core)
-                self._bind(self.metrics, "metrics.listen", config.metrics_listen)
+            for role, endpoint in self.endpoints.items():
+                if endpoint is None:
+                    continue
+                if current is not None and current.endpoints[role] == endpoint:
+                    self.servers[role] = current.servers[role]
+                    continue
+                server = (AgentResponder(core.agent_polled) if role == "agent"
+                          else MetricsServer(core))
+                self.servers[role] = server
+                self._fresh.append(role)
+                try:
+                    server.bind(endpoint)
+                except OSError as e:
+                    raise InvalidConfig(f"{role}.listen: cannot listen on {endpoint}: "
+                                        f"{e.strerror or e}") from None
         except BaseException:
             self.discard(core)
             raise
 
-    @staticmethod
-    def _bind(server, key: str, endpoint) -> None:
-        try:
-            server.bind(endpoint)
-        except OSError as e:
-            raise InvalidConfig(f"{key}: cannot listen on {endpoint}: "
-                                f"{e.strerror or e}") from None
-
     def discard(self, core: Steering) -> None:
-        """Close sockets that never served (a failed start or reload)."""
-        if self.metrics is not None and self.metrics in core.observers:
-            core.observers.remove(self.metrics)
-        for server in (self.agent, self.metrics):
-            if server is not None:
-                server.discard()
+        """Close the sockets bound here that never served (a failed start or reload)."""
+        for role in self._fresh:
+            server = self.servers[role]
+            if server in core.observers:
+                core.observers.remove(server)
+            server.discard()
 
     async def serve(self) -> None:
-        for server in (self.agent, self.metrics):
-            if server is not None:
-                await server.serve()
+        for role in self._fresh:
+            await self.servers[role].serve()
 
-    async def stop(self) -> None:
-        for server in (self.agent, self.metrics):
-            if server is not None:
+    async def stop(self, successor: "Listeners | None" = None) -> None:
+        """Stop every listener, except those `successor` took over."""
+        for role, server in self.servers.items():
+            if successor is None or successor.servers.get(role) is not server:
                 await server.stop()
+
+
+class Coalesced:
+    """Runs `job` on request, one run at a time: requests that come while it runs collapse into
+    one more run after it (tuned's way with SIGHUP), so a burst of signals neither piles up
+    tasks nor runs reloads side by side."""
+
+    def __init__(self, job: Callable[[], Awaitable[None]]):
+        self.job = job
+        self.runs = 0
+        self._task: asyncio.Task | None = None
+        self._again = False
+
+    def request(self) -> None:
+        if self._task is not None and not self._task.done():
+            self._again = True
+            return
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            self._again = False
+            self.runs += 1
+            await self.job()
+            if not self._again:
+                return
+
+    def cancel(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
 
 
 class Daemon(Observer):
@@ -156,7 +193,8 @@ class Daemon(Observer):
         self.listeners: Listeners | None = None
         self.bus = None
         self._stop = asyncio.Event()
-        self._reload_pending = False
+        self._reloads = Coalesced(self._reload_logged)
+        self._reloading = asyncio.Lock()
         self._bus_lost = False
         self._tasks: list[asyncio.Task] = []
 
@@ -176,7 +214,12 @@ class Daemon(Observer):
     async def reload(self) -> None:
         """Re-read the config file and take it over whole: the new listeners are bound and the
         kernel and state file follow, or InvalidConfig/BackendFailure is raised and the running
-        config, listeners and data plane stay as they were."""
+        config, listeners and data plane stay as they were. One reload at a time (SIGHUP and
+        D-Bus Reload may come together): a reload that moves listeners awaits."""
+        async with self._reloading:
+            await self._reload()
+
+    async def _reload(self) -> None:
         try:
             new = load(self.args.config)
             self.core.check_reload(new)
@@ -191,7 +234,7 @@ class Daemon(Observer):
             # The old listeners keep their ports until the new ones are bound, so a reload may
             # not move one endpoint onto the other's port; that needs a restart.
             try:
-                fresh = Listeners(self.core, new)
+                fresh = Listeners(self.core, new, self.listeners)
             except InvalidConfig as e:
                 log.error("event=reload_refused error=%s", quote(str(e)))
                 raise
@@ -208,23 +251,14 @@ class Daemon(Observer):
             old_listeners, self.listeners = self.listeners, fresh
             await fresh.serve()
             if old_listeners is not None:
-                await old_listeners.stop()
+                await old_listeners.stop(fresh)
         self.notifier.reloaded(self.status())
 
-    def _sighup(self) -> None:
-        # Repeated SIGHUPs while a reload is queued collapse into that one reload.
-        if self._reload_pending:
-            return
-        self._reload_pending = True
-
-        async def run() -> None:
-            self._reload_pending = False
-            try:
-                await self.reload()
-            except Exception as e:
-                log.error("event=reload_failed error=%s", quote(str(e)))
-
-        self._tasks.append(asyncio.get_running_loop().create_task(run()))
+    async def _reload_logged(self) -> None:
+        try:
+            await self.reload()
+        except Exception as e:
+            log.error("event=reload_failed error=%s", quote(str(e)))
 
     # ---- run ----
 
@@ -281,18 +315,18 @@ class Daemon(Observer):
         try:
             self.bus = await dbus_service.serve(self.core, self.args.bus, self.reload)
         except Exception as e:
-            log.error("event=bus_failed bus=%s error=%s", self.args.bus, quote(str(e)))
+            log.error("event=bus_failed bus=%s error=%s", quote(self.args.bus), quote(str(e)))
             await self._shutdown()
             return EXIT_FAILURE
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
-        loop.add_signal_handler(signal.SIGHUP, self._sighup)
+        loop.add_signal_handler(signal.SIGHUP, self._reloads.request)
         self._tasks = [loop.create_task(c) for c in (
             self.health.run(), self.core.run_reconciler(), self.notifier.watchdog(),
             self._watch_bus())]
         self.notifier.ready(self.status())
         log.info("event=ready version=%s backend=%s target=%s bus=%s", __version__,
-                 self.core.snapshot().backend, self.core.active, self.args.bus)
+                 self.core.snapshot().backend, self.core.active, quote(self.args.bus))
         await self._stop.wait()
         self.notifier.stopping()
         log.info("event=stop target=%s data_plane=unchanged", self.core.active)
@@ -313,6 +347,7 @@ class Daemon(Observer):
         self._stop.set()
 
     async def _shutdown(self) -> None:
+        self._reloads.cancel()
         for task in self._tasks:
             task.cancel()
         self.core.close()

@@ -28,12 +28,18 @@ MAX_BYTES = 64 * 1024
 class SavedState:
     """`target` is the desired target; `draining` names the target being drained towards off
     (then `target` is "off") and `drain_deadline` is its wall-clock end (seconds since epoch);
-    `drain_answered` is true once the agent has told HAProxy "drain" during that drain."""
+    `drain_answered` is true once the agent has told HAProxy "drain" during that drain, and
+    `drain_caller` who asked for it. `last_switch_timestamp` (µs since the epoch, 0: never) and
+    `last_switch_caller` are the last switch's, so a restart still shows them. Files written
+    before a field existed read as its default."""
 
     target: str
     draining: str = ""
     drain_deadline: float = 0.0
     drain_answered: bool = False
+    drain_caller: str = ""
+    last_switch_timestamp: int = 0
+    last_switch_caller: str = ""
 
 
 class StateFile:
@@ -59,11 +65,18 @@ class StateFile:
                 draining=data.get("draining", ""),
                 drain_deadline=float(data.get("drain_deadline", 0.0)),
                 drain_answered=data.get("drain_answered", False),
+                drain_caller=data.get("drain_caller", ""),
+                last_switch_timestamp=data.get("last_switch_timestamp", 0),
+                last_switch_caller=data.get("last_switch_caller", ""),
             )
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
             return self._untrusted(f"not a state file ({type(e).__name__})")
         if (state.target not in ALL_TARGETS or state.draining not in ("",) + TARGET_NAMES
                 or not isinstance(state.drain_answered, bool)
+                or not isinstance(state.drain_caller, str)
+                or not isinstance(state.last_switch_caller, str)
+                or type(state.last_switch_timestamp) is not int
+                or not 0 <= state.last_switch_timestamp < 1 << 64
                 or (state.draining and state.target != "off")
                 or not math.isfinite(state.drain_deadline)):
             return self._untrusted("its content is not a valid state")

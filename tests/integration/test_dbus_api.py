@@ -439,3 +439,152 @@ def test_concurrent_switches_leave_kernel_property_and_state_file_in_agreement(l
     m = scrape_metrics(lab.app)
     assert m['zddd_switches_total{result="ok",target="main"}'] == 20
     assert m['zddd_switches_total{result="ok",target="backup"}'] == 20
+
+
+# ---- when and by whom ---------------------------------------------------------------------
+
+def test_last_switch_timestamp_and_caller(lab):
+    import os
+    import subprocess
+    import time
+
+    from zdddlab import VENV_BIN
+
+    z = lab.start_zddd()
+    assert z.prop("LastSwitchTimestamp") == 0 and z.prop("LastSwitchCaller") == ""  # never
+    before = int(time.time() * 1e6)
+    assert z.zddctl("switch", "backup").returncode == 0
+    after = int(time.time() * 1e6)
+    assert before <= z.prop("LastSwitchTimestamp") <= after
+    assert z.prop("LastSwitchCaller") == "uid=0"
+    line = [ln for ln in z.log().splitlines() if "event=switch " in ln][-1]
+    assert line.endswith('caller="uid=0"'), line  # logfmt: a value with "=" is quoted
+    # As `zddctl -H` runs it on the remote host: in an ssh login (here without logind, the
+    # process' environment names the client).
+    env = dict(os.environ, SSH_CONNECTION="198.51.100.7 51234 192.0.2.1 22", USER="deploy")
+    r = subprocess.run([str(VENV_BIN / "zddctl"), "--bus", z.bus.address, "switch", "main"],
+                       env=env, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert z.prop("LastSwitchCaller") == "uid=0 ssh=deploy@198.51.100.7"
+    stamp = z.prop("LastSwitchTimestamp")
+    # Kept across a restart: the state file has it.
+    z.kill()
+    z.start()
+    assert z.prop("LastSwitchTimestamp") == stamp
+    assert z.prop("LastSwitchCaller") == "uid=0 ssh=deploy@198.51.100.7"
+    m = scrape_metrics(lab.app)
+    assert m["zddd_last_switch_timestamp_seconds"] == pytest.approx(stamp / 1e6, abs=1e-6)
+
+
+# ---- the adapter on a real bus, over a stand-in core ------------------------------------------
+
+class _AdapterCore:
+    """What the D-Bus adapter calls, failing where a test needs it to."""
+
+    def __init__(self):
+        from zddd.core import Snapshot
+
+        self.observers = []
+        self.snap = Snapshot("main", "", "nftables", 8888, {"main": 8080, "backup": 80},
+                             {"main": True, "backup": True})
+
+    def snapshot(self):
+        return self.snap
+
+    def connection_counts(self):
+        raise OSError("sock_diag: Operation not permitted")
+
+    def switch(self, target, **kwargs):
+        from zddd.errors import InvalidArgument
+
+        class LaterRefusal(InvalidArgument):
+            pass
+
+        raise LaterRefusal(f"no switching to {target} today")
+
+
+@pytest.fixture
+def adapter(need_root, tmp_path):
+    """zddd's D-Bus adapter serving a stand-in core on a private bus; yields the bus address."""
+    import threading
+    import time
+
+    from zdddlab import Bus
+
+    from zddd.service import dbus
+
+    bus = Bus(tmp_path)
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+
+    async def reload():
+        pass
+
+    try:
+        for attempt in range(100):  # the socket file appears just before the daemon listens
+            try:
+                served = asyncio.run_coroutine_threadsafe(
+                    dbus.serve(_AdapterCore(), bus.address, reload), loop).result(10)
+                break
+            except ConnectionRefusedError:
+                if attempt == 99:
+                    raise
+                time.sleep(0.05)
+        yield bus.address
+        loop.call_soon_threadsafe(served.disconnect)
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        loop.close()
+        bus.close()
+
+
+def test_a_failed_connection_count_leaves_getall_working(adapter):
+    from zdddlab import dbus_call
+
+    err, body = dbus_call(adapter, "GetAll", "s", [INTERFACE_NAME], 10,
+                          interface="org.freedesktop.DBus.Properties")
+    assert err is None, body
+    props = {k: v.value for k, v in body[0].items()}
+    assert props["ActiveTarget"] == "main"
+    assert props["Connections"] == {}  # unknown: no target has a count
+    err, body = dbus_call(adapter, "Get", "ss", [INTERFACE_NAME, "Connections"], 10,
+                          interface="org.freedesktop.DBus.Properties")
+    assert err is None and body[0].value == {}
+
+
+def test_a_new_error_subclass_still_answers_with_its_condition(adapter):
+    from zdddlab import dbus_call
+
+    err, body = dbus_call(adapter, "Switch", "s", ["backup"], 10)
+    assert err == E + "InvalidArgument"
+    assert body == ["no switching to backup today"]
+
+
+INTERFACE_NAME = "org.zddd.Steering1.Manager"
+
+
+def test_getall_works_while_connections_cannot_be_counted(lab):
+    """A real zddd whose sock_diag socket cannot be opened (no descriptor left): GetAll, and so
+    `zddctl status`, still answers; Connections is empty (unknown), not a failed call."""
+    import subprocess
+    from pathlib import Path
+
+    from zdddlab import dbus_call
+
+    z = lab.start_zddd({"health": {"interval": 5, "timeout": 0.5}})
+    assert z.prop("Connections") == {"main": 0, "backup": 0}
+    pid = z.proc.pid
+    open_fds = len(list(Path(f"/proc/{pid}/fd").iterdir()))
+    subprocess.run(["prlimit", f"--pid={pid}", f"--nofile={open_fds}:"], check=True)
+    try:
+        err, body = dbus_call(z.bus.address, "GetAll", "s", [INTERFACE_NAME], 10,
+                              interface="org.freedesktop.DBus.Properties")
+    finally:
+        subprocess.run(["prlimit", f"--pid={pid}", "--nofile=4096:"], check=True)
+    assert err is None, body
+    props = {k: v.value for k, v in body[0].items()}
+    assert props["ActiveTarget"] == "main" and props["Connections"] == {}
+    assert "event=count_failed" in z.log()
+    assert z.prop("Connections") == {"main": 0, "backup": 0}  # counted again once it can

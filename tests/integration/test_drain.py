@@ -3,14 +3,17 @@ TCP connections held open from the client namespace through the listen port."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
+import threading
 import time
 
 import pytest
 
 from zdddlab import (APP_V4, APP_V6, VENV_BIN, HeldConnection, SignalWatcher, agent_ask, http_get,
                  wait_for)
+from zdddlab.bus import INTERFACE, OBJECT_PATH, bus_call, connect, dbus_classes
 
 pytestmark = pytest.mark.backends
 
@@ -25,6 +28,55 @@ def signals(lab):
         yield watcher
     finally:
         watcher.close()
+
+
+class PropertiesWatcher:
+    """Every PropertiesChanged of zddd's Manager on the bus, in order: `changes` is a list of
+    {property: value} dicts, one per signal (a connection of its own, in a thread)."""
+
+    def __init__(self, address: str):
+        self.changes: list[dict] = []
+        self._ready = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._bus = None
+        self._thread = threading.Thread(target=asyncio.run, args=(self._watch(address),),
+                                        daemon=True)
+        self._thread.start()
+        assert self._ready.wait(10), "PropertiesChanged watcher did not subscribe"
+
+    async def _watch(self, address: str) -> None:
+        _, MessageType, _ = dbus_classes()
+        self._loop = asyncio.get_running_loop()
+        self._bus = await connect(address)
+        rule = (f"type='signal',interface='org.freedesktop.DBus.Properties',"
+                f"member='PropertiesChanged',path='{OBJECT_PATH}'")
+        err, _ = await bus_call(self._bus, "AddMatch", "s", [rule],
+                                interface="org.freedesktop.DBus",
+                                destination="org.freedesktop.DBus", path="/org/freedesktop/DBus")
+        assert err is None, err
+
+        def on(msg):
+            if (msg.message_type == MessageType.SIGNAL and msg.member == "PropertiesChanged"
+                    and msg.body[0] == INTERFACE):
+                self.changes.append({k: v.value for k, v in msg.body[1].items()})
+
+        self._bus.add_message_handler(on)
+        self._ready.set()
+        await self._bus.wait_for_disconnect()
+
+    def states(self, active: str, draining: str) -> list[tuple[str, str]]:
+        """(ActiveTarget, Draining) after each signal, from the given starting values."""
+        out = []
+        for change in list(self.changes):
+            active = change.get("ActiveTarget", active)
+            draining = change.get("Draining", draining)
+            out.append((active, draining))
+        return out
+
+    def close(self) -> None:
+        if self._loop is not None and self._bus is not None:
+            self._loop.call_soon_threadsafe(self._bus.disconnect)
+        self._thread.join(5)
 
 
 def held(lab, port: int = 8888) -> HeldConnection:
@@ -181,7 +233,7 @@ def test_drain_keeps_steering_while_a_connection_is_open_and_ends_when_it_closes
     assert (old, new) == ("main", "off") and usec > 0
     assert saved(z)["target"] == "off" and saved(z)["draining"] == ""
     line = [ln for ln in z.log().splitlines() if "event=switch " in ln][-1]
-    assert "from=main to=off" in line and "drain=drained" in line and "caller=uid=0" in line
+    assert "from=main to=off" in line and "drain=drained" in line and 'caller="uid=0"' in line
     with pytest.raises(ConnectionError):
         http_get(lab.client, APP_V4, 8888, timeout=2)
 
@@ -236,7 +288,8 @@ def test_a_later_switch_to_main_cancels_the_drain(lab, signals):
     assert draining(z) == ""
     assert z.prop("ActiveTarget") == "main"
     assert saved(z) == {"target": "main", "draining": "", "drain_deadline": 0.0,
-                        "drain_answered": False}
+                        "drain_answered": False, "drain_caller": "",
+                        "last_switch_timestamp": 0, "last_switch_caller": ""}
     conn.close()
     time.sleep(0.5)  # a cancelled drain must not end in off once the connection is gone
     assert z.prop("ActiveTarget") == "main"
@@ -403,3 +456,29 @@ def test_switch_backup_wait_drained_returns_when_main_empties(lab):
     assert proc.returncode == 0, err
     assert out.splitlines() == ["switched to backup", "main is drained"]
     assert done - closed < DRAINED_WITHIN
+
+
+@pytest.mark.backends("nftables")  # the core's transitions; the backend does not matter
+def test_observers_never_see_a_state_that_does_not_exist(lab):
+    """PropertiesChanged shows one state per transition: a drain's end and a switch during a
+    drain never show ActiveTarget=off (or the new target) while Draining still names one."""
+    z = lab.start_zddd()
+    watcher = PropertiesWatcher(z.bus.address)
+    lab.closers.append(watcher.close)
+    conn = held(lab)
+    wait_connections(z, "main", 1)
+    assert z.zddctl("switch", "off").returncode == 0  # a drain ...
+    conn.close()
+    wait_for(lambda: z.prop("ActiveTarget") == "off", 5, "the drain to end")  # ... that ends
+    assert z.zddctl("switch", "main").returncode == 0
+    held(lab)
+    wait_connections(z, "main", 1)
+    assert z.zddctl("switch", "off").returncode == 0
+    assert z.zddctl("switch", "backup").returncode == 0  # a switch during a drain
+    assert z.zddctl("switch", "off").returncode == 0
+    assert z.zddctl("switch", "off", "--force").returncode == 0  # forced off during a drain
+    wait_for(lambda: len(watcher.states("main", "")) >= 7, 5, "the PropertiesChanged signals")
+    states = [s for s in watcher.states("main", "")]
+    assert all(not draining or active == draining for active, draining in states), states
+    assert states == [("main", "main"), ("off", ""), ("main", ""), ("main", "main"),
+                      ("backup", ""), ("backup", "backup"), ("off", "")]

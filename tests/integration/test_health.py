@@ -43,7 +43,7 @@ def test_a_dead_vhost_turns_down_and_a_switch_to_it_is_refused(lab):
     assert z.prop("ActiveTarget") == "backup"
     assert z.steered_to() == "backup"
     assert http_get(lab.client, APP_V4, 8888) == "backup"
-    assert "event=switch_refused to=main reason=unhealthy caller=uid=0" in z.log()
+    assert 'event=switch_refused to=main reason=unhealthy caller="uid=0"' in z.log()
     st = z.zddctl("status", "--json")
     assert '"up": false' in st.stdout
 

@@ -135,3 +135,26 @@ def test_a_repair_that_does_not_hold_backs_off_and_says_so_once(lab):
     before = without_counters(z.nft())
     time.sleep(0.6)
     assert without_counters(z.nft()) == before
+
+
+def test_a_burst_of_sighups_collapses_into_few_reloads_and_ends_on_the_file(lab):
+    """Repeated SIGHUPs during a reload are one more reload (not one task each, not reloads
+    side by side); the last reload reads the file as it is at the end."""
+    import signal
+
+    z = lab.start_zddd()
+    z.config["drain_timeout"] = 7
+    z.config["agent"] = {"listen": "0.0.0.0:8899"}  # a reload that moves a listener awaits
+    z.write_config()
+    for _ in range(200):
+        z.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: z.prop("DrainTimeoutUSec") == 7_000_000, 5, "the SIGHUP reload")
+    time.sleep(0.5)
+    log = z.log()
+    reloads = sum(1 for ln in log.splitlines() if ln.endswith("event=reload"))
+    print(f"200 SIGHUPs: {reloads} reloads")
+    assert 1 <= reloads < 200, log
+    assert "reload_failed" not in log and "reload_refused" not in log, log
+    assert z.proc.poll() is None
+    assert agent_ask(lab.client, APP_V4, 8899) == "ready up"
+    assert connect_error(lab.client, APP_V4, 8889)[0] == "ECONNREFUSED"

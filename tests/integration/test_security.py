@@ -106,7 +106,7 @@ def test_anyone_reads_and_introspects_but_only_group_zddd_calls(group_lab):
     for method in METHODS:
         r = busctl_as(lab.bus, member, "call", *DEST, MANAGER, *method)
         assert r.returncode == 0, (method, r.stderr)
-    assert "caller=uid=65534" in z.log()
+    assert 'caller="uid=65534"' in z.log()
     # Neither may own the name.
     for groups in (stranger, member):
         r = busctl_as(lab.bus, groups, "call", "org.freedesktop.DBus", "/org/freedesktop/DBus",

@@ -100,11 +100,13 @@ class FakeConnections:
 class Recorder(Observer):
     def __init__(self):
         self.props: list[dict] = []
+        self.snapshots: list = []  # every snapshot observers were shown, in order
         self.switches: list[tuple] = []
         self.results: list[tuple] = []
         self.repairs = 0
 
     def state_changed(self, old, new):
+        self.snapshots.append(new)
         self.props.append({k: v for k, v in vars(new).items() if vars(old)[k] != v})
 
     def switched(self, old, new, usec):
@@ -256,7 +258,8 @@ def test_a_saved_drain_is_resumed_and_ends_when_drained(rig, caplog):
         assert core.draining == "main" and core.active == "main"
         assert rig.backend.steering == "main"
         assert rig.saved() == {"target": "off", "draining": "main", "drain_deadline": WALL + 5,
-                               "drain_answered": True}
+                               "drain_answered": True, "drain_caller": "",
+                               "last_switch_timestamp": 0, "last_switch_caller": ""}
         await asyncio.sleep(0.2)
         assert core.draining == "main"  # a connection is still open
         rig.conns.counts["main"] = 0
@@ -395,7 +398,8 @@ def test_off_drains_and_a_switch_cancels_the_drain(rig):
         assert agent_word(core.agent_polled()) == "drain"
         core.switch("backup")
         assert core.draining == "" and core.active == "backup"
-        assert {"draining": ""} in rig.rec.props
+        changed = rig.rec.props[-1]
+        assert changed["active"] == "backup" and changed["draining"] == ""
         await asyncio.sleep(0.1)
         assert core.active == "backup"  # the cancelled drain did not turn it off later
         core.close()
@@ -535,3 +539,162 @@ def test_a_resumed_drain_never_answered_waits_for_the_agent_if_there_is_one(tmp_
         core.close()
 
     run(scenario())
+
+
+# ---- read back after apply ----------------------------------------------------------------
+
+class ReadFailsAfterApply(FakeBackend):
+    """A backend whose apply succeeds and whose every read after that fails."""
+
+    def __init__(self):
+        super().__init__()
+        self.broken = False
+        self.reads_after_apply = 0
+
+    def apply(self, plan):
+        super().apply(plan)
+        if plan:
+            self.broken = True
+
+    def read(self, desired):
+        if self.broken:
+            self.reads_after_apply += 1
+            raise ApplyError("cannot read the pinned maps")
+        return super().read(desired)
+
+
+def test_a_failed_read_back_never_turns_a_committed_flip_into_a_failure(rig, caplog):
+    """The core reads back after layout steps, best-effort: the switch stands."""
+    caplog.set_level(logging.INFO, "zddd")
+    rig.backend = ReadFailsAfterApply()
+    core = rig.start()
+    assert rig.backend.reads_after_apply == 1  # start built the layout, then read it back
+    assert "event=read_back_failed" in caplog.text
+    rig.backend.broken = False
+    rig.backend.table["damaged"] = True  # the next switch rebuilds the layout
+    usec = core.switch("backup")
+    assert usec >= 0 and core.active == "backup" and rig.backend.steering == "backup"
+    assert rig.backend.reads_after_apply == 2
+    assert rig.saved()["target"] == "backup"
+    assert rig.rec.results[-1] == ("backup", "ok")
+    assert rig.rec.switches == [("main", "backup")]
+    rig.backend.broken = False
+    assert core.reconcile() is False  # nothing to flip back
+    assert rig.backend.steering == "backup"
+
+
+def test_a_flip_alone_is_not_read_back(rig):
+    rig.backend = ReadFailsAfterApply()
+    core = rig.start()
+    rig.backend.broken = False
+    rig.backend.reads_after_apply = 0
+    core.switch("backup")
+    assert rig.backend.reads_after_apply == 0  # broken again, but no read was needed
+    rig.backend.broken = False
+
+
+# ---- one snapshot per transition ----------------------------------------------------------
+
+def exists(snap) -> bool:
+    """Whether the core can be in this state: a drain steers to the target it drains."""
+    return not snap.draining or snap.active == snap.draining
+
+
+def test_observers_see_one_snapshot_per_transition_of_a_drain(rig):
+    async def scenario():
+        core = rig.start()
+        rig.rec.snapshots.clear()
+        rig.conns.counts["main"] = 1
+        core.switch("off")
+        assert [(s.active, s.draining) for s in rig.rec.snapshots] == [("main", "main")]
+        rig.conns.counts["main"] = 0
+        for _ in range(100):
+            if core.active == "off":
+                break
+            await asyncio.sleep(0.02)
+        # The drain's end: steering gone and the drain over, shown together.
+        assert [(s.active, s.draining) for s in rig.rec.snapshots] == [
+            ("main", "main"), ("off", "")]
+        core.close()
+
+    run(scenario())
+
+
+@pytest.mark.parametrize("to, forced", [("backup", False), ("main", False), ("off", True)])
+def test_a_switch_during_a_drain_is_one_snapshot(rig, to, forced):
+    async def scenario():
+        core = rig.start()
+        rig.conns.counts["main"] = 1
+        core.switch("off")
+        rig.rec.snapshots.clear()
+        core.switch(to, force=forced)
+        assert [(s.active, s.draining) for s in rig.rec.snapshots] == [(to, "")]
+        assert all(exists(s) for s in rig.rec.snapshots)
+        core.close()
+
+    run(scenario())
+
+
+def test_a_resumed_drain_is_shown_once_at_start(rig):
+    async def scenario():
+        rig.store.save(SavedState("off", "backup", WALL + 5))
+        rig.conns.counts["backup"] = 1
+        rig.make()
+        rig.core.start()
+        assert [(s.active, s.draining) for s in rig.rec.snapshots] == [("backup", "backup")]
+        rig.core.close()
+
+    run(scenario())
+
+
+# ---- the last switch: when and by whom ----------------------------------------------------
+
+def test_the_last_switch_is_stamped_with_its_time_and_caller_and_survives_a_restart(rig):
+    async def scenario():
+        core = rig.start()
+        assert core.snapshot().last_switch_timestamp == 0  # start is no switch
+        assert core.snapshot().last_switch_caller == ""
+        core.switch("backup", caller="uid=1000")
+        snap = core.snapshot()
+        assert snap.last_switch_timestamp == int(WALL * 1e6)
+        assert snap.last_switch_caller == "uid=1000"
+        assert rig.rec.props[-1]["last_switch_timestamp"] == int(WALL * 1e6)
+        core.switch("backup", caller="uid=0")  # nothing changes: no switch
+        assert core.snapshot().last_switch_caller == "uid=1000"
+        rig.conns.counts["backup"] = 1
+        core.wall = lambda: WALL + 10
+        core.switch("off", caller="uid=1001 ssh=alice@198.51.100.7")
+        assert core.snapshot().last_switch_caller == "uid=1000"  # a drain is not done yet
+        assert rig.saved()["drain_caller"] == "uid=1001 ssh=alice@198.51.100.7"
+        core.close()
+
+        # A restart resumes the drain with its caller; its end is the drain caller's switch.
+        again = Steering(rig.config, rig.backend, rig.store, health=rig.health,
+                         connections=rig.conns, wall=lambda: WALL + 11)
+        again.start()
+        again.agent_polled()  # HAProxy is told "drain"
+        assert again.snapshot().last_switch_caller == "uid=1000"
+        assert again.snapshot().last_switch_timestamp == int(WALL * 1e6)
+        rig.conns.counts["backup"] = 0
+        for _ in range(100):
+            if again.active == "off":
+                break
+            await asyncio.sleep(0.02)
+        assert again.active == "off"
+        assert again.snapshot().last_switch_caller == "uid=1001 ssh=alice@198.51.100.7"
+        assert again.snapshot().last_switch_timestamp == int((WALL + 11) * 1e6)
+        assert rig.saved()["last_switch_caller"] == "uid=1001 ssh=alice@198.51.100.7"
+        again.close()
+
+    run(scenario())
+
+
+def test_a_failed_switch_keeps_the_last_switch(rig):
+    core = rig.start()
+    core.switch("backup", caller="uid=1000")
+    rig.backend.fail = True
+    with pytest.raises(BackendFailure):
+        core.switch("main", caller="uid=0")
+    assert core.snapshot().last_switch_caller == "uid=1000"
+    assert rig.saved()["last_switch_caller"] == "uid=1000"
+    assert rig.saved()["target"] == "backup"

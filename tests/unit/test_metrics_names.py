@@ -27,6 +27,8 @@ SPEC = {
     "zddd_collection_errors_total": ("counter", set()),
     "zddd_build_info": ("gauge", {"version", "backend"}),  # an info metric, as text: a gauge
 }
+# Beyond SPEC, on every backend: when the last switch was committed (issue 18).
+SPEC["zddd_last_switch_timestamp_seconds"] = ("gauge", set())
 # Beyond SPEC, for backends with a flow map (tc, xdp, sk_lookup): its fill and its size.
 FLOW_MAP = {
     "zddd_flow_entries": ("gauge", set()),
@@ -67,10 +69,12 @@ class StubCore:
         self.observers = []
         self.counts_fail = False
         self.table = None
+        self.last_switch_timestamp = 0
 
     def snapshot(self):
         return Snapshot(self.active, self.draining, "nftables", 8888,
-                        {"main": 8080, "backup": 80}, {"main": True, "backup": False})
+                        {"main": 8080, "backup": 80}, {"main": True, "backup": False},
+                        last_switch_timestamp=self.last_switch_timestamp)
 
     def connection_counts(self):
         if self.counts_fail:
@@ -150,6 +154,10 @@ def test_values_come_from_the_core_at_scrape_time(served):
     assert v[("zddd_active_target", (("target", "off"),))] == 1
     assert v[("zddd_active_target", (("target", "main"),))] == 0
     assert v[("zddd_draining", (("target", "main"),))] == 0
+    assert v[("zddd_last_switch_timestamp_seconds", ())] == 0  # never
+    core.last_switch_timestamp = 1_765_000_000_250_000
+    v = samples(scrape())
+    assert v[("zddd_last_switch_timestamp_seconds", ())] == 1_765_000_000.25
 
 
 def test_switch_events_and_histogram_buckets_from_microseconds(served):

@@ -30,6 +30,11 @@ CORRUPT = {
     "deadline-a-string": b'{"target": "off", "draining": "main", "drain_deadline": "soon"}',
     "deadline-nan": b'{"target": "off", "draining": "main", "drain_deadline": NaN}',
     "answered-a-string": b'{"target": "off", "draining": "main", "drain_answered": "no"}',
+    "timestamp-a-float": b'{"target": "main", "last_switch_timestamp": 1.5}',
+    "timestamp-negative": b'{"target": "main", "last_switch_timestamp": -1}',
+    "timestamp-a-bool": b'{"target": "main", "last_switch_timestamp": true}',
+    "caller-not-a-string": b'{"target": "main", "last_switch_caller": 0}',
+    "drain-caller-not-a-string": b'{"target": "off", "draining": "main", "drain_caller": []}',
     "deep": b"[" * 100000,
     "huge": b'{"target": "main", "pad": "' + b"x" * 200000 + b'"}',
 }
@@ -110,3 +115,18 @@ def test_any_file_loads_as_a_valid_state_or_none(tmp_path_factory, raw):
         assert state.draining in ("", "main", "backup")
         assert not state.draining or state.target == "off"
         assert isinstance(state.drain_answered, bool)
+
+
+def test_a_file_from_before_the_last_switch_fields_still_reads(tmp_path):
+    path = tmp_path / "state.json"
+    path.write_text('{"target": "off", "draining": "main", "drain_deadline": 5.0, '
+                    '"drain_answered": true}\n')
+    assert StateFile(str(path)).load() == SavedState("off", "main", 5.0, drain_answered=True)
+
+
+def test_the_last_switch_round_trips(tmp_path):
+    store = StateFile(str(tmp_path / "state.json"))
+    state = SavedState("backup", last_switch_timestamp=1_765_000_000_123_456,
+                       last_switch_caller="uid=1000 ssh=alice@198.51.100.7")
+    store.save(state)
+    assert store.load() == state

@@ -57,6 +57,9 @@ class _KernelCollector:
             draining.add_metric([name], 1.0 if snap.draining == name else 0.0)
             up.add_metric([name], 1.0 if snap.up.get(name) else 0.0)
         yield from (active, draining, up)
+        yield GaugeMetricFamily("zddd_last_switch_timestamp_seconds",
+                                "When the last switch was committed, seconds since the epoch "
+                                "(0: never)", value=snap.last_switch_timestamp / 1e6)
 
         conns = GaugeMetricFamily("zddd_target_connections",
                                   "Established TCP connections on the target's port",

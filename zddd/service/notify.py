@@ -21,9 +21,6 @@ class Notifier:
     def stopping(self) -> None:
         self._sd.notify("STOPPING=1")
 
-    def reloading(self) -> None:
-        self._sd.notify("RELOADING=1")
-
     def reloaded(self, status: str) -> None:
         self._sd.notify(f"READY=1\nSTATUS={status}")
 
