@@ -23,6 +23,7 @@ except ImportError:  # Debian may carry only the original dbus-next; the API is 
     from dbus_next.service import ServiceInterface, dbus_property, method, signal  # type: ignore
 
 from .. import errors
+from ..api import BUS_NAME, ERROR_PREFIX, INTERFACE, OBJECT_PATH
 from ..core import MAX_WAIT_SECONDS, Observer, Snapshot, Steering
 
 log = logging.getLogger("zddd")
@@ -85,10 +86,6 @@ def _install_wire_fix() -> None:
 
 _install_wire_fix()
 
-BUS_NAME = "org.zddd.Steering1"
-OBJECT_PATH = "/org/zddd/Steering1"
-INTERFACE = "org.zddd.Steering1.Manager"
-ERROR_PREFIX = "org.zddd.Steering1.Error."
 
 _ERRORS = {
     errors.InvalidTarget: "InvalidTarget",
