@@ -192,8 +192,10 @@ def _probe_host(value: Any, key: str) -> str:
     return value
 
 
-def _probe_address(value: Any, key: str) -> str:
-    _expect(value, str, key, "an IP address")
+def _probe_address(value: Any, key: str) -> str | None:
+    _expect(value, str, key, 'an IP address or "" (the loopback)')
+    if value == "":
+        return None
     try:
         return str(ipaddress.ip_address(value))
     except ValueError:

@@ -194,6 +194,8 @@ def test_probe_settings_default_to_one_probe_deciding_on_the_loopback():
     assert Health() == Health("tcp", "", host="localhost", address=None, rise=1, fall=1)
     for target in from_dict({}).targets.values():
         assert target.health == Health("tcp")
+    # The shipped file writes the default address as "" (TOML has no null).
+    assert from_dict({"health": {"address": ""}}) == Config()
 
 
 def test_probe_settings_of_health_apply_to_every_target_and_a_target_overrides_them():
