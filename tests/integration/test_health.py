@@ -7,7 +7,8 @@ import subprocess
 import time
 
 import pytest
-from zdddlab import APP_V4, APP_V6, CLIENT_V4, PYTHON, LabError, Vhost, http_get, wait_for
+from zdddlab import (APP_V4, APP_V6, CLIENT_V4, PYTHON, REPO, LabError, Vhost, http_get,
+                     wait_for)
 
 pytestmark = pytest.mark.backends
 
@@ -122,37 +123,35 @@ def test_probe_connections_are_never_counted(lab):
 
 # ---- rise and fall, the Host header, the probed address (issue 18 item 9) ----------------------
 
+# tests/httpd.py's dual-stack server, answering the statuses given in turn, then 200; one line
+# per request: its number, the status, the Host header.
 SCRIPTED_VHOST = r"""
-import socket, sys
-port, answers = int(sys.argv[1]), sys.argv[2].split(",")
-s = socket.socket(socket.AF_INET6)
-s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("::", port))
-s.listen(64)
-print("ready", flush=True)
+import sys
+from http.server import BaseHTTPRequestHandler
+sys.path.insert(0, sys.argv[3])
+from httpd import Server
+
+answers = [int(a) for a in sys.argv[2].split(",")]
 served = 0
-while True:
-    c, _ = s.accept()
-    c.settimeout(2)
-    head = b""
-    try:
-        while b"\r\n\r\n" not in head:
-            chunk = c.recv(4096)
-            if not chunk:
-                break
-            head += chunk
-    except OSError:
-        pass
-    lines = head.decode("latin-1").split("\r\n")
-    if lines[0].startswith("GET "):
-        host = next((x.split(":", 1)[1].strip() for x in lines if x.lower().startswith("host:")),
-                    "")
-        status = answers[served] if served < len(answers) else "200"
+
+
+class Scripted(BaseHTTPRequestHandler):
+    def do_GET(self):
+        global served
+        status = answers[served] if served < len(answers) else 200
         served += 1
-        c.sendall(f"HTTP/1.0 {status} X\r\nContent-Length: 0\r\n\r\n".encode())
-        print(served, status, host, flush=True)
-    c.close()
+        self.send_response(status)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+        print(served, status, self.headers.get("Host", ""), flush=True)
+
+    def log_message(self, *args):
+        pass
+
+
+server = Server(("::", int(sys.argv[1])), Scripted)
+print("ready", flush=True)
+server.serve_forever()
 """
 
 
@@ -162,7 +161,8 @@ class ScriptedVhost:
 
     def __init__(self, ns, port: int, answers: list[int]):
         self.proc = ns.popen(PYTHON, "-c", SCRIPTED_VHOST, str(port),
-                             ",".join(map(str, answers)), stdout=subprocess.PIPE, text=True)
+                             ",".join(map(str, answers)), str(REPO / "tests"),
+                             stdout=subprocess.PIPE, text=True)
         if self.proc.stdout.readline().strip() != "ready":
             self.close()
             raise LabError(f"scripted vhost on port {port} did not start")

@@ -28,30 +28,25 @@ BODIES = [
 ]
 
 
+def _walk(value, variant):
+    """A dbus-fast value with each Variant replaced by `variant(it)`, bytes by a list."""
+    if isinstance(value, Variant):
+        return variant(value)
+    if isinstance(value, dict):
+        return {k: _walk(v, variant) for k, v in value.items()}
+    if isinstance(value, (list, tuple, bytes)):
+        return [_walk(v, variant) for v in value]
+    return value
+
+
 def ours(value):
     """A dbus-fast value as busclient writes it: variants as (signature, value) pairs."""
-    if isinstance(value, Variant):
-        return (value.signature, ours(value.value))
-    if isinstance(value, dict):
-        return {k: ours(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [ours(v) for v in value]
-    if isinstance(value, bytes):
-        return list(value)
-    return value
+    return _walk(value, lambda v: (v.signature, ours(v.value)))
 
 
 def bare(value):
     """A dbus-fast value as busclient reads it: variants unwrapped, structs as lists."""
-    if isinstance(value, Variant):
-        return bare(value.value)
-    if isinstance(value, dict):
-        return {k: bare(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [bare(v) for v in value]
-    if isinstance(value, bytes):
-        return list(value)
-    return value
+    return _walk(value, lambda v: bare(v.value))
 
 
 def write(signature: str, body: list) -> bytes:
