@@ -18,6 +18,7 @@ from __future__ import annotations
 # bus commands; no asyncio, no bus library.
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -45,10 +46,28 @@ class Failure(Exception):
         self.name = name
 
 
+class Formatter(argparse.HelpFormatter):
+    """argparse's, with the terminal's width from os: argparse asks shutil, which costs
+    zddctl's every start imports of bz2, lzma and more (argparse makes a formatter per option)."""
+
+    def __init__(self, prog: str, **kw):
+        try:
+            width = int(os.environ["COLUMNS"])
+        except (KeyError, ValueError):
+            try:
+                width = os.get_terminal_size(sys.__stdout__.fileno()).columns
+            except (AttributeError, ValueError, OSError):
+                width = 80
+        super().__init__(prog, width=width - 2, **kw)
+
+
 class Parser(argparse.ArgumentParser):
     """argparse's parser, whose usage errors are JSON on stdout when --json was asked for."""
 
     json_errors = False
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, formatter_class=Formatter, **kw)
 
     def error(self, message: str):
         if Parser.json_errors:
@@ -335,7 +354,6 @@ COMMAND_NOT_FOUND = (126, 127)
 
 
 def run_remote(args: argparse.Namespace) -> int:
-    import os
     import shlex
     import subprocess
 
