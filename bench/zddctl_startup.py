@@ -9,7 +9,8 @@ adds an import finder to every start), and the way the Debian package runs it (D
     bench/zddctl_startup.py [--runs 20] [--package-root DIR] [--json]
 
 --package-root: where the packaged runs import `zddd` from (default: this checkout), e.g. an
-older tree from `git archive c40027d zddd | tar -x -C /tmp/before` to compare before and after.
+older tree from `git archive c40027d zddd | tar -x -C /tmp/before` to compare before and after
+(the venv rows always run this checkout).
 Other work on the machine shows in the mean and the max; the median is the figure to compare,
 and the CPU time (user + system, mean) is the part of it that load does not inflate.
 Runs as root after `make setup`. Exit status: 0 goal met (`zddctl status` median <= 50 ms as
