@@ -1,6 +1,9 @@
 """zddctl: the command-line client of zddd's D-Bus API.
 
-Exit status: 0 done; 1 refused, failed or timed out (the reason on stderr); 2 usage error.
+Exit status: 0 done; 1 refused, failed or timed out (the reason on stderr); 2 usage error;
+130 interrupted. With --json, every command prints one JSON object on stdout, a failure too:
+{"error": NAME, "message": ...}, NAME being the D-Bus error name or a short local one (usage,
+no_bus, no_daemon, timeout, ssh, interrupted); the exit status is the same.
 
 `zddctl -H [USER@]HOST COMMAND` runs the same command with the zddctl of HOST, over ssh, and
 exits with its status: the arguments are checked here first (a usage error is exit 2 without
@@ -10,26 +13,72 @@ $ZDDCTL_SSH (split like a shell would, default `ssh`), the way systemctl -H take
 
 from __future__ import annotations
 
+# Only what every command needs is imported here: zddctl is run in loops and from scripts, and its
+# start-up is its latency (bench/zddctl_startup.py). ssh is imported by -H, the bus client by the
+# bus commands; no asyncio, no bus library.
 import argparse
-import asyncio
 import json
 import os
-import shlex
-import subprocess
 import sys
 import time
 
 from . import __version__
-from .service.dbus import (BUS_NAME, ERROR_PREFIX, INTERFACE, OBJECT_PATH, Message, MessageBus,
-                           MessageType, Variant, bus_address)
+from .api import BUS_NAME, ERROR_PREFIX, INTERFACE, OBJECT_PATH, PROPERTIES
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 # Long waits are asked for in slices, so no bus or client reply timeout can cut them short.
 WAIT_SLICE_USEC = 60 * 1_000_000
+# --json's names for failures that are not a D-Bus error reply (those keep the D-Bus name).
+USAGE, NO_BUS, NO_DAEMON, TIMEOUT, SSH, INTERRUPTED = (
+    "usage", "no_bus", "no_daemon", "timeout", "ssh", "interrupted")
+NOT_RUNNING = ("org.freedesktop.DBus.Error.ServiceUnknown",
+               "org.freedesktop.DBus.Error.NameHasNoOwner")
+ACCESS_DENIED = "org.freedesktop.DBus.Error.AccessDenied"
 
 
 class Failure(Exception):
-    """Something to report on stderr with exit status 1."""
+    """Something to report with exit status 1: on stderr, or with --json as
+    {"error": name, "message": ...} on stdout. `name` is the D-Bus error name, or one of the
+    short names above."""
+
+    def __init__(self, name: str, message: str):
+        super().__init__(message)
+        self.name = name
+
+
+class Formatter(argparse.HelpFormatter):
+    """argparse's, with the terminal's width from os: argparse asks shutil, which costs
+    zddctl's every start imports of bz2, lzma and more (argparse makes a formatter per option)."""
+
+    def __init__(self, prog: str, **kw):
+        try:
+            width = int(os.environ["COLUMNS"])
+        except (KeyError, ValueError):
+            try:
+                width = os.get_terminal_size(sys.__stdout__.fileno()).columns
+            except (AttributeError, ValueError, OSError):
+                width = 80
+        super().__init__(prog, width=width - 2, **kw)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse's parser, whose usage errors are JSON on stdout when --json was asked for."""
+
+    json_errors = False
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, formatter_class=Formatter, **kw)
+
+    def error(self, message: str):
+        if Parser.json_errors:
+            print(json.dumps({"error": USAGE, "message": f"{self.prog}: {message}"}))
+            sys.exit(EXIT_USAGE)
+        super().error(message)
+
+
+def wants_json(argv: list[str]) -> bool:
+    """--json among the options (not after "--", where it would be a target name)."""
+    return "--json" in (argv[:argv.index("--")] if "--" in argv else argv)
 
 
 def _seconds(text: str) -> float:
@@ -49,10 +98,14 @@ def _ssh_host(text: str) -> str:
     return text
 
 
+JSON_HELP = "print JSON on stdout, errors too ({\"error\": NAME, \"message\": ...})"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="zddctl", description="Control zddd, the zero-downtime deployment daemon.",
-        epilog="Exit status: 0 done; 1 refused, failed or timed out; 2 usage error.")
+        epilog="Exit status: 0 done; 1 refused, failed or timed out; 2 usage error; "
+               "130 interrupted.")
     p.add_argument("--version", action="version", version=f"zddctl {__version__}")
     # None, not "system", when not given: -H passes --bus on only when it was asked for.
     p.add_argument("--bus", default=None, metavar="system|session|ADDRESS",
@@ -61,12 +114,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-H", "--host", type=_ssh_host, metavar="[USER@]HOST",
                    help="run the command on HOST over ssh (its zddctl, same output and exit "
                         "status; the ssh command is $ZDDCTL_SSH, default ssh)")
+    p.add_argument("--json", action="store_true", help=JSON_HELP)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    s = sub.add_parser("status", help="show the active target, drains and targets")
-    s.add_argument("--json", action="store_true", help="print JSON")
-    s = sub.add_parser("switch", help="steer new connections to main, backup or off",
-                       description="Steer new connections to TARGET (main, backup or off). "
-                                   "off drains the active target first.")
+
+    def command(name: str, **kw) -> argparse.ArgumentParser:
+        s = sub.add_parser(name, **kw)
+        # SUPPRESS: not given after the command, the global --json's value stands.
+        s.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help=JSON_HELP)
+        return s
+
+    command("status", help="show the active target, drains, the last switch and the targets")
+    s = command("switch", help="steer new connections to main, backup or off",
+                description="Steer new connections to TARGET (main, backup or off). "
+                            "off drains the active target first.")
     s.add_argument("target", metavar="TARGET")
     s.add_argument("--force", action="store_true",
                    help="switch even if the target's probe failed; for off, skip the drain")
@@ -74,145 +134,194 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="SECONDS",
                    help="then wait until the previously active target has no connection "
                         "(default wait: drain_timeout + 10 s)")
-    s = sub.add_parser("wait-drained", help="wait until a target has no connection",
-                       description="Wait until TARGET has no established connection and no "
-                                   "drain of it is pending.")
+    s = command("wait-drained", help="wait until a target has no connection",
+                description="Wait until TARGET has no established connection and no "
+                            "drain of it is pending.")
     s.add_argument("target", metavar="TARGET")
     s.add_argument("--timeout", type=_seconds, default=30.0, metavar="SECONDS",
                    help="give up after this long (default 30)")
-    sub.add_parser("reload", help="make zddd re-read its config file")
+    command("reload", help="make zddd re-read its config file")
     return p
 
 
 class Client:
-    def __init__(self, bus: MessageBus):
-        self.bus = bus
+    """zddd's Manager interface over one bus connection."""
 
-    @classmethod
-    async def connect(cls, spec: str) -> "Client":
+    def __init__(self, spec: str):
+        from .busclient import ConnectError, Connection
+
         try:
-            bus = await MessageBus(**bus_address(spec)).connect()
-        except Exception as e:
-            raise Failure(f"cannot connect to the {spec} bus: {e}") from None
-        return cls(bus)
+            self.bus = Connection(spec)
+        except ConnectError as e:
+            raise Failure(NO_BUS, f"cannot connect to the {spec} bus: {e}") from None
 
-    async def call(self, member: str, signature: str = "", body: list | None = None,
-                   interface: str = INTERFACE) -> list:
-        reply = await self.bus.call(Message(
-            destination=BUS_NAME, path=OBJECT_PATH, interface=interface, member=member,
-            signature=signature, body=body or []))
-        if reply.message_type == MessageType.ERROR:
-            name = reply.error_name or ""
-            text = reply.body[0] if reply.body else name
-            if name in ("org.freedesktop.DBus.Error.ServiceUnknown",
-                        "org.freedesktop.DBus.Error.NameHasNoOwner"):
-                raise Failure("zddd is not running (no owner of org.zddd.Steering1 on the bus)")
-            if name == "org.freedesktop.DBus.Error.AccessDenied":
-                raise Failure(f"permission denied: {text}")
-            short = name[len(ERROR_PREFIX):] if name.startswith(ERROR_PREFIX) else name
-            raise Failure(f"{short}: {text}")
-        return reply.body
+    def close(self) -> None:
+        self.bus.close()
 
-    async def properties(self) -> dict:
-        (props,) = await self.call("GetAll", "s", [INTERFACE],
-                                   interface="org.freedesktop.DBus.Properties")
-        return {k: v.value for k, v in props.items()}
+    def call(self, member: str, signature: str = "", body: list | None = None,
+             interface: str = INTERFACE) -> list:
+        from .busclient import BusError, ConnectError
 
-    async def wait_drained(self, target: str, seconds: float) -> bool:
+        try:
+            return self.bus.call(BUS_NAME, OBJECT_PATH, interface, member, signature,
+                                 body or [])
+        except ConnectError as e:
+            raise Failure(NO_BUS, str(e)) from None
+        except BusError as e:
+            if e.name in NOT_RUNNING:
+                raise Failure(NO_DAEMON, "zddd is not running (no owner of "
+                                         f"{BUS_NAME} on the bus)") from None
+            if e.name == ACCESS_DENIED:
+                raise Failure(e.name, f"permission denied: {e.text}") from None
+            short = e.name.removeprefix(ERROR_PREFIX)
+            raise Failure(e.name, f"{short}: {e.text}") from None
+
+    def properties(self) -> dict:
+        (props,) = self.call("GetAll", "s", [INTERFACE], interface=PROPERTIES)
+        return props
+
+    def wait_drained(self, target: str, seconds: float) -> bool:
         deadline = time.monotonic() + seconds
         while True:
             remaining = max(0, int((deadline - time.monotonic()) * 1e6))
-            (drained,) = await self.call("WaitDrained", "st",
-                                         [target, min(remaining, WAIT_SLICE_USEC)])
+            (drained,) = self.call("WaitDrained", "st",
+                                   [target, min(remaining, WAIT_SLICE_USEC)])
             if drained:
                 return True
             if remaining <= WAIT_SLICE_USEC:
                 return False
 
-    async def not_drained(self, target: str, seconds: float) -> str:
-        """Why `target` is not drained, for the timeout message."""
+    def not_drained(self, target: str, seconds: float) -> Failure:
+        """Why `target` is not drained, as the timeout's Failure."""
         try:
-            props = await self.properties()
+            props = self.properties()
         except Failure:
             props = {}
-        n = int(props.get("Connections", {}).get(target, -1))
+        n = connection_count(props, target)
         if n == 0 and props.get("Draining") == target:
-            return f"{target} is not drained after {seconds:g} s: its drain towards off is pending"
-        what = f"{n} connection{'s' if n != 1 else ''}" if n >= 0 else "connections"
-        return f"{target} still has {what} after {seconds:g} s"
+            text = f"{target} is not drained after {seconds:g} s: its drain towards off is pending"
+        else:
+            what = "connections" if n is None else f"{n} connection{'s' if n != 1 else ''}"
+            text = f"{target} still has {what} after {seconds:g} s"
+        return Failure(TIMEOUT, text)
+
+
+def connection_count(props: dict, target: str) -> int | None:
+    """The target's established connections, or None where zddd could not count them (the
+    entry missing or -1)."""
+    n = props.get("Connections", {}).get(target)
+    return None if n is None or n < 0 else int(n)
 
 
 def status_dict(props: dict) -> dict:
-    up, conns = props.get("TargetsUp", {}), props.get("Connections", {})
+    up = props.get("TargetsUp", {})
     return {
         "active_target": props["ActiveTarget"],
         "draining": props["Draining"],
         "backend": props["Backend"],
         "listen_port": props["ListenPort"],
         "last_switch_usec": props["LastSwitchUSec"],
+        # None: a zddd older than these properties.
+        "last_switch_timestamp_usec": props.get("LastSwitchTimestamp"),
+        "last_switch_caller": props.get("LastSwitchCaller"),
         "targets": {name: {"port": port, "up": bool(up.get(name, False)),
-                           "connections": int(conns.get(name, 0))}
+                           "connections": connection_count(props, name)}
                     for name, port in sorted(props["Targets"].items())},
     }
 
 
-def format_status(st: dict) -> str:
+def _ago(seconds: float) -> str:
+    for unit, size in (("day", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            n = int(seconds // size)
+            return f"{n} {unit}{'s' if unit == 'day' and n != 1 else ''} ago"
+    return f"{max(0, int(seconds))} s ago"
+
+
+def format_last_switch(st: dict, now: float) -> str:
+    commit = f"data-plane commit {st['last_switch_usec']} µs"
+    stamp = st["last_switch_timestamp_usec"]
+    if stamp is None:  # an older zddd: only the commit time is known
+        return f"{st['last_switch_usec']} µs (data-plane commit)"
+    if stamp == 0:
+        return "never"
+    when = stamp / 1e6
+    text = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(when))
+    by = f" by {st['last_switch_caller']}" if st["last_switch_caller"] else ""
+    return f"{text} ({_ago(now - when)}){by}, {commit}"
+
+
+def format_status(st: dict, now: float | None = None) -> str:
     lines = [
         f"active target: {st['active_target']}",
         f"draining:      {st['draining'] or '-'}",
         f"backend:       {st['backend']}",
         f"listen port:   {st['listen_port']}",
-        f"last switch:   {st['last_switch_usec']} µs (data-plane commit)",
+        f"last switch:   {format_last_switch(st, time.time() if now is None else now)}",
         "targets:",
     ]
     for name, t in st["targets"].items():
-        lines.append(f"  {name:<7} port {t['port']:<5} {'up' if t['up'] else 'DOWN':<4} "
-                     f"{t['connections']} connection{'s' if t['connections'] != 1 else ''}")
+        n = t["connections"]
+        count = "connections unknown" if n is None else \
+            f"{n} connection{'s' if n != 1 else ''}"
+        lines.append(f"  {name:<7} port {t['port']:<5} {'up' if t['up'] else 'DOWN':<4} {count}")
     return "\n".join(lines)
 
 
-async def run(args: argparse.Namespace) -> int:
-    client = await Client.connect(args.bus or "system")
+def run(args: argparse.Namespace) -> None:
+    """A bus command: what it did on stdout (a line per step, or one JSON object)."""
+    client = Client(args.bus or "system")
     try:
         if args.command == "status":
-            st = status_dict(await client.properties())
+            st = status_dict(client.properties())
             print(json.dumps(st, indent=2) if args.json else format_status(st))
         elif args.command == "reload":
-            await client.call("Reload")
-            print("zddd reloaded its config")
+            client.call("Reload")
+            say(args, "zddd reloaded its config", {"reloaded": True})
         elif args.command == "wait-drained":
-            if not await client.wait_drained(args.target, args.timeout):
-                raise Failure(await client.not_drained(args.target, args.timeout))
-            print(f"{args.target} is drained")
+            if not client.wait_drained(args.target, args.timeout):
+                raise client.not_drained(args.target, args.timeout)
+            say(args, f"{args.target} is drained", {"target": args.target, "drained": True})
         elif args.command == "switch":
-            await switch(client, args)
+            switch(client, args)
     finally:
-        client.bus.disconnect()
-    return EXIT_OK
+        client.close()
 
 
-async def switch(client: Client, args: argparse.Namespace) -> None:
-    props = await client.properties()
+def say(args: argparse.Namespace, text: str | None, data: dict | None = None) -> None:
+    """A line for people, or with --json the command's one JSON object (when `data` is given)."""
+    if not args.json and text is not None:
+        print(text, flush=True)
+    elif args.json and data is not None:
+        print(json.dumps(data))
+
+
+def switch(client: Client, args: argparse.Namespace) -> None:
+    props = client.properties()
     previous = props.get("ActiveTarget", "")
     if args.force:
-        await client.call("SwitchWithOptions", "sa{sv}",
-                          [args.target, {"force": Variant("b", True)}])
+        client.call("SwitchWithOptions", "sa{sv}", [args.target, {"force": ("b", True)}])
     else:
-        await client.call("Switch", "s", [args.target])
+        client.call("Switch", "s", [args.target])
+    result = {"target": args.target, "previous": previous, "result": "switched",
+              "drained": None}
     if args.target == "off" and previous == "off":
-        print("already off: nothing to drain")
+        text, result["result"] = "already off: nothing to drain", "already_off"
     elif args.target == "off" and not args.force:
-        print(f"draining {previous or 'the active target'} towards off")
+        text, result["result"] = f"draining {previous or 'the active target'} towards off", \
+            "draining"
     else:
-        print(f"switched to {args.target}")
-    if args.wait_drained is None or previous in ("", "off", args.target):
-        return
-    wait = args.wait_drained
-    if wait < 0:
-        wait = props["DrainTimeoutUSec"] / 1e6 + 10
-    if not await client.wait_drained(previous, wait):
-        raise Failure(await client.not_drained(previous, wait))
-    print(f"{previous} is drained")
+        text = f"switched to {args.target}"
+    say(args, text)
+    if args.wait_drained is not None and previous not in ("", "off", args.target):
+        wait = args.wait_drained
+        if wait < 0:
+            wait = props["DrainTimeoutUSec"] / 1e6 + 10
+        if not client.wait_drained(previous, wait):
+            raise client.not_drained(previous, wait)
+        say(args, f"{previous} is drained")
+        result["drained"] = previous
+    say(args, None, result)
 
 
 def remote_argv(args: argparse.Namespace) -> list[str]:
@@ -222,9 +331,9 @@ def remote_argv(args: argparse.Namespace) -> list[str]:
     if args.bus is not None:
         argv += ["--bus", args.bus]
     argv.append(args.command)
-    if args.command == "status" and args.json:
+    if args.json:
         argv.append("--json")
-    elif args.command == "switch":
+    if args.command == "switch":
         if args.force:
             argv.append("--force")
         if args.wait_drained is not None:
@@ -245,10 +354,13 @@ COMMAND_NOT_FOUND = (126, 127)
 
 
 def run_remote(args: argparse.Namespace) -> int:
+    import shlex
+    import subprocess
+
     try:
         ssh = shlex.split(os.environ.get("ZDDCTL_SSH", "")) or ["ssh"]
     except ValueError as e:
-        raise Failure(f"ZDDCTL_SSH cannot be split into words: {e}") from None
+        raise Failure(SSH, f"ZDDCTL_SSH cannot be split into words: {e}") from None
     # -n: stdin stays ours (a `while read host` loop keeps its input); -T: no terminal, so the
     # output is byte for byte the remote zddctl's; -x -a: no X11 or agent forwarding. ssh joins
     # the remote command into one string for the remote shell: every word is quoted.
@@ -256,29 +368,40 @@ def run_remote(args: argparse.Namespace) -> int:
     try:
         rc = subprocess.run(argv).returncode
     except OSError as e:
-        raise Failure(f"cannot run {ssh[0]}: {e.strerror or e}") from None
-    if rc in (EXIT_OK, EXIT_FAILED, EXIT_USAGE):
+        raise Failure(SSH, f"cannot run {ssh[0]}: {e.strerror or e}") from None
+    if rc in (EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED):
         return rc
     if rc == SSH_FAILED:
-        raise Failure(f"ssh to {args.host} failed (its reason is above)")
+        raise Failure(SSH, f"ssh to {args.host} failed (its reason is above)")
     if rc in COMMAND_NOT_FOUND:
-        raise Failure(f"{args.host} could not run zddctl (exit {rc}): is zddd installed there?")
+        raise Failure(SSH, f"{args.host} could not run zddctl (exit {rc}): is zddd installed "
+                           "there?")
     if rc < 0:
-        raise Failure(f"ssh to {args.host} was killed by signal {-rc}")
-    raise Failure(f"zddctl on {args.host} exited {rc}")
+        raise Failure(SSH, f"ssh to {args.host} was killed by signal {-rc}")
+    raise Failure(SSH, f"zddctl on {args.host} exited {rc}")
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    Parser.json_errors = wants_json(argv)
     args = build_parser().parse_args(argv)
     try:
         if args.host is not None:
             return run_remote(args)
-        return asyncio.run(run(args))
+        run(args)
+        return EXIT_OK
     except Failure as e:
-        print(f"zddctl: {e}", file=sys.stderr)
-        return EXIT_FAILED
+        return fail(args, e.name, str(e), EXIT_FAILED)
     except KeyboardInterrupt:
-        return 130
+        return fail(args, INTERRUPTED, "interrupted", EXIT_INTERRUPTED)
+
+
+def fail(args: argparse.Namespace, name: str, message: str, status: int) -> int:
+    if args.json:
+        print(json.dumps({"error": name, "message": message}))
+    else:
+        print(f"zddctl: {message}", file=sys.stderr)
+    return status
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from __future__ import annotations
 import ipaddress
 import math
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,13 +39,28 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class Health:
-    """How a target is probed: kind is "tcp", "http" (with path) or "none"."""
+    """How a target is probed: kind is "tcp", "http" (with path) or "none"; at `address` (None:
+    the loopback, 127.0.0.1 then ::1), with `host` as HTTP's Host header. Up after `rise`
+    passed probes in a row, down after `fall` failed ones (HAProxy's words); the first probe
+    decides alone."""
 
     kind: str = "tcp"
     path: str = ""
+    host: str = "localhost"
+    address: str | None = None
+    rise: int = 1
+    fall: int = 1
 
     def __str__(self) -> str:
         return f"http:{self.path}" if self.kind == "http" else self.kind
+
+
+# The probe settings of [health] that [targets.NAME] may override as health_KEY, and the
+# Health field each sets.
+PROBE_KEYS = ("rise", "fall", "host", "address")
+# A count of probes in a row: HAProxy allows far more, but a minute of 1-second probes is
+# already longer than anyone waits for a verdict.
+MAX_PROBE_COUNT = 1000
 
 
 @dataclass(frozen=True)
@@ -159,6 +174,47 @@ def parse_health(value: Any, key: str) -> Health:
     raise ConfigError(key, f'{value!r} is not "tcp", "http:/path" or "none"')
 
 
+def _probe_count(value: Any, key: str) -> int:
+    _expect(value, int, key, "an integer count of probes")
+    if not 1 <= value <= MAX_PROBE_COUNT:
+        raise ConfigError(key, f"{value} is out of range 1-{MAX_PROBE_COUNT}")
+    return value
+
+
+def _probe_host(value: Any, key: str) -> str:
+    # It goes into the request as a header line: a host name or address, with a port if
+    # wanted, and nothing that could end the line or the header.
+    _expect(value, str, key, "a host name for the HTTP Host header")
+    if not value or not all(c.isascii() and c.isprintable() and not c.isspace() for c in value):
+        raise ConfigError(key, f"{value!r} is not a valid Host header value")
+    return value
+
+
+def _probe_address(value: Any, key: str) -> str | None:
+    _expect(value, str, key, 'an IP address or "" (the loopback)')
+    if value == "":
+        return None
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise ConfigError(key, f"{value!r} is not an IP address") from None
+
+
+_PROBE_PARSERS = {"rise": _probe_count, "fall": _probe_count, "host": _probe_host,
+                  "address": _probe_address}
+
+
+def parse_probe_settings(table: dict, section: str, prefix: str, defaults: dict) -> dict:
+    """`defaults` with the probe settings that `table` (the config's `section`, e.g.
+    "targets.main.") has as `prefix` + a name of PROBE_KEYS."""
+    found = dict(defaults)
+    for name in PROBE_KEYS:
+        if prefix + name in table:
+            key = prefix + name
+            found[name] = _PROBE_PARSERS[name](table[key], section + key)
+    return found
+
+
 def parse_endpoint(value: Any, key: str) -> Endpoint | None:
     _expect(value, str, key, 'a string "host:port" or ""')
     if value == "":
@@ -217,27 +273,29 @@ def from_dict(data: dict) -> Config:
     if "drain_timeout" in data:
         kw["drain_timeout"] = _seconds(data["drain_timeout"], "drain_timeout", allow_zero=True)
 
-    targets = dict(defaults.targets)
-    if "targets" in data:
-        table = _expect(data["targets"], dict, "targets", "a table")
-        _unknown(table, set(TARGET_NAMES), "targets.")
-        for name, spec in table.items():
-            prefix = f"targets.{name}"
-            _expect(spec, dict, prefix, "a table")
-            _unknown(spec, {"port", "health"}, prefix + ".")
-            port = _port(spec["port"], prefix + ".port") if "port" in spec else targets[name].port
-            health = (parse_health(spec["health"], prefix + ".health")
-                      if "health" in spec else targets[name].health)
-            targets[name] = Target(name, port, health)
-    kw["targets"] = targets
-
+    probing = {name: getattr(Health(), name) for name in PROBE_KEYS}
     if "health" in data:
         table = _expect(data["health"], dict, "health", "a table ([health])")
-        _unknown(table, {"interval", "timeout"}, "health.")
+        _unknown(table, {"interval", "timeout", *PROBE_KEYS}, "health.")
         if "interval" in table:
             kw["health_interval"] = _seconds(table["interval"], "health.interval", allow_zero=False)
         if "timeout" in table:
             kw["health_timeout"] = _seconds(table["timeout"], "health.timeout", allow_zero=False)
+        probing = parse_probe_settings(table, "health.", "", probing)
+
+    targets = dict(defaults.targets)
+    table = _expect(data.get("targets", {}), dict, "targets", "a table")
+    _unknown(table, set(TARGET_NAMES), "targets.")
+    for name in TARGET_NAMES:
+        prefix = f"targets.{name}"
+        spec = _expect(table.get(name, {}), dict, prefix, "a table")
+        _unknown(spec, {"port", "health", *(f"health_{k}" for k in PROBE_KEYS)}, prefix + ".")
+        port = _port(spec["port"], prefix + ".port") if "port" in spec else targets[name].port
+        health = (parse_health(spec["health"], prefix + ".health")
+                  if "health" in spec else targets[name].health)
+        settings = parse_probe_settings(spec, prefix + ".", "health_", probing)
+        targets[name] = Target(name, port, replace(health, **settings))
+    kw["targets"] = targets
     for section in ("agent", "metrics"):
         if section in data:
             table = _expect(data[section], dict, section, f"a table ([{section}])")

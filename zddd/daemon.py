@@ -20,7 +20,7 @@ from typing import Awaitable, Callable
 
 from . import __version__
 from .backends import BackendUnavailable, Desired, backend_class, make_backend
-from .config import BACKENDS, Config, ConfigError, Endpoint, load
+from .config import BACKENDS, DEFAULT_PATH, Config, ConfigError, Endpoint, load
 from .connections import ConnectionCounter
 from .core import Observer, Snapshot, Steering
 from .errors import BackendFailure, InvalidConfig
@@ -60,10 +60,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "file does not exist)")
     p.add_argument("--bus", default="system", metavar="system|session|ADDRESS",
                    help="the D-Bus bus to serve on (default: system)")
-    p.add_argument("--remove-data-plane", action="store_true",
-                   help="remove everything zddd has in the kernel (every backend's objects in "
-                        "this network namespace and bpf_pin_dir) and its saved state, then "
-                        "exit; zddd must be stopped. Connections it steers break.")
+    once = p.add_mutually_exclusive_group()
+    once.add_argument("--check-config", action="store_true",
+                      help="parse and validate the config as a start would, then exit: 0 "
+                           "valid, 78 invalid (the key at fault on stderr). Touches nothing: "
+                           "no kernel, no bus, no state file, no listening socket.")
+    once.add_argument("--remove-data-plane", action="store_true",
+                      help="remove everything zddd has in the kernel (every backend's objects "
+                           "in this network namespace and bpf_pin_dir) and its saved state, "
+                           "then exit; zddd must be stopped. Connections it steers break.")
     p.add_argument("--version", action="version", version=f"zddd {__version__}")
     return p.parse_args(argv)
 
@@ -397,16 +402,36 @@ def _raise_fd_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+def _load_or_say_why(path: str | None) -> Config | None:
+    """The config, or None after one line on stderr naming the key at fault."""
+    try:
+        return load(path)
+    except ConfigError as e:
+        print(f"zddd: invalid config: {e}", file=sys.stderr)
+        return None
+
+
+def check_config(path: str | None) -> int:
+    """`zddd --check-config`: the start's own validation, and nothing a start does after it."""
+    if _load_or_say_why(path) is None:
+        return EXIT_CONFIG
+    if path is None and not Path(DEFAULT_PATH).exists():
+        print(f"zddd: no {DEFAULT_PATH}: the built-in defaults are valid")
+    else:
+        print(f"zddd: {path or DEFAULT_PATH}: valid config")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.check_config:
+        return check_config(args.config)
     _raise_fd_limit()
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_Formatter())
     logging.basicConfig(level=logging.INFO, handlers=[handler])
-    try:
-        config = load(args.config)
-    except ConfigError as e:
-        print(f"zddd: invalid config: {e}", file=sys.stderr)
+    config = _load_or_say_why(args.config)
+    if config is None:
         return EXIT_CONFIG
     if args.remove_data_plane:
         return remove_data_plane(config)

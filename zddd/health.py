@@ -1,9 +1,11 @@
 """Health probes of the targets, on an interval, without blocking the event loop.
 
-A probe connects to the target's port on the loopback address (IPv4, then IPv6): `tcp` passes when
-the connection is accepted, `http:/path` when a GET of the path is answered 2xx or 3xx, `none`
-always passes. The client ports of probes in flight are exposed so connection counts can leave
-zddd's own probes out.
+A probe connects to the target's port at its health address (by default the loopback, IPv4
+then IPv6): `tcp` passes when the connection is accepted, `http:/path` when a GET of the path
+(with the configured Host header) is answered 2xx or 3xx, `none` always passes. A target's
+state follows HAProxy's rise and fall: the first probe decides, then it turns up after `rise`
+passed probes in a row and down after `fall` failed ones. The client ports of probes in flight
+are exposed so connection counts can leave zddd's own probes out.
 """
 
 from __future__ import annotations
@@ -20,6 +22,36 @@ from .logfmt import quote
 log = logging.getLogger("zddd")
 
 LOOPBACKS = ("127.0.0.1", "::1")
+WILDCARD = {socket.AF_INET: "0.0.0.0", socket.AF_INET6: "::"}
+
+
+class RiseFall:
+    """One target's up/down state from its probe results, HAProxy's way: the first result
+    decides; after that it takes `rise` passes in a row to turn up and `fall` failures in a row
+    to turn down (a result that agrees with the state starts the count again)."""
+
+    def __init__(self, rise: int = 1, fall: int = 1):
+        self.rise, self.fall = rise, fall
+        self.up: bool | None = None
+        self.against = 0  # results in a row that disagree with `up`
+
+    def feed(self, passed: bool) -> bool:
+        """Take one probe result; the state after it."""
+        if self.up is None or passed == self.up:
+            self.up, self.against = passed, 0
+            return passed
+        self.against += 1
+        if self.against >= (self.rise if passed else self.fall):
+            self.up, self.against = passed, 0
+        return self.up
+
+    def pending(self) -> str:
+        """What the results against the state amount to so far ("" when none)."""
+        if not self.against:
+            return ""
+        need = self.fall if self.up else self.rise
+        return f"{self.against} of {need} {'failures' if self.up else 'passes'} to turn " \
+               f"{'down' if self.up else 'up'}"
 
 
 class HealthMonitor:
@@ -32,6 +64,7 @@ class HealthMonitor:
         self.gate = gate
         self._up: dict[str, bool] = {}
         self._reasons: dict[str, str] = {}
+        self._counts: dict[str, RiseFall] = {}
         # Replaced, never mutated: the metrics thread reads it while probes run in the loop.
         self._probe_ports: frozenset[int] = frozenset()
         self._task: asyncio.Task | None = None
@@ -50,7 +83,13 @@ class HealthMonitor:
         """Probe every target once, concurrently, and record the results."""
         targets = list(self.config.targets.values())
         results = await asyncio.gather(*(self._probe(t) for t in targets))
-        for target, (up, reason) in zip(targets, results, strict=True):
+        for target, (passed, reason) in zip(targets, results, strict=True):
+            counts = self._counts.setdefault(target.name, RiseFall())
+            counts.rise, counts.fall = target.health.rise, target.health.fall
+            up = counts.feed(passed)
+            if counts.pending():
+                reason = f"{reason} ({counts.pending()})"
+            # The data plane's word is not a probe: it counts at once, not towards fall.
             problem = self.gate(target.name) if up else None
             if problem:
                 up, reason = False, problem
@@ -82,7 +121,8 @@ class HealthMonitor:
     async def _connect_and_check(self, target: Target) -> tuple[bool, str]:
         loop = asyncio.get_running_loop()
         last: OSError | None = None
-        for host in LOOPBACKS:
+        address = target.health.address
+        for host in (address,) if address else LOOPBACKS:
             family = socket.AF_INET6 if ":" in host else socket.AF_INET
             try:
                 sock = socket.socket(family, socket.SOCK_STREAM)
@@ -93,8 +133,10 @@ class HealthMonitor:
             try:
                 sock.setblocking(False)
                 # Bind first so the port is listed before the connection exists: a count taken
-                # while the handshake completes never sees the probe.
-                sock.bind((host, 0))
+                # while the handshake completes never sees the probe. The loopback is bound as
+                # such; another address takes the source the kernel's routing gives it.
+                source = host if host in LOOPBACKS else WILDCARD[family]
+                sock.bind((source, 0))
                 port = sock.getsockname()[1]
                 self._probe_ports = self._probe_ports | {port}
                 try:
@@ -118,7 +160,7 @@ class HealthMonitor:
 
     @staticmethod
     async def _http(reader, writer, target: Target) -> tuple[bool, str]:
-        writer.write(f"GET {target.health.path} HTTP/1.0\r\nHost: localhost\r\n"
+        writer.write(f"GET {target.health.path} HTTP/1.0\r\nHost: {target.health.host}\r\n"
                      "User-Agent: zddd-health\r\nConnection: close\r\n\r\n".encode())
         await writer.drain()
         status_line = await reader.readline()

@@ -135,3 +135,87 @@ def test_a_valid_config_with_other_ports_runs(lab):
     assert http_get(lab.client, APP_V4, 9999) == "main8081"
     assert z.prop("ListenPort") == 9999
     assert z.prop("Targets") == {"main": 8081, "backup": 80}
+
+
+# ---- zddd --check-config: the same validation, nothing touched --------------------------------
+
+def check_config(ns, config, *extra: str):
+    """`zddd --check-config --config CONFIG` in `ns`, as nobody (no capability, no write access
+    anywhere the config names), from a world-readable copy of the package."""
+    import os
+    import pwd
+
+    from zdddlab import PYTHON, public_package
+
+    os.chmod(config.parent, 0o755)
+    if config.exists():
+        os.chmod(config, 0o644)
+    pw = pwd.getpwnam("nobody")
+    return ns.run("setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--clear-groups",
+                  PYTHON, "-m", "zddd.daemon", "--check-config", "--config", str(config), *extra,
+                  check=False, timeout=30, cwd="/",
+                  env={**os.environ, "PYTHONPATH": str(public_package())})
+
+
+@pytest.fixture
+def public_tmp(need_root):
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    tmp = Path(tempfile.mkdtemp(prefix="zddd-check-", dir="/tmp"))
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def test_check_config_refuses_every_invalid_case_naming_the_key(bare, public_tmp):
+    for case, (text, key) in CASES.items():
+        config = public_tmp / f"{case}.toml"
+        config.write_text(text)
+        r = check_config(bare.app, config)
+        assert r.returncode == 78, (case, r)
+        assert key in r.stderr and len(r.stderr.strip().splitlines()) == 1, (case, r.stderr)
+        assert r.stdout == "" and "Traceback" not in r.stderr, (case, r)
+    assert bare.app.run("nft", "list", "ruleset").stdout.strip() == ""
+
+
+def test_check_config_accepts_a_valid_file_and_touches_nothing(bare, public_tmp):
+    """Valid although nothing it names could be used by this process: a start as nobody would
+    fail (no CAP_NET_ADMIN, no state directory, the agent port taken), the check does not try."""
+    from zdddlab import name_has_owner
+
+    state = public_tmp / "missing-dir" / "state.json"
+    pins = public_tmp / "pins"
+    config = public_tmp / "zddd.toml"
+    config.write_text(f'state_file = "{state}"\nbpf_pin_dir = "{pins}"\nbackend = "tc"\n'
+                      '[agent]\nlisten = "127.0.0.1:8889"\n'
+                      '[targets.main]\nhealth = "http:/health"\n')
+    holder = bare.app.popen("python3", "-c", "import socket,time; s=socket.socket(); "
+                            "s.bind(('127.0.0.1', 8889)); s.listen(); time.sleep(60)")
+    try:
+        r = check_config(bare.app, config, "--bus", bare.bus.address)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (r.returncode, r.stderr) == (0, ""), r
+    assert r.stdout == f"zddd: {config}: valid config\n"
+    assert bare.app.run("nft", "list", "ruleset").stdout.strip() == ""
+    assert not state.parent.exists() and not pins.exists()
+    assert not name_has_owner(bare.bus.address)
+
+
+def test_check_config_reads_a_missing_explicit_file_as_invalid(bare, public_tmp):
+    r = check_config(bare.app, public_tmp / "nope.toml")
+    assert r.returncode == 78 and str(public_tmp / "nope.toml") in r.stderr, r
+
+
+def test_zddd_help_mentions_check_config():
+    import subprocess
+
+    from zdddlab import VENV_BIN
+
+    out = subprocess.run([str(VENV_BIN / "zddd"), "--help"], capture_output=True, text=True,
+                         check=True).stdout
+    assert "--check-config" in out and "78" in out

@@ -202,7 +202,8 @@ def test_zddctl_exit_codes(lab):
     assert r.returncode == 0 and "active target: backup" in r.stdout
     st = json.loads(z.zddctl("status", "--json").stdout)
     assert set(st) == {"active_target", "draining", "backend", "listen_port",
-                       "last_switch_usec", "targets"}
+                       "last_switch_usec", "last_switch_timestamp_usec", "last_switch_caller",
+                       "targets"}
     assert st["active_target"] == "backup" and st["backend"] == "nftables"
     assert st["listen_port"] == 8888 and st["last_switch_usec"] > 0
     assert st["targets"]["main"]["port"] == 8080 and st["targets"]["backup"]["up"] is True

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from zdddlab import (APP_V4, PYTHON, VENV_BIN, agent_ask, dbus_call, http_get, scrape_metrics,
                  without_counters)
 
+from zddd.cli import wants_json
 from zddd.service.dbus import Variant, install_wire_fix
 
 # The lab's client is dbus-fast too: its marshaller made byte-correct the way zddd's is.
@@ -492,7 +493,11 @@ def test_zddctl_usage_errors_exit_2_without_traceback(need_root, argv):
                        timeout=20)
     stderr = r.stderr
     assert r.returncode == 2, (r.returncode, stderr[-500:])
-    assert "usage:" in stderr and "Traceback" not in stderr, stderr[-500:]
+    assert "Traceback" not in stderr, stderr[-500:]
+    if "--json" in argv:  # SPEC: with --json, errors too are JSON on stdout
+        assert json.loads(r.stdout)["error"] == "usage" and stderr == "", r
+    else:
+        assert "usage:" in stderr, stderr[-500:]
 
 
 BAD_BUSES = ["", "unix:path=/nonexistent/bus", "nonsense", "unix:", "tcp:host=256.0.0.1",
@@ -528,7 +533,10 @@ def test_zddctl_random_arguments_never_trace_back(lab):
         assert r.returncode in (0, 1, 2), (argv, r.returncode)
         assert "Traceback" not in r.stderr, (argv, r.stderr[-800:])
         if r.returncode == 2:
-            assert "usage:" in r.stderr
+            if wants_json(argv):
+                assert json.loads(r.stdout)["error"] == "usage", r
+            else:
+                assert "usage:" in r.stderr
 
     check()
     assert_unharmed(lab, z, before)

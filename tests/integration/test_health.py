@@ -3,10 +3,12 @@ unhealthy target refused; probe connections never counted as the target's connec
 
 from __future__ import annotations
 
+import subprocess
 import time
 
 import pytest
-from zdddlab import APP_V4, Vhost, http_get, wait_for
+from zdddlab import (APP_V4, APP_V6, CLIENT_V4, PYTHON, REPO, LabError, Vhost, http_get,
+                     wait_for)
 
 pytestmark = pytest.mark.backends
 
@@ -117,3 +119,116 @@ def test_probe_connections_are_never_counted(lab):
     print(f"ss saw a probe connection in {seen_by_ss} of 100 samples")
     assert seen_by_ss > 0
     assert up(z) == {"main": True, "backup": True}
+
+
+# ---- rise and fall, the Host header, the probed address (issue 18 item 9) ----------------------
+
+# tests/httpd.py's dual-stack server, answering the statuses given in turn, then 200; one line
+# per request: its number, the status, the Host header.
+SCRIPTED_VHOST = r"""
+import sys
+from http.server import BaseHTTPRequestHandler
+sys.path.insert(0, sys.argv[3])
+from httpd import Server
+
+answers = [int(a) for a in sys.argv[2].split(",")]
+served = 0
+
+
+class Scripted(BaseHTTPRequestHandler):
+    def do_GET(self):
+        global served
+        status = answers[served] if served < len(answers) else 200
+        served += 1
+        self.send_response(status)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+        print(served, status, self.headers.get("Host", ""), flush=True)
+
+    def log_message(self, *args):
+        pass
+
+
+server = Server(("::", int(sys.argv[1])), Scripted)
+print("ready", flush=True)
+server.serve_forever()
+"""
+
+
+class ScriptedVhost:
+    """An HTTP vhost in `ns` on `port` that answers its GETs with the statuses of `answers` in
+    turn, then 200; `served()` is what it answered, with the Host header of each request."""
+
+    def __init__(self, ns, port: int, answers: list[int]):
+        self.proc = ns.popen(PYTHON, "-c", SCRIPTED_VHOST, str(port),
+                             ",".join(map(str, answers)), str(REPO / "tests"),
+                             stdout=subprocess.PIPE, text=True)
+        if self.proc.stdout.readline().strip() != "ready":
+            self.close()
+            raise LabError(f"scripted vhost on port {port} did not start")
+
+    def close(self) -> list[tuple[int, str]]:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        out, _ = self.proc.communicate(timeout=5)
+        return [(int(status), host) for _, status, host in
+                (line.split() for line in out.splitlines() if line.count(" ") == 2)]
+
+
+def health_events(z, target: str) -> list[str]:
+    return [line.split(" up=")[1].split()[0] for line in z.log().splitlines()
+            if f"event=health target={target} " in line]
+
+
+@pytest.mark.backends("nftables")
+def test_a_flapping_vhost_is_down_only_after_fall_failures_and_up_after_rise_passes(lab):
+    lab.main.stop()
+    # The first probe decides (up); 2 failures stay up (fall 3); a pass starts the count again;
+    # the 3rd failure in a row is down; 1 pass stays down (rise 2), a failure starts it again;
+    # the 2nd pass in a row is up.
+    answers = [200, 500, 500, 200, 500, 500, 500, 200, 500, 200, 200]
+    vhost = ScriptedVhost(lab.app, 8080, answers)
+    lab.closers.append(vhost.close)
+    z = lab.start_zddd({"health": {"interval": 0.1, "timeout": 0.5, "rise": 2, "fall": 3},
+                        "targets": {"main": {"health": "http:/health",
+                                             "health_host": "main.example"}}})
+    wait_for(lambda: health_events(z, "main") == ["no", "yes"], 15,
+             "main down once and up once")
+    time.sleep(0.5)  # passes go on: nothing more changes
+    assert health_events(z, "main") == ["no", "yes"] and up(z)["main"] is True
+    served = vhost.close()
+    assert [status for status, _ in served[:len(answers)]] == answers
+    assert {host for _, host in served} == {"main.example"}
+
+
+@pytest.mark.backends("nftables")
+def test_while_fall_is_not_reached_the_target_stays_up_and_switchable(lab):
+    z = lab.start_zddd({"health": {"fall": 1000}})
+    assert z.zddctl("switch", "backup").returncode == 0
+    lab.main.stop()
+    time.sleep(1.0)  # about 5 failed probes
+    assert up(z)["main"] is True
+    assert z.zddctl("switch", "main").returncode == 0
+    assert health_events(z, "main") == []
+
+
+@pytest.mark.backends("nftables")
+def test_the_probed_address_can_be_another_hosts_and_ipv6(lab):
+    """backup probed at the client namespace's address (a host of its own), main at the app's
+    IPv6 address: each is up exactly when something answers there."""
+    lab.backup.stop()
+    remote = Vhost(lab.client, 80, "remote")
+    lab.closers.append(remote.stop)
+    z = lab.start_zddd({"targets": {"main": {"health": "http:/", "health_address": APP_V6},
+                                    "backup": {"health": "http:/",
+                                               "health_address": CLIENT_V4}}})
+    # Nothing listens on the app's own port 80: only the configured address answers.
+    assert up(z) == {"main": True, "backup": True}
+    remote.stop()
+    wait_for(lambda: up(z)["backup"] is False, HEALTH_NOTICES_WITHIN, "backup to turn down")
+    r = z.zddctl("switch", "backup")
+    assert r.returncode == 1 and "Connection refused" in r.stderr, r
+    lab.main.stop()
+    wait_for(lambda: up(z)["main"] is False, HEALTH_NOTICES_WITHIN, "main to turn down")
+    lab.main.start()
+    wait_for(lambda: up(z)["main"] is True, HEALTH_NOTICES_WITHIN, "main to come back")

@@ -35,5 +35,5 @@ def test_every_key_is_there_commented_out_with_its_default():
     assert set(live["targets"]) == {"main", "backup"}
     for target in live["targets"].values():
         assert set(target) == {"port", "health"}
-    assert set(live["health"]) == {"interval", "timeout"}
+    assert set(live["health"]) == {"interval", "timeout", "rise", "fall", "host", "address"}
     assert set(live["agent"]) == {"listen"} and set(live["metrics"]) == {"listen"}

@@ -107,6 +107,24 @@ BAD = {
                         "targets.main.health"),
     "health-space": ({"targets": {"main": {"health": "http:/a b"}}}, "targets.main.health"),
     "health-type": ({"targets": {"backup": {"health": True}}}, "targets.backup.health"),
+    "rise-zero": ({"health": {"rise": 0}}, "health.rise"),
+    "fall-float": ({"health": {"fall": 2.0}}, "health.fall"),
+    "fall-huge": ({"health": {"fall": 10**6}}, "health.fall"),
+    "host-empty": ({"health": {"host": ""}}, "health.host"),
+    "host-newline": ({"health": {"host": "a\r\nX-Evil: 1"}}, "health.host"),
+    "address-name": ({"health": {"address": "localhost"}}, "health.address"),
+    "address-cidr": ({"health": {"address": "10.0.0.0/8"}}, "health.address"),
+    "target-rise-bool": ({"targets": {"main": {"health_rise": True}}},
+                         "targets.main.health_rise"),
+    "target-fall-negative": ({"targets": {"backup": {"health_fall": -1}}},
+                             "targets.backup.health_fall"),
+    "target-host-space": ({"targets": {"main": {"health_host": "a b"}}},
+                          "targets.main.health_host"),
+    "target-address-bad": ({"targets": {"backup": {"health_address": "192.0.2.300"}}},
+                           "targets.backup.health_address"),
+    "target-unknown-probe-key": ({"targets": {"main": {"health_interval": 1}}},
+                                 "targets.main.health_interval"),
+    "health-unknown-key": ({"health": {"retries": 3}}, "health.retries"),
     "agent-not-table": ({"agent": "[::]:8889"}, "agent"),
     "agent-no-port": ({"agent": {"listen": "127.0.0.1"}}, "agent.listen"),
     "agent-hostname": ({"agent": {"listen": "localhost:8889"}}, "agent.listen"),
@@ -170,6 +188,27 @@ def test_health_parsing():
     assert cfg.parse_health("http:/", "k") == Health("http", "/")
     assert cfg.parse_health("http:/a/b?c=d", "k") == Health("http", "/a/b?c=d")
     assert str(Health("http", "/x")) == "http:/x" and str(Health("tcp")) == "tcp"
+
+
+def test_probe_settings_default_to_one_probe_deciding_on_the_loopback():
+    assert Health() == Health("tcp", "", host="localhost", address=None, rise=1, fall=1)
+    for target in from_dict({}).targets.values():
+        assert target.health == Health("tcp")
+    # The shipped file writes the default address as "" (TOML has no null).
+    assert from_dict({"health": {"address": ""}}) == Config()
+
+
+def test_probe_settings_of_health_apply_to_every_target_and_a_target_overrides_them():
+    c = from_dict({"health": {"rise": 2, "fall": 3, "host": "app.example",
+                              "address": "2001:DB8::10"},
+                   "targets": {"main": {"health": "http:/healthz",
+                                        "health_host": "main.example:8080",
+                                        "health_fall": 5},
+                               "backup": {"health_address": "192.0.2.10", "health_rise": 1}}})
+    assert c.targets["main"].health == Health("http", "/healthz", host="main.example:8080",
+                                              address="2001:db8::10", rise=2, fall=5)
+    assert c.targets["backup"].health == Health("tcp", host="app.example",
+                                                address="192.0.2.10", rise=1, fall=3)
 
 
 def test_restart_changes():

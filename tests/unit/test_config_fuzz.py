@@ -19,9 +19,11 @@ VALID = {
     "listen_port": 8888, "backend": "nftables", "interfaces": ["lo", "eth0"],
     "xdp_mode": "native", "bpf_pin_dir": "/sys/fs/bpf/zddd", "bpf_flow_entries": 4096,
     "initial": "main", "state_file": "/var/lib/zddd/state.json", "drain_timeout": 30,
-    "targets": {"main": {"port": 8080, "health": "tcp"},
+    "targets": {"main": {"port": 8080, "health": "tcp", "health_rise": 2, "health_fall": 2,
+                         "health_host": "main.example", "health_address": "::1"},
                 "backup": {"port": 80, "health": "http:/health"}},
-    "health": {"interval": 1.0, "timeout": 0.5},
+    "health": {"interval": 1.0, "timeout": 0.5, "rise": 1, "fall": 3, "host": "app.example",
+               "address": "127.0.0.1"},
     "agent": {"listen": "[::]:8889"}, "metrics": {"listen": "127.0.0.1:9488"},
 }
 PATHS = [
@@ -29,7 +31,10 @@ PATHS = [
     ("bpf_flow_entries",), ("initial",), ("state_file",), ("drain_timeout",), ("targets",),
     ("targets", "main"), ("targets", "main", "port"), ("targets", "main", "health"),
     ("targets", "backup", "port"), ("targets", "backup", "health"), ("health",),
-    ("health", "interval"), ("health", "timeout"), ("agent",), ("agent", "listen"),
+    ("health", "interval"), ("health", "timeout"), ("health", "rise"), ("health", "fall"),
+    ("health", "host"), ("health", "address"), ("targets", "main", "health_rise"),
+    ("targets", "main", "health_fall"), ("targets", "main", "health_host"),
+    ("targets", "main", "health_address"), ("agent",), ("agent", "listen"),
     ("metrics",), ("metrics", "listen"),
 ]
 # Keys whose value is a port: a bad one may be reported on the key it collides with.

@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
+
 from zddd.config import from_dict
-from zddd.health import HealthMonitor
+from zddd.health import HealthMonitor, RiseFall
 
 from .loopticks import LoopTicks
 
@@ -187,3 +189,122 @@ def test_run_probes_on_the_interval():
         return rounds
 
     assert 5 <= run(go()) <= 11  # interval 0.05 s: about 10 rounds, fewer on a busy machine
+
+
+# ---- rise and fall (HAProxy's counts), the Host header, the probed address -------------------
+
+def states(rise: int, fall: int, results: str) -> str:
+    """The state after each result of `results` ("+" passed, "-" failed), as "U"/"D"."""
+    counts = RiseFall(rise, fall)
+    return "".join("U" if counts.feed(r == "+") else "D" for r in results)
+
+
+@pytest.mark.parametrize("rise, fall, results, expected", [
+    (1, 1, "+-+--+", "UDUDDU"),          # the default: every probe decides
+    (1, 3, "+--+---", "UUUUUUD"),        # down on the 3rd failure in a row only
+    (2, 1, "-+-++", "DDDDU"),            # up on the 2nd pass in a row only
+    (2, 3, "---+-++", "DDDDDDU"),        # the first result decides at once
+    (2, 3, "++--+---+-++", "UUUUUUUDDDDU"),
+])
+def test_rise_and_fall_count_results_in_a_row(rise, fall, results, expected):
+    assert states(rise, fall, results) == expected
+
+
+def test_pending_says_how_far_the_count_is():
+    counts = RiseFall(2, 3)
+    counts.feed(True)
+    assert counts.pending() == ""
+    counts.feed(False)
+    assert counts.pending() == "1 of 3 failures to turn down"
+    counts.feed(False)
+    counts.feed(False)
+    assert counts.up is False and counts.pending() == ""
+    counts.feed(True)
+    assert counts.pending() == "1 of 2 passes to turn up"
+
+
+def test_a_monitor_turns_down_after_fall_failures_and_up_after_rise_passes():
+    changes = []
+
+    async def go():
+        port = free_port()
+        cfg = from_dict({"targets": {"main": {"port": port, "health": "tcp"},
+                                     "backup": {"port": free_port(), "health": "none"}},
+                         "health": {"interval": 0.05, "timeout": 0.3, "rise": 2, "fall": 3},
+                         "agent": {"listen": ""}, "metrics": {"listen": ""}})
+        monitor = HealthMonitor(cfg, on_change=lambda t, up: changes.append((t, up)))
+        server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", port)
+        seen = []
+        await monitor.probe_all()
+        seen.append(monitor.is_up("main"))
+        server.close()
+        await server.wait_closed()
+        for _ in range(3):
+            await monitor.probe_all()
+            seen.append(monitor.is_up("main"))
+        reason = monitor.reason("main")
+        server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", port)
+        for _ in range(2):
+            await monitor.probe_all()
+            seen.append(monitor.is_up("main"))
+        server.close()
+        return seen, reason
+
+    seen, reason = run(go())
+    assert seen == [True, True, True, False, False, True]
+    assert reason == "Connection refused"
+    assert changes == [("main", True), ("backup", True), ("main", False), ("main", True)]
+
+
+def test_the_host_header_and_the_address_are_the_configured_ones():
+    requests = {}
+
+    async def go():
+        async def handle(reader, writer):
+            address, port = writer.get_extra_info("sockname")[:2]
+            requests[port] = (address, await reader.readuntil(b"\r\n\r\n"))
+            writer.write(b"HTTP/1.0 200 OK\r\n\r\n")
+            writer.close()
+
+        # 127.0.0.2 is a loopback address too, but not the one probed by default.
+        main = await asyncio.start_server(handle, "127.0.0.2", 0)
+        backup = await asyncio.start_server(handle, "127.0.0.1", 0)
+        ports = [s.sockets[0].getsockname()[1] for s in (main, backup)]
+        cfg = from_dict({"targets": {"main": {"port": ports[0], "health": "http:/healthz",
+                                              "health_host": "main.example:8080"},
+                                     "backup": {"port": ports[1], "health": "http:/",
+                                                "health_address": "127.0.0.1"}},
+                         "health": {"address": "127.0.0.2", "host": "app.example"},
+                         "agent": {"listen": ""}, "metrics": {"listen": ""}})
+        monitor = HealthMonitor(cfg)
+        await monitor.probe_all()
+        for server in (main, backup):
+            server.close()
+        return monitor, ports
+
+    monitor, (main_port, backup_port) = run(go())
+    assert monitor.is_up("main") and monitor.is_up("backup")
+    address, request = requests[main_port]
+    assert address == "127.0.0.2"
+    assert request.startswith(b"GET /healthz HTTP/1.0\r\nHost: main.example:8080\r\n"), request
+    address, request = requests[backup_port]
+    assert address == "127.0.0.1"
+    assert request.startswith(b"GET / HTTP/1.0\r\nHost: app.example\r\n"), request
+
+
+def test_an_address_where_nothing_listens_is_down():
+    async def go():
+        server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        cfg = from_dict({"targets": {"main": {"port": port, "health": "tcp",
+                                              "health_address": "127.0.0.3"},
+                                     "backup": {"port": free_port(), "health": "none"}},
+                         "agent": {"listen": ""}, "metrics": {"listen": ""}})
+        monitor = HealthMonitor(cfg)
+        await monitor.probe_all()
+        server.close()
+        return monitor
+
+    monitor = run(go())
+    # 127.0.0.1 answers on that port; the configured address alone is probed.
+    assert (monitor.is_up("main"), monitor.reason("main")) == (False, "Connection refused")

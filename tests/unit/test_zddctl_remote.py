@@ -6,6 +6,7 @@ tests/e2e/test_ansible.py."""
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import subprocess
@@ -114,3 +115,28 @@ def test_ssh_missing_is_exit_1():
 def test_usage_errors_are_exit_2_before_any_ssh(argv):
     r = zddctl(*argv, ssh=ECHO_ARGS)
     assert r.returncode == 2 and r.stdout == "", r
+
+
+# ---- --json through -H ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv", [["--json", "switch", "off"], ["switch", "off", "--json"],
+                                  ["reload", "--json"], ["wait-drained", "--json", "main"]])
+def test_json_reaches_the_remote_zddctl_after_the_command(argv):
+    args = build_parser().parse_args(["-H", "app1", *argv])
+    remote = remote_argv(args)
+    assert remote[2] == "--json", remote
+
+
+@pytest.mark.parametrize("status, name", [(255, "ssh"), (127, "ssh"), (3, "ssh")])
+def test_local_failures_of_h_are_json_with_json(status, name):
+    r = zddctl("-H", "app1", "status", "--json", ssh=exits(status))
+    assert r.returncode == 1 and r.stderr == "", r
+    out = json.loads(r.stdout)
+    assert out["error"] == name and "app1" in out["message"], out
+
+
+def test_usage_error_with_json_is_json_on_stdout_before_any_ssh():
+    r = zddctl("-H", "app1", "--json", "switch", ssh=ECHO_ARGS)
+    assert r.returncode == 2 and r.stderr == "", r
+    out = json.loads(r.stdout)
+    assert out["error"] == "usage" and "TARGET" in out["message"], out

@@ -31,6 +31,7 @@ except ImportError:  # Debian may carry only the original dbus-next; the API is 
     from dbus_next.service import ServiceInterface, dbus_property, signal  # type: ignore
 
 from .. import errors
+from ..api import BUS_NAME, ERROR_PREFIX, INTERFACE, OBJECT_PATH
 from ..config import MAX_SECONDS
 from ..core import Observer, Snapshot, Steering
 from ..logfmt import quote
@@ -104,10 +105,6 @@ def install_wire_fix() -> None:
     aio_bus._MessageWriter.buffer_message = buffer_message
 
 
-BUS_NAME = "org.zddd.Steering1"
-OBJECT_PATH = "/org/zddd/Steering1"
-INTERFACE = "org.zddd.Steering1.Manager"
-ERROR_PREFIX = "org.zddd.Steering1.Error."
 FAILED = "org.freedesktop.DBus.Error.Failed"
 
 

@@ -1,0 +1,64 @@
+"""zddctl status from zddd's properties: the JSON keys and the lines people read, for a zddd
+that has the last switch's time and caller, for an older one that has not, and for connection
+counts zddd could not read."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from zddd.cli import format_status, status_dict
+
+OLD_ZDDD = {"ActiveTarget": "main", "Draining": "", "Backend": "nftables", "ListenPort": 8888,
+            "LastSwitchUSec": 412, "Targets": {"main": 8080, "backup": 80},
+            "TargetsUp": {"main": True, "backup": False},
+            "Connections": {"main": 3, "backup": 0}, "DrainTimeoutUSec": 30_000_000}
+NOW = 1_780_000_000.0
+
+
+def test_an_older_zddd_shows_no_time_nor_caller():
+    st = status_dict(OLD_ZDDD)
+    assert st["last_switch_timestamp_usec"] is None and st["last_switch_caller"] is None
+    assert st["targets"] == {"backup": {"port": 80, "up": False, "connections": 0},
+                             "main": {"port": 8080, "up": True, "connections": 3}}
+    text = format_status(st, NOW)
+    assert "last switch:   412 µs (data-plane commit)\n" in text
+    assert "by " not in text
+
+
+def test_when_and_who_asked():
+    stamp = NOW - 125
+    st = status_dict({**OLD_ZDDD, "LastSwitchTimestamp": int(stamp * 1e6),
+                      "LastSwitchCaller": "uid=1000"})
+    assert st["last_switch_timestamp_usec"] == int(stamp * 1e6)
+    assert st["last_switch_caller"] == "uid=1000"
+    line = next(x for x in format_status(st, NOW).splitlines() if x.startswith("last switch"))
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(stamp))
+    assert line.startswith(f"last switch:   {when} "), line
+    assert line.endswith("(2 min ago) by uid=1000, data-plane commit 412 µs"), line
+
+
+@pytest.mark.parametrize("ago, says", [(0, "0 s ago"), (59, "59 s ago"), (3600 * 5, "5 h ago"),
+                                       (86400, "1 day ago"), (86400 * 3 + 5, "3 days ago")])
+def test_how_long_ago(ago, says):
+    st = status_dict({**OLD_ZDDD, "LastSwitchTimestamp": int((NOW - ago) * 1e6),
+                      "LastSwitchCaller": ""})
+    text = format_status(st, NOW)
+    assert f"({says}), data-plane commit" in text, text
+
+
+def test_never_switched():
+    st = status_dict({**OLD_ZDDD, "LastSwitchTimestamp": 0, "LastSwitchCaller": ""})
+    assert st["last_switch_timestamp_usec"] == 0
+    assert "last switch:   never\n" in format_status(st, NOW)
+
+
+@pytest.mark.parametrize("connections", [{"main": 3}, {"main": 3, "backup": -1}])
+def test_a_count_zddd_could_not_read_is_unknown(connections):
+    st = status_dict({**OLD_ZDDD, "Connections": connections})
+    assert st["targets"]["backup"]["connections"] is None
+    assert st["targets"]["main"]["connections"] == 3
+    lines = format_status(st, NOW).splitlines()
+    assert lines[-2].startswith("  backup ") and lines[-2].endswith(" connections unknown")
+    assert lines[-1].endswith(" 3 connections")
