@@ -133,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--wait-drained", nargs="?", type=_seconds, const=-1.0, default=None,
                    metavar="SECONDS",
                    help="then wait until the previously active target has no connection "
-                        "(default wait: drain_timeout + 10 s)")
+                        "and, for off, the drain has ended (default wait: drain_timeout + 10 s)")
     s = command("wait-drained", help="wait until a target has no connection",
                 description="Wait until TARGET has no established connection and no "
                             "drain of it is pending.")

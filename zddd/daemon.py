@@ -54,7 +54,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="zddd",
         description="Zero-downtime deployment daemon: steers the listen port (default 8888) "
                     "to the main or backup vhost, or to nothing, and serves org.zddd.Steering1 "
-                    "on D-Bus. Runs in the foreground.")
+                    "on D-Bus. Runs in the foreground.",
+        epilog="Exit status: 0 stopped; 1 a failure a restart may fix; 2 usage error; 78 a "
+               "configuration to fix (the unit does not restart on it). See zddd(8).")
     p.add_argument("--config", metavar="PATH",
                    help="TOML config (default /etc/zddd/zddd.toml; built-in defaults if that "
                         "file does not exist)")
