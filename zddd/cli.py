@@ -55,7 +55,7 @@ class Formatter(argparse.HelpFormatter):
             width = int(os.environ["COLUMNS"])
         except (KeyError, ValueError):
             try:
-                width = os.get_terminal_size(sys.__stdout__.fileno()).columns
+                width = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
             except (AttributeError, ValueError, OSError):
                 width = 80
         super().__init__(prog, width=width - 2, **kw)

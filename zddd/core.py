@@ -206,6 +206,7 @@ class Steering:
                 raise BackendFailure(f"the kernel refused zddd's data plane: {e}") from None
         self.active = active
         if resume:
+            assert saved is not None  # resume comes from a saved drain
             remaining = max(0.0, saved.drain_deadline - self.wall())
             self._begin_drain(active, remaining, save=False, caller=saved.drain_caller)
             self._drain_answers = int(saved.drain_answered)

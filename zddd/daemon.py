@@ -16,7 +16,7 @@ import socket
 import struct
 import sys
 from pathlib import Path
-from typing import Awaitable, Callable
+from typing import TYPE_CHECKING, Awaitable, Callable
 
 from . import __version__
 from .backends import BackendUnavailable, Desired, backend_class, make_backend
@@ -32,6 +32,9 @@ from .service.listener import Listener
 from .service.metrics import MetricsServer
 from .service.notify import Notifier
 from .state import StateFile
+
+if TYPE_CHECKING:
+    from dbus_fast.aio import MessageBus
 
 log = logging.getLogger("zddd")
 
@@ -139,7 +142,7 @@ class Listeners:
         """Close the sockets bound here that never served (a failed start or reload)."""
         for role in self._fresh:
             server = self.servers[role]
-            if server in core.observers:
+            if isinstance(server, Observer) and server in core.observers:
                 core.observers.remove(server)
             server.discard()
 
@@ -198,7 +201,7 @@ class Daemon(Observer):
         self.health.on_change = self.core.health_changed
         self.core.observers.append(self)
         self.listeners: Listeners | None = None
-        self.bus = None
+        self.bus: MessageBus | None = None
         self._stop = asyncio.Event()
         self._reloads = Coalesced(self._reload_logged)
         self._reloading = asyncio.Lock()
@@ -344,6 +347,7 @@ class Daemon(Observer):
         # dbus-fast raises the error that broke the connection (EOFError when the bus daemon
         # goes away) instead of returning: both mean the bus is lost.
         try:
+            assert self.bus is not None
             await self.bus.wait_for_disconnect()
             error = ""
         except Exception as e:

@@ -82,7 +82,7 @@ class StateFile:
             return self._untrusted("its content is not a valid state")
         return state
 
-    def _untrusted(self, why: str) -> None:
+    def _untrusted(self, why: str) -> "SavedState | None":
         log.warning("event=state_file_ignored path=%s reason=%s", quote(str(self.path)),
                     quote(why))
         return None

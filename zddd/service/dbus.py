@@ -102,7 +102,7 @@ def install_wire_fix() -> None:
         finally:
             msg.body = body
 
-    aio_bus._MessageWriter.buffer_message = buffer_message
+    aio_bus._MessageWriter.buffer_message = buffer_message  # type: ignore[method-assign]
 
 
 FAILED = "org.freedesktop.DBus.Error.Failed"
@@ -129,7 +129,7 @@ async def connect(spec: str) -> MessageBus:
 # ---- errors -----------------------------------------------------------------------------------
 # One D-Bus error name per condition, found by class hierarchy: a subclass of a condition is
 # that condition. A ZdddError outside all of them still answers the caller, as Failed.
-_ERROR_NAMES = {cls: ERROR_PREFIX + cls.__name__ for cls in (
+_ERROR_NAMES: dict[type, str] = {cls: ERROR_PREFIX + cls.__name__ for cls in (
     errors.InvalidTarget, errors.InvalidArgument, errors.TargetUnhealthy,
     errors.BackendFailure, errors.InvalidConfig)}
 
@@ -240,7 +240,7 @@ def _usec_in_range(value: int, what: str) -> float:
 def parse_options(options: dict) -> dict:
     """SwitchWithOptions' a{sv} → keyword arguments of Steering.switch; InvalidArgument on any
     unknown option or wrong type."""
-    kwargs = {}
+    kwargs: dict[str, Any] = {}
     for key, value in options.items():
         want = _OPTION_TYPES.get(key)
         if want is None:
@@ -371,6 +371,7 @@ class ManagerInterface(ServiceInterface, Observer):
                 destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
                 interface="org.freedesktop.DBus", member="GetConnectionCredentials",
                 signature="s", body=[sender]))
+            assert reply is not None
             creds = reply.body[0]
             uid = int(creds["UnixUserID"].value)
         except Exception:
@@ -381,7 +382,7 @@ class ManagerInterface(ServiceInterface, Observer):
     async def _call(self, declared: Method, msg: Message) -> None:
         assert self.bus is not None
         try:
-            caller = await self._caller(msg.sender)
+            caller = await self._caller(msg.sender or "")
             body = await declared.run(self, caller, msg.body)
             reply = Message.new_method_return(msg, declared.returns, body)
         except errors.ZdddError as e:

@@ -8,12 +8,13 @@ server on the bound socket; `stop` closes whichever of the two exists.
 from __future__ import annotations
 
 import asyncio
+from abc import ABC, abstractmethod
 import socket
 
 from ..config import Endpoint
 
 
-class Listener:
+class Listener(ABC):
     backlog = 128
 
     def __init__(self) -> None:
@@ -41,6 +42,10 @@ class Listener:
     def port(self) -> int:
         assert self._sock is not None
         return self._sock.getsockname()[1]
+
+    @abstractmethod
+    async def serve(self) -> None:
+        """Accept and answer clients on the bound socket, in the protocol of the subclass."""
 
     async def _serve(self, handler, **kwargs) -> None:
         assert self._sock is not None, "bind first"

@@ -13,6 +13,7 @@ import asyncio
 import logging
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.registry import Collector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
@@ -104,7 +105,7 @@ class _KernelCollector:
         return []  # names are fixed; no kernel read just to register
 
 
-class _Exported:
+class _Exported(Collector):
     """What the endpoint shows: the kernel-side values first, so a read that fails is already
     counted in zddd_collection_errors_total of the same scrape; then the event metrics, without
     the `*_created` series prometheus-client adds (not zddd's contract: they would show up as
@@ -163,7 +164,7 @@ class MetricsServer(Listener, Observer):
             try:
                 asyncio.get_running_loop().call_soon(self._fresh)
             except RuntimeError:  # no loop (called directly): nothing to share with
-                self._rendered, rendered = None, self._rendered
+                rendered, self._rendered = self._rendered, None
                 return rendered
         return self._rendered
 
