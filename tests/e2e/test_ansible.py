@@ -214,7 +214,7 @@ def playbook(lab: zdddlab.Lab, c: zdddlab.Cluster, usage: str, *extra: str,
     """ansible-playbook with examples/ansible/lab.ini, from the load balancer's namespace."""
     started = time.monotonic()
     argv = ["ansible-playbook", "-i", str(ANSIBLE / "lab.ini"), str(PLAYBOOK),
-            "-e", f"lab_root={lab.tmp}", "-e", f"haproxy_usage={usage}", *extra]
+            "-e", f"lab_root={lab.tmp}", "-e", f"zddd_haproxy_usage={usage}", *extra]
     result = lab.exec(c.lb, argv, env=ansible_env(lab), cwd=lab.tmp, check=False,
                       timeout=timeout)
     print(f"ansible-playbook took {time.monotonic() - started:.1f} s:\n{result.stdout}"
@@ -355,8 +355,8 @@ def test_rolling_deploy_under_load(fleet, request):
     (build / "index.html").write_text("main r2\n")
     (build / "healthz").write_text("ok\n")
 
-    result, records, watch, finished = rolled(lab, c, usage, "-e", "release=r2",
-                                              "-e", f"release_src={build}")
+    result, records, watch, finished = rolled(lab, c, usage, "-e", "zddd_release=r2",
+                                              "-e", f"zddd_release_src={build}")
 
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr
     assert not failed(records), failed(records)[:5]
@@ -384,8 +384,8 @@ def test_a_release_failing_its_health_check_on_the_second_host_stops_the_roll(fl
     release(app_root(lab, "app1"), "main", "r3", "app1 main r3")
     release(app_root(lab, "app2"), "main", "r3", "app2 main r3 broken", healthy=False)
 
-    result, records, watch, finished = rolled(lab, c, usage, "-e", "release=r3",
-                                              "-e", "main_up_wait=5")
+    result, records, watch, finished = rolled(lab, c, usage, "-e", "zddd_release=r3",
+                                              "-e", "zddd_main_up_wait=5")
 
     out = result.stdout + result.stderr
     assert result.returncode != 0, out[-3000:]
@@ -420,7 +420,7 @@ def test_a_failure_on_the_first_host_leaves_the_others_untouched(fleet, request)
     release(app_root(lab, "app2"), "main", "r4", "app2 main r4")
     app2_log = len(c.apps["app2"].zddd.log())
 
-    result = playbook(lab, c, usage, "-e", "release=r4", "-e", "lb_verify_wait=3")
+    result = playbook(lab, c, usage, "-e", "zddd_release=r4", "-e", "zddd_lb_verify_wait=3")
 
     out = result.stdout + result.stderr
     assert result.returncode != 0 and "fatal: [app1]" in out, out[-3000:]
