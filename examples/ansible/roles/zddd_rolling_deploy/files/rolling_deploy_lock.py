@@ -80,7 +80,10 @@ def take(path: str, release: str, hosts: str) -> int:
     for _ in range(2):
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:
+        except OSError as e:
+            if not isinstance(e, FileExistsError):
+                print(f"cannot create the lock {path}: {e.strerror or e}")
+                return 1
             holder = read(path)
             pid = holder.get("pid", 0)
             if not holder or (pid and runs_ansible_playbook(pid)) or not pid:
@@ -94,6 +97,9 @@ def take(path: str, release: str, hosts: str) -> int:
                 os.unlink(path)
             except FileNotFoundError:
                 pass
+            except OSError as e:
+                print(f"cannot remove the stale lock {path}: {e.strerror or e}")
+                return 1
             continue
         with os.fdopen(fd, "w") as f:
             json.dump(me, f)
