@@ -10,7 +10,11 @@ for the test, listening only on the host's address inside its namespace, killed 
 Ansible and zddctl -H run inside the load balancer's namespace with examples/ansible/lab.ini.
 
 The tests of one usage share one lab and run in file order, like an operator would: ssh checks,
-a roll to r2, a roll to r3 that fails on app2, a roll to r4 that fails on app1.
+a roll to r2, the same roll again (nothing changes), a --check of r9 (nothing changes), a roll to
+r3 that fails on app2, a roll to r4 that fails on app1, a roll to r5 with a second roll started
+meanwhile (refused by the lock), r5 again pruning old releases, a roll to r6 whose rollback fails
+too, r7 with app2 unreachable from the start, r8 with app2 unreachable at its turn (the
+health-port usage runs only r2, its re-run and r3). A second lab, of eight app servers, rolls r2.
 """
 
 from __future__ import annotations
@@ -318,6 +322,15 @@ def assert_rotation_kept(watch: RotationWatch, usage: str) -> None:
 
 
 
+def start_playbook(lab: zdddlab.Lab, c: zdddlab.Cluster, usage: str, *extra: str,
+                   env: dict[str, str] | None = None) -> subprocess.Popen:
+    """playbook(), in the background: its output (stdout and stderr) from communicate()."""
+    return subprocess.Popen(["ip", "netns", "exec", c.lb.name,
+                             *playbook_argv(lab, usage, *extra)],
+                            env={**ansible_env(lab), **(env or {})}, cwd=lab.tmp,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
 def recap(out: str) -> dict[str, dict[str, int]]:
     """The PLAY RECAP: host -> {"ok": n, "changed": n, "unreachable": n, "failed": n, ...}."""
     return {host: {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", counts)}
@@ -555,10 +568,7 @@ def test_a_second_roll_fails_fast_naming_the_one_that_runs(fleet, request):
     for host in HOSTS:
         release(app_root(lab, host), "main", "r5", "main r5")
     lock = lab.tmp / "rolling-deploy.lock"
-    first = subprocess.Popen(["ip", "netns", "exec", c.lb.name,
-                              *playbook_argv(lab, usage, "-e", "zddd_release=r5")],
-                             env=ansible_env(lab), cwd=lab.tmp, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True)
+    first = start_playbook(lab, c, usage, "-e", "zddd_release=r5")
     try:
         zdddlab.wait_for(lambda: first.poll() is not None or lock.exists(), 60,
                          "the first roll to take its lock")
@@ -667,6 +677,42 @@ def test_an_unreachable_host_stops_the_roll_before_it_starts(fleet, request):
     assert "PLAY [Rolling deploy" not in out, out[-3000:]
     assert switches_since(c, marks) == {host: [] for host in HOSTS}
     assert current(app_root(lab, "app1")) == "releases/r5"
+    assert not (lab.tmp / "rolling-deploy.lock").exists()
+
+
+@pytest.mark.parametrize("fleet", ["traffic-port"], indirect=True)
+def test_a_host_unreachable_at_its_turn_stops_the_roll_there(fleet, request):
+    """app2's sshd stops while app1 is being deployed: app1 ends on r8, and the roll stops at
+    app2 with a message naming it; app2 is not switched and the lock is released."""
+    lab, c = fleet
+    usage = request.node.callspec.params["fleet"]
+    for host in HOSTS:
+        release(app_root(lab, host), "main", "r8", "main r8")
+    marks = zddd_logs(c)
+    no_master = {"ANSIBLE_SSH_ARGS": "-o ControlMaster=no"}
+    roll = start_playbook(lab, c, usage, "-e", "zddd_release=r8", env=no_master)
+    try:
+        zdddlab.wait_for(lambda: roll.poll() is not None or switches_since(c, marks)["app1"],
+                         90, "app1's turn")
+        zdddlab.stop(sshd(lab, "app2"))
+        out, _ = roll.communicate(timeout=150)
+    finally:
+        if roll.poll() is None:
+            roll.kill()
+            roll.wait()
+        if not sshd(lab, "app2").alive():
+            lab.procs.remove(sshd(lab, "app2"))
+            start_sshd(lab, "app2", c.apps["app2"].netns, c.apps["app2"].addr,
+                       lab.tmp / "ssh")
+    print(out, file=sys.stderr)
+    assert roll.returncode != 0, out[-3000:]
+    msg = last_failure(out, "app2")
+    assert msg.startswith("app2 is unreachable (") and msg.endswith(
+        "the roll stopped before it; app2 and the hosts after it were not touched"), msg
+    assert current(app_root(lab, "app1")) == "releases/r8"
+    assert c.apps["app1"].zddd.status()["active_target"] == "main"
+    assert current(app_root(lab, "app2")) == "releases/r5"
+    assert switches_since(c, marks)["app2"] == []
     assert not (lab.tmp / "rolling-deploy.lock").exists()
 
 
