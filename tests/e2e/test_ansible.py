@@ -9,12 +9,13 @@ and an sshd of the test's own (Debian's openssh-server, a host key and a client 
 for the test, listening only on the host's address inside its namespace, killed at teardown).
 Ansible and zddctl -H run inside the load balancer's namespace with examples/ansible/lab.ini.
 
-The tests of one usage share one lab and run in file order, like an operator would: ssh checks,
-a roll to r2, the same roll again (nothing changes), a --check of r9 (nothing changes), a roll to
-r3 that fails on app2, a roll to r4 that fails on app1, a roll to r5 with a second roll started
-meanwhile (refused by the lock), r5 again pruning old releases, a roll to r6 whose rollback fails
-too, r7 with app2 unreachable from the start, r8 with app2 unreachable at its turn (the
-health-port usage runs only r2, its re-run and r3). A second lab, of eight app servers, rolls r2.
+The tests of one usage share one lab and run in file order, like an operator would: ssh checks, a
+roll to r2, the same roll again (nothing changes), a changed build named r2 (refused), a --check of
+r9 (nothing changes), a roll to r3 that fails on app2, a roll to r4 that fails on app1, a roll to
+r5 with a second roll started meanwhile (refused by the lock), r5 again pruning old releases, a
+roll to r6 whose rollback fails too, r7 with app2 unreachable from the start, r8 with app2
+unreachable at its turn (the health-port usage runs only r2, its re-run and r3). A second lab, of
+eight app servers, rolls r2.
 """
 
 from __future__ import annotations
@@ -465,6 +466,29 @@ def test_the_same_release_again_changes_nothing(fleet, request):
         assert current(app_root(lab, host)) == "releases/r2"
         assert releases(lab, host) == before[host]
     assert switches_since(c, marks) == {host: [] for host in HOSTS}
+
+
+@pytest.mark.parametrize("fleet", ["traffic-port"], indirect=True)
+def test_a_changed_build_under_the_active_release_name_changes_nothing(fleet, request):
+    """The build of r2 changed on the controller, and r2 is what the hosts serve: the roll
+    stops at the preflight, naming the hosts, and the served files stay as they were."""
+    lab, c = fleet
+    usage = request.node.callspec.params["fleet"]
+    build = lab.tmp / "build" / "r2-changed"
+    build.mkdir(parents=True)
+    (build / "index.html").write_text("main r2, rebuilt\n")
+    (build / "healthz").write_text("ok\n")
+    marks = zddd_logs(c)
+
+    result = playbook(lab, c, usage, "-e", "zddd_release=r2", "-e", f"zddd_release_src={build}")
+
+    assert result.returncode != 0, result.stdout[-3000:]
+    for host in HOSTS:
+        msg = last_failure(result.stdout, host)
+        assert msg.startswith(f"{host}: release r2 is active and differs from {build}"), msg
+        assert direct(lab, c, host, 8080) == "main r2"
+    assert switches_since(c, marks) == {host: [] for host in HOSTS}
+    assert not (lab.tmp / "rolling-deploy.lock").exists()
 
 
 @pytest.mark.parametrize("fleet", ["traffic-port"], indirect=True)
