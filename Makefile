@@ -78,10 +78,18 @@ test-e2e: setup
 test-system: setup
 	$(PYTEST) -m system tests/system
 
-# ruff is a development tool, not a runtime dependency: it comes from PyPI into the venv.
+# ruff, mypy and ansible-lint are development tools, not runtime dependencies: they come from PyPI
+# into the venv. ansible-lint 6.x is the last that works with Debian 12's ansible-core 2.14;
+# the pins keep pip from pulling a newer ansible-core (and ansible-compat, which wants one) into
+# the venv over Debian's. Its config: examples/ansible/.ansible-lint.
+ANSIBLE_LINT := ansible-lint==6.22.2 ansible-compat>=4.1.11,<5 ansible-core>=2.14,<2.15
 lint: setup
-	test -x $(VENV)/bin/ruff || $(VPY) -m pip install -q ruff
+	test -x $(VENV)/bin/ruff || $(VPY) -m pip install -q 'ruff==0.17.6'
 	$(VENV)/bin/ruff check zddd zdddlab tests bench examples
+	test -x $(VENV)/bin/mypy || $(VPY) -m pip install -q 'mypy==1.13.0'
+	$(VENV)/bin/mypy --python-executable $(PY)
+	test -x $(VENV)/bin/ansible-lint || $(VPY) -m pip install -q $(foreach p,$(ANSIBLE_LINT),'$(p)')
+	cd examples/ansible && $(CURDIR)/$(VENV)/bin/ansible-lint
 
 # BACKEND=tc|xdp|sk_lookup runs the demo on that data plane (it then installs bcc and kernel
 # headers too: setup-bpf).

@@ -9,8 +9,13 @@ and an sshd of the test's own (Debian's openssh-server, a host key and a client 
 for the test, listening only on the host's address inside its namespace, killed at teardown).
 Ansible and zddctl -H run inside the load balancer's namespace with examples/ansible/lab.ini.
 
-The tests of one usage share one lab and run in file order, like an operator would: ssh checks,
-a roll to r2, a roll to r3 that fails on app2, a roll to r4 that fails on app1.
+The tests of one usage share one lab and run in file order, like an operator would: ssh checks, a
+roll to r2, the same roll again (nothing changes), a changed build named r2 (refused), a --check of
+r9 (nothing changes), a roll to r3 that fails on app2, a roll to r4 that fails on app1, a roll to
+r5 with a second roll started meanwhile (refused by the lock), r5 again pruning old releases, a
+roll to r6 whose rollback fails too, r7 with app2 unreachable from the start, r8 with app2
+unreachable at its turn (the health-port usage runs only r2, its re-run and r3). A second lab, of
+eight app servers, rolls r2.
 """
 
 from __future__ import annotations
@@ -79,7 +84,7 @@ def keygen(path: Path) -> str:
     return path.with_suffix(".pub").read_text().strip()
 
 
-def ssh_setup(lab: zdddlab.Lab) -> Path:
+def ssh_setup(lab: zdddlab.Lab, hosts: dict[str, str]) -> Path:
     """The client side: a key, known_hosts with each app host's own host key, an ssh_config
     (examples/ansible/lab.ini points Ansible at it). Returns the directory."""
     directory = lab.tmp / "ssh"
@@ -87,7 +92,7 @@ def ssh_setup(lab: zdddlab.Lab) -> Path:
     client_pub = keygen(directory / "id_ed25519")
     (directory / "authorized_keys").write_text(client_pub + "\n")
     known = []
-    for name, addr in zdddlab.APP_ADDRS.items():
+    for name, addr in hosts.items():
         host_pub = keygen(directory / f"{name}_host_key")
         known.append(f"{addr} {host_pub}")
     (directory / "known_hosts").write_text("\n".join(known) + "\n")
@@ -147,17 +152,19 @@ ZDDD_CONFIG = {"targets": {"main": {"port": 8080, "health": "http:/healthz"},
                            "backup": {"port": 80, "health": "http:/healthz"}}}
 
 
-def fleet_cluster(lab: zdddlab.Lab, usage: str) -> zdddlab.Cluster:
+def fleet_cluster(lab: zdddlab.Lab, usage: str,
+                  hosts: dict[str, str] = zdddlab.APP_ADDRS) -> zdddlab.Cluster:
     """zdddlab.cluster's topology with release layouts, the shipped vhosts and sshd; every host
-    starts on release r1 ("<host> main r1"). Returns once HAProxy has every server UP."""
+    starts on release r1 ("<host> main r1"). With more `hosts` than the shipped HAProxy config
+    names, its server lines are repeated for each. Returns once HAProxy has every server UP."""
     lb = lab.netns("lb")
     client = lab.netns("client")
     lab.bridge(lb, f"{zdddlab.LB_APP_ADDR}/24")
     lab.link(lb, "client", client, "eth0", cidr_a=f"{zdddlab.LB_CLIENT_ADDR}/24",
              cidr_b=f"{zdddlab.CLIENT_ADDR}/24")
-    ssh_dir = ssh_setup(lab)
+    ssh_dir = ssh_setup(lab, hosts)
     apps = {}
-    for name, addr in zdddlab.APP_ADDRS.items():
+    for name, addr in hosts.items():
         ns = lab.netns(name)
         lab.link(lb, name, ns, "eth0", cidr_b=f"{addr}/24", master_a="br0")
         app_root = lab.tmp / name / "srv" / "app"
@@ -169,18 +176,32 @@ def fleet_cluster(lab: zdddlab.Lab, usage: str) -> zdddlab.Cluster:
         zddd = lab.zddd(f"{name}-zddd", ns, bus, ZDDD_CONFIG)
         start_sshd(lab, name, ns, addr, ssh_dir)
         apps[name] = zdddlab.AppServer(name, ns, addr, zddd, nginx)
-    haproxy = lab.haproxy("haproxy", lb, zdddlab.HAPROXY_CONFIGS[usage].read_text())
-    zdddlab.wait_for(lambda: set(haproxy.servers().values()) == {"UP"}, 20,
+    haproxy = lab.haproxy("haproxy", lb, haproxy_config(usage, hosts))
+    zdddlab.wait_for(lambda: set(haproxy.servers().values()) == {"UP"}, 30,
                     "HAProxy to see every server UP")
     return zdddlab.Cluster(lb, client, apps, haproxy)
 
 
-def lab_for(usage: str):
+def haproxy_config(usage: str, hosts: dict[str, str]) -> str:
+    """The shipped config for `usage`; for other hosts than it names, app1's server lines
+    repeated for each of `hosts` in place of the shipped ones."""
+    text = zdddlab.HAPROXY_CONFIGS[usage].read_text()
+    if hosts == zdddlab.APP_ADDRS:
+        return text
+    lines = text.splitlines()
+    servers = [i for i, line in enumerate(lines) if re.match(r"\s*server app\d", line)]
+    app1 = [line for line in lines if re.match(r"\s*server app1[ -]", line)]
+    ours = [line.replace("app1", name).replace(zdddlab.APP_ADDRS["app1"] + ":", addr + ":")
+            for name, addr in hosts.items() for line in app1]
+    return "\n".join(lines[:servers[0]] + ours + lines[servers[-1] + 1:]) + "\n"
+
+
+def lab_for(usage: str, hosts: dict[str, str] = zdddlab.APP_ADDRS):
     if os.geteuid() != 0:
         pytest.fail("this test needs root (network namespaces, nftables)")
     lab = zdddlab.Lab(prefix="ans")
     try:
-        cluster = fleet_cluster(lab, usage)
+        cluster = fleet_cluster(lab, usage, hosts)
         yield lab, cluster
     finally:
         for proc in lab.procs:
@@ -209,14 +230,20 @@ def ansible_env(lab: zdddlab.Lab) -> dict[str, str]:
             "ANSIBLE_FORCE_COLOR": "0", "ANSIBLE_RETRY_FILES_ENABLED": "0"}
 
 
+def playbook_argv(lab: zdddlab.Lab, usage: str, *extra: str,
+                  inventory: Path = ANSIBLE / "lab.ini") -> list[str]:
+    return ["ansible-playbook", "-i", str(inventory), str(PLAYBOOK),
+            "-e", f"lab_root={lab.tmp}", "-e", f"zddd_haproxy_usage={usage}", *extra]
+
+
 def playbook(lab: zdddlab.Lab, c: zdddlab.Cluster, usage: str, *extra: str,
-             timeout: float = 150) -> subprocess.CompletedProcess:
+             timeout: float = 150, inventory: Path = ANSIBLE / "lab.ini",
+             env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """ansible-playbook with examples/ansible/lab.ini, from the load balancer's namespace."""
     started = time.monotonic()
-    argv = ["ansible-playbook", "-i", str(ANSIBLE / "lab.ini"), str(PLAYBOOK),
-            "-e", f"lab_root={lab.tmp}", "-e", f"haproxy_usage={usage}", *extra]
-    result = lab.exec(c.lb, argv, env=ansible_env(lab), cwd=lab.tmp, check=False,
-                      timeout=timeout)
+    argv = playbook_argv(lab, usage, *extra, inventory=inventory)
+    result = lab.exec(c.lb, argv, env={**ansible_env(lab), **(env or {})}, cwd=lab.tmp,
+                      check=False, timeout=timeout)
     print(f"ansible-playbook took {time.monotonic() - started:.1f} s:\n{result.stdout}"
           f"{result.stderr}", file=sys.stderr)
     return result
@@ -226,8 +253,9 @@ class RotationWatch:
     """Samples HAProxy's stats socket every 50 ms: which main servers (app1, app2) are in
     rotation, i.e. in a state that takes new requests ("UP", "UP 1/2")."""
 
-    def __init__(self, haproxy: zdddlab.HAProxy):
+    def __init__(self, haproxy: zdddlab.HAProxy, hosts: tuple[str, ...] = HOSTS):
         self.haproxy = haproxy
+        self.hosts = hosts
         self.samples: list[tuple[float, dict[str, str]]] = []
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -238,7 +266,7 @@ class RotationWatch:
             try:
                 servers = self.haproxy.servers()
                 self.samples.append((time.monotonic(),
-                                     {h: servers.get(h, "?") for h in HOSTS}))
+                                     {h: servers.get(h, "?") for h in self.hosts}))
             except OSError:
                 pass
             self.stopping.wait(0.05)
@@ -255,14 +283,14 @@ class RotationWatch:
         return any(not s[host].startswith("UP") for _, s in self.samples)
 
 
-def rolled(lab: zdddlab.Lab, c: zdddlab.Cluster, usage: str, *extra: str):
+def rolled(lab: zdddlab.Lab, c: zdddlab.Cluster, usage: str, *extra: str, **kw):
     """Run the playbook under steady load with HAProxy watched; returns (result, records,
     watch, finished) where `finished` is the monotonic time the playbook ended."""
     load = lab.loadgen("load", c.client, c.url, workers=4, interval=0.02)
-    watch = RotationWatch(c.haproxy)
+    watch = RotationWatch(c.haproxy, tuple(c.apps))
     try:
         time.sleep(0.5)
-        result = playbook(lab, c, usage, *extra)
+        result = playbook(lab, c, usage, *extra, **kw)
         finished = time.monotonic()
         time.sleep(1.5)
     finally:
@@ -282,7 +310,7 @@ def failed(records: list[dict]) -> list[dict]:
 def direct(lab: zdddlab.Lab, c: zdddlab.Cluster, host: str, port: int = 8888) -> str:
     """What the host answers on `port`, asked from the load balancer's namespace."""
     r = lab.exec(c.lb, ["curl", "-sS", "--max-time", "3",
-                        f"http://{zdddlab.APP_ADDRS[host]}:{port}/"], check=False)
+                        f"http://{c.apps[host].addr}:{port}/"], check=False)
     return r.stdout.strip() if r.returncode == 0 else f"curl failed: {r.stderr.strip()}"
 
 
@@ -292,6 +320,49 @@ def assert_rotation_kept(watch: RotationWatch, usage: str) -> None:
     if usage == "health-port":
         # The playbook took each host out in turn (switch off): the watch could have seen it.
         assert watch.ever_out("app1") and watch.ever_out("app2"), watch.samples[::20]
+
+
+
+def start_playbook(lab: zdddlab.Lab, c: zdddlab.Cluster, usage: str, *extra: str,
+                   env: dict[str, str] | None = None) -> subprocess.Popen:
+    """playbook(), in the background: its output (stdout and stderr) from communicate()."""
+    return subprocess.Popen(["ip", "netns", "exec", c.lb.name,
+                             *playbook_argv(lab, usage, *extra)],
+                            env={**ansible_env(lab), **(env or {})}, cwd=lab.tmp,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def recap(out: str) -> dict[str, dict[str, int]]:
+    """The PLAY RECAP: host -> {"ok": n, "changed": n, "unreachable": n, "failed": n, ...}."""
+    return {host: {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", counts)}
+            for host, counts in re.findall(r"^(\S+)\s+: (ok=.*)$", out, re.M)}
+
+
+def last_failure(out: str, host: str) -> str:
+    """The message of the last task that failed on `host` (the one that stopped it)."""
+    failures = re.findall(rf"fatal: \[{host}\]: FAILED! => (.*)", out)
+    assert failures, out[-3000:]
+    return json.loads(failures[-1])["msg"]
+
+
+def releases(lab: zdddlab.Lab, host: str) -> set[str]:
+    return {p.name for p in (app_root(lab, host) / "main" / "releases").iterdir()}
+
+
+def zddd_logs(c: zdddlab.Cluster) -> dict[str, int]:
+    """Where each host's zddd log ends now, for switches_since."""
+    return {host: len(app.zddd.log()) for host, app in c.apps.items()}
+
+
+def switches_since(c: zdddlab.Cluster, marks: dict[str, int]) -> dict[str, list[str]]:
+    """Each host's switch and drain events zddd logged since `marks` (zddd_logs)."""
+    return {host: [line for line in app.zddd.log()[marks[host]:].splitlines()
+                   if "event=switch" in line or "event=drain" in line]
+            for host, app in c.apps.items()}
+
+
+def sshd(lab: zdddlab.Lab, host: str) -> zdddlab.Proc:
+    return next(p for p in lab.procs if p.name == f"{host}-sshd")
 
 
 # ---- zddctl -H ----------------------------------------------------------------------------
@@ -355,8 +426,8 @@ def test_rolling_deploy_under_load(fleet, request):
     (build / "index.html").write_text("main r2\n")
     (build / "healthz").write_text("ok\n")
 
-    result, records, watch, finished = rolled(lab, c, usage, "-e", "release=r2",
-                                              "-e", f"release_src={build}")
+    result, records, watch, finished = rolled(lab, c, usage, "-e", "zddd_release=r2",
+                                              "-e", f"zddd_release_src={build}")
 
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr
     assert not failed(records), failed(records)[:5]
@@ -376,6 +447,78 @@ def test_rolling_deploy_under_load(fleet, request):
                      result.stdout), result.stdout[-1500:]
 
 
+def test_the_same_release_again_changes_nothing(fleet, request):
+    """A second run of r2 on a fleet that has it: changed=0 on every host, and not one switch
+    (zddd logged none)."""
+    lab, c = fleet
+    usage = request.node.callspec.params["fleet"]
+    build = lab.tmp / "build" / "r2"
+    marks = zddd_logs(c)
+    before = {host: releases(lab, host) for host in HOSTS}
+
+    result = playbook(lab, c, usage, "-e", "zddd_release=r2", "-e", f"zddd_release_src={build}")
+
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr
+    counts = recap(result.stdout)
+    assert set(counts) == set(HOSTS), result.stdout[-1500:]
+    for host in HOSTS:
+        assert counts[host]["changed"] == 0 and counts[host]["failed"] == 0, counts
+        assert current(app_root(lab, host)) == "releases/r2"
+        assert releases(lab, host) == before[host]
+    assert switches_since(c, marks) == {host: [] for host in HOSTS}
+
+
+@pytest.mark.parametrize("fleet", ["traffic-port"], indirect=True)
+def test_a_changed_build_under_the_active_release_name_changes_nothing(fleet, request):
+    """The build of r2 changed on the controller, and r2 is what the hosts serve: the roll
+    stops at the preflight, naming the hosts, and the served files stay as they were."""
+    lab, c = fleet
+    usage = request.node.callspec.params["fleet"]
+    build = lab.tmp / "build" / "r2-changed"
+    build.mkdir(parents=True)
+    (build / "index.html").write_text("main r2, rebuilt\n")
+    (build / "healthz").write_text("ok\n")
+    marks = zddd_logs(c)
+
+    result = playbook(lab, c, usage, "-e", "zddd_release=r2", "-e", f"zddd_release_src={build}")
+
+    assert result.returncode != 0, result.stdout[-3000:]
+    for host in HOSTS:
+        msg = last_failure(result.stdout, host)
+        assert msg.startswith(f"{host}: release r2 is active and differs from {build}"), msg
+        assert direct(lab, c, host, 8080) == "main r2"
+    assert switches_since(c, marks) == {host: [] for host in HOSTS}
+    assert not (lab.tmp / "rolling-deploy.lock").exists()
+
+
+@pytest.mark.parametrize("fleet", ["traffic-port"], indirect=True)
+def test_check_mode_reports_the_roll_and_changes_nothing(fleet, request):
+    """--check with a new release: exit 0, each host reported as one the roll would change
+    (staged, cycled), and nothing changed: no switch, current and the releases as they were,
+    zddd on main."""
+    lab, c = fleet
+    usage = request.node.callspec.params["fleet"]
+    build = lab.tmp / "build" / "r9"
+    build.mkdir(parents=True)
+    (build / "index.html").write_text("main r9\n")
+    (build / "healthz").write_text("ok\n")
+    marks = zddd_logs(c)
+    before = {host: (current(app_root(lab, host)), releases(lab, host)) for host in HOSTS}
+
+    result = playbook(lab, c, usage, "--check", "-e", "zddd_release=r9",
+                      "-e", f"zddd_release_src={build}")
+
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr
+    counts = recap(result.stdout)
+    for host in HOSTS:
+        assert counts[host]["changed"] >= 2 and counts[host]["failed"] == 0, counts
+        assert f"would take {host} off main (zddctl switch backup)" in result.stdout
+        assert (current(app_root(lab, host)), releases(lab, host)) == before[host]
+        assert c.apps[host].zddd.status()["active_target"] == "main"
+    assert switches_since(c, marks) == {host: [] for host in HOSTS}
+    assert not (lab.tmp / "rolling-deploy.lock").exists()
+
+
 def test_a_release_failing_its_health_check_on_the_second_host_stops_the_roll(fleet, request):
     """r3 is staged on both hosts, but app2's copy has no /healthz: app1 ends on r3, app2 is
     rolled back to r2 and serves, and the playbook fails naming app2."""
@@ -384,8 +527,8 @@ def test_a_release_failing_its_health_check_on_the_second_host_stops_the_roll(fl
     release(app_root(lab, "app1"), "main", "r3", "app1 main r3")
     release(app_root(lab, "app2"), "main", "r3", "app2 main r3 broken", healthy=False)
 
-    result, records, watch, finished = rolled(lab, c, usage, "-e", "release=r3",
-                                              "-e", "main_up_wait=5")
+    result, records, watch, finished = rolled(lab, c, usage, "-e", "zddd_release=r3",
+                                              "-e", "zddd_main_up_wait=5")
 
     out = result.stdout + result.stderr
     assert result.returncode != 0, out[-3000:]
@@ -420,7 +563,7 @@ def test_a_failure_on_the_first_host_leaves_the_others_untouched(fleet, request)
     release(app_root(lab, "app2"), "main", "r4", "app2 main r4")
     app2_log = len(c.apps["app2"].zddd.log())
 
-    result = playbook(lab, c, usage, "-e", "release=r4", "-e", "lb_verify_wait=3")
+    result = playbook(lab, c, usage, "-e", "zddd_release=r4", "-e", "zddd_lb_verify_wait=3")
 
     out = result.stdout + result.stderr
     assert result.returncode != 0 and "fatal: [app1]" in out, out[-3000:]
@@ -437,3 +580,207 @@ def test_a_failure_on_the_first_host_leaves_the_others_untouched(fleet, request)
     assert "event=switch" not in since and "event=drain" not in since, since
     for host in HOSTS:
         assert c.apps[host].zddd.status()["active_target"] == "main"
+
+
+@pytest.mark.parametrize("fleet", ["traffic-port"], indirect=True)
+def test_a_second_roll_fails_fast_naming_the_one_that_runs(fleet, request):
+    """While a roll of r5 runs, a second one fails at once with a message naming the first
+    (user, controller, release, hosts); the first ends well and prunes old releases: the newest
+    three stay, and always the one served before (app2's r2)."""
+    lab, c = fleet
+    usage = request.node.callspec.params["fleet"]
+    for host in HOSTS:
+        release(app_root(lab, host), "main", "r5", "main r5")
+    lock = lab.tmp / "rolling-deploy.lock"
+    first = start_playbook(lab, c, usage, "-e", "zddd_release=r5")
+    try:
+        zdddlab.wait_for(lambda: first.poll() is not None or lock.exists(), 60,
+                         "the first roll to take its lock")
+        assert lock.exists(), first.communicate()[0][-3000:]
+        started = time.monotonic()
+        second = playbook(lab, c, usage, "-e", "zddd_release=r5")
+        took = time.monotonic() - started
+        out, _ = first.communicate(timeout=150)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    print(f"first roll:\n{out}", file=sys.stderr)
+    assert second.returncode != 0
+    msg = last_failure(second.stdout, "app1")
+    assert msg.startswith(f"another rolling deploy holds the lock {lock}: root@"), msg
+    assert "release r5 to app1,app2" in msg, msg
+    assert all(n["changed"] == 0 for n in recap(second.stdout).values()), second.stdout[-2000:]
+    assert took < 20, took
+    assert first.returncode == 0, out[-3000:]
+    assert not lock.exists()
+    for host in HOSTS:
+        assert current(app_root(lab, host)) == "releases/r5"
+    # app1 had r1..r5 (r3 served before); app2 r1..r5 with r2 served before, kept.
+    assert releases(lab, "app1") == {"r3", "r4", "r5"}
+    assert releases(lab, "app2") == {"r2", "r3", "r4", "r5"}
+
+
+@pytest.mark.parametrize("fleet", ["traffic-port"], indirect=True)
+def test_pruning_keeps_zddd_keep_releases_without_cycling_a_host(fleet, request):
+    """r5 again with zddd_keep_releases=1: the old releases go (reported changed), no host is
+    switched."""
+    lab, c = fleet
+    usage = request.node.callspec.params["fleet"]
+    marks = zddd_logs(c)
+
+    result = playbook(lab, c, usage, "-e", "zddd_release=r5", "-e", "zddd_keep_releases=1")
+
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr
+    counts = recap(result.stdout)
+    for host in HOSTS:
+        assert releases(lab, host) == {"r5"}
+        assert counts[host]["changed"] == 1, counts
+    assert switches_since(c, marks) == {host: [] for host in HOSTS}
+
+
+@pytest.mark.parametrize("fleet", ["traffic-port"], indirect=True)
+def test_a_failed_rollback_still_ends_with_the_message_naming_the_host(fleet, request):
+    """r6 fails its health check on app1, and so does r5, the release it rolls back to (its
+    healthz removed meanwhile): the roll still ends with app1's own message, saying the
+    rollback failed too, the lock is released and app2 is not touched."""
+    lab, c = fleet
+    usage = request.node.callspec.params["fleet"]
+    release(app_root(lab, "app1"), "main", "r6", "app1 main r6 broken", healthy=False)
+    release(app_root(lab, "app2"), "main", "r6", "app2 main r6")
+    healthz = app_root(lab, "app1") / "main" / "releases" / "r5" / "healthz"
+    marks = zddd_logs(c)
+    healthz.unlink()
+    try:
+        result = playbook(lab, c, usage, "-e", "zddd_release=r6", "-e", "zddd_main_up_wait=3")
+    finally:
+        healthz.write_text("ok\n")
+    app1 = c.apps["app1"].zddd
+    try:
+        out = result.stdout + result.stderr
+        assert result.returncode != 0, out[-3000:]
+        msg = last_failure(out, "app1")
+        assert msg.startswith('app1: deploying r6 failed at "Wait for main\'s health'), msg
+        assert ("The rollback of app1 to releases/r5 failed too, at \"Wait for main's health "
+                "after the rollback") in msg, msg
+        assert "app1 needs a look by hand" in msg and "the hosts after app1 were not touched" \
+            in msg, msg
+        assert not (lab.tmp / "rolling-deploy.lock").exists()
+        assert switches_since(c, marks)["app2"] == []
+        assert current(app_root(lab, "app1")) == "releases/r5"
+        # Left where the rollback stopped: off main, serving from its backup vhost.
+        assert app1.status()["active_target"] == "backup"
+        assert direct(lab, c, "app1") == "app1 backup"
+    finally:
+        # What the operator does by hand: main is healthy again, so back to main.
+        zdddlab.wait_for(lambda: app1.ctl("switch", "main", check=False).returncode == 0, 15,
+                         "app1 back on main")
+
+
+@pytest.mark.parametrize("fleet", ["traffic-port"], indirect=True)
+def test_an_unreachable_host_stops_the_roll_before_it_starts(fleet, request):
+    """app2's sshd is down: the roll stops at the preflight with a message naming app2, and
+    app1 is not switched."""
+    lab, c = fleet
+    usage = request.node.callspec.params["fleet"]
+    release(app_root(lab, "app1"), "main", "r7", "main r7")
+    marks = zddd_logs(c)
+    zdddlab.stop(sshd(lab, "app2"))
+    try:
+        # No ssh connection kept open from an earlier run: a new one meets the stopped sshd.
+        result = playbook(lab, c, usage, "-e", "zddd_release=r7",
+                          env={"ANSIBLE_SSH_ARGS": "-o ControlMaster=no"})
+    finally:
+        lab.procs.remove(sshd(lab, "app2"))
+        start_sshd(lab, "app2", c.apps["app2"].netns, c.apps["app2"].addr, lab.tmp / "ssh")
+    out = result.stdout + result.stderr
+    assert result.returncode != 0, out[-3000:]
+    msg = last_failure(out, "app2")
+    assert msg.startswith("app2 is unreachable (") and msg.endswith(
+        "the roll did not start and no host was changed"), msg
+    assert "PLAY [Rolling deploy" not in out, out[-3000:]
+    assert switches_since(c, marks) == {host: [] for host in HOSTS}
+    assert current(app_root(lab, "app1")) == "releases/r5"
+    assert not (lab.tmp / "rolling-deploy.lock").exists()
+
+
+@pytest.mark.parametrize("fleet", ["traffic-port"], indirect=True)
+def test_a_host_unreachable_at_its_turn_stops_the_roll_there(fleet, request):
+    """app2's sshd stops while app1 is being deployed: app1 ends on r8, and the roll stops at
+    app2 with a message naming it; app2 is not switched and the lock is released."""
+    lab, c = fleet
+    usage = request.node.callspec.params["fleet"]
+    for host in HOSTS:
+        release(app_root(lab, host), "main", "r8", "main r8")
+    marks = zddd_logs(c)
+    no_master = {"ANSIBLE_SSH_ARGS": "-o ControlMaster=no"}
+    roll = start_playbook(lab, c, usage, "-e", "zddd_release=r8", env=no_master)
+    try:
+        zdddlab.wait_for(lambda: roll.poll() is not None or switches_since(c, marks)["app1"],
+                         90, "app1's turn")
+        zdddlab.stop(sshd(lab, "app2"))
+        out, _ = roll.communicate(timeout=150)
+    finally:
+        if roll.poll() is None:
+            roll.kill()
+            roll.wait()
+        if not sshd(lab, "app2").alive():
+            lab.procs.remove(sshd(lab, "app2"))
+            start_sshd(lab, "app2", c.apps["app2"].netns, c.apps["app2"].addr,
+                       lab.tmp / "ssh")
+    print(out, file=sys.stderr)
+    assert roll.returncode != 0, out[-3000:]
+    msg = last_failure(out, "app2")
+    assert msg.startswith("app2 is unreachable (") and msg.endswith(
+        "the roll stopped before it; app2 and the hosts after it were not touched"), msg
+    assert current(app_root(lab, "app1")) == "releases/r8"
+    assert c.apps["app1"].zddd.status()["active_target"] == "main"
+    assert current(app_root(lab, "app2")) == "releases/r5"
+    assert switches_since(c, marks)["app2"] == []
+    assert not (lab.tmp / "rolling-deploy.lock").exists()
+
+
+# ---- eight hosts ----------------------------------------------------------------------------
+
+EIGHT = {f"app{i}": f"198.51.100.{10 + i}" for i in range(1, 9)}
+
+
+@pytest.fixture(scope="module")
+def fleet_of_eight():
+    yield from lab_for("traffic-port", EIGHT)
+
+
+def test_eight_hosts_each_checked_through_the_load_balancer_at_once(fleet_of_eight):
+    """Eight app servers behind the shipped traffic-port config. The check through the load
+    balancer asks HAProxy's stats socket for the host's state and sends one request routed to
+    it (X-Zddd-Server): with zddd_lb_verify_wait=2, two round robin tries over eight servers
+    would miss most hosts and roll back a good release; here every host passes, under load."""
+    lab, c = fleet_of_eight
+    inventory = lab.tmp / "eight.ini"
+    text = (ANSIBLE / "lab.ini").read_text()
+    hosts = "".join(f"{h} ansible_host={a}\n" for h, a in EIGHT.items())
+    inventory.write_text(re.sub(r"^\[app\]\n(?:app\d .*\n)+", f"[app]\n{hosts}", text,
+                                flags=re.M))
+    build = lab.tmp / "build" / "r2"
+    build.mkdir(parents=True)
+    (build / "index.html").write_text("main r2\n")
+    (build / "healthz").write_text("ok\n")
+
+    result, records, watch, finished = rolled(
+        lab, c, "traffic-port", "-e", "zddd_release=r2", "-e", f"zddd_release_src={build}",
+        "-e", "zddd_lb_verify_wait=2", inventory=inventory, timeout=400)
+
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out[-3000:]
+    assert "Roll back" not in out
+    counts = recap(result.stdout)
+    assert set(counts) == set(EIGHT) and all(n["failed"] == 0 for n in counts.values()), counts
+    assert not failed(records), failed(records)[:5]
+    assert len(watch.samples) > 50 and not watch.both_out()
+    for host, app in c.apps.items():
+        assert current(app_root(lab, host)) == "releases/r2"
+        assert app.zddd.status()["active_target"] == "main"
+    assert set(answers(records, finished)) == {"main r2"}, answers(records, finished)
+    # Each host's check took one request through the load balancer: no retry of it.
+    tries = re.findall(r"FAILED - RETRYING: \[(app\d)[^\]]*\]: Ask the load balancer", out)
+    assert not tries, tries

@@ -215,7 +215,7 @@ def vagrant_box_login(m: Machine, key: Path) -> None:
 def test_rolling_deploy_playbook_from_the_host(app, tmp_path):
     """The README's `ansible-playbook -i examples/ansible/vagrant.ini ...`, run on the host from
     a checkout (inside the container's network namespace, where the VM's address is), against
-    the provisioned app server. Two additions: `-l app1` (there is no app2 here) and an lb_url
+    the provisioned app server. Two additions: `-l app1` (there is no app2 here) and a zddd_lb_url
     where the host's HAProxy, with the shipped traffic-port config, listens in that namespace
     (the container has no lb, and its own :8080 is the main vhost)."""
     m = app
@@ -244,9 +244,9 @@ def test_rolling_deploy_playbook_from_the_host(app, tmp_path):
     try:
         r = subprocess.run(
             [*netns, "ansible-playbook", "-i", "examples/ansible/vagrant.ini",
-             "examples/ansible/rolling-deploy.yml", "-e", "release=v3",
-             "-e", f"release_src={release}", "-l", "app1",
-             "-e", "lb_url=http://127.0.0.1:8081/"],
+             "examples/ansible/rolling-deploy.yml", "-e", "zddd_release=v3",
+             "-e", f"zddd_release_src={release}", "-l", "app1",
+             "-e", "zddd_lb_url=http://127.0.0.1:8081/"],
             cwd=checkout, env=env, capture_output=True, text=True, timeout=300)
     finally:
         haproxy.kill()

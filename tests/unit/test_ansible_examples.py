@@ -1,7 +1,9 @@
 """examples/ansible without any host: the playbook passes Debian's ansible-core syntax check with
 both inventories, the inventories parse and agree with the Vagrantfile and the HAProxy example,
-and a playbook run without a release stops before connecting anywhere. The rolling deploy itself
-runs in tests/e2e/test_ansible.py."""
+a playbook run without a release stops before connecting anywhere, the role's argument specs,
+defaults and README name the same variables, and the roll's lock on the controller excludes a
+second roll and replaces a stale one. The rolling deploy itself runs in
+tests/e2e/test_ansible.py."""
 
 from __future__ import annotations
 
@@ -9,13 +11,16 @@ import json
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 ANSIBLE = REPO / "examples" / "ansible"
 PLAYBOOK = ANSIBLE / "rolling-deploy.yml"
+ROLE = ANSIBLE / "roles" / "zddd_rolling_deploy"
 INVENTORIES = ("vagrant.ini", "lab.ini")
 
 
@@ -58,8 +63,8 @@ def test_vagrant_inventory_matches_the_vagrantfile(tmp_path):
     for v in hv.values():
         # The load balancer as `vagrant up` forwards it to the host, and the HAProxy usage
         # vagrant/provision-lb.sh installs.
-        assert v["lb_url"] == f"http://127.0.0.1:{lb_host_port}/", v
-        assert v["haproxy_usage"] == "traffic-port"
+        assert v["zddd_lb_url"] == f"http://127.0.0.1:{lb_host_port}/", v
+        assert v["zddd_haproxy_usage"] == "traffic-port"
         assert "traffic-port.cfg" in (REPO / "vagrant" / "provision-lb.sh").read_text()
         assert v["ansible_user"] == "vagrant" and v["ansible_become"] in (True, "true")
 
@@ -79,16 +84,109 @@ def test_lab_inventory_matches_the_test_lab(tmp_path):
     hv = hostvars("lab.ini", tmp_path)
     assert {h: v["ansible_host"] for h, v in hv.items()} == zdddlab.APP_ADDRS
     # The shipped HAProxy configs name the servers as the inventory does (the playbook checks
-    # HAProxy's X-Served-By against the inventory name).
+    # HAProxy's X-Served-By against the inventory name, and routes its check with
+    # X-Zddd-Server), inside the one block marked for the rolling deploy.
     for cfg in zdddlab.HAPROXY_CONFIGS.values():
         text = cfg.read_text()
         assert set(re.findall(r"^\s*server (app\d) ", text, re.M)) == set(hv), cfg
-        assert re.search(r"^\s*http-response set-header X-Served-By %s$", text, re.M), cfg
+        block = re.search(r"^\s*# ---- zddd rolling deploy .*?^\s*# ---- end of the zddd rolling "
+                          r"deploy block ----$", text, re.M | re.S)
+        assert block, cfg
+        assert re.search(r"^\s*http-response set-header X-Served-By %s$", block[0], re.M), cfg
+        assert re.search(r"^\s*use-server %\[req.hdr\(X-Zddd-Server\)\] if "
+                         r"\{ req.hdr\(X-Zddd-Server\) -m found \}$", block[0], re.M), cfg
 
 
 def test_without_a_release_the_playbook_stops_before_touching_a_host(tmp_path):
     r = ansible("ansible-playbook", "-i", str(ANSIBLE / "vagrant.ini"), str(PLAYBOOK),
                 tmp=tmp_path)
     assert r.returncode != 0
-    assert "set -e release=NAME" in r.stdout, r.stdout
+    assert "missing required arguments: zddd_release" in r.stdout, r.stdout
     assert "unreachable=0" in r.stdout and "UNREACHABLE" not in r.stdout, r.stdout
+
+
+# ---- the role's variables ----------------------------------------------------------------
+
+def role_yaml(path: str):
+    return yaml.safe_load((ROLE / path).read_text())
+
+
+def test_every_variable_is_in_the_argument_specs_with_its_default_and_the_readme():
+    specs = role_yaml("meta/argument_specs.yml")["argument_specs"]
+    assert set(specs) == {"main", "preflight", "unlock"}, specs
+    options = specs["main"]["options"]
+    assert specs["preflight"]["options"] == options
+    defaults = role_yaml("defaults/main.yml")
+    required = {name for name, o in options.items() if o.get("required")}
+    assert required == {"zddd_release", "zddd_lb_url"}
+    # Every default has a spec, every optional spec a default; each has a type and a text.
+    assert set(defaults) == set(options) - required, set(defaults) ^ (set(options) - required)
+    for name, o in options.items():
+        assert name.startswith("zddd_"), name
+        assert o.get("type") in ("str", "int") and o.get("description"), (name, o)
+        if name in defaults and not str(defaults[name]).startswith("{{"):
+            assert o["default"] == defaults[name], (name, o["default"], defaults[name])
+    # Every zddd_ variable the role or the playbook reads is one of them.
+    used = set()
+    for f in [*ROLE.glob("tasks/*.yml"), ROLE / "vars" / "main.yml", PLAYBOOK]:
+        used |= set(re.findall(r"\b(zddd_[a-z_]+)", f.read_text()))
+    used -= {"zddd_rolling_deploy", "zddd_hosts", "zddd_serial"}  # the role; the play's own
+    assert used <= set(options), used - set(options)
+    readme = (ROLE / "README.md").read_text()
+    for name in [*options, "zddd_hosts", "zddd_serial"]:
+        assert f"`{name}`" in readme, name
+    assert specs["unlock"]["options"]["zddd_lock_path"]["default"] == defaults["zddd_lock_path"]
+
+
+# ---- the roll's lock on the controller ---------------------------------------------------
+
+LOCK = ROLE / "files" / "rolling_deploy_lock.py"
+
+
+def lock(*args: str, tmp: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(LOCK), *args], capture_output=True, text=True,
+                          cwd=tmp, timeout=30)
+
+
+def test_a_lock_held_by_a_running_ansible_playbook_stops_a_second_roll(tmp_path):
+    path = tmp_path / "roll.lock"
+    # A process that is, by its command line, an ansible-playbook, holding the lock.
+    holder = subprocess.Popen(["bash", "-c", "exec -a ansible-playbook sleep 60"])
+    try:
+        path.write_text(json.dumps({"user": "alice", "controller": "ci1", "pid": holder.pid,
+                                    "release": "r7", "hosts": "app1,app2",
+                                    "since": "2026-12-06T01:00:00Z"}))
+        r = lock("take", str(path), "r8", "app1", tmp=tmp_path)
+        assert r.returncode == 1, r
+        assert r.stdout.startswith(f"another rolling deploy holds the lock {path}: alice@ci1 "
+                                   f"(ansible-playbook pid {holder.pid}, release r7 to "
+                                   "app1,app2, since 2026-12-06T01:00:00Z)"), r.stdout
+        assert json.loads(path.read_text())["release"] == "r7"
+        # Not ours to release: it stays.
+        assert lock("release", str(path), tmp=tmp_path).returncode == 0
+        assert path.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_lock_whose_ansible_playbook_is_gone_is_replaced(tmp_path):
+    path = tmp_path / "roll.lock"
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    path.write_text(json.dumps({"user": "bob", "controller": "laptop", "pid": gone.pid,
+                                "release": "r1", "hosts": "app1", "since": "then"}))
+    r = lock("take", str(path), "r2", "app1,app2", tmp=tmp_path)
+    assert r.returncode == 0, r
+    assert "replacing the stale lock of bob@laptop" in r.stdout, r.stdout
+    assert json.loads(path.read_text())["release"] == "r2"
+
+
+def test_a_free_lock_is_taken_once(tmp_path):
+    path = tmp_path / "roll.lock"
+    r = lock("take", str(path), "r2", "app1,app2", tmp=tmp_path)
+    assert r.returncode == 0 and path.exists(), r
+    # Outside ansible-playbook no process holds it (pid 0): it never looks stale.
+    assert json.loads(path.read_text())["pid"] == 0
+    again = lock("take", str(path), "r3", "app1", tmp=tmp_path)
+    assert again.returncode == 1 and "another rolling deploy holds the lock" in again.stdout
