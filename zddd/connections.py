@@ -52,8 +52,8 @@ class ConnectionCounter:
         listen_port = self.listen_port if self.listen_port not in by_port else None
         bytecode = port_filter(sorted(set(by_port) | ({listen_port} - {None})))
         steered: list[Flow] = []
-        unpack_ports, unpack_addresses = sock_diag.PORTS.unpack_from, \
-            sock_diag.ADDRESSES.unpack_from
+        unpack_ports = sock_diag.PORTS.unpack_from
+        unpack_addresses = sock_diag.ADDRESSES.unpack_from
         with sock_diag.open_socket() as sock:
             for family in (socket.AF_INET, socket.AF_INET6):
                 for _, _, data, start, _ in self._dump(sock, family, bytecode,
