@@ -37,6 +37,7 @@ def error(seq: int, err: int, explanation: str | None = None) -> bytes:
 def pair():
     """(a netlink.Socket whose "kernel" is the other end, that other end)."""
     ours, kernel = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    ours.settimeout(2)  # a codec that waits for a reply never sent fails instead of hanging
     sock = netlink.Socket.__new__(netlink.Socket)
     sock._sock, sock._seq = ours, 0
     yield sock, kernel
