@@ -13,7 +13,7 @@ so .venv/bin/python imports it from anywhere. Run as root.
 """
 
 from .base import (EXAMPLES, PYTHON, REPO, VENV_BIN, LabError, Proc, interrupted, run, run_main,
-                   stop, wait_for)
+                   wait_for)
 from .bus import (BUS_CONFIG, BUS_NAME, INTERFACE, OBJECT_PATH, POLICY, PROPERTIES, Bus,
                   SignalWatcher, bus_call, connect, dbus_call, name_has_owner)
 from .daemons import (NGINX_CONF, STEERING_READERS, HAProxy, Vhost, Zddd, lab_haproxy_config,
@@ -26,7 +26,7 @@ from .probes import (HeldConnection, KeepAlive, NftMonitor, agent_ask, connect_e
 
 __all__ = [
     "EXAMPLES", "PYTHON", "REPO", "VENV_BIN", "LabError", "Proc", "interrupted", "run",
-    "run_main", "stop", "wait_for",
+    "run_main", "wait_for",
     "BUS_CONFIG", "BUS_NAME", "INTERFACE", "OBJECT_PATH", "POLICY", "PROPERTIES", "Bus",
     "SignalWatcher",
     "bus_call", "connect", "dbus_call", "name_has_owner",

@@ -1,4 +1,5 @@
-"""The lab's ground floor: paths, the one error type, polling, and processes we start and stop.
+"""The lab's ground floor: paths, the one error type, polling, and processes we start and stop
+(`Proc`).
 
 `LabError` subclasses AssertionError, so a lab that cannot be built or a wait that times out
 shows up in pytest as a test failure, while the demo and the bench catch it (`run_main`) to print
@@ -13,7 +14,6 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -53,18 +53,24 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.02):
         time.sleep(interval)
 
 
-@dataclass
-class Proc:
-    """A process the lab started, in its own session, with its output in `log`."""
+class Proc(subprocess.Popen):
+    """A process the lab started: a subprocess.Popen with a `name` for messages and, when the
+    lab keeps its output in a file, that `log`. Every helper process of the lab is one, so
+    there is one way to end each: `close` (SIGKILL if it still runs, reaped within 5 s) for
+    helpers that need no clean exit, `stop` (SIGTERM first) for one started in a session of
+    its own (`Lab.spawn`) that deserves one."""
 
-    name: str
-    popen: subprocess.Popen
-    log: Path
+    def __init__(self, argv: list, *, name: str | None = None, log: Path | None = None, **kw):
+        super().__init__(argv, **kw)
+        self.name = name or str(argv[0])
+        self.log = log
 
     def alive(self) -> bool:
-        return self.popen.poll() is None
+        return self.poll() is None
 
     def log_text(self) -> str:
+        if self.log is None:
+            return ""
         try:
             return self.log.read_text(errors="replace")
         except OSError:
@@ -72,25 +78,32 @@ class Proc:
 
     def check_alive(self) -> None:
         if not self.alive():
-            raise LabError(f"{self.name} exited with {self.popen.returncode}:\n"
+            raise LabError(f"{self.name} exited with {self.returncode}:\n"
                            f"{self.log_text()[-2000:]}")
 
+    def close(self, timeout: float = 5.0) -> None:
+        """SIGKILL it if it still runs, and reap it (TimeoutExpired if it is not gone after
+        `timeout` s)."""
+        if self.poll() is None:
+            self.kill()
+            self.wait(timeout)
 
-def stop(proc: Proc, timeout: float = 5.0) -> None:
-    """SIGTERM the process group we started, then SIGKILL it if it lingers."""
-    if proc.popen.poll() is None:
-        try:
-            os.killpg(proc.popen.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        try:
-            proc.popen.wait(timeout)
-        except subprocess.TimeoutExpired:
+    def stop(self, timeout: float = 5.0) -> None:
+        """SIGTERM its process group (its session's: see Lab.spawn), then SIGKILL the group if
+        it lingers."""
+        if self.poll() is None:
             try:
-                os.killpg(proc.popen.pid, signal.SIGKILL)
+                os.killpg(self.pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
-            proc.popen.wait()
+            try:
+                self.wait(timeout)
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(self.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                self.wait()
 
 
 # Set once Ctrl-C was pressed. A terminal's Ctrl-C also reaches the lab's daemons that share our

@@ -20,7 +20,7 @@ import subprocess
 import threading
 from pathlib import Path
 
-from .base import REPO, VENV_BIN, LabError, wait_for
+from .base import REPO, VENV_BIN, LabError, Proc, wait_for
 
 BUS_NAME = "org.zddd.Steering1"
 OBJECT_PATH = "/org/zddd/Steering1"
@@ -67,8 +67,8 @@ class Bus:
         os.chmod(tmp, 0o755)  # unprivileged clients must reach the socket
         # It warns on stderr (no group zddd, fd limit): into a log, not the demo's output.
         with open(tmp / "dbus-daemon.log", "ab") as log:
-            self.proc = subprocess.Popen(["dbus-daemon", "--nofork", "--nosyslog",
-                                          f"--config-file={config}"], stdout=log, stderr=log)
+            self.proc = Proc(["dbus-daemon", "--nofork", "--nosyslog",
+                              f"--config-file={config}"], stdout=log, stderr=log)
         self.address = f"unix:path={self.socket}"
         wait_for(lambda: self.socket.exists() or self.proc.poll() is not None, 10,
                  "dbus-daemon socket")
@@ -79,9 +79,7 @@ class Bus:
         return self.address
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=5)
+        self.proc.close()
 
 
 def dbus_classes():
@@ -148,8 +146,8 @@ class SignalWatcher:
 
     def __init__(self, bus: Bus | str):
         address = bus.address if isinstance(bus, Bus) else bus
-        self.proc = subprocess.Popen([str(VENV_BIN / "python"), "-m", "zdddlab.switched",
-                                      address], stdout=subprocess.PIPE, text=True)
+        self.proc = Proc([str(VENV_BIN / "python"), "-m", "zdddlab.switched", address],
+                         name="signal watcher", stdout=subprocess.PIPE, text=True)
         if self.proc.stdout.readline().strip() != "ready":
             self.close()
             raise LabError("signal watcher failed")
@@ -165,6 +163,4 @@ class SignalWatcher:
         return list(self._seen)
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=5)
+        self.proc.close()

@@ -66,7 +66,7 @@ class Zddd:
         self.config = {"state_file": str(self.state_path), "drain_timeout": 10,
                        "health": {"interval": 0.2, "timeout": 0.5}}
         self.config.update(config or {})
-        self.proc: subprocess.Popen | None = None
+        self.proc: Proc | None = None
         self._log = None
         self.write_config()
 
@@ -118,9 +118,8 @@ class Zddd:
             self._log = None
 
     def close(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=5)
+        if self.proc:
+            self.proc.close()
         self._close_log()
 
     # ---- talking to it ----
@@ -298,7 +297,7 @@ class Vhost:
     def __init__(self, ns: NetNS, port: int, name: str, statuses: dict[str, int] | None = None):
         self.ns, self.port, self.name = ns, port, name
         self.statuses = dict(statuses or {})
-        self.proc: subprocess.Popen | None = None
+        self.proc: Proc | None = None
         self.start()
 
     def start(self) -> None:
@@ -310,9 +309,8 @@ class Vhost:
             raise LabError(f"vhost {self.name} failed to start on port {self.port}")
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=5)
+        if self.proc:
+            self.proc.close()
 
 
 NGINX_CONF = """worker_processes {workers};

@@ -80,9 +80,7 @@ class DriverClient:
         return answer
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=5)
+        self.proc.close()
 
 
 def desired_of(fields: dict) -> Desired:

@@ -27,7 +27,7 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .base import (EXAMPLES, VENV_BIN, LabError, Proc, exit_on_signal, interrupt, run, stop,
+from .base import (EXAMPLES, VENV_BIN, LabError, Proc, exit_on_signal, interrupt, run,
                    wait_for)
 from .bus import Bus
 from .daemons import NGINX_CONF, HAProxy, Vhost, Zddd, lab_haproxy_config
@@ -77,7 +77,7 @@ class Lab:
             previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
         try:
             for proc in reversed(self.procs):
-                stop(proc)
+                proc.stop()
             self.procs.clear()
             for close in reversed(self.closers):
                 try:
@@ -155,10 +155,8 @@ class Lab:
         log = self.tmp / f"{name}.log"
         full = ["ip", "netns", "exec", ns_name(ns), *argv] if ns else list(argv)
         with open(log, "wb") as out:
-            popen = subprocess.Popen([str(a) for a in full], stdin=subprocess.DEVNULL,
-                                     stdout=out, stderr=subprocess.STDOUT,
-                                     start_new_session=True, **kw)
-        proc = Proc(name, popen, log)
+            proc = Proc([str(a) for a in full], name=name, log=log, stdin=subprocess.DEVNULL,
+                        stdout=out, stderr=subprocess.STDOUT, start_new_session=True, **kw)
         self.procs.append(proc)
         return proc
 
@@ -246,7 +244,7 @@ class LoadGen:
         return result
 
     def finish(self) -> list[dict]:
-        stop(self.proc)
+        self.proc.stop()
         return self.records()
 
 

@@ -15,7 +15,7 @@ import signal
 import subprocess
 from contextlib import suppress
 
-from .base import run
+from .base import Proc, run
 
 
 class NetNS:
@@ -24,7 +24,7 @@ class NetNS:
     def __init__(self, role: str):
         self.name = f"zt-{role}-{secrets.token_hex(3)}"
         subprocess.run(["ip", "netns", "add", self.name], check=True)
-        self.procs: list[subprocess.Popen] = []
+        self.procs: list[Proc] = []
         self.run("ip", "link", "set", "lo", "up")
 
     def __str__(self) -> str:
@@ -38,18 +38,16 @@ class NetNS:
         return subprocess.run(self.cmd(*argv), check=check, timeout=timeout,
                               capture_output=True, text=True, **kw)
 
-    def popen(self, *argv: str, **kw) -> subprocess.Popen:
+    def popen(self, *argv: str, **kw) -> Proc:
         """Start a command inside; it is killed on close."""
-        proc = subprocess.Popen(self.cmd(*argv), **kw)
+        proc = Proc(self.cmd(*argv), name=argv[0], **kw)
         self.procs.append(proc)
         return proc
 
     def close(self) -> None:
         for proc in self.procs:
-            if proc.poll() is None:
-                proc.kill()
             with suppress(Exception):
-                proc.wait(timeout=5)
+                proc.close()
         # Anything else started in the namespace (e.g. by a test directly) goes too.
         pids = subprocess.run(["ip", "netns", "pids", self.name], capture_output=True,
                               text=True).stdout.split()

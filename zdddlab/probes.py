@@ -62,9 +62,7 @@ for line in sys.stdin:
         return line
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=5)
+        self.proc.close()
 
 
 def connect_error(ns: NetNS, host: str, port: int, timeout: float = 3) -> tuple[str, float]:
@@ -143,7 +141,7 @@ print(time.monotonic(), flush=True)
                              stdout=subprocess.PIPE, text=True)
         line = self.proc.stdout.readline().split()
         if not line or line[0] != "open":
-            self.proc.kill()
+            self.proc.close()
             raise ConnectionError(f"could not connect to {host}:{port}")
         self.local_port = int(line[1])
 
@@ -193,6 +191,4 @@ class NftMonitor:
         return [line for line in self.lines if " inet zddd" in line]
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=5)
+        self.proc.close()

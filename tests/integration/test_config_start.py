@@ -2,7 +2,7 @@
 nothing touched (no table in the kernel, no state file, no bus name)."""
 
 import pytest
-from zdddlab import VENV_BIN, Bus, NetNS
+from zdddlab import VENV_BIN, Bus, NetNS, Proc
 
 
 class Bare:
@@ -76,9 +76,9 @@ def refusals(tmp_path_factory):
             config = tmp / f"{case}.toml"
             # The test's own state file first, so a config accepted by mistake stays in tmp.
             config.write_text(text if "state_file" in text else f'state_file = "{state}"\n' + text)
-            proc = subprocess.Popen(ns.cmd(str(VENV_BIN / "zddd"), "--config", str(config),
-                                           "--bus", bus.address),
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            proc = Proc(ns.cmd(str(VENV_BIN / "zddd"), "--config", str(config),
+                               "--bus", bus.address),
+                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             runs[case] = (ns, proc, state)
         results = {}
         for case, (ns, proc, state) in runs.items():
@@ -92,9 +92,7 @@ def refusals(tmp_path_factory):
         yield results
     finally:
         for _, proc, _ in runs.values():
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+            proc.close()
         for ns in spaces:
             ns.close()
         bus.close()

@@ -380,9 +380,7 @@ class Squatter:
         assert self.proc.stdout.readline().strip() == "ready"
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=5)
+        self.proc.close()
 
 
 def test_an_agent_port_in_use_at_start_fails_the_start_naming_it(lab):

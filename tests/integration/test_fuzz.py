@@ -383,9 +383,7 @@ class Holder:
         time.sleep(0.3)  # let the connections reach the server
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=5)
+        self.proc.close()
 
 
 def timed_scrape(ns, endpoint: str = "127.0.0.1:9488", limit: float = 3) -> float:

@@ -15,7 +15,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from zdddlab import APP_V4, BUS_CONFIG, POLICY, Bus, connect_error, wait_for
+from zdddlab import APP_V4, BUS_CONFIG, POLICY, Bus, Proc, connect_error, wait_for
 
 DEST = ("org.zddd.Steering1", "/org/zddd/Steering1")
 MANAGER = "org.zddd.Steering1.Manager"
@@ -52,7 +52,7 @@ class GroupBus(Bus):
         config.write_text(BUS_CONFIG.format(socket=self.socket, policy=POLICY))
         os.chmod(tmp, 0o755)
         os.chmod(group, 0o644)
-        self.proc = subprocess.Popen([
+        self.proc = Proc([
             "unshare", "--mount", "--propagation", "private", "sh", "-c",
             'mount --bind "$1" /etc/group && exec dbus-daemon --nofork --nosyslog '
             '--config-file="$2"', "sh", str(group), str(config)])

@@ -28,19 +28,15 @@ newer zddd, is never mistaken for damage: zddd refuses to touch it.
 A table with flags (made dormant by hand, or owned by another process) is never listed as JSON:
 libnftables 1.0.6, Debian 12's, frees the JSON array of a table's only flag before printing it.
 The listing then ends in garbage, and the heap is corrupted. zddd aborted with "corrupted
-double-linked list". Fixed upstream after 1.0.6. zddd reads the table's flags over netlink first.
+double-linked list". Fixed upstream after 1.0.6. zddd reads the table's flags over netlink first
+(zddd.kernel.nfnetlink).
 A table with flags is listed object by object (chains, maps, sets, counters), which never prints
 the table itself.
 """
 
 from __future__ import annotations
 
-import errno
-import os
-import socket
-import struct
-import threading
-
+from ..kernel import netlink, nfnetlink
 from . import ApplyError, Backend, BackendUnavailable, Desired, KernelState, Plan
 
 FAMILY = "inet"
@@ -130,59 +126,7 @@ def _same_rules(found: list, wanted: list) -> bool:
     return normal(found) == normal(wanted)
 
 
-# ---- the table's flags, over netlink (see the module's docstring) -----------------------------
-
-_NETLINK_NETFILTER = 12
-_NFNL_SUBSYS_NFTABLES = 10
-_NFT_MSG_NEWTABLE, _NFT_MSG_GETTABLE = 0, 1
-_NFTA_TABLE_NAME, _NFTA_TABLE_FLAGS = 1, 2
-_NLMSG_ERROR = 2
-_NLM_F_REQUEST = 1
-_NFPROTO_INET = 1
-TABLE_FLAG_NAMES = ("dormant", "owner", "persist")
-
-
-def _attr(kind: int, value: bytes) -> bytes:
-    length = 4 + len(value)
-    return struct.pack("=HH", length, kind) + value + b"\0" * (-length % 4)
-
-
-def table_flags(sock: socket.socket, name: str = TABLE, family: int = _NFPROTO_INET,
-                seq: int = 1) -> int | None:
-    """The flags of nftables table `name` (NFT_TABLE_F_*), or None when there is no such table:
-    one NFT_MSG_GETTABLE on `sock` (a NETLINK_NETFILTER socket, see `netfilter_socket`),
-    answered by the kernel without libnftables. Replies to other sequence numbers (left by an
-    earlier call that was interrupted) are skipped."""
-    body = struct.pack("=BBH", family, 0, 0) + _attr(_NFTA_TABLE_NAME, name.encode() + b"\0")
-    msg_type = _NFNL_SUBSYS_NFTABLES << 8 | _NFT_MSG_GETTABLE
-    sock.send(struct.pack("=IHHII", 16 + len(body), msg_type, _NLM_F_REQUEST, seq, 0) + body)
-    while True:
-        reply = sock.recv(65536)
-        length, kind, _, reply_seq = struct.unpack_from("=IHHI", reply)
-        if reply_seq == seq:
-            break
-    if kind == _NLMSG_ERROR:
-        (error,) = struct.unpack_from("=i", reply, 16)
-        if -error == errno.ENOENT:
-            return None
-        raise OSError(-error, f"netlink GETTABLE {name}: {os.strerror(-error)}")
-    if kind != (_NFNL_SUBSYS_NFTABLES << 8 | _NFT_MSG_NEWTABLE):
-        raise OSError(errno.EPROTO, f"netlink GETTABLE {name}: unexpected reply type {kind}")
-    offset = 16 + 4  # nlmsghdr, nfgenmsg
-    while offset + 4 <= length:
-        attr_len, attr_type = struct.unpack_from("=HH", reply, offset)
-        if attr_len < 4:
-            break
-        if attr_type & 0x3FFF == _NFTA_TABLE_FLAGS:
-            return struct.unpack_from("!I", reply, offset + 4)[0]
-        offset += (attr_len + 3) & ~3
-    return 0
-
-
-def netfilter_socket() -> socket.socket:
-    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, _NETLINK_NETFILTER)
-    sock.connect((0, 0))
-    return sock
+TABLE_FLAG_NAMES = ("dormant", "owner", "persist")  # NFT_TABLE_F_*, bit by bit
 
 
 def _flag_names(flags: int) -> list[str]:
@@ -204,19 +148,20 @@ class NftablesBackend(Backend):
     name = "nftables"
 
     def __init__(self) -> None:
-        self._local = threading.local()
+        # Opened on first use and kept for the backend's life: a libnftables context, and a
+        # netlink socket for the table's flags.
+        self._nft_context = None
+        self._netlink: netlink.Socket | None = None
 
     def _nft(self):
-        # A libnftables context is not thread-safe; the metrics scrape runs in its own thread.
-        nft = getattr(self._local, "nft", None)
-        if nft is None:
+        if self._nft_context is None:
             import nftables
 
             nft = nftables.Nftables()
             nft.set_json_output(True)
             nft.set_handle_output(False)
-            self._local.nft = nft
-        return nft
+            self._nft_context = nft
+        return self._nft_context
 
     def _json_cmd(self, commands: list) -> tuple[int, dict | None, str]:
         try:
@@ -250,12 +195,9 @@ class NftablesBackend(Backend):
             raise BackendUnavailable(f"nftables is not usable here: {e}") from None
 
     def _table_flags(self) -> int | None:
-        # Like the libnftables context: one netlink socket per thread, opened once.
-        sock = getattr(self._local, "netlink", None)
-        if sock is None:
-            sock = self._local.netlink = netfilter_socket()
-        self._local.seq = getattr(self._local, "seq", 0) % 0xFFFFFFFF + 1
-        return table_flags(sock, seq=self._local.seq)
+        if self._netlink is None:
+            self._netlink = nfnetlink.open_socket()
+        return nfnetlink.table_flags(self._netlink, TABLE)
 
     def _list(self) -> list[dict] | None:
         """The table as libnftables lists it in JSON, or None when there is none."""
