@@ -22,7 +22,7 @@ inode) for other states, e.g. the listeners on a port.
 from __future__ import annotations
 
 import socket
-from typing import Callable
+from typing import AbstractSet, Callable
 
 from .kernel import sock_diag
 from .kernel.sock_diag import (TCP_ESTABLISHED, TCP_LISTEN, Flow, SocketInfo, as_flow,
@@ -33,7 +33,7 @@ __all__ = ["ConnectionCounter", "Flow", "SocketInfo", "TCP_ESTABLISHED", "TCP_LI
 
 
 class ConnectionCounter:
-    def __init__(self, probe_ports: Callable[[], set[int]] = set, *,
+    def __init__(self, probe_ports: Callable[[], AbstractSet[int]] = frozenset, *,
                  listen_port: int | None = None,
                  attribute: Callable[[list[Flow]], list[str | None]] | None = None):
         self.probe_ports = probe_ports
@@ -50,7 +50,8 @@ class ConnectionCounter:
             return counts
         excluded = self.probe_ports()
         listen_port = self.listen_port if self.listen_port not in by_port else None
-        bytecode = port_filter(sorted(set(by_port) | ({listen_port} - {None})))
+        wanted = set(by_port) if listen_port is None else set(by_port) | {listen_port}
+        bytecode = port_filter(sorted(wanted))
         steered: list[Flow] = []
         unpack_ports = sock_diag.PORTS.unpack_from
         unpack_addresses = sock_diag.ADDRESSES.unpack_from

@@ -217,6 +217,8 @@ class NftablesBackend(Backend):
             if "No such file or directory" in (err or ""):
                 return None
             raise ApplyError(_first_error(err))
+        if out is None:
+            raise ApplyError(f"nft listed {what} without printing it")
         return out["nftables"]
 
     def _list_flagged(self, flags: int) -> list[dict] | None:
@@ -348,7 +350,8 @@ class NftablesBackend(Backend):
         except (ApplyError, ImportError):  # no libnftables binding: nothing it could have left
             return None
         try:
-            steering = self.read(desired).active or "nothing"
+            found = self.read(desired)
+            steering = (found.active if found else None) or "nothing"
         except ApplyError as e:
             steering = f"unknown ({e})"
         return f"table {FAMILY} {TABLE} steering {steering}"
