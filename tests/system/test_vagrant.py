@@ -25,6 +25,7 @@ import pytest
 
 import zdddlab
 from machine import HOST_PATH, Machine
+from test_package import client_deb
 from test_package import deb  # noqa: F401  (dist/zddd_<version>_all.deb, rebuilt when stale)
 
 TOP = Path(__file__).resolve().parents[2]
@@ -55,7 +56,8 @@ def copy_checkout(m: Machine, deb: Path, path: str) -> None:  # noqa: F811
         shutil.copytree(TOP / part, dest / part, symlinks=True,
                         ignore=shutil.ignore_patterns("__pycache__"))
     (dest / "dist").mkdir()
-    shutil.copy2(deb, dest / "dist" / deb.name)
+    for p in (deb, client_deb(deb)):
+        shutil.copy2(p, dest / "dist" / p.name)
 
 
 def booted(deb: Path, packages: list[str], checkout: str):  # noqa: F811
