@@ -118,11 +118,15 @@ def install(m: Machine, deb: Path, *apt_options: str) -> None:
          f"/root/{deb.name} /root/{client_deb(deb).name}", check=True, timeout=180)
 
 
-def app_server(m: Machine, deb: Path, users: tuple[str, ...] = ()) -> None:
+def app_server(m: Machine, deb: Path | None, users: tuple[str, ...] = (),
+               before_boot=None) -> None:
     """Create and boot `m` as an app server: `users` added, the example app@.service running
     main (8080) and backup (80), then the .deb (and its zddctl) installed with apt, as an
-    operator would (the package starts zddd)."""
+    operator would (the package starts zddd); `deb` None leaves that to the caller.
+    `before_boot(m)` runs on the created tree before it boots."""
     m.create()
+    if before_boot is not None:
+        before_boot(m)
     m.write("/usr/local/bin/app", APP, 0o755)
     for name, port in (("main", 8080), ("backup", 80)):
         m.write(f"/etc/default/app-{name}", f"PORT={port}\n")
@@ -134,7 +138,8 @@ def app_server(m: Machine, deb: Path, users: tuple[str, ...] = ()) -> None:
         m.sh(f"useradd --system --no-create-home {user}", check=True)
     m.sh("systemctl enable --now app@main app@backup", check=True)
     m.wait("curl -sf 127.0.0.1:8080 && curl -sf 127.0.0.1:80", 15, "the apps")
-    install(m, deb)
+    if deb is not None:
+        install(m, deb)
 
 
 @pytest.fixture(scope="module")
