@@ -4,7 +4,10 @@ then to `sk_lookup` the way packaging/README.md tells an operator (drop-ins inst
 other backend's data plane removed with `zddd --remove-data-plane`, `systemctl restart`).
 
 Per backend: zddd is active and READY, 8888 reaches main, `busctl call ... Switch` flips, a
-restart adopts without a flip, and `systemd-analyze security` stays under 4.0 with the drop-ins.
+restart adopts without a flip, `systemd-analyze security` stays under 4.0 with the drop-ins, and
+the package reinstalled over the running zddd (the maintainer scripts' upgrade path: the unit
+restarted after unpacking) while a client sends requests fails none, flips nothing and keeps a
+connection opened before it (test_package_upgrade.py does real version upgrades on nftables).
 
 The container differs from test_package.py's in what a BPF host has: python3-bpfcc in its tree
 (a base tree of its own flavor, cached beside the plain one), the host's kernel headers bound
@@ -21,12 +24,14 @@ import os
 import re
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from machine import Machine
-from test_package import (DBUS_DEST, app_server, cursor, deb, journal_since, prop, through_8888,
-                          unit)
+from test_package import (DBUS_DEST, app_server, cursor, deb, install, journal_since, prop,
+                          through_8888, unit)
+from traffic import Traffic, install_clients
 
 __all__ = ["deb"]  # the fixture, imported so that this module builds the .deb the same way
 
@@ -59,6 +64,7 @@ def machine(deb):
                      "--system-call-filter=bpf perf_event_open pidfd_getfd", *header_binds()]
     try:
         app_server(m, deb)
+        install_clients(m)
         m.wait("test \"$(systemctl is-active zddd)\" = active", 30, "zddd on nftables")
         print(f"system test container (bpf) ready in {time.monotonic() - started:.1f} s "
               f"(base tree {m.base})", file=sys.stderr)
@@ -123,15 +129,39 @@ def check_backend(m: Machine, backend: str) -> None:
     assert score < 4.0, out
 
 
-def test_tc_backend_with_the_bpf_drop_in(machine):
+def reinstall_with_traffic(m: Machine, deb: Path, backend: str) -> None:  # noqa: F811
+    traffic = Traffic(m)
+    before = unit(m, "MainPID")["MainPID"]
+    mark = cursor(m)
+    started = time.monotonic()
+    install(m, deb, "--reinstall")
+    took = time.monotonic() - started
+    assert unit(m, "MainPID")["MainPID"] != before, "the package did not restart zddd"
+    assert prop(m, "ActiveTarget") == 's "main"'
+    assert traffic.held_answer() == "main v1", "the connection opened before the upgrade broke"
+    result = traffic.load_result()
+    switched = traffic.switched()
+    print(f"package reinstalled on {backend}: apt took {took:.1f} s; {result['ok']} requests, "
+          f"{len(result['failures'])} failed", file=sys.stderr)
+    assert result["failures"] == [], result["failures"][:10]
+    assert result["answers"] == {"main v1": result["ok"]} and result["ok"] > 50, result
+    assert switched == [], switched
+    log = journal_since(m, mark)
+    assert re.search(rf"event=start how=adopted target=main backend={backend}", log), log
+    assert "event=switch " not in log, log
+
+
+def test_tc_backend_with_the_bpf_drop_in(machine, deb):  # noqa: F811
     switch_backend(machine, "tc")
     assert machine.sh("test -d /sys/fs/bpf/zddd/tc").returncode == 0, "no pins under bpffs"
     check_backend(machine, "tc")
+    reinstall_with_traffic(machine, deb, "tc")
 
 
-def test_sk_lookup_backend_with_both_drop_ins(machine):
+def test_sk_lookup_backend_with_both_drop_ins(machine, deb):  # noqa: F811
     switch_backend(machine, "sk_lookup")
     # --remove-data-plane took tc's programs and pins away.
     assert machine.sh("test -e /sys/fs/bpf/zddd/tc").returncode != 0
     assert "zddd" not in machine.sh("tc filter show dev lo ingress").stdout
     check_backend(machine, "sk_lookup")
+    reinstall_with_traffic(machine, deb, "sk_lookup")

@@ -9,14 +9,13 @@ request, flip the host (ActiveTarget unchanged, no Switched), break an establish
 or lose a drain in progress. The package restarts the unit after the new files are in place;
 the data plane, in the kernel, outlives the restart.
 
-A client in the container (LOAD) sends requests to 127.0.0.1:8888, each on a new connection,
-for the whole upgrade; another (HOLD) opens a connection before it and sends its request after.
+A client in the container sends requests to 127.0.0.1:8888, each on a new connection, for the
+whole upgrade; another opens a connection before it and sends its request after (traffic.py).
 The tests share one container and run in file order.
 """
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import subprocess
@@ -29,55 +28,11 @@ import pytest
 from machine import HOST_PATH, Machine
 from test_package import (DBUS_DEST, _version, app_server, cursor, install, journal_since, prop,
                           through_8888, unit)
+from traffic import Traffic, install_clients
 
 TOP = Path(__file__).resolve().parents[2]
 # What build-deb.sh builds from (and README.md, docs/, examples/ that the package ships).
 TREE = ("zddd", "bpf", "systemd", "packaging", "pyproject.toml", "README.md", "docs", "examples")
-
-LOAD = r'''#!/usr/bin/python3
-"""GET / on 127.0.0.1:8888, each on a new connection, until /run/load.stop exists; then one
-JSON line to stdout: requests answered, failures (time and reason), the bodies seen."""
-import json, os, socket, time
-
-ok, failures, answers = 0, [], {}
-while not os.path.exists("/run/load.stop"):
-    try:
-        with socket.create_connection(("127.0.0.1", 8888), timeout=3) as s:
-            s.settimeout(3)
-            s.sendall(b"GET / HTTP/1.0\r\n\r\n")
-            data = b""
-            while chunk := s.recv(4096):
-                data += chunk
-        head, _, body = data.partition(b"\r\n\r\n")
-        if not head.startswith(b"HTTP/1.0 200"):
-            raise RuntimeError(f"answer {data[:60]!r}")
-        ok += 1
-        answers[body.decode().strip()] = answers.get(body.decode().strip(), 0) + 1
-    except Exception as e:
-        failures.append(f"{time.time():.3f} {e!r}")
-    time.sleep(0.005)
-print(json.dumps({"ok": ok, "failures": failures, "answers": answers}), flush=True)
-'''
-
-HOLD = r'''#!/usr/bin/python3
-"""Opens a connection to 127.0.0.1:8888 and writes "open" to stdout; sends its request only
-once /run/hold.go exists, then writes the body of the answer (or the error)."""
-import os, socket, time
-
-s = socket.create_connection(("127.0.0.1", 8888), timeout=5)
-print("open", flush=True)
-while not os.path.exists("/run/hold.go"):
-    time.sleep(0.05)
-try:
-    s.settimeout(5)
-    s.sendall(b"GET / HTTP/1.0\r\n\r\n")
-    data = b""
-    while chunk := s.recv(4096):
-        data += chunk
-    print(data.partition(b"\r\n\r\n")[2].decode().strip(), flush=True)
-except Exception as e:
-    print(f"error {e!r}", flush=True)
-'''
 
 
 def build(tmp: Path, version: str, layout: int | None = None) -> Path:
@@ -122,8 +77,7 @@ def machine(debs):
     m = Machine.fresh("zddd-system-upgrade-")
     try:
         app_server(m, debs["test1"])
-        m.write("/usr/local/bin/load", LOAD, 0o755)
-        m.write("/usr/local/bin/hold", HOLD, 0o755)
+        install_clients(m)
         yield m
     finally:
         m.destroy_after_journal("zddd")
@@ -132,37 +86,6 @@ def machine(debs):
 def installed_version(m: Machine) -> tuple[str, str]:
     r = m.sh("dpkg-query -W -f='${Version}\\n' zddd zddctl", check=True)
     return tuple(r.out.splitlines())
-
-
-class Traffic:
-    """LOAD, HOLD and a watch for the Switched signal, started in the container before an
-    upgrade and read after it."""
-
-    def __init__(self, m: Machine):
-        self.m = m
-        m.sh("rm -f /run/load.* /run/hold.* /run/switched.*", check=True)
-        m.sh("busctl monitor --system --match=\"type='signal',member='Switched'\" "
-             "> /run/switched.log 2>&1 & echo $! > /run/switched.pid", check=True)
-        m.sh("hold > /run/hold.out 2>&1 &", check=True)
-        m.wait("grep -qx open /run/hold.out", 10, "the held connection")
-        m.sh("load > /run/load.out 2>/run/load.err &", check=True)
-        time.sleep(1)  # the load runs a while before the upgrade, the monitor is subscribed
-        m.sh("kill -0 $(cat /run/switched.pid)", check=True)
-
-    def held_answer(self) -> str:
-        self.m.sh("touch /run/hold.go", check=True)
-        self.m.wait("test $(wc -l < /run/hold.out) -ge 2", 10, "the held connection's answer")
-        return self.m.sh("tail -n 1 /run/hold.out").out
-
-    def load_result(self) -> dict:
-        self.m.sh("touch /run/load.stop", check=True)
-        self.m.wait("test -s /run/load.out", 15, "the load's result")
-        return json.loads(self.m.sh("cat /run/load.out").out)
-
-    def switched(self) -> list[str]:
-        self.m.sh("kill $(cat /run/switched.pid)")
-        log = self.m.sh("cat /run/switched.log").stdout
-        return [line for line in log.splitlines() if "Member=Switched" in line]
 
 
 def upgrade(m: Machine, deb: Path, *apt_options: str) -> tuple[float, dict[str, str]]:
