@@ -33,6 +33,8 @@ from traffic import Traffic, install_clients
 TOP = Path(__file__).resolve().parents[2]
 # What build-deb.sh builds from (and README.md, docs/, examples/ that the package ships).
 TREE = ("zddd", "bpf", "systemd", "packaging", "pyproject.toml", "README.md", "docs", "examples")
+# The last commit whose package was one: zddd 0.1.0 with zddctl and the Python modules inside.
+SINGLE_PACKAGE_COMMIT = "c40027d"
 
 
 def build(tmp: Path, version: str, layout: int | None = None) -> Path:
@@ -61,14 +63,33 @@ def build(tmp: Path, version: str, layout: int | None = None) -> Path:
     return deb
 
 
+def build_single_package(tmp: Path) -> Path | None:
+    """The zddd .deb as SINGLE_PACKAGE_COMMIT built it, or None when the checkout does not have
+    that commit (a shallow clone)."""
+    commit = f"{SINGLE_PACKAGE_COMMIT}^{{commit}}"
+    if subprocess.run(["git", "-C", str(TOP), "cat-file", "-e", commit],
+                      capture_output=True).returncode != 0:
+        return None
+    src = tmp / "tree-single"
+    src.mkdir()
+    subprocess.run(f"git -C {TOP} archive {SINGLE_PACKAGE_COMMIT} | tar -x -C {src}", shell=True,
+                   check=True, timeout=120)
+    p = subprocess.run(["sh", "packaging/build-deb.sh"], cwd=src, capture_output=True, text=True,
+                       timeout=600, env={"PATH": HOST_PATH, "LANG": "C.UTF-8", "HOME": "/root"})
+    assert p.returncode == 0, \
+        f"build-deb.sh ({SINGLE_PACKAGE_COMMIT}):\n{p.stdout[-3000:]}{p.stderr}"
+    return next((src / "dist").glob("zddd_*_all.deb"))
+
+
 @pytest.fixture(scope="module")
-def debs(tmp_path_factory) -> dict[str, Path]:
+def debs(tmp_path_factory) -> dict[str, Path | None]:
     tmp = tmp_path_factory.mktemp("debs")
     base = _version()
     started = time.monotonic()
-    built = {f"test{n}": build(tmp, f"{base}+test{n}") for n in (1, 2, 3)}
+    built: dict[str, Path | None] = {"single": build_single_package(tmp)}
+    built.update({f"test{n}": build(tmp, f"{base}+test{n}") for n in (1, 2, 3)})
     built["test4"] = build(tmp, f"{base}+test4", layout=2)
-    print(f"4 versions built in {time.monotonic() - started:.1f} s", file=sys.stderr)
+    print(f"{len(built)} versions built in {time.monotonic() - started:.1f} s", file=sys.stderr)
     return built
 
 
@@ -76,8 +97,15 @@ def debs(tmp_path_factory) -> dict[str, Path]:
 def machine(debs):
     m = Machine.fresh("zddd-system-upgrade-")
     try:
-        app_server(m, debs["test1"])
+        app_server(m, None)
         install_clients(m)
+        single = debs["single"]
+        if single is None:
+            install(m, debs["test1"])
+        else:
+            shutil.copy(single, m.root / "root" / single.name)
+            m.sh(f"apt-get install -y -q /root/{single.name}", check=True, timeout=180)
+        m.wait("test \"$(systemctl is-active zddd)\" = active", 30, "zddd")
         yield m
     finally:
         m.destroy_after_journal("zddd")
@@ -96,15 +124,14 @@ def upgrade(m: Machine, deb: Path, *apt_options: str) -> tuple[float, dict[str, 
     return time.monotonic() - started, before
 
 
-def test_upgrade_with_traffic_flowing_is_no_flip(machine, debs):
-    m = machine
-    base = _version()
-    assert installed_version(m) == (f"{base}+test1", f"{base}+test1")
+def upgrade_with_traffic(m: Machine, deb: Path, label: str) -> None:
+    """Upgrade to `deb` while the clients run: nothing fails, flips or breaks."""
+    version = deb.name.split("_")[1]
     assert through_8888(m) == "main v1"
     traffic = Traffic(m)
     mark = cursor(m)
-    took, before = upgrade(m, debs["test2"])
-    assert installed_version(m) == (f"{base}+test2", f"{base}+test2")
+    took, before = upgrade(m, deb)
+    assert installed_version(m) == (version, version)
     # Restarted by the package (a new process) without a restart loop, and READY again.
     now = unit(m, "MainPID", "NRestarts", "ActiveState")
     assert now["MainPID"] != before["MainPID"] and now["ActiveState"] == "active", now
@@ -113,16 +140,33 @@ def test_upgrade_with_traffic_flowing_is_no_flip(machine, debs):
     assert traffic.held_answer() == "main v1", "the connection opened before the upgrade broke"
     result = traffic.load_result()
     switched = traffic.switched()
-    print(f"upgrade +test1 -> +test2: apt took {took:.1f} s; {result['ok']} requests, "
+    print(f"upgrade {label}: apt took {took:.1f} s; {result['ok']} requests, "
           f"{len(result['failures'])} failed", file=sys.stderr)
     assert result["failures"] == [], result["failures"][:10]
     assert result["answers"] == {"main v1": result["ok"]} and result["ok"] > 50, result
     assert switched == [], switched
     log = journal_since(m, mark)
     assert re.search(r"event=start how=adopted target=main backend=nftables", log), log
-    assert f"event=ready version={base}+test2" in log, log
+    assert f"event=ready version={version}" in log, log
     assert "event=switch " not in log, log
     assert "level=warning" not in log and "level=error" not in log, log
+
+
+def test_upgrade_from_the_single_package(machine, debs):
+    """Up to 0.1.0 zddctl was in the zddd package; the upgrade moves it to package zddctl."""
+    if debs["single"] is None:
+        pytest.skip(f"no commit {SINGLE_PACKAGE_COMMIT} in this checkout (a shallow clone)")
+    m = machine
+    assert m.sh("dpkg-query -W -f='${Version}' zddd").out == "0.1.0"
+    upgrade_with_traffic(m, debs["test1"], "from the single package to +test1")
+    assert m.sh("dpkg -S /usr/bin/zddctl").out.startswith("zddctl:")
+    assert m.sh("zddctl status --json", check=True).out.count('"main"') >= 1
+
+
+def test_upgrade_with_traffic_flowing_is_no_flip(machine, debs):
+    if debs["single"] is not None:
+        assert installed_version(machine)[0].endswith("+test1")
+    upgrade_with_traffic(machine, debs["test2"], "+test1 -> +test2")
 
 
 def test_upgrade_during_a_drain_resumes_it(machine, debs):
