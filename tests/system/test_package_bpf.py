@@ -6,8 +6,9 @@ other backend's data plane removed with `zddd --remove-data-plane`, `systemctl r
 Per backend: zddd is active and READY, 8888 reaches main, `busctl call ... Switch` flips, a
 restart adopts without a flip, `systemd-analyze security` stays under 4.0 with the drop-ins, and
 the package reinstalled over the running zddd (the maintainer scripts' upgrade path: the unit
-restarted after unpacking) while a client sends requests fails none, flips nothing and keeps a
-connection opened before it (test_package_upgrade.py does real version upgrades on nftables).
+restarted after unpacking) while a client sends requests and a drain is in progress fails none,
+flips nothing, keeps a connection opened before it and resumes the drain
+(test_package_upgrade.py does real version upgrades on nftables).
 
 The container differs from test_package.py's in what a BPF host has: python3-bpfcc in its tree
 (a base tree of its own flavor, cached beside the plain one), the host's kernel headers bound
@@ -129,8 +130,13 @@ def check_backend(m: Machine, backend: str) -> None:
     assert score < 4.0, out
 
 
-def reinstall_with_traffic(m: Machine, deb: Path, backend: str) -> None:  # noqa: F811
+def reinstall_with_traffic_during_a_drain(m: Machine, deb: Path, backend: str) -> None:  # noqa: F811
+    """The package reinstalled over the running zddd while a client sends requests and a drain
+    towards off is in progress, kept open by a connection opened before: nothing fails, nothing
+    flips, the new zddd resumes the drain, and ends it once that connection has closed."""
     traffic = Traffic(m)
+    m.sh(f"busctl call {DBUS_DEST} SwitchWithOptions sa{{sv}} off 1 "
+         "drain_timeout_usec t 300000000", check=True)
     before = unit(m, "MainPID")["MainPID"]
     mark = cursor(m)
     started = time.monotonic()
@@ -138,24 +144,30 @@ def reinstall_with_traffic(m: Machine, deb: Path, backend: str) -> None:  # noqa
     took = time.monotonic() - started
     assert unit(m, "MainPID")["MainPID"] != before, "the package did not restart zddd"
     assert prop(m, "ActiveTarget") == 's "main"'
-    assert traffic.held_answer() == "main v1", "the connection opened before the upgrade broke"
+    assert prop(m, "Draining") == 's "main"'
     result = traffic.load_result()
-    switched = traffic.switched()
-    print(f"package reinstalled on {backend}: apt took {took:.1f} s; {result['ok']} requests, "
-          f"{len(result['failures'])} failed", file=sys.stderr)
+    print(f"package reinstalled on {backend} during a drain: apt took {took:.1f} s; "
+          f"{result['ok']} requests, {len(result['failures'])} failed", file=sys.stderr)
     assert result["failures"] == [], result["failures"][:10]
     assert result["answers"] == {"main v1": result["ok"]} and result["ok"] > 50, result
-    assert switched == [], switched
     log = journal_since(m, mark)
-    assert re.search(rf"event=start how=adopted target=main backend={backend}", log), log
+    assert re.search(rf"event=start how=adopted target=main backend={backend} "
+                     "resumed_drain=main", log), log
     assert "event=switch " not in log, log
+    assert traffic.switched() == []
+    assert traffic.held_answer() == "main v1", "the connection opened before the upgrade broke"
+    # Up to 10 s after the restart the resumed drain also waits for HAProxy's agent poll.
+    m.wait(f"busctl get-property {DBUS_DEST} ActiveTarget | grep -qx 's \"off\"'", 30,
+           "the resumed drain to end")
+    m.sh(f"busctl call {DBUS_DEST} Switch s main", check=True)
+    assert through_8888(m) == "main v1"
 
 
 def test_tc_backend_with_the_bpf_drop_in(machine, deb):  # noqa: F811
     switch_backend(machine, "tc")
     assert machine.sh("test -d /sys/fs/bpf/zddd/tc").returncode == 0, "no pins under bpffs"
     check_backend(machine, "tc")
-    reinstall_with_traffic(machine, deb, "tc")
+    reinstall_with_traffic_during_a_drain(machine, deb, "tc")
 
 
 def test_sk_lookup_backend_with_both_drop_ins(machine, deb):  # noqa: F811
@@ -164,4 +176,4 @@ def test_sk_lookup_backend_with_both_drop_ins(machine, deb):  # noqa: F811
     assert machine.sh("test -e /sys/fs/bpf/zddd/tc").returncode != 0
     assert "zddd" not in machine.sh("tc filter show dev lo ingress").stdout
     check_backend(machine, "sk_lookup")
-    reinstall_with_traffic(machine, deb, "sk_lookup")
+    reinstall_with_traffic_during_a_drain(machine, deb, "sk_lookup")
