@@ -28,8 +28,12 @@ BUS = "unix:path=/tmp/zddd-bus"
 
 
 def _lists(m: Machine) -> None:
-    p = host_apt(m.root, "update", "-q")
-    assert p.returncode == 0, f"apt-get update on {m.root}:\n{p.stdout[-2000:]}{p.stderr}"
+    """Debian's lists in the tree, and an sshd in its archive cache for `zddctl -H`."""
+    for args in (["update", "-q"], ["install", "--download-only", "-y", "-q",
+                                    "--no-install-recommends", "openssh-server", "openssh-client"]):
+        p = host_apt(m.root, *args)
+        assert p.returncode == 0, \
+            f"apt-get {' '.join(args)} on {m.root}:\n{p.stdout[-2000:]}{p.stderr}"
 
 
 @pytest.fixture(scope="module")
@@ -116,9 +120,21 @@ def test_the_client_package_alone(machine, deb):  # noqa: F811
     assert m.sh("zddctl --version", check=True).out == f"zddctl {_version()}"
     assert "switch" in m.sh("zddctl --help", check=True).out
     # No daemon here: a bus command says so and fails; nothing of zddd's exists or runs.
+    # (r is compared with the same command over ssh below.)
     r = m.sh("zddctl status")
     assert r.returncode == 1 and r.stderr.strip(), r
     assert m.sh("systemctl cat zddd.service").returncode != 0
     assert m.sh("test -e /usr/bin/zddd").returncode != 0
     assert m.sh("pgrep -x zddd").returncode != 0
     assert m.sh(f"busctl status {DBUS_DEST.split()[0]}").returncode != 0
+
+    # -H through a real sshd (this machine's own: its zddctl answers the same, exit 1 and the
+    # reason, as the local one).
+    m.sh("apt-get install -y -q --no-install-recommends openssh-server openssh-client && "
+         "mkdir -p -m 700 /root/.ssh && ssh-keygen -q -t ed25519 -N '' -f /root/.ssh/id_ed25519 "
+         "&& cp /root/.ssh/id_ed25519.pub /root/.ssh/authorized_keys && "
+         "systemctl is-active ssh", check=True, timeout=120)
+    remote = m.sh("ZDDCTL_SSH='ssh -o BatchMode=yes -o StrictHostKeyChecking=accept-new' "
+                  "zddctl -H root@127.0.0.1 status", timeout=30)
+    assert (remote.returncode, remote.stdout) == (r.returncode, r.stdout), remote
+    assert r.stderr.strip() in remote.stderr, (r.stderr, remote.stderr)
