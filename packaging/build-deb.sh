@@ -1,6 +1,7 @@
 #!/bin/sh
-# Build dist/zddd_<version>_all.deb and dist/zddctl_<version>_all.deb from the working tree with dpkg-buildpackage (debhelper,
-# dh-python, pybuild), then check it with lintian (errors fail the build; warnings are shown).
+# Build dist/zddd_<version>_all.deb and dist/zddctl_<version>_all.deb from the working tree with
+# dpkg-buildpackage (debhelper, dh-python, pybuild), then check them with lintian (errors fail
+# the build; warnings are shown).
 # Installs its build dependencies with apt-get when one is missing. Run from the top of the tree
 # (make deb).
 #
