@@ -320,7 +320,10 @@ def test_watchdog_restarts_a_stalled_zddd(machine):
     """A stopped process sends no pings: the watchdog (10 s) aborts it and systemd restarts
     it; traffic keeps flowing meanwhile."""
     m = machine
+    m.wait("test \"$(systemctl is-active zddd)\" = active", 30, "zddd to be active")
     before = unit(m, "MainPID", "NRestarts")
+    # `kill -STOP 0` would stop the caller's own process group: the test run itself.
+    assert int(before["MainPID"]) > 0, before
     m.sh(f"kill -STOP {before['MainPID']}", check=True)
     assert through_8888(m) == "main v1"
     m.wait(f"test \"$(systemctl show zddd -p MainPID --value)\" != {before['MainPID']} && "
