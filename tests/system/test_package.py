@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from machine import HOST_PATH, Machine
+from machine import HOST_PATH, Machine, Result
 
 TOP = Path(__file__).resolve().parents[2]
 DBUS_DEST = "org.zddd.Steering1 /org/zddd/Steering1 org.zddd.Steering1.Manager"
@@ -109,13 +109,13 @@ def deb() -> Path:
     return path
 
 
-def install(m: Machine, deb: Path, *apt_options: str) -> None:
+def install(m: Machine, deb: Path, *apt_options: str) -> Result:
     """`apt-get install` the zddd package `deb` and its zddctl, copied into the container, as an
     operator installs a .deb (maintainer scripts, the unit started or restarted)."""
     for p in (deb, client_deb(deb)):
         shutil.copy(p, m.root / "root" / p.name)
-    m.sh(f"apt-get install -y -q {' '.join(apt_options)} "
-         f"/root/{deb.name} /root/{client_deb(deb).name}", check=True, timeout=180)
+    return m.sh(f"apt-get install -y -q {' '.join(apt_options)} "
+                f"/root/{deb.name} /root/{client_deb(deb).name}", check=True, timeout=180)
 
 
 def app_server(m: Machine, deb: Path | None, users: tuple[str, ...] = (),
