@@ -72,7 +72,7 @@ test-integration: setup
 test-e2e: setup
 	$(PYTEST) -m e2e tests
 
-# The .deb in a booted Debian 12 container (tests/system). Builds dist/*.deb when it is older than
+# The .debs in a booted Debian 12 container (tests/system). Builds dist/*.deb when older than
 # its sources, installs mmdebstrap and systemd-container if missing, and caches the base tree in
 # /var/cache/zddd-test (ZDDD_TEST_CACHE): about 1.5 min cold, 45 s warm.
 test-system: setup
@@ -105,7 +105,8 @@ bench: setup
 soak: setup
 	$(VPY) bench/soak.py
 
-# dist/zddd_<version>_all.deb for Debian 12 with dpkg-buildpackage; installs its own build
+# dist/zddd_<version>_all.deb and dist/zddctl_<version>_all.deb (the client alone, which zddd
+# depends on) for Debian 12 with dpkg-buildpackage; installs its own build
 # dependencies and fails on lintian errors (packaging/build-deb.sh).
 deb:
 	sh packaging/build-deb.sh

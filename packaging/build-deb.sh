@@ -1,8 +1,13 @@
 #!/bin/sh
-# Build dist/zddd_<version>_all.deb from the working tree with dpkg-buildpackage (debhelper,
-# dh-python, pybuild), then check it with lintian (errors fail the build; warnings are shown).
+# Build dist/zddd_<version>_all.deb and dist/zddctl_<version>_all.deb from the working tree with
+# dpkg-buildpackage (debhelper, dh-python, pybuild), then check them with lintian (errors fail
+# the build; warnings are shown).
 # Installs its build dependencies with apt-get when one is missing. Run from the top of the tree
 # (make deb).
+#
+# ZDDD_DEB_VERSION=V builds the tree as version V (zddd/__init__.py and a changelog entry are
+# rewritten in the build copy, not in the tree): the upgrade test builds 0.1.0+test1 and
+# 0.1.0+test2 of one tree this way.
 set -eu
 # Debian's tools and Debian's python3 only: a python3 earlier on PATH (pyenv, a venv) lacks
 # the Debian modules pybuild uses.
@@ -38,21 +43,37 @@ if ! ls bpf/*.c >/dev/null 2>&1 && [ ! -e bpf/README.md ]; then
     exit 1
 fi
 
+deb_version=${ZDDD_DEB_VERSION:-$version}
+
 # A clean copy of what the package is built from: no venv, caches or build leftovers.
 work=build/deb
-src=$work/zddd-$version
+src=$work/zddd-$deb_version
 rm -rf "$work"
 mkdir -p "$src"
-cp -a zddd bpf systemd packaging pyproject.toml "$src/"
-[ -e README.md ] && cp -a README.md "$src/"
+cp -a zddd bpf systemd packaging pyproject.toml README.md examples "$src/"
+[ -d docs ] && cp -a docs "$src/"
 cp -a packaging/debian "$src/debian"
+# The package's operator notes (install, drop-ins, what survives what) as Debian names them.
+cp packaging/README.md "$src/debian/zddd.README.Debian"
 find "$src" -name __pycache__ -prune -exec rm -rf {} +
+if [ "$deb_version" != "$version" ]; then
+    sed -i "s/^__version__ = .*/__version__ = \"$deb_version\"/" "$src/zddd/__init__.py"
+    { printf 'zddd (%s) bookworm; urgency=medium\n\n  * Built from the tree of %s as %s (ZDDD_DEB_VERSION).\n\n' \
+          "$deb_version" "$version" "$deb_version"
+      printf ' -- %s  %s\n\n' "$(dpkg-parsechangelog -l packaging/debian/changelog -S Maintainer)" \
+          "$(date -R)"
+      cat packaging/debian/changelog; } > "$src/debian/changelog"
+fi
 
 (cd "$src" && dpkg-buildpackage -us -uc -b)
 
 mkdir -p dist
-deb=zddd_${version}_all.deb
-mv "$work/$deb" dist/
+debs="zddd_${deb_version}_all.deb zddctl_${deb_version}_all.deb"
+for deb in $debs; do
+    mv "$work/$deb" dist/
+done
 echo "lintian:"
-lintian --fail-on error --info dist/"$deb"
-echo "built dist/$deb"
+(cd dist && lintian --fail-on error --info $debs)
+for deb in $debs; do
+    echo "built dist/$deb"
+done

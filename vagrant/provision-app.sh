@@ -19,6 +19,9 @@ ZDDD_SRC="${ZDDD_SRC:-/vagrant}"
 # shellcheck disable=SC2012  # ls -v: the newest version last; the names are zddd_<version>_all.deb
 deb="$(ls -v "$ZDDD_SRC"/dist/zddd_*_all.deb 2>/dev/null | tail -n 1 || true)"
 [ -n "$deb" ] || die "no $ZDDD_SRC/dist/zddd_*_all.deb: run 'make deb' in the checkout first"
+# zddd depends on the zddctl of its own version, which `make deb` builds beside it.
+client="${deb%/*}/zddctl_${deb##*/zddd_}"
+[ -e "$client" ] || die "no $client beside $deb: run 'make deb' in the checkout again"
 
 # ---- nginx: the two vhosts ----
 apt_install nginx-light
@@ -58,14 +61,14 @@ enable_now nginx
 # ---- zddd ----
 # The same version may be rebuilt with other contents: a checksum of what was installed decides.
 stamp=/var/lib/zddd-provision/installed-deb.sha256
-sum="$(sha256sum < "$deb" | cut -d' ' -f1)"
+sum="$(cat "$deb" "$client" | sha256sum | cut -d' ' -f1)"
 zddd_changed=""
 if ! dpkg-query -W -f='${Status}\n' zddd 2>/dev/null | grep -q 'install ok installed' \
         || [ "$(cat "$stamp" 2>/dev/null || true)" != "$sum" ]; then
     say "installing $deb"
     apt_update_once
     # shellcheck disable=SC2086
-    apt-get install $APT_OPTS --reinstall "$deb"
+    apt-get install $APT_OPTS --reinstall "$deb" "$client"
     mkdir -p "${stamp%/*}"
     echo "$sum" > "$stamp"
     zddd_changed=1

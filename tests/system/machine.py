@@ -103,6 +103,16 @@ def base_tree(extra: tuple[str, ...] = (), flavor: str = "base") -> Path:
     return base
 
 
+def host_apt(root: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run the host's apt-get on the (not booted) tree at `root`: its sources, lists, status
+    and archive cache. The container has no network; this fills what apt inside needs."""
+    conf = root.parent / "apt-host.conf"
+    # The sandbox user is the host's _apt, whose uid may differ from the tree's.
+    conf.write_text(f'Dir "{root}/";\nAPT::Sandbox::User "root";\n')
+    return subprocess.run(["apt-get", *args], capture_output=True, text=True, timeout=timeout,
+                          env={"PATH": HOST_PATH, "LANG": "C.UTF-8", "APT_CONFIG": str(conf)})
+
+
 class Result(subprocess.CompletedProcess):
     @property
     def out(self) -> str:

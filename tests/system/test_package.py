@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from machine import HOST_PATH, Machine
+from machine import HOST_PATH, Machine, Result
 
 TOP = Path(__file__).resolve().parents[2]
 DBUS_DEST = "org.zddd.Steering1 /org/zddd/Steering1 org.zddd.Steering1.Manager"
@@ -90,35 +90,56 @@ def _newest_source_mtime() -> float:
     return newest
 
 
+def client_deb(deb: Path) -> Path:
+    """The zddctl package built beside the zddd package `deb` (zddd depends on the zddctl of
+    its own version)."""
+    return deb.with_name(deb.name.replace("zddd_", "zddctl_", 1))
+
+
 @pytest.fixture(scope="module")
 def deb() -> Path:
-    """dist/zddd_<version>_all.deb, rebuilt with `make deb` unless newer than its sources."""
+    """dist/zddd_<version>_all.deb (with dist/zddctl_<version>_all.deb beside it), rebuilt with
+    `make deb` unless newer than its sources."""
     path = TOP / "dist" / f"zddd_{_version()}_all.deb"
-    if not path.exists() or path.stat().st_mtime < _newest_source_mtime():
+    if not all(p.exists() and p.stat().st_mtime >= _newest_source_mtime()
+               for p in (path, client_deb(path))):
         subprocess.run(["make", "-C", str(TOP), "deb"], check=True, timeout=900,
                        env={"PATH": HOST_PATH, "LANG": "C.UTF-8", "HOME": "/root"})
-    assert path.exists(), f"make deb did not produce {path}"
+    assert path.exists() and client_deb(path).exists(), f"make deb did not produce {path}"
     return path
 
 
-def app_server(m: Machine, deb: Path, users: tuple[str, ...] = ()) -> None:
+def install(m: Machine, deb: Path, *apt_options: str) -> Result:
+    """`apt-get install` the zddd package `deb` and its zddctl, copied into the container, as an
+    operator installs a .deb (maintainer scripts, the unit started or restarted)."""
+    for p in (deb, client_deb(deb)):
+        shutil.copy(p, m.root / "root" / p.name)
+    return m.sh(f"apt-get install -y -q {' '.join(apt_options)} "
+                f"/root/{deb.name} /root/{client_deb(deb).name}", check=True, timeout=180)
+
+
+def app_server(m: Machine, deb: Path | None, users: tuple[str, ...] = (),
+               before_boot=None) -> None:
     """Create and boot `m` as an app server: `users` added, the example app@.service running
-    main (8080) and backup (80), then the .deb installed with apt, as an operator would (the
-    package starts zddd)."""
+    main (8080) and backup (80), then the .deb (and its zddctl) installed with apt, as an
+    operator would (the package starts zddd); `deb` None leaves that to the caller.
+    `before_boot(m)` runs on the created tree before it boots."""
     m.create()
+    if before_boot is not None:
+        before_boot(m)
     m.write("/usr/local/bin/app", APP, 0o755)
     for name, port in (("main", 8080), ("backup", 80)):
         m.write(f"/etc/default/app-{name}", f"PORT={port}\n")
         m.write(f"/srv/app/{name}/index.html", f"{name} v1\n")
     # The example unit as the package ships it (the same file as in the checkout).
     m.write("/etc/systemd/system/app@.service", (TOP / "systemd/app@.service").read_text())
-    shutil.copy(deb, m.root / "root" / deb.name)
     m.boot()
     for user in users:
         m.sh(f"useradd --system --no-create-home {user}", check=True)
     m.sh("systemctl enable --now app@main app@backup", check=True)
     m.wait("curl -sf 127.0.0.1:8080 && curl -sf 127.0.0.1:80", 15, "the apps")
-    m.sh(f"apt-get install -y -q /root/{deb.name}", check=True, timeout=180)
+    if deb is not None:
+        install(m, deb)
 
 
 @pytest.fixture(scope="module")
@@ -181,6 +202,24 @@ def test_package_installs_and_starts_zddd(machine):
     assert (m.root / "usr/share/zddd/systemd/app@.service").read_text() == \
         (TOP / "systemd/app@.service").read_text()
     assert m.sh("nft list table inet zddd").returncode == 0
+
+
+def test_readme_docs_and_examples_are_shipped(machine):
+    """What zddd(8) points at and what an operator copies is in /usr/share/doc/zddd, as the
+    checkout has it: README.md, docs/*.md, the HAProxy and nginx examples and the Ansible role."""
+    doc = machine.root / "usr/share/doc/zddd"
+    assert (doc / "README.md").read_text() == (TOP / "README.md").read_text()
+    for page in (TOP / "docs").glob("*.md"):
+        assert (doc / "docs" / page.name).read_text() == page.read_text(), page
+    for part in ("haproxy", "nginx", "ansible"):
+        files = [p for p in (TOP / "examples" / part).rglob("*") if p.is_file()]
+        assert files, part
+        for p in files:
+            shipped = doc / "examples" / p.relative_to(TOP / "examples")
+            assert shipped.read_bytes() == p.read_bytes(), shipped
+    for page in (TOP / "packaging/man").glob("*.[0-9]"):
+        for path in re.findall(r"/usr/share/doc/zddd/[\w./-]*\w", page.read_text()):
+            assert (machine.root / path.lstrip("/")).exists(), f"{page.name} names {path}"
 
 
 def test_sandbox_exposure_below_4(machine):
@@ -281,7 +320,10 @@ def test_watchdog_restarts_a_stalled_zddd(machine):
     """A stopped process sends no pings: the watchdog (10 s) aborts it and systemd restarts
     it; traffic keeps flowing meanwhile."""
     m = machine
+    m.wait("test \"$(systemctl is-active zddd)\" = active", 30, "zddd to be active")
     before = unit(m, "MainPID", "NRestarts")
+    # `kill -STOP 0` would stop the caller's own process group: the test run itself.
+    assert int(before["MainPID"]) > 0, before
     m.sh(f"kill -STOP {before['MainPID']}", check=True)
     assert through_8888(m) == "main v1"
     m.wait(f"test \"$(systemctl show zddd -p MainPID --value)\" != {before['MainPID']} && "

@@ -4,7 +4,11 @@ then to `sk_lookup` the way packaging/README.md tells an operator (drop-ins inst
 other backend's data plane removed with `zddd --remove-data-plane`, `systemctl restart`).
 
 Per backend: zddd is active and READY, 8888 reaches main, `busctl call ... Switch` flips, a
-restart adopts without a flip, and `systemd-analyze security` stays under 4.0 with the drop-ins.
+restart adopts without a flip, `systemd-analyze security` stays under 4.0 with the drop-ins, and
+the package reinstalled over the running zddd (the maintainer scripts' upgrade path: the unit
+restarted after unpacking) while a client sends requests and a drain is in progress fails none,
+flips nothing, keeps a connection opened before it and resumes the drain
+(test_package_upgrade.py does real version upgrades on nftables).
 
 The container differs from test_package.py's in what a BPF host has: python3-bpfcc in its tree
 (a base tree of its own flavor, cached beside the plain one), the host's kernel headers bound
@@ -21,12 +25,14 @@ import os
 import re
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from machine import Machine
-from test_package import (DBUS_DEST, app_server, cursor, deb, journal_since, prop, through_8888,
-                          unit)
+from test_package import (DBUS_DEST, app_server, cursor, deb, install, journal_since, prop,
+                          through_8888, unit)
+from traffic import Traffic, install_clients
 
 __all__ = ["deb"]  # the fixture, imported so that this module builds the .deb the same way
 
@@ -59,6 +65,7 @@ def machine(deb):
                      "--system-call-filter=bpf perf_event_open pidfd_getfd", *header_binds()]
     try:
         app_server(m, deb)
+        install_clients(m)
         m.wait("test \"$(systemctl is-active zddd)\" = active", 30, "zddd on nftables")
         print(f"system test container (bpf) ready in {time.monotonic() - started:.1f} s "
               f"(base tree {m.base})", file=sys.stderr)
@@ -123,15 +130,50 @@ def check_backend(m: Machine, backend: str) -> None:
     assert score < 4.0, out
 
 
-def test_tc_backend_with_the_bpf_drop_in(machine):
+def reinstall_with_traffic_during_a_drain(m: Machine, deb: Path, backend: str) -> None:  # noqa: F811
+    """The package reinstalled over the running zddd while a client sends requests and a drain
+    towards off is in progress, kept open by a connection opened before: nothing fails, nothing
+    flips, the new zddd resumes the drain, and ends it once that connection has closed."""
+    traffic = Traffic(m)
+    m.sh(f"busctl call {DBUS_DEST} SwitchWithOptions sa{{sv}} off 1 "
+         "drain_timeout_usec t 300000000", check=True)
+    before = unit(m, "MainPID")["MainPID"]
+    mark = cursor(m)
+    started = time.monotonic()
+    install(m, deb, "--reinstall")
+    took = time.monotonic() - started
+    assert unit(m, "MainPID")["MainPID"] != before, "the package did not restart zddd"
+    assert prop(m, "ActiveTarget") == 's "main"'
+    assert prop(m, "Draining") == 's "main"'
+    result = traffic.load_result()
+    print(f"package reinstalled on {backend} during a drain: apt took {took:.1f} s; "
+          f"{result['ok']} requests, {len(result['failures'])} failed", file=sys.stderr)
+    assert result["failures"] == [], result["failures"][:10]
+    assert result["answers"] == {"main v1": result["ok"]} and result["ok"] > 50, result
+    log = journal_since(m, mark)
+    assert re.search(rf"event=start how=adopted target=main backend={backend} "
+                     "resumed_drain=main", log), log
+    assert "event=switch " not in log, log
+    assert traffic.switched() == []
+    assert traffic.held_answer() == "main v1", "the connection opened before the upgrade broke"
+    # Up to 10 s after the restart the resumed drain also waits for HAProxy's agent poll.
+    m.wait(f"busctl get-property {DBUS_DEST} ActiveTarget | grep -qx 's \"off\"'", 30,
+           "the resumed drain to end")
+    m.sh(f"busctl call {DBUS_DEST} Switch s main", check=True)
+    assert through_8888(m) == "main v1"
+
+
+def test_tc_backend_with_the_bpf_drop_in(machine, deb):  # noqa: F811
     switch_backend(machine, "tc")
     assert machine.sh("test -d /sys/fs/bpf/zddd/tc").returncode == 0, "no pins under bpffs"
     check_backend(machine, "tc")
+    reinstall_with_traffic_during_a_drain(machine, deb, "tc")
 
 
-def test_sk_lookup_backend_with_both_drop_ins(machine):
+def test_sk_lookup_backend_with_both_drop_ins(machine, deb):  # noqa: F811
     switch_backend(machine, "sk_lookup")
     # --remove-data-plane took tc's programs and pins away.
     assert machine.sh("test -e /sys/fs/bpf/zddd/tc").returncode != 0
     assert "zddd" not in machine.sh("tc filter show dev lo ingress").stdout
     check_backend(machine, "sk_lookup")
+    reinstall_with_traffic_during_a_drain(machine, deb, "sk_lookup")

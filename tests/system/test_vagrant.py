@@ -24,7 +24,8 @@ from pathlib import Path
 import pytest
 
 import zdddlab
-from machine import HOST_PATH, Machine
+from machine import HOST_PATH, Machine, host_apt
+from test_package import client_deb
 from test_package import deb  # noqa: F401  (dist/zddd_<version>_all.deb, rebuilt when stale)
 
 TOP = Path(__file__).resolve().parents[2]
@@ -36,15 +37,12 @@ CHECKOUT_PARTS = ("examples", "vagrant")
 def prefetch(root: Path, packages: list[str]) -> None:
     """Fill the tree's apt lists and download `packages` (with what they need beyond the
     tree) into its archive cache, with the host's apt working on the tree (not booted)."""
-    conf = root.parent / "apt-prefetch.conf"
-    # The sandbox user is the host's _apt, whose uid may differ from the tree's.
-    conf.write_text(f'Dir "{root}/";\nAPT::Sandbox::User "root";\n')
-    env = {"PATH": HOST_PATH, "LANG": "C.UTF-8", "APT_CONFIG": str(conf)}
-    for cmd in (["apt-get", "update", "-q"],
-                ["apt-get", "install", "--download-only", "-y", "-q", "--no-install-recommends",
-                 *packages]):
-        p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-        assert p.returncode == 0, f"{' '.join(cmd)} on {root}:\n{p.stdout[-2000:]}{p.stderr}"
+    for args in (["update", "-q"],
+                 ["install", "--download-only", "-y", "-q", "--no-install-recommends",
+                  *packages]):
+        p = host_apt(root, *args)
+        assert p.returncode == 0, \
+            f"apt-get {' '.join(args)} on {root}:\n{p.stdout[-2000:]}{p.stderr}"
 
 
 def copy_checkout(m: Machine, deb: Path, path: str) -> None:  # noqa: F811
@@ -55,7 +53,8 @@ def copy_checkout(m: Machine, deb: Path, path: str) -> None:  # noqa: F811
         shutil.copytree(TOP / part, dest / part, symlinks=True,
                         ignore=shutil.ignore_patterns("__pycache__"))
     (dest / "dist").mkdir()
-    shutil.copy2(deb, dest / "dist" / deb.name)
+    for p in (deb, client_deb(deb)):
+        shutil.copy2(p, dest / "dist" / p.name)
 
 
 def booted(deb: Path, packages: list[str], checkout: str):  # noqa: F811
