@@ -106,14 +106,14 @@ def test_the_quick_start_then_the_package_starts_at_initial(machine, deb):  # no
 
 def test_the_client_package_alone(machine, deb):  # noqa: F811
     """zddctl without zddd and without what only the daemon needs (nftables, its Python
-    binding, pyroute2, sdnotify, prometheus-client): it runs, and nothing steers."""
+    binding, pyroute2, sdnotify, prometheus-client, dbus-fast): it runs, and nothing steers."""
     m = machine
     m.sh("systemctl stop zddd && zddd --remove-data-plane && apt-get purge -y -q zddd && "
          "dpkg --purge python3-nftables libnftables1 nftables python3-pyroute2 python3-sdnotify "
-         "python3-prometheus-client", check=True, timeout=120)
+         "python3-prometheus-client python3-dbus-fast python3-dbus-next", check=True, timeout=120)
     m.sh(f"apt-get install -y -q /root/{client_deb(deb).name}", check=True, timeout=120)
     listing = m.sh("dpkg-query -W -f='${Package} ${Status}\\n' zddd zddctl python3-nftables "
-                   "python3-pyroute2 2>/dev/null").stdout
+                   "python3-pyroute2 python3-dbus-fast 2>/dev/null").stdout
     installed = [line.split()[0] for line in listing.splitlines() if "ok installed" in line]
     assert installed == ["zddctl"], listing
 
