@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
-from .backends import ApplyError, Backend, Desired, KernelState
+from .backends import ApplyError, Backend, Desired, KernelState, NewerLayout
 from .config import ALL_TARGETS, MAX_SECONDS, OFF, TARGET_NAMES, Config
 from .errors import BackendFailure, InvalidArgument, InvalidConfig, InvalidTarget, TargetUnhealthy
 from .logfmt import quote
@@ -173,10 +173,13 @@ class Steering:
 
     def start(self) -> None:
         """Adopt the kernel's state, or program the saved or initial one. Resumes a saved drain.
-        Raises BackendUnavailable (kernel untouched) or BackendFailure."""
+        Raises BackendUnavailable or NewerLayout (both with the kernel untouched: no restart
+        helps) or BackendFailure."""
         self.backend.probe()  # BackendUnavailable: the config asks for what cannot run here
         try:
             kernel = self.backend.read(self._desired(None))
+        except NewerLayout:
+            raise
         except ApplyError as e:
             raise BackendFailure(f"cannot read the kernel's state: {e}") from None
         saved = self.store.load()

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Awaitable, Callable
 
 from . import __version__
-from .backends import BackendUnavailable, Desired, backend_class, make_backend
+from .backends import BackendUnavailable, Desired, NewerLayout, backend_class, make_backend
 from .config import BACKENDS, DEFAULT_PATH, Config, ConfigError, Endpoint, load
 from .connections import ConnectionCounter
 from .core import Observer, Snapshot, Steering
@@ -312,7 +312,7 @@ class Daemon(Observer):
             return EXIT_CONFIG
         try:
             self.core.start()
-        except BackendUnavailable as e:
+        except (BackendUnavailable, NewerLayout) as e:
             log.error("event=start_refused error=%s", quote(str(e)))
             self.listeners.discard(self.core)
             return EXIT_CONFIG

@@ -232,11 +232,6 @@ def test_upgrade_to_a_newer_layout_then_downgrade_leaves_traffic_alone(machine, 
     assert "zddd.service is not running" in printed, printed[-2000:]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "zddd/core.py Steering.start turns the backend's ApplyError for a newer layout into "
-    "BackendFailure, which zddd/daemon.py exits 1 on (Restart=on-failure retries it every "
-    "second); it must be its own error that the daemon exits 78 on, with a line naming the way "
-    "out"))
 def test_downgrade_refuses_with_exit_78_and_one_line_naming_the_way_out(machine):
     m = machine
     m.wait("test \"$(systemctl show zddd -p SubState --value)\" = failed", 30,

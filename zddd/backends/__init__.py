@@ -38,6 +38,15 @@ class ApplyError(Exception):
         self.changed = changed
 
 
+class NewerLayout(ApplyError):
+    """The kernel holds a data plane in the layout of a newer zddd. This zddd never touches
+    it (mistaking it for damage would rebuild it and break its flows), and no restart of this
+    zddd helps: the message names the way out."""
+
+    WAY_OUT = ("install the newer zddd again, or drain this host with it (zddctl switch off "
+               "--wait-drained), stop it and run `zddd --remove-data-plane`")
+
+
 @dataclass(frozen=True)
 class Desired:
     """What the kernel should hold: the listen port, the target ports by name, the target new

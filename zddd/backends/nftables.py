@@ -37,7 +37,7 @@ the table itself.
 from __future__ import annotations
 
 from ..kernel import netlink, nfnetlink
-from . import ApplyError, Backend, BackendUnavailable, Desired, KernelState, Plan
+from . import ApplyError, Backend, BackendUnavailable, Desired, KernelState, NewerLayout, Plan
 
 FAMILY = "inet"
 TABLE = "zddd"
@@ -249,9 +249,9 @@ class NftablesBackend(Backend):
             version = name[len(_LAYOUT_PREFIX):]
             if kind == "counter" and name.startswith(_LAYOUT_PREFIX) and version.isdigit() \
                     and int(version) > LAYOUT_VERSION:
-                raise ApplyError(f"table {FAMILY} {TABLE} has layout v{version}, written by a "
-                                 f"newer zddd; this one writes v{LAYOUT_VERSION} and leaves it "
-                                 "alone")
+                raise NewerLayout(f"table {FAMILY} {TABLE} has layout v{version}, written by a "
+                                  f"newer zddd; this one writes v{LAYOUT_VERSION} and leaves it "
+                                  f"alone: {NewerLayout.WAY_OUT}")
         expected = _layout(desired)
         problems = []
         for item in listing:
