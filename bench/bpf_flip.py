@@ -39,9 +39,9 @@ def percentile(values: list[float], pct: float) -> float:
 
 def memlock(path: str) -> int:
     """Bytes the kernel charges for the map pinned at `path` (fdinfo memlock)."""
-    from zddd.backends import bpfsys
+    from zddd.kernel import bpf as kbpf
 
-    fd = bpfsys.obj_get(path)
+    fd = kbpf.obj_get(path)
     try:
         for line in Path(f"/proc/self/fdinfo/{fd}").read_text().splitlines():
             if line.startswith("memlock:"):

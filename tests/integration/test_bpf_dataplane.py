@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from zddd.backends import bpfsys
+from zddd.kernel import bpf as kbpf
 from zddd.backends.bpf import pinned_active_port
 
 from zdddlab import (APP_V4, APP_V6, CLIENT_V4, CLIENT_V6, PYTHON, REPO, KeepAlive, NetNS, Vhost,
@@ -164,15 +164,14 @@ def test_probe_build_and_steer_main_backup_off(bpflab):
 def test_active_slot_writes_every_value_whole(mmapable):
     """A switch is one store through a mapping of `active`; a map pinned by an older zddd
     (no BPF_F_MMAPABLE, kept across an upgrade) is written with BPF_MAP_UPDATE_ELEM."""
-    flags = bpfsys.BPF_F_MMAPABLE if mmapable else 0
-    fd = bpfsys._bpf(bpfsys.BPF_MAP_CREATE,
-                     struct.pack("=IIIII", bpfsys.BPF_MAP_TYPE_ARRAY, 4, 4, 1, flags))
+    flags = kbpf.BPF_F_MMAPABLE if mmapable else 0
+    fd = kbpf.map_create(kbpf.BPF_MAP_TYPE_ARRAY, 4, 4, 1, flags)
     try:
-        slot = bpfsys.ActiveSlot(fd)
+        slot = kbpf.ActiveSlot(fd)
         assert slot.mapped is mmapable
         for value in (8080, 80, 0, 0xFFFFFFFF, 8888):
             slot.write(value)
-            assert bpfsys.map_lookup(fd, ZERO, 4) == struct.pack("=I", value)
+            assert kbpf.map_lookup(fd, ZERO, 4) == struct.pack("=I", value)
         slot.close()
         slot.close()  # twice is harmless
     finally:
@@ -181,9 +180,9 @@ def test_active_slot_writes_every_value_whole(mmapable):
 
 def test_the_active_map_is_mapped(steering):
     bpflab, _ = steering
-    fd = bpfsys.obj_get(f"{bpflab.pin_dir}/{bpflab.backend}/active")
+    fd = kbpf.obj_get(f"{bpflab.pin_dir}/{bpflab.backend}/active")
     try:
-        assert bpfsys.map_info(fd).flags & bpfsys.BPF_F_MMAPABLE
+        assert kbpf.map_info(fd).flags & kbpf.BPF_F_MMAPABLE
     finally:
         os.close(fd)
 

@@ -6,7 +6,7 @@ Kernel layout, per backend, under `<bpf_pin_dir>/<backend>/` (tc/ or xdp/):
     flows    LRU hash: (client addr, local addr, client port) -> (target port, SYN seq),
              set at the first SYN
     active   array[1]: the port new connections go to, 0 for off. Created mmapable: a switch is
-             one 4-byte store into zddd's mapping of it (bpfsys.ActiveSlot).
+             one 4-byte store into zddd's mapping of it (kbpf.ActiveSlot).
     counts   per-CPU hash: target port -> new flows steered; 65536/65537 -> entries added/deleted
     stamp    array[1]: magic, LAYOUT_VERSION, listen port, target ports, digest of the build
     ingress  the ingress program (tc classifier or XDP), pinned
@@ -61,7 +61,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import ApplyError, Backend, BackendUnavailable, Desired, KernelState, Plan
-from . import bpfsys
+from ..kernel import bpf as kbpf
+from ..kernel import bpffs, rtnetlink
 
 log = logging.getLogger("zddd.bpf")
 
@@ -84,10 +85,10 @@ STAMP_SIZE = struct.calcsize(STAMP_FORMAT)
 
 # name -> (map type, key size, value size, max entries or None for desired.flow_entries)
 MAPS = {
-    "flows": (bpfsys.BPF_MAP_TYPE_LRU_HASH, FLOW_KEY_SIZE, FLOW_VALUE_SIZE, None),
-    "active": (bpfsys.BPF_MAP_TYPE_ARRAY, 4, 4, 1),
-    "counts": (bpfsys.BPF_MAP_TYPE_PERCPU_HASH, 4, 8, 64),
-    "stamp": (bpfsys.BPF_MAP_TYPE_ARRAY, 4, STAMP_SIZE, 1),
+    "flows": (kbpf.BPF_MAP_TYPE_LRU_HASH, FLOW_KEY_SIZE, FLOW_VALUE_SIZE, None),
+    "active": (kbpf.BPF_MAP_TYPE_ARRAY, 4, 4, 1),
+    "counts": (kbpf.BPF_MAP_TYPE_PERCPU_HASH, 4, 8, 64),
+    "stamp": (kbpf.BPF_MAP_TYPE_ARRAY, 4, STAMP_SIZE, 1),
 }
 # Maps each pinned program must be using (checked against the pins by id).
 PROG_MAPS = {"ingress": ("flows", "active", "counts"), "egress": ("flows",)}
@@ -167,11 +168,11 @@ class BpfBackend(Backend):
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._ipr = None
-        self._active: bpfsys.MapHandle | None = None
+        self._active: kbpf.MapHandle | None = None
         self._active_id = 0
         # (the open `active` map it writes, it): a rebuilt map is a new handle, and a mapping of
         # the old map (which the mapping keeps alive) must never be written again.
-        self._flipper: tuple[bpfsys.MapHandle, bpfsys.ActiveSlot] | None = None
+        self._flipper: tuple[kbpf.MapHandle, kbpf.ActiveSlot] | None = None
         self._known_prog_ids: set[int] = set()  # programs this instance saw pinned as its own
         self._desired: Desired | None = None
         self.compile_seconds: float | None = None
@@ -237,11 +238,11 @@ class BpfBackend(Backend):
         """(name, index, flags, type, (XDP program id, mode)) of every link in this network
         namespace, from one netlink dump."""
         return [(link.name, link.index, link.flags, link.type, _xdp_of(link))
-                for link in bpfsys.links()]
+                for link in rtnetlink.links()]
 
     def _clsact_indexes(self) -> set[int]:
         """Interfaces with a clsact qdisc, from one dump (only they can hold our filters)."""
-        return {index for index, kind in bpfsys.qdisc_kinds() if kind == "clsact"}
+        return {index for index, kind in rtnetlink.qdisc_kinds() if kind == "clsact"}
 
     def _resolve(self, desired: Desired, links) -> tuple[dict[str, int], tuple[str, ...]]:
         by_name = {name: (index, flags, kind) for name, index, flags, kind, _ in links}
@@ -264,7 +265,7 @@ class BpfBackend(Backend):
         priority and handle, with our name (someone else's filter there is not ours)."""
         found = {}
         for hook, parent in PARENT.items():
-            for prio, handle, name, prog_id in bpfsys.bpf_filters(index, parent):
+            for prio, handle, name, prog_id in rtnetlink.bpf_filters(index, parent):
                 if (prio, handle, name) == (TC_PRIORITY[self.name], TC_HANDLE,
                                             self._filter_name(hook)):
                     found[hook] = prog_id
@@ -275,7 +276,7 @@ class BpfBackend(Backend):
 
     def _xdp(self, index: int) -> tuple[int, int]:
         """(program id, mode flag) of the XDP program on the interface, (0, 0) if none."""
-        for link in bpfsys.links():
+        for link in rtnetlink.links():
             if link.index == index:
                 return _xdp_of(link)
         return 0, 0
@@ -325,12 +326,12 @@ class BpfBackend(Backend):
         infos: dict[str, object] = {}
         for name in (*MAPS, "ingress", "egress"):
             try:
-                fd = bpfsys.obj_get(os.path.join(directory, name))
+                fd = kbpf.obj_get(os.path.join(directory, name))
             except OSError:
                 continue
             fds[name] = fd
             try:
-                info = bpfsys.map_info(fd) if name in MAPS else bpfsys.prog_info(fd)
+                info = kbpf.map_info(fd) if name in MAPS else kbpf.prog_info(fd)
             except OSError:
                 info = None
             infos[name] = info
@@ -342,7 +343,7 @@ class BpfBackend(Backend):
                 problems.append(f"pin {name} missing")
                 continue
             want_entries = build.flow_entries if entries is None else entries
-            if not isinstance(info, bpfsys.MapInfo) or (
+            if not isinstance(info, kbpf.MapInfo) or (
                     info.type, info.key_size, info.value_size, info.max_entries) != (
                     kind, key, value, want_entries):
                 found.bad_pins.add(name)
@@ -367,7 +368,7 @@ class BpfBackend(Backend):
             if hook not in found.pins:
                 problems.append(f"pin {hook} missing")
                 continue
-            if not isinstance(info, bpfsys.ProgInfo) or info.type != self._prog_type(hook):
+            if not isinstance(info, kbpf.ProgInfo) or info.type != self._prog_type(hook):
                 found.bad_pins.add(hook)
                 problems.append(f"pin {hook} is not a {self.name} {hook} program")
                 continue
@@ -379,13 +380,13 @@ class BpfBackend(Backend):
 
     def _prog_type(self, hook: str) -> int:
         if hook == "ingress" and self.ingress_hook == "xdp":
-            return bpfsys.BPF_PROG_TYPE_XDP
-        return bpfsys.BPF_PROG_TYPE_SCHED_CLS
+            return kbpf.BPF_PROG_TYPE_XDP
+        return kbpf.BPF_PROG_TYPE_SCHED_CLS
 
     def _read_stamp(self, fds, found: Found):
         if "stamp" not in fds or "stamp" in found.bad_pins:
             return None
-        handle = bpfsys.MapHandle(fds["stamp"], 4, STAMP_SIZE)
+        handle = kbpf.MapHandle(fds["stamp"], 4, STAMP_SIZE)
         raw = handle.lookup(b"\0\0\0\0")
         return struct.unpack(STAMP_FORMAT, raw) if raw else None
 
@@ -396,7 +397,7 @@ class BpfBackend(Backend):
         with self._lock:
             if self._active is None or self._active_id != found.pins["active"]:
                 self._close_active()
-                self._active = bpfsys.MapHandle(os.dup(fds["active"]), 4, 4)
+                self._active = kbpf.MapHandle(os.dup(fds["active"]), 4, 4)
                 self._active_id = found.pins["active"]
             raw = self._active.lookup(b"\0\0\0\0")
         return struct.unpack("=I", raw)[0] if raw else 0
@@ -454,11 +455,11 @@ class BpfBackend(Backend):
         if prog_id in self._known_prog_ids:
             return True
         try:
-            fd = bpfsys.prog_fd_by_id(prog_id)
+            fd = kbpf.prog_fd_by_id(prog_id)
         except OSError:
             return False
         try:
-            return bpfsys.prog_info(fd).name == self.ingress_function[:15]
+            return kbpf.prog_info(fd).name == self.ingress_function[:15]
         finally:
             os.close(fd)
 
@@ -467,20 +468,20 @@ class BpfBackend(Backend):
         if not missing:
             return
         try:
-            fd = bpfsys.prog_fd_by_id(prog_id)
+            fd = kbpf.prog_fd_by_id(prog_id)
             try:
-                map_ids = bpfsys.prog_info(fd).map_ids
+                map_ids = kbpf.prog_info(fd).map_ids
             finally:
                 os.close(fd)
         except OSError:
             return
         for map_id in map_ids:
             try:
-                fd = bpfsys.map_fd_by_id(map_id)
+                fd = kbpf.map_fd_by_id(map_id)
             except OSError:
                 continue
             try:
-                info = bpfsys.map_info(fd)
+                info = kbpf.map_info(fd)
             finally:
                 os.close(fd)
             if info.name in missing and info.name not in found.orphans:
@@ -555,7 +556,7 @@ class BpfBackend(Backend):
                 # one store.
                 if self._flipper is not None:
                     self._flipper[1].close()
-                self._flipper = (handle, bpfsys.ActiveSlot(handle.fd))
+                self._flipper = (handle, kbpf.ActiveSlot(handle.fd))
             self._flipper[1].write(port)
 
     def _close_active(self) -> None:
@@ -567,22 +568,22 @@ class BpfBackend(Backend):
             self._active.close()
             self._active = None
 
-    def _open_active(self) -> bpfsys.MapHandle:
+    def _open_active(self) -> kbpf.MapHandle:
         desired = self._desired
         assert desired is not None, "read or plan before apply"
-        fd = bpfsys.obj_get(os.path.join(self._directory(desired), "active"))
-        self._active = bpfsys.MapHandle(fd, 4, 4)
-        self._active_id = bpfsys.map_info(fd).id
+        fd = kbpf.obj_get(os.path.join(self._directory(desired), "active"))
+        self._active = kbpf.MapHandle(fd, 4, 4)
+        self._active_id = kbpf.map_info(fd).id
         return self._active
 
     def _step_missing(self, names: tuple[str, ...]) -> None:
         raise ApplyError(f"configured interfaces not found: {', '.join(names)}", changed=False)
 
     def _step_repin(self, directory: str, name: str, map_id: int) -> None:
-        bpfsys.ensure_bpffs_dir(directory)  # the whole directory may have gone
-        fd = bpfsys.map_fd_by_id(map_id)
+        bpffs.ensure_bpffs_dir(directory)  # the whole directory may have gone
+        fd = kbpf.map_fd_by_id(map_id)
         try:
-            bpfsys.obj_pin(fd, os.path.join(directory, name))
+            kbpf.obj_pin(fd, os.path.join(directory, name))
         finally:
             os.close(fd)
 
@@ -591,7 +592,7 @@ class BpfBackend(Backend):
         """Compile and load with the maps pinned; reuse the maps in `keep`. A first build
         happens in a temporary directory renamed into place when complete; a rebuild pins its
         programs under temporary names and renames them over the old pins."""
-        bpfsys.ensure_bpffs_dir(pin_dir)
+        bpffs.ensure_bpffs_dir(pin_dir)
         final = os.path.join(pin_dir, self.name)
         for stale in Path(pin_dir).glob(f"{self.name}-build-*"):
             shutil.rmtree(stale, ignore_errors=True)
@@ -609,15 +610,15 @@ class BpfBackend(Backend):
                 temporary = os.path.join(work, f"{hook}-new")
                 if os.path.exists(temporary):
                     os.unlink(temporary)
-                bpfsys.obj_pin(function.fd, temporary)
+                kbpf.obj_pin(function.fd, temporary)
                 os.rename(temporary, os.path.join(work, hook))
             counts = bpf["counts"]
             for key in (*ports, COUNT_ADDED, COUNT_DELETED):
                 if counts.get(counts.Key(key)) is None:
-                    zero = counts.Leaf(*([0] * bpfsys.possible_cpus()))
+                    zero = counts.Leaf(*([0] * kbpf.possible_cpus()))
                     counts[counts.Key(key)] = zero
             stamp_fd = bpf["stamp"].get_fd()
-            bpfsys.MapHandle(stamp_fd, 4, STAMP_SIZE).update(
+            kbpf.MapHandle(stamp_fd, 4, STAMP_SIZE).update(
                 b"\0\0\0\0", build.stamp(self._source_text()))
         finally:
             bpf.cleanup()
@@ -637,9 +638,9 @@ class BpfBackend(Backend):
 
     def _step_attach(self, directory: str, ifname: str, index: int, hook: str, mode: int):
         pin = "egress" if hook == "egress" else "ingress"
-        fd = bpfsys.obj_get(os.path.join(directory, pin))
+        fd = kbpf.obj_get(os.path.join(directory, pin))
         try:
-            prog_id = bpfsys.prog_info(fd).id
+            prog_id = kbpf.prog_info(fd).id
             if hook == "xdp":
                 self._attach_xdp(ifname, index, fd, mode)
                 ok = self._xdp(index) == (prog_id, mode)
@@ -659,9 +660,9 @@ class BpfBackend(Backend):
             raise ApplyError(f"{ifname} has another XDP program (id {current}); zddd does not "
                              "replace it", changed=False)
         if current and current_mode != mode:
-            bpfsys.xdp_set(index, -1, current_mode)
+            rtnetlink.xdp_set(index, -1, current_mode)
         # Replacing our own program in the same mode is one atomic swap in the kernel.
-        bpfsys.xdp_set(index, fd, mode)
+        rtnetlink.xdp_set(index, fd, mode)
 
     def _step_detach(self, ifname: str, mode: int, hook: str) -> None:
         index = self._netlink().link_lookup(ifname=ifname)
@@ -671,7 +672,7 @@ class BpfBackend(Backend):
 
     def _detach(self, index: int, hook: str, mode: int) -> None:
         if hook == "xdp":
-            bpfsys.xdp_set(index, -1, mode)
+            rtnetlink.xdp_set(index, -1, mode)
         else:
             self._netlink().tc("del-filter", "bpf", index, handle=TC_HANDLE,
                                parent=PARENT[hook], prio=TC_PRIORITY[self.name])
@@ -729,11 +730,11 @@ class BpfBackend(Backend):
             return None
         directory = self._directory(desired)
         try:
-            fd = bpfsys.obj_get(os.path.join(directory, "counts"))
+            fd = kbpf.obj_get(os.path.join(directory, "counts"))
         except OSError:
             return None
         try:
-            handle = bpfsys.MapHandle(fd, 4, 8, percpu=True)
+            handle = kbpf.MapHandle(fd, 4, 8, percpu=True)
             keys = {p for _, p in desired.ports} | {COUNT_ADDED, COUNT_DELETED}
             totals = {}
             for key in keys:
@@ -743,9 +744,9 @@ class BpfBackend(Backend):
             os.close(fd)
         capacity = desired.flow_entries
         try:
-            fd = bpfsys.obj_get(os.path.join(directory, "flows"))
+            fd = kbpf.obj_get(os.path.join(directory, "flows"))
             try:
-                capacity = bpfsys.map_info(fd).max_entries
+                capacity = kbpf.map_info(fd).max_entries
             finally:
                 os.close(fd)
         except OSError:
@@ -799,17 +800,17 @@ def pinned_active_port(pin_dir: str, backend: str) -> int | None:
     not belong to a network namespace, so a test can read this from outside the namespace
     (given the same bpffs mount). Needs no bcc."""
     try:
-        fd = bpfsys.obj_get(os.path.join(pin_dir, backend, "active"))
+        fd = kbpf.obj_get(os.path.join(pin_dir, backend, "active"))
     except OSError:
         return None
     try:
-        raw = bpfsys.MapHandle(fd, 4, 4).lookup(b"\0\0\0\0")
+        raw = kbpf.MapHandle(fd, 4, 4).lookup(b"\0\0\0\0")
     finally:
         os.close(fd)
     return struct.unpack("=I", raw)[0] if raw else None
 
 
-def _xdp_of(link: bpfsys.Link) -> tuple[int, int]:
+def _xdp_of(link: rtnetlink.Link) -> tuple[int, int]:
     if link.xdp_drv:
         return link.xdp_drv, XDP_FLAGS_DRV_MODE
     if link.xdp_skb:

@@ -44,7 +44,9 @@ from pathlib import Path
 
 from ..connections import (TCP_ESTABLISHED, TCP_LISTEN, Flow, SocketInfo, as_flow,
                            dump_sockets)
-from . import ApplyError, Backend, BackendUnavailable, Desired, KernelState, Plan, bpfsys
+from ..kernel import bpf as kbpf
+from ..kernel import bpffs, pidfd
+from . import ApplyError, Backend, BackendUnavailable, Desired, KernelState, Plan
 
 log = logging.getLogger("zddd")
 
@@ -59,9 +61,9 @@ PREFIX = "sk_lookup_"
 MAPS = ("active", "meta", "sockets", "flows", "steered")
 PINS = ("link", "prog") + MAPS
 _MAP_TYPES = {
-    "active": bpfsys.BPF_MAP_TYPE_ARRAY, "meta": bpfsys.BPF_MAP_TYPE_ARRAY,
-    "sockets": bpfsys.BPF_MAP_TYPE_SOCKMAP, "flows": bpfsys.BPF_MAP_TYPE_LRU_HASH,
-    "steered": bpfsys.BPF_MAP_TYPE_PERCPU_ARRAY,
+    "active": kbpf.BPF_MAP_TYPE_ARRAY, "meta": kbpf.BPF_MAP_TYPE_ARRAY,
+    "sockets": kbpf.BPF_MAP_TYPE_SOCKMAP, "flows": kbpf.BPF_MAP_TYPE_LRU_HASH,
+    "steered": kbpf.BPF_MAP_TYPE_PERCPU_ARRAY,
 }
 _META = struct.Struct("=6I")
 _U32 = struct.Struct("=I")
@@ -188,7 +190,7 @@ class SkLookupBackend(Backend):
     name = "sk_lookup"
 
     def __init__(self) -> None:
-        self._active_slot: bpfsys.ActiveSlot | None = None
+        self._active_slot: kbpf.ActiveSlot | None = None
         self._active_fd: int | None = None
         self._desired: Desired | None = None
         # Listener cookie -> why it could not be taken; kept until the listener goes away.
@@ -242,7 +244,7 @@ class SkLookupBackend(Backend):
         try:
             for name in PINS:
                 try:
-                    fds[name] = bpfsys.obj_get(_pin(pin_dir, name))
+                    fds[name] = kbpf.obj_get(_pin(pin_dir, name))
                 except FileNotFoundError:
                     continue
             if not fds:
@@ -252,7 +254,7 @@ class SkLookupBackend(Backend):
             self._check_maps(desired, fds, found)
             self._check_link(fds, found)
             if not found.layout_problems and "active" in fds:
-                raw = bpfsys.map_lookup(fds["active"], _U32.pack(0), 4)
+                raw = kbpf.map_lookup(fds["active"], _U32.pack(0), 4)
                 found.active_value = _U32.unpack(raw)[0] if raw else 0
                 if _target_of(desired, found.active_value) is None and found.active_value:
                     found.layout_problems.append(f"active value {found.active_value} unknown")
@@ -279,11 +281,11 @@ class SkLookupBackend(Backend):
             found.layout_problems.append(f"not pinned: {', '.join(missing)}")
             return
         for name in MAPS:
-            info = bpfsys.map_info(fds[name])
+            info = kbpf.map_info(fds[name])
             if info.type != _MAP_TYPES[name]:
                 found.layout_problems.append(f"{PREFIX}{name} is not zddd's map")
                 return
-        raw = bpfsys.map_lookup(fds["meta"], _U32.pack(0), _META.size)
+        raw = kbpf.map_lookup(fds["meta"], _U32.pack(0), _META.size)
         stamp = _META.unpack(raw) if raw else None
         if stamp != _meta(desired):
             if stamp is None or stamp[0] != LAYOUT_MAGIC:
@@ -296,10 +298,10 @@ class SkLookupBackend(Backend):
                     "layout for listen port {2}, {3} targets, {4} slots, {5} flow entries"
                     .format(*stamp))
             return
-        prog = bpfsys.prog_info(fds["prog"])
-        map_ids = {bpfsys.map_info(fds[name]).id for name in ("active", "sockets", "flows",
+        prog = kbpf.prog_info(fds["prog"])
+        map_ids = {kbpf.map_info(fds[name]).id for name in ("active", "sockets", "flows",
                                                                "steered")}
-        if prog.type != bpfsys.BPF_PROG_TYPE_SK_LOOKUP or not map_ids <= set(prog.map_ids):
+        if prog.type != kbpf.BPF_PROG_TYPE_SK_LOOKUP or not map_ids <= set(prog.map_ids):
             found.layout_problems.append("the pinned program does not use the pinned maps")
 
     def _check_link(self, fds: dict[str, int], found: Found) -> None:
@@ -308,13 +310,13 @@ class SkLookupBackend(Backend):
         if "link" not in fds:
             found.link_problems.append("link not pinned")
             return
-        link = bpfsys.link_info(fds["link"])
-        prog = bpfsys.prog_info(fds["prog"])
-        if link.type != bpfsys.BPF_LINK_TYPE_NETNS or link.prog_id != prog.id:
+        link = kbpf.link_info(fds["link"])
+        prog = kbpf.prog_info(fds["prog"])
+        if link.type != kbpf.BPF_LINK_TYPE_NETNS or link.prog_id != prog.id:
             found.link_problems.append("the pinned link is not of the pinned program")
         elif link.netns_ino == 0:
             found.link_problems.append("link detached")
-        elif link.netns_ino != _netns_ino() or link.attach_type != bpfsys.BPF_SK_LOOKUP:
+        elif link.netns_ino != _netns_ino() or link.attach_type != kbpf.BPF_SK_LOOKUP:
             found.link_problems.append("link attached to another network namespace")
 
     def _check_sockets(self, desired: Desired, sockets_fd: int, found: Found) -> None:
@@ -322,7 +324,7 @@ class SkLookupBackend(Backend):
         for index, (target, port) in enumerate(desired.ports):
             in_map = set()
             for slot in range(SLOTS):
-                raw = bpfsys.map_lookup(sockets_fd, _U32.pack(index * SLOTS + slot), 8)
+                raw = kbpf.map_lookup(sockets_fd, _U32.pack(index * SLOTS + slot), 8)
                 if raw:
                     in_map.add(_COOKIE.unpack(raw)[0])
             wanted = {s.cookie for s in _usable(by_port.get(port, []))}
@@ -375,13 +377,13 @@ class SkLookupBackend(Backend):
         one store."""
         if "active" not in fds:
             return
-        info = bpfsys.map_info(fds["active"])
+        info = kbpf.map_info(fds["active"])
         if self._active_fd is not None:
-            if bpfsys.map_info(self._active_fd).id == info.id:
+            if kbpf.map_info(self._active_fd).id == info.id:
                 return
             os.close(self._active_fd)
         self._active_fd = os.dup(fds["active"])
-        self._set_slot(bpfsys.ActiveSlot(self._active_fd))
+        self._set_slot(kbpf.ActiveSlot(self._active_fd))
 
     # ---- the health hook ------------------------------------------------------------------
 
@@ -440,12 +442,12 @@ class SkLookupBackend(Backend):
 
     def _flip(self, flip: Flip) -> None:
         if self._active_slot is None:
-            fd = bpfsys.obj_get(_pin(flip.pin_dir, "active"))
+            fd = kbpf.obj_get(_pin(flip.pin_dir, "active"))
             self._active_fd = fd
-            self._set_slot(bpfsys.ActiveSlot(fd))
+            self._set_slot(kbpf.ActiveSlot(fd))
         self._active_slot.write(flip.value)
 
-    def _set_slot(self, slot: bpfsys.ActiveSlot | None) -> None:
+    def _set_slot(self, slot: kbpf.ActiveSlot | None) -> None:
         if self._active_slot is not None:
             self._active_slot.close()
         self._active_slot = slot
@@ -456,7 +458,7 @@ class SkLookupBackend(Backend):
             from bcc import BPF
         except ImportError:
             raise ApplyError("bcc is not installed (python3-bpfcc)") from None
-        bpfsys.ensure_bpffs_dir(desired.pin_dir, mode=0o700)
+        bpffs.ensure_bpffs_dir(desired.pin_dir, mode=0o700)
         try:
             bpf = _compile(BPF, source_path(), desired)
         except Exception as e:
@@ -468,8 +470,8 @@ class SkLookupBackend(Backend):
             fds = {name: lib.bpf_table_fd(bpf.module, f"zddd_{name}".encode())
                    for name in MAPS}
             fds["prog"] = bpf.funcs[PROGRAM.encode()].fd
-            bpfsys.map_update(fds["meta"], _U32.pack(0), _META.pack(*_meta(desired)))
-            bpfsys.map_update(fds["active"], _U32.pack(0), _U32.pack(step.active))
+            kbpf.map_update(fds["meta"], _U32.pack(0), _META.pack(*_meta(desired)))
+            kbpf.map_update(fds["active"], _U32.pack(0), _U32.pack(step.active))
             for index, (target, port) in enumerate(desired.ports):
                 self._fill_sockets(fds["sockets"], index, target, port)
             _carry_over(desired, fds)
@@ -480,7 +482,7 @@ class SkLookupBackend(Backend):
                 staged.append(self._stage(desired.pin_dir, name, fds[name]))
             netns = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
             try:
-                link = bpfsys.link_create_netns(fds["prog"], netns)
+                link = kbpf.link_create_netns(fds["prog"], netns)
             finally:
                 os.close(netns)
             try:
@@ -502,14 +504,14 @@ class SkLookupBackend(Backend):
     def _stage(pin_dir: str, name: str, fd: int) -> tuple[str, str]:
         tmp = os.path.join(pin_dir, f"{PREFIX}staged_{name}")
         _unlink(tmp)
-        bpfsys.obj_pin(fd, tmp)
+        kbpf.obj_pin(fd, tmp)
         return tmp, _pin(pin_dir, name)
 
     def _relink(self, pin_dir: str) -> None:
         with _Pinned(pin_dir, "prog") as prog:
             netns = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
             try:
-                link = bpfsys.link_create_netns(prog, netns)
+                link = kbpf.link_create_netns(prog, netns)
             finally:
                 os.close(netns)
         try:
@@ -538,13 +540,13 @@ class SkLookupBackend(Backend):
                             port, reason.replace(" ", "_"))
                 continue
             try:
-                bpfsys.map_update(sockets_fd, _U32.pack(index * SLOTS + slot), _COOKIE.pack(fd))
+                kbpf.map_update(sockets_fd, _U32.pack(index * SLOTS + slot), _COOKIE.pack(fd))
             finally:
                 os.close(fd)
             slot += 1
         for stale in range(slot, SLOTS):
             try:
-                bpfsys.map_delete(sockets_fd, _U32.pack(index * SLOTS + stale))
+                kbpf.map_delete(sockets_fd, _U32.pack(index * SLOTS + stale))
             except OSError as e:
                 if e.errno != errno.EINVAL:  # a sockmap's answer for an empty slot
                     raise
@@ -576,7 +578,7 @@ class SkLookupBackend(Backend):
         self._drop_active_fd()
         link_pin = _pin(desired.pin_dir, "link")
         try:
-            fd = bpfsys.obj_get(link_pin)
+            fd = kbpf.obj_get(link_pin)
         except FileNotFoundError:
             fd = None
         except OSError as e:
@@ -585,7 +587,7 @@ class SkLookupBackend(Backend):
             try:
                 # Detach first: any other holder of the link (a bpftool, a stuck zddd) must not
                 # keep the program steering after its pins are gone.
-                bpfsys.link_detach(fd)
+                kbpf.link_detach(fd)
             except OSError as e:
                 if e.errno not in (errno.ENOLINK, errno.EINVAL):
                     raise ApplyError(f"cannot detach {link_pin}: {e}") from None
@@ -610,7 +612,7 @@ class SkLookupBackend(Backend):
                 size = 8 * _possible_cpus()
                 counts = {}
                 for index, (target, _) in enumerate(desired.ports):
-                    raw = bpfsys.map_lookup(fd, _U32.pack(index), size) or b""
+                    raw = kbpf.map_lookup(fd, _U32.pack(index), size) or b""
                     counts[target] = sum(v for (v,) in struct.iter_unpack("=Q", raw))
                 return counts
         except OSError:
@@ -635,7 +637,7 @@ class SkLookupBackend(Backend):
             with _Pinned(desired.pin_dir, "flows") as fd:
                 out: list[str | None] = []
                 for flow in flows:
-                    raw = bpfsys.map_lookup(fd, _flow_key(flow), 4)
+                    raw = kbpf.map_lookup(fd, _flow_key(flow), 4)
                     index = _U32.unpack(raw)[0] if raw else None
                     out.append(names[index] if index is not None and index < len(names)
                                else None)
@@ -657,16 +659,16 @@ def _carry_over(desired: Desired, fds: dict[str, int]) -> None:
                 key = _flow_key(as_flow(sock.family, sock.local_addr.ljust(16, b"\0"),
                                       sock.local_port, sock.remote_addr.ljust(16, b"\0"),
                                       sock.remote_port))
-                value = bpfsys.map_lookup(old, key, 4)
+                value = kbpf.map_lookup(old, key, 4)
                 if value is not None:
-                    bpfsys.map_update(fds["flows"], key, value)
+                    kbpf.map_update(fds["flows"], key, value)
         size = 8 * _possible_cpus()
         with _Pinned(desired.pin_dir, "steered") as old:
             for index in range(len(desired.ports)):
-                raw = bpfsys.map_lookup(old, _U32.pack(index), size)
+                raw = kbpf.map_lookup(old, _U32.pack(index), size)
                 if raw:
                     total = sum(v for (v,) in struct.iter_unpack("=Q", raw))
-                    bpfsys.map_update(fds["steered"], _U32.pack(index),
+                    kbpf.map_update(fds["steered"], _U32.pack(index),
                                       _COOKIE.pack(total).ljust(size, b"\0"))
     except OSError:
         pass
@@ -684,7 +686,7 @@ class _Pinned:
         self.path = _pin(pin_dir, name)
 
     def __enter__(self) -> int:
-        self.fd = bpfsys.obj_get(self.path)
+        self.fd = kbpf.obj_get(self.path)
         return self.fd
 
     def __exit__(self, *exc) -> None:
@@ -697,8 +699,8 @@ def _compile(bpf_class, source: Path, desired: Desired):
               f"-DSLOTS={SLOTS}", f"-DFLOW_ENTRIES={desired.flow_entries}", "-w"]
     bpf = bpf_class(text=source.read_text(), cflags=cflags)
     try:
-        bpf.load_func(PROGRAM.encode(), bpfsys.BPF_PROG_TYPE_SK_LOOKUP,
-                      attach_type=bpfsys.BPF_SK_LOOKUP)
+        bpf.load_func(PROGRAM.encode(), kbpf.BPF_PROG_TYPE_SK_LOOKUP,
+                      attach_type=kbpf.BPF_SK_LOOKUP)
     except Exception:
         bpf.cleanup()
         raise
@@ -761,7 +763,7 @@ def _take(sock: SocketInfo, owners: list[tuple[int, int]]) -> int:
     error: OSError | None = None
     for pid, number in owners:
         try:
-            fd = bpfsys.take_fd(pid, number)
+            fd = pidfd.take_fd(pid, number)
         except OSError as e:
             error = e
             continue

@@ -1,8 +1,7 @@
-"""Raw bpf(2), rtnetlink, pidfd and bpffs calls the BPF backends make outside bcc, through ctypes.
+"""bpf(2) through ctypes: map elements, pins, object info, ids, and netns links.
 
 What callers may rely on: nothing here needs bcc or a compiler, so reading, flipping and
-removing pinned objects works on machines where programs cannot be compiled (`leftover`,
-`remove`), and a flip is one store into the `active` map (`ActiveSlot`). Every function
+removing pinned objects works on machines where programs cannot be compiled. Every function
 raises OSError with the kernel's errno (so FileNotFoundError for ENOENT; the bpf command's name
 is in the message) when the kernel refuses. File descriptors returned are the caller's to close
 (the kernel opens bpf objects O_CLOEXEC).
@@ -25,12 +24,9 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _syscall = _libc.syscall
 _syscall.restype = ctypes.c_long
 
-# bpf(2) has a number of its own on each architecture; pidfd_open and pidfd_getfd came after
-# the numbering was unified (424 and up), so theirs are the same everywhere.
+# bpf(2) has a number of its own on each architecture.
 _SYS_BPF = {"x86_64": 321, "aarch64": 280, "armv7l": 386, "ppc64le": 361, "s390x": 351,
             "riscv64": 280}.get(platform.machine(), 321)
-_SYS_PIDFD_OPEN = 434
-_SYS_PIDFD_GETFD = 438
 
 BPF_MAP_CREATE = 0
 BPF_MAP_LOOKUP_ELEM = 1
@@ -50,10 +46,9 @@ BPF_LINK_DETACH = 34
 _COMMANDS = {value: name for name, value in globals().items()
              if name.startswith(("BPF_MAP_", "BPF_OBJ_", "BPF_PROG_", "BPF_LINK_"))}
 
-BPF_ANY, BPF_NOEXIST, BPF_EXIST = 0, 1, 2  # map update flags
+BPF_ANY = 0  # map update flag: create or replace
 BPF_F_MMAPABLE = 1 << 10  # map flag: an array that can be mapped into memory (ActiveSlot)
 
-BPF_MAP_TYPE_HASH = 1
 BPF_MAP_TYPE_ARRAY = 2
 BPF_MAP_TYPE_PERCPU_HASH = 5
 BPF_MAP_TYPE_PERCPU_ARRAY = 6
@@ -66,8 +61,6 @@ BPF_PROG_TYPE_SK_LOOKUP = 30
 
 BPF_SK_LOOKUP = 36  # the attach type of sk_lookup programs
 BPF_LINK_TYPE_NETNS = 5
-
-BPF_FS_MAGIC = 0xCAFE4A11
 
 
 def _bpf(cmd: int, attr: bytes | ctypes.Array) -> int:
@@ -86,7 +79,14 @@ def _addr(buf) -> int:
     return ctypes.addressof(buf) if buf is not None else 0
 
 
-# ---- map elements -----------------------------------------------------------------------------
+# ---- maps -------------------------------------------------------------------------------------
+
+def map_create(map_type: int, key_size: int, value_size: int, max_entries: int,
+               flags: int = 0) -> int:
+    """A new map's fd (unpinned: it lives while an fd, a pin or a program holds it)."""
+    return _bpf(BPF_MAP_CREATE, struct.pack("=5I", map_type, key_size, value_size, max_entries,
+                                            flags))
+
 
 def map_update(map_fd: int, key: bytes, value: bytes, flags: int = BPF_ANY) -> None:
     k = ctypes.create_string_buffer(key, len(key))
@@ -186,6 +186,20 @@ class MapHandle:
         if raw is None:
             return None
         return [raw[i:i + self._slot] for i in range(0, len(raw), self._slot)]
+
+    def keys(self) -> list[bytes]:
+        """Every key in the map now (a hash map changing meanwhile may skip or repeat some)."""
+        found: list[bytes] = []
+        struct.pack_into("=IIQQ", self._attr, 0, self.fd, 0, 0, _addr(self.next_key))
+        while True:  # the first call has no key: the kernel answers the first one
+            try:
+                _bpf(BPF_MAP_GET_NEXT_KEY, self._attr)
+            except FileNotFoundError:
+                return found
+            found.append(self.next_key.raw)
+            ctypes.memmove(self.key, self.next_key, len(self.key))
+            struct.pack_into("=IIQQ", self._attr, 0, self.fd, 0, _addr(self.key),
+                             _addr(self.next_key))
 
     def update(self, key: bytes, value: bytes, flags: int = BPF_ANY) -> None:
         ctypes.memmove(self.value, value, len(value))
@@ -341,204 +355,3 @@ def link_ids() -> list[int]:
             return ids
         current = struct.unpack_from("=I", attr, 4)[0]
         ids.append(current)
-
-
-# ---- rtnetlink: XDP attach, and the dumps the reconciler reads every tick ---------------------
-# (without pyroute2's decoding, which costs more than the reconciler may spend)
-
-def xdp_set(index: int, fd: int, flags: int) -> None:
-    """Attach the XDP program `fd` to interface `index` (fd -1: detach), in the mode `flags`
-    says (XDP_FLAGS_SKB_MODE 2, XDP_FLAGS_DRV_MODE 4). One RTM_SETLINK on a netlink socket of
-    its own: Debian's pyroute2 0.7 encodes IFLA_XDP_FLAGS as a big-endian u16, which the
-    kernel refuses, and without flags the kernel picks the mode itself."""
-    import socket
-
-    def nla(kind: int, payload: bytes) -> bytes:
-        header = struct.pack("=HH", 4 + len(payload), kind)
-        return header + payload + b"\0" * (-len(payload) % 4)
-
-    ifla_xdp, ifla_xdp_fd, ifla_xdp_flags, nla_f_nested = 43, 1, 3, 0x8000
-    rtm_setlink, nlm_f_request, nlm_f_ack, nlmsg_error = 19, 1, 4, 2
-    body = struct.pack("=BxHiII", socket.AF_UNSPEC, 0, index, 0, 0) + nla(
-        ifla_xdp | nla_f_nested,
-        nla(ifla_xdp_fd, struct.pack("=i", fd)) + nla(ifla_xdp_flags, struct.pack("=I", flags)))
-    message = struct.pack("=IHHII", 16 + len(body), rtm_setlink, nlm_f_request | nlm_f_ack, 1,
-                          0) + body
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as sock:
-        sock.bind((0, 0))
-        sock.send(message)
-        reply = sock.recv(65536)
-    length, kind = struct.unpack_from("=IH", reply, 0)
-    if kind == nlmsg_error:
-        (error,) = struct.unpack_from("=i", reply, 16)
-        if error < 0:
-            raise OSError(-error, os.strerror(-error))
-
-
-RTM_GETLINK, RTM_GETQDISC, RTM_GETTFILTER = 18, 38, 46
-IFLA_IFNAME, IFLA_XDP = 3, 43
-IFLA_XDP_PROG_ID, IFLA_XDP_DRV_PROG_ID, IFLA_XDP_SKB_PROG_ID = 4, 5, 6
-TCA_KIND, TCA_OPTIONS, TCA_BPF_NAME, TCA_BPF_ID = 1, 2, 7, 11
-
-
-def _attrs(data: bytes, start: int, end: int) -> dict[int, bytes]:
-    found = {}
-    while start + 4 <= end:
-        length, kind = struct.unpack_from("=HH", data, start)
-        if length < 4:
-            break
-        found[kind & 0x3FFF] = data[start + 4:start + length]
-        start += (length + 3) & ~3
-    return found
-
-
-def _dump(kind: int, header: bytes) -> list[tuple[bytes, dict[int, bytes]]]:
-    """One rtnetlink dump: (fixed header, attributes) of every message. OSError on error."""
-    import socket
-
-    request = struct.pack("=IHHII", 16 + len(header), kind, 0x301, 1, 0) + header
-    messages = []
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as sock:
-        sock.bind((0, 0))
-        sock.send(request)
-        while True:
-            data = sock.recv(1 << 20)
-            offset = 0
-            while offset + 16 <= len(data):
-                length, msg_type = struct.unpack_from("=IH", data, offset)
-                if msg_type == 3:  # NLMSG_DONE
-                    return messages
-                if msg_type == 2:  # NLMSG_ERROR
-                    (error,) = struct.unpack_from("=i", data, offset + 16)
-                    if error < 0:
-                        raise OSError(-error, os.strerror(-error))
-                    return messages
-                body = offset + 16
-                messages.append((data[body:body + len(header)],
-                                 _attrs(data, body + len(header), offset + length)))
-                offset += (length + 3) & ~3
-
-
-def _u32(raw: bytes | None) -> int:
-    return struct.unpack("=I", raw[:4])[0] if raw else 0
-
-
-def _text(raw: bytes | None) -> str:
-    return raw.split(b"\0", 1)[0].decode(errors="replace") if raw else ""
-
-
-@dataclass(frozen=True)
-class Link:
-    """A network interface (not a BPF link) as RTM_GETLINK reports it."""
-
-    name: str
-    index: int
-    type: int
-    flags: int
-    xdp_drv: int  # XDP program ids by mode, 0 for none
-    xdp_skb: int
-    xdp_any: int
-
-
-def links() -> list[Link]:
-    """Every network interface of the namespace."""
-    found = []
-    for header, attrs in _dump(RTM_GETLINK, struct.pack("=BxHiII", 0, 0, 0, 0, 0)):
-        _, type_, index, flags, _ = struct.unpack("=BxHiII", header)
-        xdp = _attrs(attrs[IFLA_XDP], 0, len(attrs[IFLA_XDP])) if IFLA_XDP in attrs else {}
-        found.append(Link(_text(attrs.get(IFLA_IFNAME)), index, type_, flags,
-                          _u32(xdp.get(IFLA_XDP_DRV_PROG_ID)),
-                          _u32(xdp.get(IFLA_XDP_SKB_PROG_ID)),
-                          _u32(xdp.get(IFLA_XDP_PROG_ID))))
-    return found
-
-
-def qdisc_kinds() -> list[tuple[int, str]]:
-    """(interface index, kind) of every qdisc in the namespace."""
-    return [(struct.unpack_from("=i", header, 4)[0], _text(attrs.get(TCA_KIND)))
-            for header, attrs in _dump(RTM_GETQDISC, struct.pack("=BxxxiIII", 0, 0, 0, 0, 0))]
-
-
-def bpf_filters(index: int, parent: int) -> list[tuple[int, int, str, int]]:
-    """(priority, handle, name, program id) of the cls_bpf filters under `parent` (e.g. the
-    clsact ingress 0xFFFFFFF2) of interface `index`; [] when there is no such parent."""
-    try:
-        dumped = _dump(RTM_GETTFILTER, struct.pack("=BxxxiIII", 0, index, 0, parent, 0))
-    except OSError:
-        return []
-    found = []
-    for header, attrs in dumped:
-        _, handle, _, info = struct.unpack_from("=iIII", header, 4)
-        if _text(attrs.get(TCA_KIND)) != "bpf" or TCA_OPTIONS not in attrs:
-            continue
-        options = _attrs(attrs[TCA_OPTIONS], 0, len(attrs[TCA_OPTIONS]))
-        found.append((info >> 16, handle, _text(options.get(TCA_BPF_NAME)),
-                      _u32(options.get(TCA_BPF_ID))))
-    return found
-
-
-# ---- bpffs ------------------------------------------------------------------------------------
-
-class _StatFs(ctypes.Structure):
-    _fields_ = [("f_type", ctypes.c_long), ("rest", ctypes.c_byte * 112)]
-
-
-def is_bpffs(path: str) -> bool:
-    buf = _StatFs()
-    if _libc.statfs(os.fsencode(path), ctypes.byref(buf)) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"statfs {path}: {os.strerror(err)}")
-    return (buf.f_type & 0xFFFFFFFF) == BPF_FS_MAGIC
-
-
-def mount_bpffs(path: str) -> None:
-    if _libc.mount(b"bpf", os.fsencode(path), b"bpf", 0, None) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"mount -t bpf bpf {path}: {os.strerror(err)}")
-
-
-def ensure_bpffs_dir(path: str, mode: int = 0o777) -> None:
-    """Make `path` a directory on bpffs (created with `mode` if it is not there). If the
-    filesystem under it is not bpffs, bpffs is mounted at /sys/fs/bpf when `path` lies below it
-    (the conventional place, where every BPF tool looks; never a second time over one already
-    there), else on `path` itself."""
-    existing = path
-    while not os.path.isdir(existing):
-        existing = os.path.dirname(existing.rstrip("/")) or "/"
-    if not is_bpffs(existing):
-        standard = "/sys/fs/bpf"
-        below = (path.rstrip("/") + "/").startswith(standard + "/")
-        mount_at = standard if below else path
-        os.makedirs(mount_at, exist_ok=True)
-        if not is_bpffs(mount_at):
-            mount_bpffs(mount_at)
-    os.makedirs(path, mode=mode, exist_ok=True)
-
-
-# ---- sockets of other processes ---------------------------------------------------------------
-
-def pidfd_open(pid: int) -> int:
-    fd = _syscall(_SYS_PIDFD_OPEN, ctypes.c_int(pid), ctypes.c_uint(0))
-    if fd < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"pidfd_open({pid}): {os.strerror(err)}")
-    return fd
-
-
-def pidfd_getfd(pidfd: int, target_fd: int) -> int:
-    """A duplicate of another process' fd (needs CAP_SYS_PTRACE over it). O_CLOEXEC is set."""
-    fd = _syscall(_SYS_PIDFD_GETFD, ctypes.c_int(pidfd), ctypes.c_int(target_fd),
-                  ctypes.c_uint(0))
-    if fd < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"pidfd_getfd: {os.strerror(err)}")
-    return fd
-
-
-def take_fd(pid: int, target_fd: int) -> int:
-    """pidfd_getfd of process `pid`'s fd `target_fd`, through a pidfd closed again here."""
-    pidfd = pidfd_open(pid)
-    try:
-        return pidfd_getfd(pidfd, target_fd)
-    finally:
-        os.close(pidfd)

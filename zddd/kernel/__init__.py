@@ -1,0 +1,1 @@
+"""Kernel interfaces zddd calls outside bcc and libnftables, one module each."""
