@@ -491,6 +491,30 @@ def test_config_change_rebuilds_and_keeps_flows(steering):
         other.stop()
 
 
+def test_a_new_flow_map_size_carries_the_flows_over(steering):
+    """A restart with another bpf_flow_entries makes a new flow map (its size is part of the
+    map): the established flows are copied into it, so their replies are still rewritten."""
+    bpflab, driver = steering
+    held = [KeepAlive(bpflab.client, host, 8888) for host in (APP_V4, APP_V6)]
+    try:
+        assert [k.get() for k in held] == ["main", "main"]
+        driver.close()
+        restarted = bpflab.driver(flow_entries=8192)
+        assert "map flows has another layout" in restarted.read()["problems"]
+        result = restarted.sync("backup")
+        assert result["after"]["intact"], result
+        assert [k.get() for k in held] == ["main", "main"]
+        assert bpflab.get(APP_V4) == "backup"
+        fd = kbpf.obj_get(f"{bpflab.pin_dir}/{bpflab.backend}/flows")
+        try:
+            assert kbpf.map_info(fd).max_entries == 8192
+        finally:
+            os.close(fd)
+    finally:
+        for k in held:
+            k.close()
+
+
 def test_leftover_and_remove(steering):
     bpflab, driver = steering
     text = driver("leftover")["leftover"]

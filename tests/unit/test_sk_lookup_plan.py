@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from zddd.backends import Desired, KernelState
+from zddd.backends import ApplyError, Desired, KernelState, Plan
 from zddd.backends.sk_lookup import (Build, FillSockets, Flip, Found, Relink, SkLookupBackend,
                                      source_path)
 
@@ -74,3 +74,21 @@ def test_many_reuseport_listeners_leave_room_for_every_address():
     assert chosen[0].family == socket.AF_INET and chosen[1].family == socket.AF_INET6
     assert {s.family for s in chosen[:2]} == {socket.AF_INET, socket.AF_INET6}
     assert _usable(many) == chosen  # stable
+
+
+def test_apply_reports_what_it_did_even_if_a_read_would_fail(monkeypatch):
+    """Reading back is the core's job: a layout step and the flip that succeeded are a
+    success, whatever a read after them would say (fault: the core restored the old target)."""
+    backend = SkLookupBackend()
+    done = []
+
+    def read(desired):
+        raise ApplyError("cannot read the sk_lookup data plane: EIO")
+
+    monkeypatch.setattr(backend, "read", read)
+    monkeypatch.setattr(backend, "_relink", lambda step: done.append(step))
+    monkeypatch.setattr(backend, "_flip", lambda step: done.append(step))
+    backend._desired = DESIRED  # as after a read, which the old apply read again with
+    plan = Plan((Relink(DESIRED.pin_dir),), Flip(DESIRED.pin_dir, 1))
+    backend.apply(plan)
+    assert done == [Relink(DESIRED.pin_dir), Flip(DESIRED.pin_dir, 1)]
