@@ -95,8 +95,7 @@ def desired_of(fields: dict) -> Desired:
 
 
 def _step_name(step) -> str:
-    # The tc/xdp backends' steps are tuples led by their name; sk_lookup's are dataclasses.
-    return step[0] if isinstance(step, tuple) else type(step).__name__
+    return type(step).__name__.lower()
 
 
 class Driver:
@@ -130,7 +129,7 @@ class Driver:
     def op_new(self, source_suffix: str | None = None) -> dict:
         self.backend = backend_class(self.backend_name)()
         if source_suffix:
-            from zddd.backends.bpf import source_path
+            from zddd.backends.rewrite import source_path
 
             self.backend._source = source_path().read_bytes() + source_suffix.encode()
         return {}

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from zddd.kernel import bpf as kbpf
-from zddd.backends.bpf import pinned_active_port
+from zddd.backends.rewrite import pinned_active_port
 
 from zdddlab import (APP_V4, APP_V6, CLIENT_V4, CLIENT_V6, PYTHON, REPO, KeepAlive, NetNS, Vhost,
                  connect_error, http_get, link)
@@ -222,17 +222,17 @@ def test_xdp_mode_generic_and_back_to_native(xdplab):
     assert bpflab.get(APP_V6) == "backup"
 
 
-def test_mounts_bpffs_where_none_is(bpflab, tmp_path):
-    """A pin dir outside any bpffs gets one mounted on it. (The mount is made in the driver's
-    private mount namespace, from `ip netns exec`, and goes with it.)"""
+def test_a_pin_dir_that_needs_a_private_bpffs_is_refused(bpflab, tmp_path):
+    """A pin dir on no bpffs would need one mounted in the driver's private mount namespace
+    (from `ip netns exec`), which goes with it, and the pins with it: refused before anything
+    is built or attached."""
     plain = tmp_path / "pins"
     driver = bpflab.driver(pin_dir=str(plain))
-    result = driver.sync("backup")
-    assert result["after"]["intact"], result
-    assert bpflab.get(APP_V4) == "backup"
-    assert driver.read()["intact"]
-    driver("remove")
-    assert driver.read() is None
+    with pytest.raises(DriverError) as e:
+        driver.sync("backup")
+    assert "BackendUnavailable" in str(e.value) and "bpf_pin_dir" in str(e.value), e.value
+    assert not plain.exists() and "zddd" not in bpflab.hooks()
+    assert bpflab.refused(APP_V4)
 
 
 def test_missing_interface_fails_before_any_change(bpflab):

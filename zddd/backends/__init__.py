@@ -151,11 +151,11 @@ def backend_class(name: str) -> type[Backend]:
 
         return NftablesBackend
     if name == "tc":
-        from .bpf import TcBackend
+        from .tc import TcBackend
 
         return TcBackend
     if name == "xdp":
-        from .bpf import XdpBackend
+        from .xdp import XdpBackend
 
         return XdpBackend
     if name == "sk_lookup":

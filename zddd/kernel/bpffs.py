@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+from pathlib import Path
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -51,14 +52,20 @@ def mount_needed(path: str) -> str | None:
 def private_mount_namespace() -> bool:
     """Does this process run in a mount namespace other than PID 1's (`ip netns exec`,
     systemd's PrivateMounts=, unshare)? A mount made there lives only as long as that
-    namespace. False when PID 1's cannot be read (no CAP_SYS_PTRACE over it): zddd then
-    assumes the host's, as it did before it checked."""
-    try:
-        host = os.stat("/proc/1/ns/mnt")
-    except OSError:
-        return False
+    namespace. Where PID 1's cannot be read (a PID 1 that is not dumpable), kthreadd's stands
+    in for it (PID 2 on a host: the kernel's threads live in the initial mount namespace, as a
+    host's PID 1 does); where neither can be read, False: zddd assumes the host's, as it did
+    before it checked."""
     own = os.stat("/proc/self/ns/mnt")
-    return (own.st_dev, own.st_ino) != (host.st_dev, host.st_ino)
+    for pid in ("1", "2"):
+        try:
+            if pid == "2" and Path("/proc/2/comm").read_text().strip() != "kthreadd":
+                break
+            host = os.stat(f"/proc/{pid}/ns/mnt")
+        except OSError:
+            continue
+        return (own.st_dev, own.st_ino) != (host.st_dev, host.st_ino)
+    return False
 
 
 def ensure_bpffs_dir(path: str, mode: int = 0o777) -> None:
