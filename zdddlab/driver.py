@@ -155,6 +155,13 @@ class Driver:
         plan = self.backend.plan(current, self.desired.steering(target))
         self.backend.apply(plan)
         self.repairs += 1
+        if plan.layout:
+            # As the core does: read back after a layout change, best effort (what health
+            # sees of the backend comes from its reads).
+            try:
+                self._state()
+            except Exception:  # the next round reads again
+                pass
         return {"repaired": True, "before": self._describe(current)}
 
     def op_reconciler(self, target: str | None, interval: float = 0.25) -> dict:

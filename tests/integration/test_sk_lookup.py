@@ -390,18 +390,18 @@ def test_connections_are_counted_per_target(skl):
             h.close()
 
 
-def test_bpffs_is_mounted_when_missing_and_leaves_no_mount(skl):
-    """Under `ip netns exec`, /sys is the namespace's own sysfs with no bpffs: the backend
-    mounts one (in the driver's private mount namespace, which goes with it)."""
+def test_a_pin_dir_that_needs_a_private_bpffs_is_refused(skl):
+    """Under `ip netns exec`, /sys is the namespace's own sysfs with no bpffs: one mounted there
+    would live in the driver's private mount namespace and take the link and every pin with it
+    when the process goes (8888 refused until a restart). Refused before anything is built."""
     host_had_bpffs = bpffs.is_bpffs("/sys/fs/bpf")
     pin_dir = f"/sys/fs/bpf/zt-{secrets.token_hex(3)}"
     private = skl.new_driver(pin_dir=pin_dir)
-    private("switch", target="main")
-    assert skl.get(APP_V4) == "main"
-    private.close()
-    wait_for(lambda: skl.refused(APP_V4), 3, "the private pins to go with their mount")
+    with pytest.raises(RuntimeError) as e:
+        private("switch", target="main")
+    assert "BackendUnavailable" in str(e.value) and "bpf_pin_dir" in str(e.value), e.value
+    assert _netns_links(skl.app) == [] and skl.refused(APP_V4)
     assert bpffs.is_bpffs("/sys/fs/bpf") == host_had_bpffs
-    assert not os.path.exists(pin_dir) or not host_had_bpffs
 
 
 def test_probe_names_the_missing_capability(skl):
