@@ -23,8 +23,9 @@ CAP_SYS_PTRACE. zddd keeps no socket open: the map holds them, and when the owne
 the kernel drops it from the map. `read` compares the map (a sockmap lookup returns the socket
 cookie) with the current listeners, so a restarted vhost is noticed and refilled by the next
 repair. `apply` reports what it did and reads nothing back: what health sees of the sockets it
-put in comes from the next `read` (the core reads back after a layout change). Listeners zddd cannot take are reported by `listener_problem` and do not make the
-layout "not intact" (they would otherwise be retried, and logged, four times a second).
+put in comes from the next `read` (the core reads back after a layout change). Listeners
+zddd cannot take are reported by `listener_problem` and do not make the layout "not intact"
+(they would otherwise be retried, and logged, four times a second).
 
 Public beyond the Backend interface:
 - `listener_problem(target) -> str | None`, `listener_missing(target) -> bool`: whether new
