@@ -225,13 +225,14 @@ def claim(pin_dir: str) -> None:
         os.close(fd)
 
 
-UNCLAIMED = "pin directory not stamped with its network namespace"
+UNCLAIMED = "pin directory not stamped with this network namespace"
 
 
 def unclaimed_problem(pin_dir: str) -> str | None:
-    """A problem for `read` when zddd's pins are there but the directory has no stamp (pinned
-    by a zddd before the stamp existed): a `Claim` step adds it."""
-    return UNCLAIMED if owner(pin_dir) is None else None
+    """A problem for `read` when zddd's pins are there but the directory is not stamped with
+    this namespace (pinned by a zddd before the stamp existed, or by one of a namespace that
+    is gone): a `Claim` step stamps it."""
+    return UNCLAIMED if owner(pin_dir) != netns_ino() else None
 
 
 def release(pin_dir: str) -> None:

@@ -794,6 +794,7 @@ class RewriteBackend(Backend):
 
     def leftover(self, desired: Desired) -> str | None:
         try:
+            pinned.check_pin_dir(desired.pin_dir)  # another namespace's pins are not ours
             directory, pins, attached = self._inventory(desired)
         except Exception:
             return None
@@ -807,6 +808,7 @@ class RewriteBackend(Backend):
                 f"{len(pins)} pins in {directory}{steering}")
 
     def remove(self, desired: Desired) -> None:
+        pinned.check_pin_dir(desired.pin_dir)
         directory, _, attached = self._inventory(desired)
         for _, index, hook, mode in attached:
             self._detach(index, hook, mode)

@@ -326,21 +326,29 @@ class SkLookupBackend(Backend):
         for target, port in desired.ports:
             if by_port is None:
                 problems[target] = "the sk_lookup data plane is not in place"
-                continue
-            listeners = by_port.get(port, [])
-            if not listeners:
-                problems[target] = f"nothing listens on port {port}"
-                continue
-            untaken = [self._untakeable[s.cookie] for s in listeners
-                       if s.cookie in self._untakeable]
-            if len(untaken) == len(listeners):
-                problems[target] = (f"the listening socket(s) on port {port} could not be "
-                                    f"taken: {untaken[0]}")
-            elif found is not None and target in found.socket_problems:
-                problems[target] = (f"the socket map does not hold port {port}'s listeners "
-                                    "yet (repair pending)")
             else:
-                problems[target] = None
+                pending = found is not None and target in found.socket_problems
+                problems[target] = self._listener_problem_of(port, by_port.get(port, []),
+                                                             pending)
+        self._listener_problems = problems
+
+    def _listener_problem_of(self, port: int, listeners: list[SocketInfo],
+                             pending: bool = False) -> str | None:
+        if not listeners:
+            return f"nothing listens on port {port}"
+        untaken = [self._untakeable[s.cookie] for s in listeners if s.cookie in self._untakeable]
+        if len(untaken) == len(listeners):
+            return f"the listening socket(s) on port {port} could not be taken: {untaken[0]}"
+        if pending:
+            return f"the socket map does not hold port {port}'s listeners yet (repair pending)"
+        return None
+
+    def _noted_filled(self, filled: dict[str, tuple[int, list[SocketInfo]]]) -> None:
+        """After a step that filled the socket map for these targets completed: what health
+        sees of them is what the step put in (no read of the kernel)."""
+        problems = dict(self._listener_problems)
+        for target, (port, listeners) in filled.items():
+            problems[target] = self._listener_problem_of(port, listeners)
         self._listener_problems = problems
 
     def _open_counters(self, desired: Desired, fds: dict[str, int], found: Found) -> None:
@@ -413,7 +421,8 @@ class SkLookupBackend(Backend):
 
     def _fill_step(self, step: FillSockets) -> None:
         with pinned.Pinned(_pin(step.pin_dir, "sockets")) as fd:
-            self._fill_sockets(fd, step.index, step.target, step.port)
+            listeners = self._fill_sockets(fd, step.index, step.target, step.port)
+        self._noted_filled({step.target: (step.port, listeners)})
 
     def _build(self, step: Build) -> None:
         desired = step.desired
@@ -436,8 +445,8 @@ class SkLookupBackend(Backend):
             fds["prog"] = bpf.funcs[PROGRAM.encode()].fd
             kbpf.map_update(fds["meta"], _U32.pack(0), _META.pack(*_meta(desired)))
             kbpf.map_update(fds["active"], _U32.pack(0), _U32.pack(step.active))
-            for index, (target, port) in enumerate(desired.ports):
-                self._fill_sockets(fds["sockets"], index, target, port)
+            filled = {target: (port, self._fill_sockets(fds["sockets"], index, target, port))
+                      for index, (target, port) in enumerate(desired.ports)}
             _carry_over(desired, fds)
             # Everything is pinned under temporary names and linked before it replaces the old
             # pins: until the rename the old program (if any) keeps steering; for a moment
@@ -452,6 +461,7 @@ class SkLookupBackend(Backend):
             for tmp, final in staged:
                 os.rename(tmp, final)
             staged.clear()
+            self._noted_filled(filled)
         except OSError as e:
             raise ApplyError(f"building the sk_lookup data plane: {e}", changed=True) from None
         finally:
@@ -470,12 +480,14 @@ class SkLookupBackend(Backend):
         finally:
             os.close(link)
 
-    def _fill_sockets(self, sockets_fd: int, index: int, target: str, port: int) -> None:
+    def _fill_sockets(self, sockets_fd: int, index: int, target: str,
+                      port: int) -> list[SocketInfo]:
         """Put `port`'s listeners into target `index`'s slots (the kernel's dup of the owner's
         fd is closed at once: the map holds the socket, and when the owner closes it the kernel
-        drops it from the map), then clear the slots left over."""
-        listeners = [s for s in dump_sockets([port], 1 << TCP_LISTEN) if s.local_port == port]
-        listeners = [s for s in _usable(listeners) if s.cookie not in self._untakeable]
+        drops it from the map), then clear the slots left over. Returns every listener found
+        on `port`."""
+        found = [s for s in dump_sockets([port], 1 << TCP_LISTEN) if s.local_port == port]
+        listeners = [s for s in _usable(found) if s.cookie not in self._untakeable]
         owners = _owners({s.inode for s in listeners})
         slot = 0
         for sock in listeners:
@@ -500,10 +512,15 @@ class SkLookupBackend(Backend):
             except OSError as e:
                 if e.errno != errno.EINVAL:  # a sockmap's answer for an empty slot
                     raise
+        return found
 
     # ---- leftovers and removal --------------------------------------------------------------
 
     def leftover(self, desired: Desired) -> str | None:
+        try:
+            pinned.check_pin_dir(desired.pin_dir)  # another namespace's pins are not ours
+        except BackendUnavailable:
+            return None
         pins = [name for name in PINS if os.path.lexists(_pin(desired.pin_dir, name))]
         if not pins:
             return None
@@ -519,6 +536,7 @@ class SkLookupBackend(Backend):
                 f"{', ' + state.problems[0] if state and state.problems else ''})")
 
     def remove(self, desired: Desired) -> None:
+        pinned.check_pin_dir(desired.pin_dir)
         self._active.forget()
         self._close_counters()
         link_pin = _pin(desired.pin_dir, "link")
