@@ -230,7 +230,8 @@ class SkLookupBackend(Backend):
                 self._note_listeners(desired, None)
             if "active" in fds:
                 self._active.adopt(fds["active"])
-            self._open_counters(desired, fds, found)
+            if not found.layout_problems:
+                self._open_counters(desired, fds)
             if pinned.unclaimed_problem(pin_dir):
                 found.unclaimed = True
         except OSError as e:
@@ -351,11 +352,9 @@ class SkLookupBackend(Backend):
             problems[target] = self._listener_problem_of(port, listeners)
         self._listener_problems = problems
 
-    def _open_counters(self, desired: Desired, fds: dict[str, int], found: Found) -> None:
-        """Keep the `steered` and `flows` maps open for the metrics and the connection counts,
-        with what their keys mean now (when the layout is this zddd's)."""
-        if found.layout_problems:
-            return
+    def _open_counters(self, desired: Desired, fds: dict[str, int]) -> None:
+        """Keep the `steered` and `flows` maps (of a layout that is this zddd's) open for the
+        metrics and the connection counts, with what their keys mean now."""
         ids = (kbpf.map_info(fds["steered"]).id, kbpf.map_info(fds["flows"]).id)
         names = tuple(name for name, _ in desired.ports)
         if self._counters is not None and self._counters.ids == ids:
@@ -462,6 +461,7 @@ class SkLookupBackend(Backend):
                 os.rename(tmp, final)
             staged.clear()
             self._noted_filled(filled)
+            self._open_counters(desired, fds)  # the connections it steers count from now
         except OSError as e:
             raise ApplyError(f"building the sk_lookup data plane: {e}", changed=True) from None
         finally:
@@ -469,7 +469,6 @@ class SkLookupBackend(Backend):
                 pinned.unlink(tmp)
             bpf.cleanup()
         self._active.forget()  # a new `active` map: the next flip opens the pinned one
-        self._close_counters()
 
     def _relink(self, step: Relink) -> None:
         with pinned.Pinned(_pin(step.pin_dir, "prog")) as prog:
