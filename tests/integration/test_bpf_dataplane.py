@@ -235,6 +235,27 @@ def test_a_pin_dir_that_needs_a_private_bpffs_is_refused(bpflab, tmp_path):
     assert bpflab.refused(APP_V4)
 
 
+def test_pins_of_a_namespace_that_is_gone_are_taken_over(bpflab):
+    """A pin dir stamped by a network namespace that no longer exists is no conflict: its zddd
+    is gone and its programs went with the namespace. This one stamps the directory as its
+    own and attaches the pinned programs, without a rebuild."""
+    gone = NetNS("gone")
+    try:
+        first = Driver(gone, bpflab.backend, bpflab.desired)
+        try:
+            assert first.sync("backup")["after"]["intact"]
+        finally:
+            first.close()
+    finally:
+        gone.close()
+    driver = bpflab.driver()
+    assert "pin directory not stamped with this network namespace" in driver.read()["problems"]
+    result = driver.sync("main")
+    assert result["after"]["intact"], result
+    assert "claim" in result["steps"] and "build" not in result["steps"], result
+    assert bpflab.get(APP_V4) == "main"
+
+
 def test_missing_interface_fails_before_any_change(bpflab):
     driver = bpflab.driver(interfaces=["lo", "zt-nonexistent"])
     with pytest.raises(DriverError) as e:
