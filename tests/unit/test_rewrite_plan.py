@@ -46,7 +46,7 @@ def state(found: Found, problems=("something",), active="main") -> KernelState:
 def test_nothing_there_builds_and_attaches_where_the_interfaces_are(backend):
     plan = backend.plan(None, DESIRED)
     directory = f"{PIN_DIR}/{backend.name}"
-    assert plan.layout == (Build(PIN_DIR, Flavour(8888, (80, 8080), 4096)),
+    assert plan.layout == (Build(PIN_DIR, Flavour(8888, (80, 8080), 4096), DESIRED.ports),
                            AttachEverywhere(directory, None, "native"))
     assert plan.flip == Flip(f"{directory}/active", 8080)
 
@@ -90,8 +90,8 @@ def test_a_flow_map_of_another_size_is_rebuilt_with_its_entries_carried(backend)
     found.carriable, found.rebuild = {"flows"}, True
     plan = backend.plan(state(found, ("map flows has another layout",)), DESIRED)
     build = plan.layout[0]
-    assert build == Build(PIN_DIR, Flavour(8888, (80, 8080), 4096), ("active", "counts"),
-                          ("flows",))
+    assert build == Build(PIN_DIR, Flavour(8888, (80, 8080), 4096), DESIRED.ports,
+                          ("active", "counts"), ("flows",))
     # A rebuild attaches the new programs on every hook of every interface.
     assert [type(s) for s in plan.layout[1:]] == [Attach] * 4
 

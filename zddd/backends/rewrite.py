@@ -171,10 +171,11 @@ class Repin(Step):
 class Build(Step):
     """Compile and load with the maps pinned in `pin_dir`/<backend>, keeping the maps in
     `keep`, copying the entries of the maps in `carry` (same layout, another size) into their
-    new maps."""
+    new maps. `targets` (name, port) say what the counters it opens mean."""
 
     pin_dir: str
     flavour: Flavour
+    targets: tuple[tuple[str, int], ...]
     keep: tuple[str, ...] = ()
     carry: tuple[str, ...] = ()
 
@@ -486,16 +487,19 @@ class RewriteBackend(Backend):
         """Keep the counts map open for the metrics, with what its keys mean now."""
         if "counts" not in fds or "counts" in found.bad_pins:
             return
-        map_id = found.pins["counts"]
         capacity = desired.flow_entries
         if "flows" in fds:
             capacity = kbpf.map_info(fds["flows"]).max_entries
+        self._keep_counters(fds["counts"], found.pins["counts"], desired.ports, capacity)
+
+    def _keep_counters(self, fd: int, map_id: int, ports: tuple[tuple[str, int], ...],
+                       capacity: int) -> None:
         if self._counters is not None and self._counters.map_id == map_id:
-            self._counters.ports, self._counters.capacity = desired.ports, capacity
+            self._counters.ports, self._counters.capacity = ports, capacity
             return
         self._close_counters()
-        handle = kbpf.MapHandle(os.dup(fds["counts"]), 4, 8, percpu=True)
-        self._counters = _Counters(handle, map_id, desired.ports, capacity)
+        handle = kbpf.MapHandle(os.dup(fd), 4, 8, percpu=True)
+        self._counters = _Counters(handle, map_id, ports, capacity)
 
     def _close_counters(self) -> None:
         if self._counters is not None:
@@ -600,7 +604,7 @@ class RewriteBackend(Backend):
         if current is None:
             # Nothing of zddd's: build it all, attach where the interfaces are then.
             first = () if desired.interfaces is None else (RequireInterfaces(desired.interfaces),)
-            return Plan((*first, Build(pin_dir, Flavour.of(desired)),
+            return Plan((*first, Build(pin_dir, Flavour.of(desired), desired.ports),
                          AttachEverywhere(directory, desired.interfaces, desired.xdp_mode)),
                         flip)
         found: Found = current.found
@@ -615,7 +619,7 @@ class RewriteBackend(Backend):
         if found.rebuild:
             keep = tuple(sorted(found.keepable | set(found.orphans)))
             carry = tuple(sorted(found.carriable - set(keep)))
-            steps.append(Build(pin_dir, Flavour.of(desired), keep, carry))
+            steps.append(Build(pin_dir, Flavour.of(desired), desired.ports, keep, carry))
         want = {"ingress": found.pins.get("ingress"), "egress": found.pins.get("egress")}
         for ifname, index in sorted(found.interfaces.items()):
             attached = found.attached.get(ifname, {})
@@ -712,7 +716,9 @@ class RewriteBackend(Backend):
         if fresh:
             os.rename(work, final)
         self._active.forget()  # a new `active` map, maybe: the next flip opens the pinned one
-        self._close_counters()
+        with pinned.Pinned(os.path.join(final, "counts")) as fd:  # for the metrics from now
+            self._keep_counters(fd, kbpf.map_info(fd).id, step.targets,
+                                step.flavour.flow_entries)
 
     def _clsact(self, step: Clsact) -> None:
         try:
