@@ -166,7 +166,6 @@ class MapHandle:
         self.value = ctypes.create_string_buffer(self.value_size)
         self.next_key = ctypes.create_string_buffer(key_size)
         self._attr = ctypes.create_string_buffer(32)
-        self._slot = slot
 
     def _elem(self, cmd: int, key: bytes, second, flags: int = 0) -> int:
         ctypes.memmove(self.key, key, len(self.key))
@@ -180,12 +179,6 @@ class MapHandle:
         except FileNotFoundError:
             return None
         return self.value.raw
-
-    def lookup_percpu(self, key: bytes) -> list[bytes] | None:
-        raw = self.lookup(key)
-        if raw is None:
-            return None
-        return [raw[i:i + self._slot] for i in range(0, len(raw), self._slot)]
 
     def keys(self) -> list[bytes]:
         """Every key in the map now (a hash map changing meanwhile may skip or repeat some)."""
@@ -204,13 +197,6 @@ class MapHandle:
     def update(self, key: bytes, value: bytes, flags: int = BPF_ANY) -> None:
         ctypes.memmove(self.value, value, len(value))
         self._elem(BPF_MAP_UPDATE_ELEM, key, self.value, flags)
-
-    def delete(self, key: bytes) -> bool:
-        try:
-            self._elem(BPF_MAP_DELETE_ELEM, key, None)
-        except FileNotFoundError:
-            return False
-        return True
 
     def close(self) -> None:
         if self.fd >= 0:
