@@ -39,9 +39,9 @@ def percentile(values: list[float], pct: float) -> float:
 
 def memlock(path: str) -> int:
     """Bytes the kernel charges for the map pinned at `path` (fdinfo memlock)."""
-    from zddd.backends import bpfsys
+    from zddd.kernel import bpf as kbpf
 
-    fd = bpfsys.obj_get(path)
+    fd = kbpf.obj_get(path)
     try:
         for line in Path(f"/proc/self/fdinfo/{fd}").read_text().splitlines():
             if line.startswith("memlock:"):
@@ -55,6 +55,7 @@ def measure(backend_name: str, pin_dir: str, flips: int = 1000,
             flow_entries: int = 1048576) -> dict:
     """Build the data plane on lo of the current namespace under `pin_dir`, measure, remove."""
     from zddd.backends import Desired, Plan, backend_class
+    from zddd.backends.pinned import Flip
 
     backend = backend_class(backend_name)()
     started = time.perf_counter()
@@ -68,7 +69,8 @@ def measure(backend_name: str, pin_dir: str, flips: int = 1000,
     try:
         state = backend.read(desired)
         assert state is not None and state.intact and state.active == "main", state
-        plans = [Plan((), ("flip", 80)), Plan((), ("flip", 8080))]
+        active = os.path.join(pin_dir, backend_name, "active")
+        plans = [Plan((), Flip(active, 80)), Plan((), Flip(active, 8080))]
         flip_usec = []
         for i in range(flips):
             plan = plans[i % 2]

@@ -19,7 +19,7 @@ OFF = "off"
 ALL_TARGETS = TARGET_NAMES + (OFF,)
 BACKENDS = ("nftables", "tc", "xdp", "sk_lookup")
 # Keys whose change a running daemon cannot take over: they name what it owns in the kernel.
-RESTART_KEYS = ("backend", "listen_port", "bpf_pin_dir")
+RESTART_KEYS = ("backend", "listen_port", "bpf_pin_dir", "bpf_flow_entries")
 # The longest duration any key or call takes (drain_timeout, WaitDrained, drain_timeout_usec):
 # the one definition of the 24 h limit, far below what asyncio's timers and the µs properties
 # (uint64) can hold. Messages about it are made from it.

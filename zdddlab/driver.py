@@ -93,8 +93,7 @@ def desired_of(fields: dict) -> Desired:
 
 
 def _step_name(step) -> str:
-    # The tc/xdp backends' steps are tuples led by their name; sk_lookup's are dataclasses.
-    return step[0] if isinstance(step, tuple) else type(step).__name__
+    return type(step).__name__.lower()
 
 
 class Driver:
@@ -128,7 +127,7 @@ class Driver:
     def op_new(self, source_suffix: str | None = None) -> dict:
         self.backend = backend_class(self.backend_name)()
         if source_suffix:
-            from zddd.backends.bpf import source_path
+            from zddd.backends.rewrite import source_path
 
             self.backend._source = source_path().read_bytes() + source_suffix.encode()
         return {}
@@ -154,6 +153,13 @@ class Driver:
         plan = self.backend.plan(current, self.desired.steering(target))
         self.backend.apply(plan)
         self.repairs += 1
+        if plan.layout:
+            # As the core does: read back after a layout change, best effort (what health
+            # sees of the backend comes from its reads).
+            try:
+                self._state()
+            except Exception:  # the next round reads again
+                pass
         return {"repaired": True, "before": self._describe(current)}
 
     def op_reconciler(self, target: str | None, interval: float = 0.25) -> dict:

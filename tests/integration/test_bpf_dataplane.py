@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from zddd.backends import bpfsys
-from zddd.backends.bpf import pinned_active_port
+from zddd.kernel import bpf as kbpf
+from zddd.backends.rewrite import pinned_active_port
 
 from zdddlab import (APP_V4, APP_V6, CLIENT_V4, CLIENT_V6, PYTHON, REPO, KeepAlive, NetNS, Vhost,
                  connect_error, http_get, link)
@@ -164,15 +164,14 @@ def test_probe_build_and_steer_main_backup_off(bpflab):
 def test_active_slot_writes_every_value_whole(mmapable):
     """A switch is one store through a mapping of `active`; a map pinned by an older zddd
     (no BPF_F_MMAPABLE, kept across an upgrade) is written with BPF_MAP_UPDATE_ELEM."""
-    flags = bpfsys.BPF_F_MMAPABLE if mmapable else 0
-    fd = bpfsys._bpf(bpfsys.BPF_MAP_CREATE,
-                     struct.pack("=IIIII", bpfsys.BPF_MAP_TYPE_ARRAY, 4, 4, 1, flags))
+    flags = kbpf.BPF_F_MMAPABLE if mmapable else 0
+    fd = kbpf.map_create(kbpf.BPF_MAP_TYPE_ARRAY, 4, 4, 1, flags)
     try:
-        slot = bpfsys.ActiveSlot(fd)
+        slot = kbpf.ActiveSlot(fd)
         assert slot.mapped is mmapable
         for value in (8080, 80, 0, 0xFFFFFFFF, 8888):
             slot.write(value)
-            assert bpfsys.map_lookup(fd, ZERO, 4) == struct.pack("=I", value)
+            assert kbpf.map_lookup(fd, ZERO, 4) == struct.pack("=I", value)
         slot.close()
         slot.close()  # twice is harmless
     finally:
@@ -181,9 +180,9 @@ def test_active_slot_writes_every_value_whole(mmapable):
 
 def test_the_active_map_is_mapped(steering):
     bpflab, _ = steering
-    fd = bpfsys.obj_get(f"{bpflab.pin_dir}/{bpflab.backend}/active")
+    fd = kbpf.obj_get(f"{bpflab.pin_dir}/{bpflab.backend}/active")
     try:
-        assert bpfsys.map_info(fd).flags & bpfsys.BPF_F_MMAPABLE
+        assert kbpf.map_info(fd).flags & kbpf.BPF_F_MMAPABLE
     finally:
         os.close(fd)
 
@@ -223,17 +222,38 @@ def test_xdp_mode_generic_and_back_to_native(xdplab):
     assert bpflab.get(APP_V6) == "backup"
 
 
-def test_mounts_bpffs_where_none_is(bpflab, tmp_path):
-    """A pin dir outside any bpffs gets one mounted on it. (The mount is made in the driver's
-    private mount namespace, from `ip netns exec`, and goes with it.)"""
+def test_a_pin_dir_that_needs_a_private_bpffs_is_refused(bpflab, tmp_path):
+    """A pin dir on no bpffs would need one mounted in the driver's private mount namespace
+    (from `ip netns exec`), which goes with it, and the pins with it: refused before anything
+    is built or attached."""
     plain = tmp_path / "pins"
     driver = bpflab.driver(pin_dir=str(plain))
-    result = driver.sync("backup")
+    with pytest.raises(DriverError) as e:
+        driver.sync("backup")
+    assert "BackendUnavailable" in str(e.value) and "bpf_pin_dir" in str(e.value), e.value
+    assert not plain.exists() and "zddd" not in bpflab.hooks()
+    assert bpflab.refused(APP_V4)
+
+
+def test_pins_of_a_namespace_that_is_gone_are_taken_over(bpflab):
+    """A pin dir stamped by a network namespace that no longer exists is no conflict: its zddd
+    is gone and its programs went with the namespace. This one stamps the directory as its
+    own and attaches the pinned programs, without a rebuild."""
+    gone = NetNS("gone")
+    try:
+        first = Driver(gone, bpflab.backend, bpflab.desired)
+        try:
+            assert first.sync("backup")["after"]["intact"]
+        finally:
+            first.close()
+    finally:
+        gone.close()
+    driver = bpflab.driver()
+    assert "pin directory not stamped with this network namespace" in driver.read()["problems"]
+    result = driver.sync("main")
     assert result["after"]["intact"], result
-    assert bpflab.get(APP_V4) == "backup"
-    assert driver.read()["intact"]
-    driver("remove")
-    assert driver.read() is None
+    assert "claim" in result["steps"] and "build" not in result["steps"], result
+    assert bpflab.get(APP_V4) == "main"
 
 
 def test_missing_interface_fails_before_any_change(bpflab):
@@ -490,6 +510,30 @@ def test_config_change_rebuilds_and_keeps_flows(steering):
     finally:
         held.close()
         other.stop()
+
+
+def test_a_new_flow_map_size_carries_the_flows_over(steering):
+    """A restart with another bpf_flow_entries makes a new flow map (its size is part of the
+    map): the established flows are copied into it, so their replies are still rewritten."""
+    bpflab, driver = steering
+    held = [KeepAlive(bpflab.client, host, 8888) for host in (APP_V4, APP_V6)]
+    try:
+        assert [k.get() for k in held] == ["main", "main"]
+        driver.close()
+        restarted = bpflab.driver(flow_entries=8192)
+        assert "map flows has another layout" in restarted.read()["problems"]
+        result = restarted.sync("backup")
+        assert result["after"]["intact"], result
+        assert [k.get() for k in held] == ["main", "main"]
+        assert bpflab.get(APP_V4) == "backup"
+        fd = kbpf.obj_get(f"{bpflab.pin_dir}/{bpflab.backend}/flows")
+        try:
+            assert kbpf.map_info(fd).max_entries == 8192
+        finally:
+            os.close(fd)
+    finally:
+        for k in held:
+            k.close()
 
 
 def test_leftover_and_remove(steering):

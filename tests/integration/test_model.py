@@ -291,12 +291,12 @@ def _pins(*names: str):
 def _other_target(pin: str, values: dict[int, int], default: int):
     """Write another target into the `active` map, as a foreign tool would."""
     def tamper(model: ZdddModel) -> None:
-        from zddd.backends import bpfsys
+        from zddd.kernel import bpf as kbpf
 
-        fd = bpfsys.obj_get(str(Path(model.z.config["bpf_pin_dir"]) / pin))
+        fd = kbpf.obj_get(str(Path(model.z.config["bpf_pin_dir"]) / pin))
         try:
-            now = struct.unpack("=I", bpfsys.map_lookup(fd, ZERO, 4))[0]
-            bpfsys.map_update(fd, ZERO, struct.pack("=I", values.get(now, default)))
+            now = struct.unpack("=I", kbpf.map_lookup(fd, ZERO, 4))[0]
+            kbpf.map_update(fd, ZERO, struct.pack("=I", values.get(now, default)))
         finally:
             os.close(fd)
     tamper.__name__ = "other target in " + pin
@@ -305,24 +305,24 @@ def _other_target(pin: str, values: dict[int, int], default: int):
 
 def _sk_lookup_detach(model: ZdddModel) -> None:
     """The link stays pinned but no longer attached."""
-    from zddd.backends import bpfsys
+    from zddd.kernel import bpf as kbpf
 
-    fd = bpfsys.obj_get(str(Path(model.z.config["bpf_pin_dir"]) / "sk_lookup_link"))
+    fd = kbpf.obj_get(str(Path(model.z.config["bpf_pin_dir"]) / "sk_lookup_link"))
     try:
-        bpfsys.link_detach(fd)
+        kbpf.link_detach(fd)
     finally:
         os.close(fd)
 
 
 def _sk_lookup_empty_sockets(model: ZdddModel) -> None:
     """Every listener taken out of the socket map."""
-    from zddd.backends import bpfsys
+    from zddd.kernel import bpf as kbpf
 
-    fd = bpfsys.obj_get(str(Path(model.z.config["bpf_pin_dir"]) / "sk_lookup_sockets"))
+    fd = kbpf.obj_get(str(Path(model.z.config["bpf_pin_dir"]) / "sk_lookup_sockets"))
     try:
         for key in range(32):
-            if bpfsys.map_lookup(fd, struct.pack("=I", key), 8):  # deleting an empty one: EINVAL
-                bpfsys.map_delete(fd, struct.pack("=I", key))
+            if kbpf.map_lookup(fd, struct.pack("=I", key), 8):  # deleting an empty one: EINVAL
+                kbpf.map_delete(fd, struct.pack("=I", key))
     finally:
         os.close(fd)
 

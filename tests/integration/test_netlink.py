@@ -30,7 +30,7 @@ def run_inside(ns: NetNS, script: str) -> dict:
 RTNETLINK = r"""
 import ctypes, json, struct
 from pyroute2 import IPRoute
-from zddd.backends import bpfsys
+from zddd.kernel import bpf as bpfsys
 from zddd.kernel import rtnetlink
 
 def load(prog_type, verdict):

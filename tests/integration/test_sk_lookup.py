@@ -19,7 +19,8 @@ from zdddlab.driver import DriverClient
 from zdddlab import (APP_V4, APP_V6, CLIENT_V4, CLIENT_V6, HeldConnection, KeepAlive, NetNS, Vhost,
                  connect_error, http_get, link, wait_for)
 
-from zddd.backends import bpfsys
+from zddd.kernel import bpf as kbpf
+from zddd.kernel import bpffs
 
 pytestmark = pytest.mark.usefixtures("need_root")
 
@@ -107,9 +108,9 @@ def test_main_backup_off_in_both_families(skl):
     # Direct traffic is never touched.
     assert http_get(skl.client, APP_V4, 8080) == "main"
     assert skl.driver("read")["state"] == {"active": None, "intact": True, "problems": []}
-    fd = bpfsys.obj_get(str(skl.pin_dir / "sk_lookup_active"))
+    fd = kbpf.obj_get(str(skl.pin_dir / "sk_lookup_active"))
     try:  # a switch is one store through zddd's mapping of it
-        assert bpfsys.map_info(fd).flags & bpfsys.BPF_F_MMAPABLE
+        assert kbpf.map_info(fd).flags & kbpf.BPF_F_MMAPABLE
     finally:
         os.close(fd)
 
@@ -265,9 +266,9 @@ def test_a_fresh_instance_adopts_without_a_flip(skl):
 
 
 def _link_id(skl) -> int:
-    fd = bpfsys.obj_get(str(skl.pin_dir / "sk_lookup_link"))
+    fd = kbpf.obj_get(str(skl.pin_dir / "sk_lookup_link"))
     try:
-        return bpfsys.link_info(fd).id
+        return kbpf.link_info(fd).id
     finally:
         os.close(fd)
 
@@ -276,12 +277,12 @@ def _netns_links(ns: NetNS) -> list[int]:
     """Ids of the BPF links attached to `ns`."""
     ino = os.stat(f"/run/netns/{ns.name}").st_ino
     found = []
-    for link_id in bpfsys.link_ids():
+    for link_id in kbpf.link_ids():
         with suppress(OSError):
-            fd = bpfsys.link_fd_by_id(link_id)
+            fd = kbpf.link_fd_by_id(link_id)
             try:
-                info = bpfsys.link_info(fd)
-                if info.type == bpfsys.BPF_LINK_TYPE_NETNS and info.netns_ino == ino:
+                info = kbpf.link_info(fd)
+                if info.type == kbpf.BPF_LINK_TYPE_NETNS and info.netns_ino == ino:
                     found.append(link_id)
             finally:
                 os.close(fd)
@@ -305,28 +306,28 @@ def test_drift_is_repaired(skl):
     assert skl.refused(APP_V4)
     _repair(skl, "link not pinned")
 
-    fd = bpfsys.obj_get(str(skl.pin_dir / "sk_lookup_link"))
+    fd = kbpf.obj_get(str(skl.pin_dir / "sk_lookup_link"))
     try:
-        bpfsys.link_detach(fd)
+        kbpf.link_detach(fd)
     finally:
         os.close(fd)
     assert skl.refused(APP_V4)
     _repair(skl, "link detached")
     assert len(_netns_links(skl.app)) == 1
 
-    fd = bpfsys.obj_get(str(skl.pin_dir / "sk_lookup_sockets"))
+    fd = kbpf.obj_get(str(skl.pin_dir / "sk_lookup_sockets"))
     try:
         for key in range(32):
-            if bpfsys.map_lookup(fd, struct.pack("=I", key), 8):
-                bpfsys.map_delete(fd, struct.pack("=I", key))
+            if kbpf.map_lookup(fd, struct.pack("=I", key), 8):
+                kbpf.map_delete(fd, struct.pack("=I", key))
     finally:
         os.close(fd)
     assert skl.refused(APP_V4)
     _repair(skl, "socket map for main")
 
-    fd = bpfsys.obj_get(str(skl.pin_dir / "sk_lookup_active"))
+    fd = kbpf.obj_get(str(skl.pin_dir / "sk_lookup_active"))
     try:
-        bpfsys.map_update(fd, struct.pack("=I", 0), struct.pack("=I", 0))
+        kbpf.map_update(fd, struct.pack("=I", 0), struct.pack("=I", 0))
     finally:
         os.close(fd)
     assert skl.driver("read")["state"] == {"active": None, "intact": True, "problems": []}
@@ -334,11 +335,11 @@ def test_drift_is_repaired(skl):
     assert skl.get(APP_V4) == "main"
 
     # A layout stamped by another version is rebuilt, not adopted.
-    fd = bpfsys.obj_get(str(skl.pin_dir / "sk_lookup_meta"))
+    fd = kbpf.obj_get(str(skl.pin_dir / "sk_lookup_meta"))
     try:
-        raw = bytearray(bpfsys.map_lookup(fd, struct.pack("=I", 0), 24))
+        raw = bytearray(kbpf.map_lookup(fd, struct.pack("=I", 0), 24))
         struct.pack_into("=I", raw, 4, 99)
-        bpfsys.map_update(fd, struct.pack("=I", 0), bytes(raw))
+        kbpf.map_update(fd, struct.pack("=I", 0), bytes(raw))
     finally:
         os.close(fd)
     _repair(skl, "layout version 99")
@@ -389,18 +390,18 @@ def test_connections_are_counted_per_target(skl):
             h.close()
 
 
-def test_bpffs_is_mounted_when_missing_and_leaves_no_mount(skl):
-    """Under `ip netns exec`, /sys is the namespace's own sysfs with no bpffs: the backend
-    mounts one (in the driver's private mount namespace, which goes with it)."""
-    host_had_bpffs = bpfsys.is_bpffs("/sys/fs/bpf")
+def test_a_pin_dir_that_needs_a_private_bpffs_is_refused(skl):
+    """Under `ip netns exec`, /sys is the namespace's own sysfs with no bpffs: one mounted there
+    would live in the driver's private mount namespace and take the link and every pin with it
+    when the process goes (8888 refused until a restart). Refused before anything is built."""
+    host_had_bpffs = bpffs.is_bpffs("/sys/fs/bpf")
     pin_dir = f"/sys/fs/bpf/zt-{secrets.token_hex(3)}"
     private = skl.new_driver(pin_dir=pin_dir)
-    private("switch", target="main")
-    assert skl.get(APP_V4) == "main"
-    private.close()
-    wait_for(lambda: skl.refused(APP_V4), 3, "the private pins to go with their mount")
-    assert bpfsys.is_bpffs("/sys/fs/bpf") == host_had_bpffs
-    assert not os.path.exists(pin_dir) or not host_had_bpffs
+    with pytest.raises(RuntimeError) as e:
+        private("switch", target="main")
+    assert "BackendUnavailable" in str(e.value) and "bpf_pin_dir" in str(e.value), e.value
+    assert _netns_links(skl.app) == [] and skl.refused(APP_V4)
+    assert bpffs.is_bpffs("/sys/fs/bpf") == host_had_bpffs
 
 
 def test_probe_names_the_missing_capability(skl):

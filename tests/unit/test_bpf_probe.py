@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from zddd.backends import BackendUnavailable, backend_class
-from zddd.backends import bpf
+from zddd.backends import pinned, rewrite
 
 
 @pytest.fixture(params=["tc", "xdp"])
@@ -21,7 +21,7 @@ def backend(request, monkeypatch):
 
 def test_no_kernel_headers(backend, monkeypatch, tmp_path):
     pytest.importorskip("bcc")
-    monkeypatch.setattr(bpf, "MODULES_DIR", tmp_path)
+    monkeypatch.setattr(pinned, "MODULES_DIR", tmp_path)
     with pytest.raises(BackendUnavailable) as e:
         backend.probe()
     text = str(e.value)
@@ -40,14 +40,14 @@ def test_no_bcc(backend, monkeypatch):
 
 
 def test_source_found():
-    assert bpf.source_path().name == "steer.c" and bpf.source_path().exists()
+    assert rewrite.source_path().name == "steer.c" and rewrite.source_path().exists()
 
 
 def test_build_flags_and_stamp_follow_the_config():
-    one = bpf.Build(8888, (80, 8080), 1024)
-    other = bpf.Build(8888, (80, 9090), 1024)
+    one = rewrite.Flavour(8888, (80, 8080), 1024)
+    other = rewrite.Flavour(8888, (80, 9090), 1024)
     assert "-DIS_TARGET_PORT(p)=((p)==80||(p)==8080)" in one.cflags(None)
     assert '-DPIN_DIR="/sys/fs/bpf/zddd/tc"' in one.cflags("/sys/fs/bpf/zddd/tc")
     assert one.digest(b"source") != other.digest(b"source")
     assert one.digest(b"source") != one.digest(b"source 2")
-    assert len(one.stamp(b"source")) == bpf.STAMP_SIZE
+    assert len(one.stamp(b"source")) == rewrite.STAMP_SIZE

@@ -110,7 +110,7 @@ def test_every_config_key_is_in_the_shipped_config(key):
 
 
 def test_interfaces_says_which_links_are_taken():
-    # Only Ethernet-framed links and lo are taken by default (zddd/backends/bpf.py).
+    # Only Ethernet-framed links and lo are taken by default (zddd/backends/rewrite.py).
     for text in (roff("zddd.toml.5"), (REPO / "packaging/zddd.toml").read_text(),
                  (REPO / "examples/zddd.toml").read_text()):
         assert "Ethernet" in text

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from zddd.backends import Desired, KernelState
-from zddd.backends.sk_lookup import (Build, FillSockets, Flip, Found, Relink, SkLookupBackend,
-                                     source_path)
+from zddd.backends import ApplyError, Desired, KernelState, Plan
+from zddd.backends.pinned import Claim, Flip
+from zddd.backends.sk_lookup import Build, FillSockets, Found, Relink, SkLookupBackend, source_path
 
 DESIRED = Desired(8888, (("backup", 80), ("main", 8080)), "main", pin_dir="/nonexistent/zt")
+ACTIVE = "/nonexistent/zt/sk_lookup_active"
 
 
 def state(found: Found, active: str | None = "main") -> KernelState:
@@ -17,7 +18,7 @@ def state(found: Found, active: str | None = "main") -> KernelState:
 def test_nothing_there_builds_everything_then_flips():
     plan = SkLookupBackend().plan(None, DESIRED)
     assert plan.layout == (Build(DESIRED, 2),)
-    assert plan.flip == Flip(DESIRED.pin_dir, 2)
+    assert plan.flip == Flip(ACTIVE, 2)
 
 
 def test_intact_and_agreeing_is_empty_and_a_switch_is_one_flip():
@@ -25,9 +26,9 @@ def test_intact_and_agreeing_is_empty_and_a_switch_is_one_flip():
     backend = SkLookupBackend()
     assert not backend.plan(state(found), DESIRED)
     off = backend.plan(state(found), DESIRED.steering(None))
-    assert off.steering_only and off.flip == Flip(DESIRED.pin_dir, 0)
+    assert off.steering_only and off.flip == Flip(ACTIVE, 0)
     backup = backend.plan(state(found), DESIRED.steering("backup"))
-    assert backup.steering_only and backup.flip == Flip(DESIRED.pin_dir, 1)
+    assert backup.steering_only and backup.flip == Flip(ACTIVE, 1)
 
 
 def test_each_kind_of_drift_gets_its_own_repair():
@@ -41,7 +42,7 @@ def test_a_foreign_layout_is_rebuilt_keeping_what_it_steered_to_until_the_flip()
     found = Found(DESIRED.pin_dir, active_value=1, layout_problems=["layout version 9"])
     plan = SkLookupBackend().plan(state(found, "backup"), DESIRED)
     assert plan.layout == (Build(DESIRED, 1),)
-    assert plan.flip == Flip(DESIRED.pin_dir, 2)
+    assert plan.flip == Flip(ACTIVE, 2)
 
 
 def test_leftover_and_read_need_no_compiler_when_nothing_is_pinned():
@@ -74,3 +75,28 @@ def test_many_reuseport_listeners_leave_room_for_every_address():
     assert chosen[0].family == socket.AF_INET and chosen[1].family == socket.AF_INET6
     assert {s.family for s in chosen[:2]} == {socket.AF_INET, socket.AF_INET6}
     assert _usable(many) == chosen  # stable
+
+
+def test_apply_reports_what_it_did_even_if_a_read_would_fail(monkeypatch):
+    """Reading back is the core's job: a layout step and the flip that succeeded are a
+    success, whatever a read after them would say (fault: the core restored the old target)."""
+    backend = SkLookupBackend()
+    done = []
+
+    def read(desired):
+        raise ApplyError("cannot read the sk_lookup data plane: EIO")
+
+    monkeypatch.setattr(backend, "read", read)
+    monkeypatch.setattr(backend, "_relink", lambda step: done.append(step))
+    monkeypatch.setattr(backend, "_flip", lambda step: done.append(step))
+    plan = Plan((Relink(DESIRED.pin_dir),), Flip(ACTIVE, 1))
+    backend.apply(plan)
+    assert done == [Relink(DESIRED.pin_dir), Flip(ACTIVE, 1)]
+
+
+def test_a_layout_pinned_before_the_owner_stamp_is_claimed_not_rebuilt():
+    from zddd.backends.pinned import UNCLAIMED
+
+    found = Found(DESIRED.pin_dir, active_value=2, unclaimed=True)
+    plan = SkLookupBackend().plan(KernelState("main", False, found, (UNCLAIMED,)), DESIRED)
+    assert plan.layout == (Claim(DESIRED.pin_dir),)

@@ -5,14 +5,24 @@ kernel. The core drives it in four steps:
 
 - `probe`: can this machine run it? (BackendUnavailable says why and what to do instead)
 - `read`: what does the kernel hold now, judged against what zddd wants? (`KernelState`)
-- `plan`: plain data for the change, made from what `read` returned (no second look)
-- `apply`: first the *layout* steps (create, load, pin, attach: idempotent, each checked by
-  read-back, possibly many), then the *flip*: the one atomic change of where new connections go
-  (a map element). A plan whose layout is intact is a flip alone.
+- `plan`: plain data for the change, made from what `read` returned and `desired` alone (no
+  second look at the kernel: where `read` found nothing, a step says "where the interfaces are
+  when this runs" rather than the plan listing them)
+- `apply`: first the *layout* steps (create, load, pin, attach: idempotent, possibly many),
+  then the *flip*: the one atomic change of where new connections go (a map element). A plan
+  whose layout is intact is a flip alone. `apply` reports what it did (ApplyError if it did not
+  all take); reading the result back is the caller's (the core's) next `read`.
 
-The kernel is the source of truth; a backend keeps no state about it beyond handles it opened.
+The kernel is the source of truth. A backend keeps no judgement of the kernel between calls:
+it keeps handles it opened (fds and mappings of maps a `read` found, so a flip is one store
+and a metrics scrape opens nothing) and what its last `read` said for health (sk_lookup's
+listener problems). Every call is made on the daemon's event loop, one at a time.
 `leftover` and `remove` let zddd find and take out a data plane that another backend left
 (`zddd --remove-data-plane`), so two data planes never steer at once.
+
+Modules: nftables.py; tc.py and xdp.py over rewrite.py (bpf/steer.c); sk_lookup.py
+(bpf/sk_lookup.c); pinned.py, what every BPF backend does with its pins. The kernel interfaces
+they call are zddd/kernel/ (bpf(2), bpffs, pidfd, rtnetlink).
 """
 
 from __future__ import annotations
@@ -113,7 +123,8 @@ class Backend(ABC):
     @abstractmethod
     def read(self, desired: Desired) -> KernelState | None:
         """What the kernel holds, judged against `desired`'s layout; None if nothing of zddd's.
-        Raises ApplyError if the kernel cannot be read."""
+        Raises ApplyError if the kernel cannot be read, BackendUnavailable if what `desired`
+        names may not be used by this zddd (a BPF pin dir of another network namespace)."""
 
     @abstractmethod
     def plan(self, current: KernelState | None, desired: Desired) -> Plan:
@@ -145,8 +156,8 @@ class Backend(ABC):
     attribute_flows = None
 
     def flows_steered(self) -> dict[str, int]:
-        """New connections steered so far, by target name, where the backend can count them.
-        May be called from another thread (the metrics scrape)."""
+        """New connections steered so far, by target name, where the backend can count them
+        (through what the last `read` opened)."""
         return {}
 
     def flow_table(self) -> tuple[int, int] | None:
@@ -160,11 +171,11 @@ def backend_class(name: str) -> type[Backend]:
 
         return NftablesBackend
     if name == "tc":
-        from .bpf import TcBackend
+        from .tc import TcBackend
 
         return TcBackend
     if name == "xdp":
-        from .bpf import XdpBackend
+        from .xdp import XdpBackend
 
         return XdpBackend
     if name == "sk_lookup":

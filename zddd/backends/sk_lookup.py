@@ -3,7 +3,9 @@ the active target by a BPF sk_lookup program. No packet is rewritten: the applic
 the connection on its own listener and sees the listen port as its local port.
 
 Kernel objects, all pinned in `bpf_pin_dir` under the names in `PINS` (so the data plane
-outlives zddd, and the tc/xdp backends' pins can share the directory):
+outlives zddd, and the tc/xdp backends' pins can share the directory), beside the directory's
+owner stamp `netns` (pinned.py: `read` refuses a pin dir of another live network namespace, or
+one that needs a bpffs zddd would mount privately, with BackendUnavailable):
 
     sk_lookup_link     BPF link of the program to zddd's network namespace (BPF_LINK_CREATE)
     sk_lookup_prog     the program (bpf/sk_lookup.c), so a lost link is recreated without bcc
@@ -20,8 +22,10 @@ listen on, both families) and duplicated out of their owner with pidfd_getfd, so
 CAP_SYS_PTRACE. zddd keeps no socket open: the map holds them, and when the owner closes one
 the kernel drops it from the map. `read` compares the map (a sockmap lookup returns the socket
 cookie) with the current listeners, so a restarted vhost is noticed and refilled by the next
-repair. Listeners zddd cannot take are reported by `listener_problem` and do not make the
-layout "not intact" (they would otherwise be retried, and logged, four times a second).
+repair. `apply` reports what it did and reads nothing back: what health sees of the sockets it
+put in comes from the next `read` (the core reads back after a layout change). Listeners
+zddd cannot take are reported by `listener_problem` and do not make the layout "not intact"
+(they would otherwise be retried, and logged, four times a second).
 
 Public beyond the Backend interface:
 - `listener_problem(target) -> str | None`, `listener_missing(target) -> bool`: whether new
@@ -44,7 +48,10 @@ from pathlib import Path
 
 from ..connections import (TCP_ESTABLISHED, TCP_LISTEN, Flow, SocketInfo, as_flow,
                            dump_sockets)
-from . import ApplyError, Backend, BackendUnavailable, Desired, KernelState, Plan, bpfsys
+from ..kernel import bpf as kbpf
+from ..kernel import pidfd
+from . import ApplyError, Backend, BackendUnavailable, Desired, KernelState, Plan, pinned
+from .pinned import Claim, Flip, Step
 
 log = logging.getLogger("zddd")
 
@@ -59,9 +66,9 @@ PREFIX = "sk_lookup_"
 MAPS = ("active", "meta", "sockets", "flows", "steered")
 PINS = ("link", "prog") + MAPS
 _MAP_TYPES = {
-    "active": bpfsys.BPF_MAP_TYPE_ARRAY, "meta": bpfsys.BPF_MAP_TYPE_ARRAY,
-    "sockets": bpfsys.BPF_MAP_TYPE_SOCKMAP, "flows": bpfsys.BPF_MAP_TYPE_LRU_HASH,
-    "steered": bpfsys.BPF_MAP_TYPE_PERCPU_ARRAY,
+    "active": kbpf.BPF_MAP_TYPE_ARRAY, "meta": kbpf.BPF_MAP_TYPE_ARRAY,
+    "sockets": kbpf.BPF_MAP_TYPE_SOCKMAP, "flows": kbpf.BPF_MAP_TYPE_LRU_HASH,
+    "steered": kbpf.BPF_MAP_TYPE_PERCPU_ARRAY,
 }
 _META = struct.Struct("=6I")
 _U32 = struct.Struct("=I")
@@ -82,18 +89,6 @@ def _pin(pin_dir: str, name: str) -> str:
     return os.path.join(pin_dir, PREFIX + name)
 
 
-def _netns_ino() -> int:
-    return os.stat("/proc/self/ns/net").st_ino
-
-
-def _possible_cpus() -> int:
-    count = 0
-    for part in Path("/sys/devices/system/cpu/possible").read_text().strip().split(","):
-        lo, _, hi = part.partition("-")
-        count += int(hi or lo) - int(lo) + 1
-    return count
-
-
 def _has_capability(cap: int) -> bool:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("CapEff:"):
@@ -104,7 +99,7 @@ def _has_capability(cap: int) -> bool:
 # ---- the plan's steps -------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class Build:
+class Build(Step):
     """Compile and load the program, create its maps, fill them (sockets of every target,
     `active`), link it to the namespace, and put all of it in place of the old pins."""
 
@@ -113,28 +108,20 @@ class Build:
 
 
 @dataclass(frozen=True)
-class Relink:
+class Relink(Step):
     """Link the pinned program to the namespace again (the link was removed or detached)."""
 
     pin_dir: str
 
 
 @dataclass(frozen=True)
-class FillSockets:
+class FillSockets(Step):
     """Put target `index`'s current listeners on `port` into the socket map."""
 
     pin_dir: str
     index: int
     target: str
     port: int
-
-
-@dataclass(frozen=True)
-class Flip:
-    """The switch: one store into the active element (0 off, i + 1 target i)."""
-
-    pin_dir: str
-    value: int
 
 
 # ---- what read found --------------------------------------------------------------------------
@@ -149,6 +136,7 @@ class Found:
     link_problems: list[str] = field(default_factory=list)  # a Relink will do
     socket_problems: dict[str, str] = field(default_factory=dict)  # target -> what differs
     active_value: int | None = None
+    unclaimed: bool = False  # pinned by a zddd before the pin dir's owner stamp
 
 
 def _value_of(desired: Desired, target: str | None) -> int:
@@ -188,9 +176,8 @@ class SkLookupBackend(Backend):
     name = "sk_lookup"
 
     def __init__(self) -> None:
-        self._active_slot: bpfsys.ActiveSlot | None = None
-        self._active_fd: int | None = None
-        self._desired: Desired | None = None
+        self._active = pinned.ActiveWriter()
+        self._counters: _Counters | None = None
         # Listener cookie -> why it could not be taken; kept until the listener goes away.
         self._untakeable: dict[int, str] = {}
         # target -> None (fine) or what keeps new connections for it from a socket.
@@ -199,41 +186,22 @@ class SkLookupBackend(Backend):
     # ---- probe ------------------------------------------------------------------------------
 
     def probe(self) -> None:
-        hint = 'use backend = "nftables"'
-        try:
+        def compile_test() -> None:
             from bcc import BPF
-        except ImportError:
-            raise BackendUnavailable(
-                "the sk_lookup backend needs bcc (apt-get install python3-bpfcc); "
-                f"{hint}") from None
-        source = source_path()
-        if not source.exists():
-            raise BackendUnavailable(f"the sk_lookup backend's C source is missing ({source}); "
-                                     f"{hint}")
-        try:
-            bpf = _compile(BPF, source, Desired(8888, (("backup", 80), ("main", 8080)), None,
-                                                flow_entries=64))
-        except Exception as e:
-            release = os.uname().release
-            build = f"/lib/modules/{release}/build"
-            if not os.path.isdir(os.path.join(build, "include")):
-                # The usual cause (bcc also finds headers in /sys/kernel/kheaders.tar.xz, so
-                # their absence is not checked before trying).
-                raise BackendUnavailable(
-                    f"bcc cannot compile the sk_lookup program: no kernel headers in {build} "
-                    f"(install linux-headers-{release}); {hint}") from None
-            raise BackendUnavailable(f"the sk_lookup program does not compile or load here "
-                                     f"({_one_line(e)}); {hint}") from None
-        bpf.cleanup()
+
+            _compile(BPF, source_path(), Desired(8888, (("backup", 80), ("main", 8080)), None,
+                                                 flow_entries=64)).cleanup()
+
+        pinned.probe(self.name, source_path(), compile_test)
         if not _has_capability(CAP_SYS_PTRACE):
             raise BackendUnavailable(
                 "the sk_lookup backend needs CAP_SYS_PTRACE to take the vhosts' listening "
-                f"sockets (pidfd_getfd); grant it or {hint}")
+                f"sockets (pidfd_getfd); grant it or {pinned.NFTABLES_HINT}")
 
     # ---- read -------------------------------------------------------------------------------
 
     def read(self, desired: Desired) -> KernelState | None:
-        self._desired = desired
+        pinned.check_pin_dir(desired.pin_dir)
         pin_dir = desired.pin_dir
         if not os.path.isdir(pin_dir):
             self._note_listeners(desired, None)
@@ -242,7 +210,7 @@ class SkLookupBackend(Backend):
         try:
             for name in PINS:
                 try:
-                    fds[name] = bpfsys.obj_get(_pin(pin_dir, name))
+                    fds[name] = kbpf.obj_get(_pin(pin_dir, name))
                 except FileNotFoundError:
                     continue
             if not fds:
@@ -252,7 +220,7 @@ class SkLookupBackend(Backend):
             self._check_maps(desired, fds, found)
             self._check_link(fds, found)
             if not found.layout_problems and "active" in fds:
-                raw = bpfsys.map_lookup(fds["active"], _U32.pack(0), 4)
+                raw = kbpf.map_lookup(fds["active"], _U32.pack(0), 4)
                 found.active_value = _U32.unpack(raw)[0] if raw else 0
                 if _target_of(desired, found.active_value) is None and found.active_value:
                     found.layout_problems.append(f"active value {found.active_value} unknown")
@@ -260,14 +228,20 @@ class SkLookupBackend(Backend):
                 self._check_sockets(desired, fds["sockets"], found)
             else:
                 self._note_listeners(desired, None)
-            self._adopt_active_fd(fds)
+            if "active" in fds:
+                self._active.adopt(fds["active"])
+            if not found.layout_problems:
+                self._open_counters(desired, fds)
+            if pinned.unclaimed_problem(pin_dir):
+                found.unclaimed = True
         except OSError as e:
             raise ApplyError(f"cannot read the sk_lookup data plane: {e}") from None
         finally:
             for fd in fds.values():
                 os.close(fd)
         problems = (found.layout_problems + found.link_problems
-                    + [f"socket map for {t}: {p}" for t, p in found.socket_problems.items()])
+                    + [f"socket map for {t}: {p}" for t, p in found.socket_problems.items()]
+                    + ([pinned.UNCLAIMED] if found.unclaimed else []))
         active = (_target_of(desired, found.active_value)
                   if found.active_value is not None else None)
         return KernelState(active=active, intact=not problems, found=found,
@@ -279,11 +253,11 @@ class SkLookupBackend(Backend):
             found.layout_problems.append(f"not pinned: {', '.join(missing)}")
             return
         for name in MAPS:
-            info = bpfsys.map_info(fds[name])
+            info = kbpf.map_info(fds[name])
             if info.type != _MAP_TYPES[name]:
                 found.layout_problems.append(f"{PREFIX}{name} is not zddd's map")
                 return
-        raw = bpfsys.map_lookup(fds["meta"], _U32.pack(0), _META.size)
+        raw = kbpf.map_lookup(fds["meta"], _U32.pack(0), _META.size)
         stamp = _META.unpack(raw) if raw else None
         if stamp != _meta(desired):
             if stamp is None or stamp[0] != LAYOUT_MAGIC:
@@ -296,10 +270,10 @@ class SkLookupBackend(Backend):
                     "layout for listen port {2}, {3} targets, {4} slots, {5} flow entries"
                     .format(*stamp))
             return
-        prog = bpfsys.prog_info(fds["prog"])
-        map_ids = {bpfsys.map_info(fds[name]).id for name in ("active", "sockets", "flows",
+        prog = kbpf.prog_info(fds["prog"])
+        map_ids = {kbpf.map_info(fds[name]).id for name in ("active", "sockets", "flows",
                                                                "steered")}
-        if prog.type != bpfsys.BPF_PROG_TYPE_SK_LOOKUP or not map_ids <= set(prog.map_ids):
+        if prog.type != kbpf.BPF_PROG_TYPE_SK_LOOKUP or not map_ids <= set(prog.map_ids):
             found.layout_problems.append("the pinned program does not use the pinned maps")
 
     def _check_link(self, fds: dict[str, int], found: Found) -> None:
@@ -308,13 +282,13 @@ class SkLookupBackend(Backend):
         if "link" not in fds:
             found.link_problems.append("link not pinned")
             return
-        link = bpfsys.link_info(fds["link"])
-        prog = bpfsys.prog_info(fds["prog"])
-        if link.type != bpfsys.BPF_LINK_TYPE_NETNS or link.prog_id != prog.id:
+        link = kbpf.link_info(fds["link"])
+        prog = kbpf.prog_info(fds["prog"])
+        if link.type != kbpf.BPF_LINK_TYPE_NETNS or link.prog_id != prog.id:
             found.link_problems.append("the pinned link is not of the pinned program")
         elif link.netns_ino == 0:
             found.link_problems.append("link detached")
-        elif link.netns_ino != _netns_ino() or link.attach_type != bpfsys.BPF_SK_LOOKUP:
+        elif link.netns_ino != pinned.netns_ino() or link.attach_type != kbpf.BPF_SK_LOOKUP:
             found.link_problems.append("link attached to another network namespace")
 
     def _check_sockets(self, desired: Desired, sockets_fd: int, found: Found) -> None:
@@ -322,7 +296,7 @@ class SkLookupBackend(Backend):
         for index, (target, port) in enumerate(desired.ports):
             in_map = set()
             for slot in range(SLOTS):
-                raw = bpfsys.map_lookup(sockets_fd, _U32.pack(index * SLOTS + slot), 8)
+                raw = kbpf.map_lookup(sockets_fd, _U32.pack(index * SLOTS + slot), 8)
                 if raw:
                     in_map.add(_COOKIE.unpack(raw)[0])
             wanted = {s.cookie for s in _usable(by_port.get(port, []))}
@@ -348,40 +322,53 @@ class SkLookupBackend(Backend):
     def _note_listeners(self, desired: Desired, by_port: dict[int, list[SocketInfo]] | None,
                         found: Found | None = None) -> None:
         """Record, per target, whether new connections for it have a socket (health reads
-        this between reads, from any thread: the dict is replaced whole)."""
+        this between reads)."""
         problems: dict[str, str | None] = {}
         for target, port in desired.ports:
             if by_port is None:
                 problems[target] = "the sk_lookup data plane is not in place"
-                continue
-            listeners = by_port.get(port, [])
-            if not listeners:
-                problems[target] = f"nothing listens on port {port}"
-                continue
-            untaken = [self._untakeable[s.cookie] for s in listeners
-                       if s.cookie in self._untakeable]
-            if len(untaken) == len(listeners):
-                problems[target] = (f"the listening socket(s) on port {port} could not be "
-                                    f"taken: {untaken[0]}")
-            elif found is not None and target in found.socket_problems:
-                problems[target] = (f"the socket map does not hold port {port}'s listeners "
-                                    "yet (repair pending)")
             else:
-                problems[target] = None
+                pending = found is not None and target in found.socket_problems
+                problems[target] = self._listener_problem_of(port, by_port.get(port, []),
+                                                             pending)
         self._listener_problems = problems
 
-    def _adopt_active_fd(self, fds: dict[str, int]) -> None:
-        """Keep a handle on (and a mapping of) the active map from this read: the flip is then
-        one store."""
-        if "active" not in fds:
+    def _listener_problem_of(self, port: int, listeners: list[SocketInfo],
+                             pending: bool = False) -> str | None:
+        if not listeners:
+            return f"nothing listens on port {port}"
+        untaken = [self._untakeable[s.cookie] for s in listeners if s.cookie in self._untakeable]
+        if len(untaken) == len(listeners):
+            return f"the listening socket(s) on port {port} could not be taken: {untaken[0]}"
+        if pending:
+            return f"the socket map does not hold port {port}'s listeners yet (repair pending)"
+        return None
+
+    def _noted_filled(self, filled: dict[str, tuple[int, list[SocketInfo]]]) -> None:
+        """After a step that filled the socket map for these targets completed: what health
+        sees of them is what the step put in (no read of the kernel)."""
+        problems = dict(self._listener_problems)
+        for target, (port, listeners) in filled.items():
+            problems[target] = self._listener_problem_of(port, listeners)
+        self._listener_problems = problems
+
+    def _open_counters(self, desired: Desired, fds: dict[str, int]) -> None:
+        """Keep the `steered` and `flows` maps (of a layout that is this zddd's) open for the
+        metrics and the connection counts, with what their keys mean now."""
+        ids = (kbpf.map_info(fds["steered"]).id, kbpf.map_info(fds["flows"]).id)
+        names = tuple(name for name, _ in desired.ports)
+        if self._counters is not None and self._counters.ids == ids:
+            self._counters.names = names
             return
-        info = bpfsys.map_info(fds["active"])
-        if self._active_fd is not None:
-            if bpfsys.map_info(self._active_fd).id == info.id:
-                return
-            os.close(self._active_fd)
-        self._active_fd = os.dup(fds["active"])
-        self._set_slot(bpfsys.ActiveSlot(self._active_fd))
+        self._close_counters()
+        self._counters = _Counters(ids, os.dup(fds["steered"]), os.dup(fds["flows"]), names,
+                                   desired.flow_entries)
+
+    def _close_counters(self) -> None:
+        if self._counters is not None:
+            os.close(self._counters.steered_fd)
+            os.close(self._counters.flows_fd)
+            self._counters = None
 
     # ---- the health hook ------------------------------------------------------------------
 
@@ -404,11 +391,13 @@ class SkLookupBackend(Backend):
         value = _value_of(desired, desired.active)
         flip = None
         if current is None or not current.intact or current.active != desired.active:
-            flip = Flip(desired.pin_dir, value)
+            flip = Flip(_pin(desired.pin_dir, "active"), value)
         if found is None or found.layout_problems:
             start = found.active_value if found and found.active_value is not None else value
             return Plan((Build(desired, start),), flip)
-        layout: list = []
+        layout: list[Step] = []
+        if found.unclaimed:
+            layout.append(Claim(desired.pin_dir))
         if found.link_problems:
             layout.append(Relink(desired.pin_dir))
         for index, (target, port) in enumerate(desired.ports):
@@ -417,50 +406,35 @@ class SkLookupBackend(Backend):
         return Plan(tuple(layout), flip)
 
     def apply(self, plan: Plan) -> None:
-        done = False
-        try:
-            for step in plan.layout:
-                if isinstance(step, Build):
-                    self._build(step)
-                elif isinstance(step, Relink):
-                    self._relink(step.pin_dir)
-                elif isinstance(step, FillSockets):
-                    with _Pinned(step.pin_dir, "sockets") as fd:
-                        self._fill_sockets(fd, step.index, step.target, step.port)
-                done = True
-            if plan.flip is not None:
-                self._flip(plan.flip)
-            if plan.layout and self._desired is not None:
-                # What health reads (listener_problem) reflects the sockets just put in.
-                self.read(self._desired)
-        except ApplyError as e:
-            raise ApplyError(str(e), changed=done or e.changed) from None
-        except OSError as e:
-            raise ApplyError(f"sk_lookup: {e}", changed=done or bool(plan.layout)) from None
+        """Carries out the plan and reports what it did; reading back (and so what health
+        sees of the sockets just put in) is the next `read`'s, the core's."""
+        pinned.carry_out(plan, {Build: self._build, Claim: self._claim, Relink: self._relink,
+                                FillSockets: self._fill_step}, self._flip)
 
     def _flip(self, flip: Flip) -> None:
-        if self._active_slot is None:
-            fd = bpfsys.obj_get(_pin(flip.pin_dir, "active"))
-            self._active_fd = fd
-            self._set_slot(bpfsys.ActiveSlot(fd))
-        self._active_slot.write(flip.value)
+        self._active.write(flip.path, flip.value)
 
-    def _set_slot(self, slot: bpfsys.ActiveSlot | None) -> None:
-        if self._active_slot is not None:
-            self._active_slot.close()
-        self._active_slot = slot
+    @staticmethod
+    def _claim(step: Claim) -> None:
+        pinned.claim(step.pin_dir)
+
+    def _fill_step(self, step: FillSockets) -> None:
+        with pinned.Pinned(_pin(step.pin_dir, "sockets")) as fd:
+            listeners = self._fill_sockets(fd, step.index, step.target, step.port)
+        self._noted_filled({step.target: (step.port, listeners)})
 
     def _build(self, step: Build) -> None:
-        desired = self._desired = step.desired
+        desired = step.desired
         try:
             from bcc import BPF
         except ImportError:
             raise ApplyError("bcc is not installed (python3-bpfcc)") from None
-        bpfsys.ensure_bpffs_dir(desired.pin_dir, mode=0o700)
+        pinned.claim(desired.pin_dir)
         try:
             bpf = _compile(BPF, source_path(), desired)
         except Exception as e:
-            raise ApplyError(f"the sk_lookup program does not load: {_one_line(e)}") from None
+            raise ApplyError(f"the sk_lookup program does not load: {pinned.one_line(e)}",
+                             changed=True) from None
         staged: list[tuple[str, str]] = []
         try:
             from bcc.libbcc import lib
@@ -468,62 +442,51 @@ class SkLookupBackend(Backend):
             fds = {name: lib.bpf_table_fd(bpf.module, f"zddd_{name}".encode())
                    for name in MAPS}
             fds["prog"] = bpf.funcs[PROGRAM.encode()].fd
-            bpfsys.map_update(fds["meta"], _U32.pack(0), _META.pack(*_meta(desired)))
-            bpfsys.map_update(fds["active"], _U32.pack(0), _U32.pack(step.active))
-            for index, (target, port) in enumerate(desired.ports):
-                self._fill_sockets(fds["sockets"], index, target, port)
+            kbpf.map_update(fds["meta"], _U32.pack(0), _META.pack(*_meta(desired)))
+            kbpf.map_update(fds["active"], _U32.pack(0), _U32.pack(step.active))
+            filled = {target: (port, self._fill_sockets(fds["sockets"], index, target, port))
+                      for index, (target, port) in enumerate(desired.ports)}
             _carry_over(desired, fds)
             # Everything is pinned under temporary names and linked before it replaces the old
             # pins: until the rename the old program (if any) keeps steering; for a moment
             # both run and the first one's choice stands.
             for name in ("prog",) + MAPS:
-                staged.append(self._stage(desired.pin_dir, name, fds[name]))
-            netns = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+                staged.append(pinned.stage(fds[name], _pin(desired.pin_dir, name)))
+            link = _link_to_netns(fds["prog"])
             try:
-                link = bpfsys.link_create_netns(fds["prog"], netns)
-            finally:
-                os.close(netns)
-            try:
-                staged.append(self._stage(desired.pin_dir, "link", link))
+                staged.append(pinned.stage(link, _pin(desired.pin_dir, "link")))
             finally:
                 os.close(link)
             for tmp, final in staged:
                 os.rename(tmp, final)
             staged.clear()
+            self._noted_filled(filled)
+            self._open_counters(desired, fds)  # the connections it steers count from now
         except OSError as e:
             raise ApplyError(f"building the sk_lookup data plane: {e}", changed=True) from None
         finally:
             for tmp, _ in staged:
-                _unlink(tmp)
+                pinned.unlink(tmp)
             bpf.cleanup()
-        self._drop_active_fd()
+        self._active.forget()  # a new `active` map: the next flip opens the pinned one
 
-    @staticmethod
-    def _stage(pin_dir: str, name: str, fd: int) -> tuple[str, str]:
-        tmp = os.path.join(pin_dir, f"{PREFIX}staged_{name}")
-        _unlink(tmp)
-        bpfsys.obj_pin(fd, tmp)
-        return tmp, _pin(pin_dir, name)
-
-    def _relink(self, pin_dir: str) -> None:
-        with _Pinned(pin_dir, "prog") as prog:
-            netns = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                link = bpfsys.link_create_netns(prog, netns)
-            finally:
-                os.close(netns)
+    def _relink(self, step: Relink) -> None:
+        with pinned.Pinned(_pin(step.pin_dir, "prog")) as prog:
+            link = _link_to_netns(prog)
         try:
-            tmp, final = self._stage(pin_dir, "link", link)
-            os.rename(tmp, final)  # a detached link pinned there goes with it
+            os.rename(*pinned.stage(link, _pin(step.pin_dir, "link")))  # a detached link
+            # pinned there goes with it
         finally:
             os.close(link)
 
-    def _fill_sockets(self, sockets_fd: int, index: int, target: str, port: int) -> None:
+    def _fill_sockets(self, sockets_fd: int, index: int, target: str,
+                      port: int) -> list[SocketInfo]:
         """Put `port`'s listeners into target `index`'s slots (the kernel's dup of the owner's
         fd is closed at once: the map holds the socket, and when the owner closes it the kernel
-        drops it from the map), then clear the slots left over."""
-        listeners = [s for s in dump_sockets([port], 1 << TCP_LISTEN) if s.local_port == port]
-        listeners = [s for s in _usable(listeners) if s.cookie not in self._untakeable]
+        drops it from the map), then clear the slots left over. Returns every listener found
+        on `port`."""
+        found = [s for s in dump_sockets([port], 1 << TCP_LISTEN) if s.local_port == port]
+        listeners = [s for s in _usable(found) if s.cookie not in self._untakeable]
         owners = _owners({s.inode for s in listeners})
         slot = 0
         for sock in listeners:
@@ -538,32 +501,31 @@ class SkLookupBackend(Backend):
                             port, reason.replace(" ", "_"))
                 continue
             try:
-                bpfsys.map_update(sockets_fd, _U32.pack(index * SLOTS + slot), _COOKIE.pack(fd))
+                kbpf.map_update(sockets_fd, _U32.pack(index * SLOTS + slot), _COOKIE.pack(fd))
             finally:
                 os.close(fd)
             slot += 1
         for stale in range(slot, SLOTS):
             try:
-                bpfsys.map_delete(sockets_fd, _U32.pack(index * SLOTS + stale))
+                kbpf.map_delete(sockets_fd, _U32.pack(index * SLOTS + stale))
             except OSError as e:
                 if e.errno != errno.EINVAL:  # a sockmap's answer for an empty slot
                     raise
-
-    def _drop_active_fd(self) -> None:
-        if self._active_fd is not None:
-            os.close(self._active_fd)
-        self._active_fd = None
-        self._set_slot(None)
+        return found
 
     # ---- leftovers and removal --------------------------------------------------------------
 
     def leftover(self, desired: Desired) -> str | None:
+        try:
+            pinned.check_pin_dir(desired.pin_dir)  # another namespace's pins are not ours
+        except BackendUnavailable:
+            return None
         pins = [name for name in PINS if os.path.lexists(_pin(desired.pin_dir, name))]
         if not pins:
             return None
         try:
             state = self.read(desired)
-        except ApplyError:
+        except (ApplyError, BackendUnavailable):
             state = None
         if state is not None and state.intact:
             return (f"sk_lookup program linked in {desired.pin_dir} steering "
@@ -573,10 +535,12 @@ class SkLookupBackend(Backend):
                 f"{', ' + state.problems[0] if state and state.problems else ''})")
 
     def remove(self, desired: Desired) -> None:
-        self._drop_active_fd()
+        pinned.check_pin_dir(desired.pin_dir)
+        self._active.forget()
+        self._close_counters()
         link_pin = _pin(desired.pin_dir, "link")
         try:
-            fd = bpfsys.obj_get(link_pin)
+            fd = kbpf.obj_get(link_pin)
         except FileNotFoundError:
             fd = None
         except OSError as e:
@@ -585,15 +549,16 @@ class SkLookupBackend(Backend):
             try:
                 # Detach first: any other holder of the link (a bpftool, a stuck zddd) must not
                 # keep the program steering after its pins are gone.
-                bpfsys.link_detach(fd)
+                kbpf.link_detach(fd)
             except OSError as e:
                 if e.errno not in (errno.ENOLINK, errno.EINVAL):
                     raise ApplyError(f"cannot detach {link_pin}: {e}") from None
             finally:
                 os.close(fd)
         for name in PINS:
-            _unlink(_pin(desired.pin_dir, name))
-            _unlink(os.path.join(desired.pin_dir, f"{PREFIX}staged_{name}"))
+            pinned.unlink(_pin(desired.pin_dir, name))
+            pinned.unlink(_pin(desired.pin_dir, name) + "-staged")
+        pinned.release(desired.pin_dir)
         try:
             os.rmdir(desired.pin_dir)  # only if nothing else (another backend's pins) is there
         except OSError:
@@ -602,17 +567,10 @@ class SkLookupBackend(Backend):
     # ---- counters ---------------------------------------------------------------------------
 
     def flows_steered(self) -> dict[str, int]:
-        desired = self._desired
-        if desired is None:
+        if self._counters is None:
             return {}
         try:
-            with _Pinned(desired.pin_dir, "steered") as fd:
-                size = 8 * _possible_cpus()
-                counts = {}
-                for index, (target, _) in enumerate(desired.ports):
-                    raw = bpfsys.map_lookup(fd, _U32.pack(index), size) or b""
-                    counts[target] = sum(v for (v,) in struct.iter_unpack("=Q", raw))
-                return counts
+            return self._counters.steered()
         except OSError:
             return {}
 
@@ -620,28 +578,41 @@ class SkLookupBackend(Backend):
         """(entries in use, capacity) of the flow map. Counting an LRU map's entries means
         walking it, so "in use" is an upper bound: connections recorded so far (each adds at
         most one entry), capped at the capacity."""
-        desired = self._desired
-        if desired is None:
+        if self._counters is None:
             return None
         recorded = sum(self.flows_steered().values())
-        return min(recorded, desired.flow_entries), desired.flow_entries
+        return min(recorded, self._counters.capacity), self._counters.capacity
 
     def attribute_flows(self, flows: list[Flow]) -> list[str | None]:
-        desired = self._desired
-        if desired is None or not flows:
+        if self._counters is None or not flows:
             return [None] * len(flows)
-        names = [name for name, _ in desired.ports]
+        names = self._counters.names
         try:
-            with _Pinned(desired.pin_dir, "flows") as fd:
-                out: list[str | None] = []
-                for flow in flows:
-                    raw = bpfsys.map_lookup(fd, _flow_key(flow), 4)
-                    index = _U32.unpack(raw)[0] if raw else None
-                    out.append(names[index] if index is not None and index < len(names)
-                               else None)
-                return out
+            out: list[str | None] = []
+            for flow in flows:
+                raw = kbpf.map_lookup(self._counters.flows_fd, _flow_key(flow), 4)
+                index = _U32.unpack(raw)[0] if raw else None
+                out.append(names[index] if index is not None and index < len(names) else None)
+            return out
         except OSError:
             return [None] * len(flows)
+
+
+@dataclass
+class _Counters:
+    """The open `steered` and `flows` maps (by their ids) and the target names their indexes
+    mean, from the last read."""
+
+    ids: tuple[int, int]
+    steered_fd: int
+    flows_fd: int
+    names: tuple[str, ...]
+    capacity: int
+
+    def steered(self) -> dict[str, int]:
+        size = 8 * kbpf.possible_cpus()
+        return {name: pinned.percpu_total(kbpf.map_lookup(self.steered_fd, _U32.pack(i), size))
+                for i, name in enumerate(self.names)}
 
 
 def _carry_over(desired: Desired, fds: dict[str, int]) -> None:
@@ -649,7 +620,7 @@ def _carry_over(desired: Desired, fds: dict[str, int]) -> None:
     listen port now (so a drain still counts them) and the steered counters (so the metric
     does not reset). Best effort: an old layout of another shape has nothing usable."""
     try:
-        with _Pinned(desired.pin_dir, "flows") as old:
+        with pinned.Pinned(_pin(desired.pin_dir, "flows")) as old:
             live = dump_sockets([desired.listen_port], 1 << TCP_ESTABLISHED)
             for sock in live:
                 if sock.local_port != desired.listen_port:
@@ -657,38 +628,33 @@ def _carry_over(desired: Desired, fds: dict[str, int]) -> None:
                 key = _flow_key(as_flow(sock.family, sock.local_addr.ljust(16, b"\0"),
                                       sock.local_port, sock.remote_addr.ljust(16, b"\0"),
                                       sock.remote_port))
-                value = bpfsys.map_lookup(old, key, 4)
+                value = kbpf.map_lookup(old, key, 4)
                 if value is not None:
-                    bpfsys.map_update(fds["flows"], key, value)
-        size = 8 * _possible_cpus()
-        with _Pinned(desired.pin_dir, "steered") as old:
+                    kbpf.map_update(fds["flows"], key, value)
+        size = 8 * kbpf.possible_cpus()
+        with pinned.Pinned(_pin(desired.pin_dir, "steered")) as old:
             for index in range(len(desired.ports)):
-                raw = bpfsys.map_lookup(old, _U32.pack(index), size)
+                raw = kbpf.map_lookup(old, _U32.pack(index), size)
                 if raw:
-                    total = sum(v for (v,) in struct.iter_unpack("=Q", raw))
-                    bpfsys.map_update(fds["steered"], _U32.pack(index),
+                    total = pinned.percpu_total(raw)
+                    kbpf.map_update(fds["steered"], _U32.pack(index),
                                       _COOKIE.pack(total).ljust(size, b"\0"))
     except OSError:
         pass
 
 
+def _link_to_netns(prog_fd: int) -> int:
+    """A new BPF link of the program to this network namespace (its fd)."""
+    netns = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return kbpf.link_create_netns(prog_fd, netns)
+    finally:
+        os.close(netns)
+
+
 def _flow_key(flow: Flow) -> bytes:
     return _FLOW_KEY.pack(flow.remote_addr, flow.local_addr,
                           flow.remote_port.to_bytes(2, "big"), flow.family)
-
-
-class _Pinned:
-    """An fd for one of the backend's pinned objects, closed on exit."""
-
-    def __init__(self, pin_dir: str, name: str):
-        self.path = _pin(pin_dir, name)
-
-    def __enter__(self) -> int:
-        self.fd = bpfsys.obj_get(self.path)
-        return self.fd
-
-    def __exit__(self, *exc) -> None:
-        os.close(self.fd)
 
 
 def _compile(bpf_class, source: Path, desired: Desired):
@@ -697,24 +663,12 @@ def _compile(bpf_class, source: Path, desired: Desired):
               f"-DSLOTS={SLOTS}", f"-DFLOW_ENTRIES={desired.flow_entries}", "-w"]
     bpf = bpf_class(text=source.read_text(), cflags=cflags)
     try:
-        bpf.load_func(PROGRAM.encode(), bpfsys.BPF_PROG_TYPE_SK_LOOKUP,
-                      attach_type=bpfsys.BPF_SK_LOOKUP)
+        bpf.load_func(PROGRAM.encode(), kbpf.BPF_PROG_TYPE_SK_LOOKUP,
+                      attach_type=kbpf.BPF_SK_LOOKUP)
     except Exception:
         bpf.cleanup()
         raise
     return bpf
-
-
-def _one_line(error: Exception) -> str:
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 class _Owners(dict):
@@ -761,7 +715,7 @@ def _take(sock: SocketInfo, owners: list[tuple[int, int]]) -> int:
     error: OSError | None = None
     for pid, number in owners:
         try:
-            fd = bpfsys.take_fd(pid, number)
+            fd = pidfd.take_fd(pid, number)
         except OSError as e:
             error = e
             continue

@@ -1,12 +1,14 @@
-"""The rewriting eBPF backends: `tc` (clsact ingress + egress) and `xdp` (XDP ingress, clsact
-egress). Both run bpf/steer.c, compiled with bcc; see its header for the packet semantics.
+"""What the rewriting eBPF backends share: `tc` (tc.py: clsact ingress + egress) and `xdp`
+(xdp.py: XDP ingress, clsact egress). Both run bpf/steer.c, compiled with bcc; see its header
+for the packet semantics. The pinned layout's common parts (owner stamp, staged pins, the
+`active` writer, the probe, step types) are pinned.py's.
 
 Kernel layout, per backend, under `<bpf_pin_dir>/<backend>/` (tc/ or xdp/):
 
     flows    LRU hash: (client addr, local addr, client port) -> (target port, SYN seq),
              set at the first SYN
     active   array[1]: the port new connections go to, 0 for off. Created mmapable: a switch is
-             one 4-byte store into zddd's mapping of it (bpfsys.ActiveSlot).
+             one 4-byte store into zddd's mapping of it (pinned.ActiveWriter).
     counts   per-CPU hash: target port -> new flows steered; 65536/65537 -> entries added/deleted
     stamp    array[1]: magic, LAYOUT_VERSION, listen port, target ports, digest of the build
     ingress  the ingress program (tc classifier or XDP), pinned
@@ -20,28 +22,30 @@ What callers may rely on:
 - `probe` compiles a private build (no pins, nothing attached) and raises BackendUnavailable
   with one line saying what is missing (bcc, kernel headers, the C source) before touching the
   kernel. `compile_seconds` holds how long that compile took.
-- `read` adopts what is pinned and attached: it needs no compile, and a fresh instance reports
-  the layout intact without a flip when the stamp, the maps, the programs and the attachments
-  all match `desired`. `problems` names every difference.
-- `plan` repairs from what `read` found: maps whose layout still fits are kept (an upgrade or
-  repair keeps every established flow), programs are rebuilt when the source, ports or anything
-  else in the stamp differ, and only missing or wrong attachments are redone. A pin removed by
-  hand is re-pinned from the map the attached programs still use.
+- `read` first checks the pin dir (pinned.check_pin_dir: another live namespace's, or on a
+  bpffs that would die with zddd, is BackendUnavailable), then adopts what is pinned and
+  attached: it needs no compile, and a fresh instance reports the layout intact without a flip
+  when the stamp, the maps, the programs and the attachments all match `desired`. `problems`
+  names every difference. The interfaces (`interfaces = None`: every one that is up) are
+  resolved at every read.
+- `plan` works from what `read` found alone: maps whose layout still fits are kept (an upgrade
+  or repair keeps every established flow), a flow map of another size is rebuilt with the flows
+  copied over, programs are rebuilt when the source, ports or anything else in the stamp
+  differ, and only missing or wrong attachments are redone. A pin removed by hand is re-pinned
+  from the map the attached programs still use. Where `read` found nothing, the plan builds
+  everything and attaches to the interfaces as they are when it is carried out.
 - `apply` never leaves two programs of zddd's on one hook: filters are replaced in place, XDP
   programs swapped atomically. ApplyError(changed=True) when a layout step had begun.
-- `flows_steered` and `flow_table` only read maps, from any thread. `flow_table` counts
-  entries added minus deleted by the programs (no walk of the map), capped at capacity.
+- `flows_steered` and `flow_table` read the counters through the handle the last read opened.
+  `flow_table` counts entries added minus deleted by the programs (no walk of the map), capped
+  at capacity.
 - `leftover` and `remove` need no bcc and no compile. `remove` detaches this backend's
   programs from every interface and deletes its pin directory; clsact qdiscs stay (others'
-  filters may share them), and so does a bpffs that zddd mounted.
+  filters may share them).
 - `interfaces = None` means every interface that is up and carries Ethernet framing (lo and
   Ethernet-like links; tunnels without a link layer are skipped). A configured interface that
-  does not exist makes `plan` a single failing step (ApplyError, changed=False): nothing is
+  does not exist makes the plan's first step fail (ApplyError, changed=False): nothing is
   built or flipped until it exists.
-- The pin dir is made on a bpffs: a directory inside a mounted one, else bpffs is mounted on
-  /sys/fs/bpf (for paths under it) or on the pin dir. A mount belongs to the mount namespace
-  zddd runs in: `ip netns exec` and systemd's sandboxing give private ones, where a mount made
-  by zddd vanishes when it exits (the programs keep running; a restart re-pins their maps).
 - Capabilities: CAP_BPF + CAP_NET_ADMIN to load and attach, CAP_SYS_ADMIN to mount bpffs and to
   re-pin maps by id (BPF_MAP_GET_FD_BY_ID) after a pin was removed by hand.
 - `pinned_active_port(pin_dir, backend)` reads the steering from the pins alone (for labs).
@@ -55,13 +59,13 @@ import os
 import secrets
 import shutil
 import struct
-import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import ApplyError, Backend, BackendUnavailable, Desired, KernelState, Plan
-from . import bpfsys
+from ..kernel import bpf as kbpf
+from ..kernel import bpffs, rtnetlink
+from . import ApplyError, Backend, Desired, KernelState, Plan, pinned
+from .pinned import Claim, Flip, Step
 
 log = logging.getLogger("zddd.bpf")
 
@@ -76,18 +80,18 @@ PARENT = {"ingress": 0xFFFFFFF2, "egress": 0xFFFFFFF3}
 XDP_FLAGS_SKB_MODE, XDP_FLAGS_DRV_MODE = 2, 4
 ARPHRD_ETHER, ARPHRD_LOOPBACK = 1, 772
 IFF_UP = 1
-MODULES_DIR = Path("/lib/modules")  # bcc compiles against <this>/<release>/build
 
 FLOW_KEY_SIZE, FLOW_VALUE_SIZE = 36, 8
 STAMP_FORMAT = "=4I8IQ"
 STAMP_SIZE = struct.calcsize(STAMP_FORMAT)
+ZERO = b"\0\0\0\0"
 
 # name -> (map type, key size, value size, max entries or None for desired.flow_entries)
 MAPS = {
-    "flows": (bpfsys.BPF_MAP_TYPE_LRU_HASH, FLOW_KEY_SIZE, FLOW_VALUE_SIZE, None),
-    "active": (bpfsys.BPF_MAP_TYPE_ARRAY, 4, 4, 1),
-    "counts": (bpfsys.BPF_MAP_TYPE_PERCPU_HASH, 4, 8, 64),
-    "stamp": (bpfsys.BPF_MAP_TYPE_ARRAY, 4, STAMP_SIZE, 1),
+    "flows": (kbpf.BPF_MAP_TYPE_LRU_HASH, FLOW_KEY_SIZE, FLOW_VALUE_SIZE, None),
+    "active": (kbpf.BPF_MAP_TYPE_ARRAY, 4, 4, 1),
+    "counts": (kbpf.BPF_MAP_TYPE_PERCPU_HASH, 4, 8, 64),
+    "stamp": (kbpf.BPF_MAP_TYPE_ARRAY, 4, STAMP_SIZE, 1),
 }
 # Maps each pinned program must be using (checked against the pins by id).
 PROG_MAPS = {"ingress": ("flows", "active", "counts"), "egress": ("flows",)}
@@ -107,7 +111,7 @@ def _valid_pin_dir(path: str) -> str:
 
 
 @dataclass(frozen=True)
-class Build:
+class Flavour:
     """Everything a build of steer.c depends on besides the source."""
 
     listen_port: int
@@ -115,7 +119,7 @@ class Build:
     flow_entries: int
 
     @classmethod
-    def of(cls, desired: Desired) -> "Build":
+    def of(cls, desired: Desired) -> "Flavour":
         return cls(desired.listen_port, tuple(sorted({p for _, p in desired.ports})),
                    desired.flow_entries)
 
@@ -138,6 +142,80 @@ class Build:
                            len(self.ports), *ports, self.digest(source))
 
 
+# ---- the plan's steps -------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Missing(Step):
+    """Configured interfaces that do not exist: fails, before anything is built."""
+
+    names: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class RequireInterfaces(Step):
+    """Fail (changed=False) unless every configured interface exists now."""
+
+    names: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Repin(Step):
+    """Pin again, by id, a map whose pin was removed while programs still use it."""
+
+    directory: str
+    name: str
+    map_id: int
+
+
+@dataclass(frozen=True)
+class Build(Step):
+    """Compile and load with the maps pinned in `pin_dir`/<backend>, keeping the maps in
+    `keep`, copying the entries of the maps in `carry` (same layout, another size) into their
+    new maps. `targets` (name, port) say what the counters it opens mean."""
+
+    pin_dir: str
+    flavour: Flavour
+    targets: tuple[tuple[str, int], ...]
+    keep: tuple[str, ...] = ()
+    carry: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Clsact(Step):
+    ifname: str
+    index: int
+
+
+@dataclass(frozen=True)
+class Attach(Step):
+    """Attach the pinned program for `hook` on an interface (tc filter or XDP in `mode`)."""
+
+    directory: str
+    ifname: str
+    index: int
+    hook: str
+    mode: int
+
+
+@dataclass(frozen=True)
+class AttachEverywhere(Step):
+    """Where `read` found nothing: clsact and every hook on the interfaces as they are now
+    (`interfaces` None: every one up with Ethernet framing)."""
+
+    directory: str
+    interfaces: tuple[str, ...] | None
+    xdp_mode: str
+
+
+@dataclass(frozen=True)
+class Detach(Step):
+    ifname: str
+    mode: int
+    hook: str
+
+
+# ---- what read found --------------------------------------------------------------------------
+
 @dataclass
 class Found:
     """What `read` saw, for `plan`: pinned objects by name (id, ok?), what the attached
@@ -147,8 +225,10 @@ class Found:
     pins: dict[str, int] = field(default_factory=dict)  # pin name -> object id
     bad_pins: set[str] = field(default_factory=set)  # present but unfit (type, size, stamp)
     keepable: set[str] = field(default_factory=set)  # maps a rebuild may keep
+    carriable: set[str] = field(default_factory=set)  # maps of another size, entries copyable
     orphans: dict[str, int] = field(default_factory=dict)  # unpinned map in use -> map id
     rebuild: bool = False
+    unclaimed: bool = False  # pins there, but no owner stamp (pinned by an older zddd)
     interfaces: dict[str, int] = field(default_factory=dict)  # desired ifname -> index
     attached: dict[str, dict[str, tuple[int, int]]] = field(default_factory=dict)
     clsact: set[str] = field(default_factory=set)
@@ -156,8 +236,23 @@ class Found:
     missing_interfaces: tuple[str, ...] = ()
 
 
-class BpfBackend(Backend):
-    """Shared by `tc` and `xdp`; the subclasses say which program goes on ingress."""
+@dataclass
+class _Counters:
+    """The open `counts` map and what its keys mean, from the last read."""
+
+    handle: kbpf.MapHandle
+    map_id: int
+    ports: tuple[tuple[str, int], ...]
+    capacity: int
+
+    def totals(self) -> dict[int, int]:
+        keys = {p for _, p in self.ports} | {COUNT_ADDED, COUNT_DELETED}
+        return {key: pinned.percpu_total(self.handle.lookup(struct.pack("=I", key)))
+                for key in keys}
+
+
+class RewriteBackend(Backend):
+    """A rewriting backend; tc.py and xdp.py say which program goes on ingress."""
 
     name = "bpf"
     ingress_function = ""
@@ -165,48 +260,20 @@ class BpfBackend(Backend):
     ingress_hook = ""  # "ingress" (tc) or "xdp"
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
         self._ipr = None
-        self._active: bpfsys.MapHandle | None = None
-        self._active_id = 0
-        # (the open `active` map it writes, it): a rebuilt map is a new handle, and a mapping of
-        # the old map (which the mapping keeps alive) must never be written again.
-        self._flipper: tuple[bpfsys.MapHandle, bpfsys.ActiveSlot] | None = None
+        self._active = pinned.ActiveWriter()
+        self._counters: _Counters | None = None
         self._known_prog_ids: set[int] = set()  # programs this instance saw pinned as its own
-        self._desired: Desired | None = None
         self.compile_seconds: float | None = None
         self._source: bytes | None = None
 
     # ---- probe ------------------------------------------------------------------------------
 
     def probe(self) -> None:
-        unavailable = '; or use backend = "nftables"'
-        try:
-            import bcc  # noqa: F401
-        except ImportError:
-            raise BackendUnavailable(
-                f"the {self.name} backend needs bcc: apt-get install python3-bpfcc"
-                f"{unavailable}") from None
-        release = os.uname().release
-        if not (MODULES_DIR / release / "build" / "include").is_dir():
-            raise BackendUnavailable(
-                f"no kernel headers for {release} (bcc compiles zddd's BPF programs against "
-                f"them): apt-get install linux-headers-{release}{unavailable}")
-        source = source_path()
-        if not source.exists():
-            raise BackendUnavailable(f"zddd's BPF source is missing ({source}): reinstall zddd"
-                                     f"{unavailable}")
-        # A private build: maps unpinned, programs loaded but attached nowhere, all freed on
-        # return. It proves compiler, headers and verifier before zddd changes anything.
-        started = time.monotonic()
-        try:
-            bpf = self._compile(Build(8888, (80, 8080), 1024), None)
-            bpf.cleanup()
-        except Exception as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise BackendUnavailable(f"bcc cannot build zddd's BPF programs ({first})"
-                                     f"{unavailable}") from None
-        self.compile_seconds = time.monotonic() - started
+        def compile_test() -> None:
+            self._compile(Flavour(8888, (80, 8080), 1024), None).cleanup()
+
+        self.compile_seconds = pinned.probe(self.name, source_path(), compile_test)
         log.info("event=bpf_compiled seconds=%.2f", self.compile_seconds)
 
     def _source_text(self) -> bytes:
@@ -214,10 +281,10 @@ class BpfBackend(Backend):
             self._source = source_path().read_bytes()
         return self._source
 
-    def _compile(self, build: Build, pin_dir: str | None):
+    def _compile(self, flavour: Flavour, pin_dir: str | None):
         from bcc import BPF
 
-        bpf = BPF(text=self._source_text().decode(), cflags=build.cflags(pin_dir))
+        bpf = BPF(text=self._source_text().decode(), cflags=flavour.cflags(pin_dir))
         programs = {"ingress": bpf.load_func(self.ingress_function,
                                              getattr(BPF, self.ingress_program_type)),
                     "egress": bpf.load_func("zddd_egress", BPF.SCHED_CLS)}
@@ -233,26 +300,30 @@ class BpfBackend(Backend):
             self._ipr = IPRoute()
         return self._ipr
 
-    def _links(self) -> list[tuple[str, int, int, int, tuple[int, int]]]:
+    @staticmethod
+    def _links() -> list[tuple[str, int, int, int, tuple[int, int]]]:
         """(name, index, flags, type, (XDP program id, mode)) of every link in this network
         namespace, from one netlink dump."""
         return [(link.name, link.index, link.flags, link.type, _xdp_of(link))
-                for link in bpfsys.links()]
+                for link in rtnetlink.links()]
 
-    def _clsact_indexes(self) -> set[int]:
+    @staticmethod
+    def _clsact_indexes() -> set[int]:
         """Interfaces with a clsact qdisc, from one dump (only they can hold our filters)."""
-        return {index for index, kind in bpfsys.qdisc_kinds() if kind == "clsact"}
+        return {index for index, kind in rtnetlink.qdisc_kinds() if kind == "clsact"}
 
-    def _resolve(self, desired: Desired, links) -> tuple[dict[str, int], tuple[str, ...]]:
+    @staticmethod
+    def _resolve(interfaces: tuple[str, ...] | None,
+                 links) -> tuple[dict[str, int], tuple[str, ...]]:
         by_name = {name: (index, flags, kind) for name, index, flags, kind, _ in links}
-        if desired.interfaces is None:
+        if interfaces is None:
             # Every interface up that carries Ethernet framing (what steer.c parses): lo and
             # Ethernet-like links; tunnels without a link layer are left alone.
             chosen = {n: i for n, (i, flags, kind) in by_name.items()
                       if flags & IFF_UP and kind in (ARPHRD_ETHER, ARPHRD_LOOPBACK)}
             return chosen, ()
         chosen, missing = {}, []
-        for name in desired.interfaces:
+        for name in interfaces:
             if name in by_name:
                 chosen[name] = by_name[name][0]
             else:
@@ -264,7 +335,7 @@ class BpfBackend(Backend):
         priority and handle, with our name (someone else's filter there is not ours)."""
         found = {}
         for hook, parent in PARENT.items():
-            for prio, handle, name, prog_id in bpfsys.bpf_filters(index, parent):
+            for prio, handle, name, prog_id in rtnetlink.bpf_filters(index, parent):
                 if (prio, handle, name) == (TC_PRIORITY[self.name], TC_HANDLE,
                                             self._filter_name(hook)):
                     found[hook] = prog_id
@@ -273,15 +344,17 @@ class BpfBackend(Backend):
     def _filter_name(self, hook: str) -> str:
         return f"zddd-{self.name}-{hook}"
 
-    def _xdp(self, index: int) -> tuple[int, int]:
+    @staticmethod
+    def _xdp(index: int) -> tuple[int, int]:
         """(program id, mode flag) of the XDP program on the interface, (0, 0) if none."""
-        for link in bpfsys.links():
+        for link in rtnetlink.links():
             if link.index == index:
                 return _xdp_of(link)
         return 0, 0
 
-    def _xdp_mode(self, desired: Desired, ifname: str) -> int:
-        if ifname == "lo" or desired.xdp_mode == "generic":
+    @staticmethod
+    def _xdp_mode(xdp_mode: str, ifname: str) -> int:
+        if ifname == "lo" or xdp_mode == "generic":
             return XDP_FLAGS_SKB_MODE
         return XDP_FLAGS_DRV_MODE
 
@@ -291,7 +364,7 @@ class BpfBackend(Backend):
         return os.path.join(_valid_pin_dir(desired.pin_dir), self.name)
 
     def read(self, desired: Desired) -> KernelState | None:
-        self._desired = desired
+        pinned.check_pin_dir(desired.pin_dir)
         try:
             return self._read(desired)
         except ApplyError:
@@ -302,17 +375,23 @@ class BpfBackend(Backend):
     def _read(self, desired: Desired) -> KernelState | None:
         found = Found(self._directory(desired))
         problems: list[str] = []
-        build = Build.of(desired)
+        flavour = Flavour.of(desired)
         fds: dict[str, int] = {}
         try:
-            self._read_pins(found, build, fds, problems)
+            self._read_pins(found, flavour, fds, problems)
             active_port = self._read_active(found, fds)
+            self._open_counters(found, fds, desired)
             self._read_attachments(found, desired, problems)
         finally:
             for fd in fds.values():
                 os.close(fd)
         if not found.pins and not any(found.attached.values()):
             return None
+        if found.pins:
+            unclaimed = pinned.unclaimed_problem(desired.pin_dir)
+            if unclaimed:
+                found.unclaimed = True
+                problems.append(unclaimed)
         by_port = {port: name for name, port in desired.ports}
         active = by_port.get(active_port)
         if active_port and active is None:
@@ -320,17 +399,18 @@ class BpfBackend(Backend):
         return KernelState(active=active, intact=not problems, found=found,
                            problems=tuple(problems))
 
-    def _read_pins(self, found: Found, build: Build, fds: dict[str, int], problems: list[str]):
+    def _read_pins(self, found: Found, flavour: Flavour, fds: dict[str, int],
+                   problems: list[str]) -> None:
         directory = found.directory
         infos: dict[str, object] = {}
         for name in (*MAPS, "ingress", "egress"):
             try:
-                fd = bpfsys.obj_get(os.path.join(directory, name))
+                fd = kbpf.obj_get(os.path.join(directory, name))
             except OSError:
                 continue
             fds[name] = fd
             try:
-                info = bpfsys.map_info(fd) if name in MAPS else bpfsys.prog_info(fd)
+                info = kbpf.map_info(fd) if name in MAPS else kbpf.prog_info(fd)
             except OSError:
                 info = None
             infos[name] = info
@@ -341,22 +421,28 @@ class BpfBackend(Backend):
             if name not in found.pins:
                 problems.append(f"pin {name} missing")
                 continue
-            want_entries = build.flow_entries if entries is None else entries
-            if not isinstance(info, bpfsys.MapInfo) or (
+            want_entries = flavour.flow_entries if entries is None else entries
+            if not isinstance(info, kbpf.MapInfo) or (
                     info.type, info.key_size, info.value_size, info.max_entries) != (
                     kind, key, value, want_entries):
                 found.bad_pins.add(name)
                 problems.append(f"map {name} has another layout")
+                if isinstance(info, kbpf.MapInfo) and (info.type, info.key_size,
+                                                       info.value_size) == (kind, key, value):
+                    found.carriable.add(name)
         stamp = self._read_stamp(fds, found)
         stamp_version = stamp[1] if stamp else None
         if stamp is None or stamp[0] != STAMP_MAGIC:
             problems.append("stamp missing")
         elif stamp_version != LAYOUT_VERSION:
             problems.append(f"layout version {stamp_version}, this zddd builds {LAYOUT_VERSION}")
-        elif stamp[-1] != build.digest(self._source_text()):
+        elif stamp[-1] != flavour.digest(self._source_text()):
             problems.append("programs built from another source or configuration")
-        # Keep a map through a rebuild when its layout fits and no other layout version
-        # wrote it (a stamp of another version means the flows' key layout may differ).
+        # Keep a map through a rebuild (or copy its entries) when its layout fits and no other
+        # layout version wrote it (a stamp of another version means the flows' key layout may
+        # differ).
+        if stamp_version not in (None, LAYOUT_VERSION):
+            found.carriable.clear()
         for name in MAPS:
             if name in found.pins and name not in found.bad_pins and name != "stamp" and (
                     stamp_version in (None, LAYOUT_VERSION)):
@@ -367,7 +453,7 @@ class BpfBackend(Backend):
             if hook not in found.pins:
                 problems.append(f"pin {hook} missing")
                 continue
-            if not isinstance(info, bpfsys.ProgInfo) or info.type != self._prog_type(hook):
+            if not isinstance(info, kbpf.ProgInfo) or info.type != self._prog_type(hook):
                 found.bad_pins.add(hook)
                 problems.append(f"pin {hook} is not a {self.name} {hook} program")
                 continue
@@ -379,31 +465,50 @@ class BpfBackend(Backend):
 
     def _prog_type(self, hook: str) -> int:
         if hook == "ingress" and self.ingress_hook == "xdp":
-            return bpfsys.BPF_PROG_TYPE_XDP
-        return bpfsys.BPF_PROG_TYPE_SCHED_CLS
+            return kbpf.BPF_PROG_TYPE_XDP
+        return kbpf.BPF_PROG_TYPE_SCHED_CLS
 
-    def _read_stamp(self, fds, found: Found):
+    @staticmethod
+    def _read_stamp(fds: dict[str, int], found: Found):
         if "stamp" not in fds or "stamp" in found.bad_pins:
             return None
-        handle = bpfsys.MapHandle(fds["stamp"], 4, STAMP_SIZE)
-        raw = handle.lookup(b"\0\0\0\0")
+        raw = kbpf.map_lookup(fds["stamp"], ZERO, STAMP_SIZE)
         return struct.unpack(STAMP_FORMAT, raw) if raw else None
 
-    def _read_active(self, found: Found, fds) -> int:
-        """The active port, and keep the active map open for the flip."""
+    def _read_active(self, found: Found, fds: dict[str, int]) -> int:
+        """The active port; the writer keeps this map open (and mapped) for the flip."""
         if "active" not in fds or "active" in found.bad_pins:
             return 0
-        with self._lock:
-            if self._active is None or self._active_id != found.pins["active"]:
-                self._close_active()
-                self._active = bpfsys.MapHandle(os.dup(fds["active"]), 4, 4)
-                self._active_id = found.pins["active"]
-            raw = self._active.lookup(b"\0\0\0\0")
+        self._active.adopt(fds["active"])
+        raw = kbpf.map_lookup(fds["active"], ZERO, 4)
         return struct.unpack("=I", raw)[0] if raw else 0
+
+    def _open_counters(self, found: Found, fds: dict[str, int], desired: Desired) -> None:
+        """Keep the counts map open for the metrics, with what its keys mean now."""
+        if "counts" not in fds or "counts" in found.bad_pins:
+            return
+        capacity = desired.flow_entries
+        if "flows" in fds:
+            capacity = kbpf.map_info(fds["flows"]).max_entries
+        self._keep_counters(fds["counts"], found.pins["counts"], desired.ports, capacity)
+
+    def _keep_counters(self, fd: int, map_id: int, ports: tuple[tuple[str, int], ...],
+                       capacity: int) -> None:
+        if self._counters is not None and self._counters.map_id == map_id:
+            self._counters.ports, self._counters.capacity = ports, capacity
+            return
+        self._close_counters()
+        handle = kbpf.MapHandle(os.dup(fd), 4, 8, percpu=True)
+        self._counters = _Counters(handle, map_id, ports, capacity)
+
+    def _close_counters(self) -> None:
+        if self._counters is not None:
+            self._counters.handle.close()
+            self._counters = None
 
     def _read_attachments(self, found: Found, desired: Desired, problems: list[str]) -> None:
         links = self._links()
-        found.interfaces, found.missing_interfaces = self._resolve(desired, links)
+        found.interfaces, found.missing_interfaces = self._resolve(desired.interfaces, links)
         for name in found.missing_interfaces:
             problems.append(f"interface {name} missing")
         want = {hook: found.pins.get(hook) for hook in ("ingress", "egress")}
@@ -438,7 +543,7 @@ class BpfBackend(Backend):
                     problems.append(f"{hook} program missing on {ifname}")
                 elif got[0] != want[pin]:
                     problems.append(f"{hook} program on {ifname} is not the pinned one")
-                elif hook == "xdp" and got[1] != self._xdp_mode(desired, ifname):
+                elif hook == "xdp" and got[1] != self._xdp_mode(desired.xdp_mode, ifname):
                     problems.append(f"xdp program on {ifname} in the wrong mode")
                 if hook == "xdp" and ifname in found.foreign_xdp:
                     problems.append(f"another XDP program is attached on {ifname}")
@@ -454,33 +559,34 @@ class BpfBackend(Backend):
         if prog_id in self._known_prog_ids:
             return True
         try:
-            fd = bpfsys.prog_fd_by_id(prog_id)
+            fd = kbpf.prog_fd_by_id(prog_id)
         except OSError:
             return False
         try:
-            return bpfsys.prog_info(fd).name == self.ingress_function[:15]
+            return kbpf.prog_info(fd).name == self.ingress_function[:15]
         finally:
             os.close(fd)
 
-    def _find_orphans(self, found: Found, prog_id: int) -> None:
+    @staticmethod
+    def _find_orphans(found: Found, prog_id: int) -> None:
         missing = [m for m in MAPS if m not in found.pins and m != "stamp"]
         if not missing:
             return
         try:
-            fd = bpfsys.prog_fd_by_id(prog_id)
+            fd = kbpf.prog_fd_by_id(prog_id)
             try:
-                map_ids = bpfsys.prog_info(fd).map_ids
+                map_ids = kbpf.prog_info(fd).map_ids
             finally:
                 os.close(fd)
         except OSError:
             return
         for map_id in map_ids:
             try:
-                fd = bpfsys.map_fd_by_id(map_id)
+                fd = kbpf.map_fd_by_id(map_id)
             except OSError:
                 continue
             try:
-                info = bpfsys.map_info(fd)
+                info = kbpf.map_info(fd)
             finally:
                 os.close(fd)
             if info.name in missing and info.name not in found.orphans:
@@ -489,109 +595,89 @@ class BpfBackend(Backend):
     # ---- plan -------------------------------------------------------------------------------
 
     def plan(self, current: KernelState | None, desired: Desired) -> Plan:
-        self._desired = desired
+        pin_dir = _valid_pin_dir(desired.pin_dir)
+        directory = os.path.join(pin_dir, self.name)
         port = desired.port_of(desired.active) if desired.active is not None else 0
-        flip = ("flip", port)
+        flip = Flip(os.path.join(directory, "active"), port)
         if current is not None and current.intact:
             return Plan((), None if current.active == desired.active else flip)
-        found = current.found if current is not None else Found(self._directory(desired))
-        interfaces = found.interfaces or self._resolve(desired, self._links())[0]
-        if desired.interfaces is not None:
-            missing = [n for n in desired.interfaces if n not in interfaces]
-            if missing:
-                # Nothing to attach to: fail before building anything.
-                return Plan((("missing", tuple(missing)),), flip)
-        steps: list[tuple] = []
+        if current is None:
+            # Nothing of zddd's: build it all, attach where the interfaces are then.
+            first = () if desired.interfaces is None else (RequireInterfaces(desired.interfaces),)
+            return Plan((*first, Build(pin_dir, Flavour.of(desired), desired.ports),
+                         AttachEverywhere(directory, desired.interfaces, desired.xdp_mode)),
+                        flip)
+        found: Found = current.found
+        if found.missing_interfaces:
+            # Nothing to attach to: fail before building anything.
+            return Plan((Missing(found.missing_interfaces),), flip)
+        steps: list[Step] = []
         for name, map_id in sorted(found.orphans.items()):
-            steps.append(("repin", found.directory, name, map_id))
-        rebuild = current is None or found.rebuild
-        if rebuild:
+            steps.append(Repin(found.directory, name, map_id))
+        if found.unclaimed and not found.rebuild:
+            steps.append(Claim(pin_dir))
+        if found.rebuild:
             keep = tuple(sorted(found.keepable | set(found.orphans)))
-            build = Build.of(desired)
-            steps.append(("build", _valid_pin_dir(desired.pin_dir), build.listen_port,
-                          build.ports, build.flow_entries, keep))
+            carry = tuple(sorted(found.carriable - set(keep)))
+            steps.append(Build(pin_dir, Flavour.of(desired), desired.ports, keep, carry))
         want = {"ingress": found.pins.get("ingress"), "egress": found.pins.get("egress")}
-        for ifname, index in sorted(interfaces.items()):
+        for ifname, index in sorted(found.interfaces.items()):
             attached = found.attached.get(ifname, {})
             if ifname not in found.clsact:
-                steps.append(("clsact", ifname, index))
+                steps.append(Clsact(ifname, index))
             for hook in ("egress", self.ingress_hook):
                 pin = "egress" if hook == "egress" else "ingress"
                 got = attached.get(hook)
-                mode = self._xdp_mode(desired, ifname) if hook == "xdp" else 0
-                if rebuild or got is None or got[0] != want[pin] or got[1] != mode:
-                    steps.append(("attach", found.directory, ifname, index, hook, mode))
+                mode = self._xdp_mode(desired.xdp_mode, ifname) if hook == "xdp" else 0
+                if found.rebuild or got is None or got[0] != want[pin] or got[1] != mode:
+                    steps.append(Attach(found.directory, ifname, index, hook, mode))
         for ifname, hooks in sorted(found.attached.items()):
             for hook in sorted(hooks):
-                if ifname not in interfaces or hook not in ("egress", self.ingress_hook):
-                    steps.append(("detach", ifname, hooks[hook][1], hook))
+                if ifname not in found.interfaces or hook not in ("egress", self.ingress_hook):
+                    steps.append(Detach(ifname, hooks[hook][1], hook))
         return Plan(tuple(steps), flip)
 
     # ---- apply ------------------------------------------------------------------------------
 
     def apply(self, plan: Plan) -> None:
-        done = 0
-        for step in plan.layout:
-            try:
-                getattr(self, f"_step_{step[0]}")(*step[1:])
-            except ApplyError as e:
-                raise ApplyError(str(e), changed=done > 0 or e.changed) from None
-            except Exception as e:
-                raise ApplyError(f"{step[0]} {_describe(step)}: {e}", changed=True) from None
-            done += 1
-        if plan.flip is not None:
-            try:
-                self._flip(plan.flip[1])
-            except OSError as e:
-                raise ApplyError(f"flip: {e}", changed=done > 0) from None
+        pinned.carry_out(plan, {
+            Missing: self._missing, RequireInterfaces: self._require_interfaces,
+            Repin: self._repin, Claim: self._claim, Build: self._build, Clsact: self._clsact,
+            Attach: self._attach, AttachEverywhere: self._attach_everywhere,
+            Detach: self._detach_step}, self._flip)
 
-    def _flip(self, port: int) -> None:
-        with self._lock:
-            handle = self._active
-            if handle is None:
-                handle = self._open_active()
-            if self._flipper is None or self._flipper[0] is not handle:
-                # Mapped (or the syscall's arguments built) once per open map: a flip is then
-                # one store.
-                if self._flipper is not None:
-                    self._flipper[1].close()
-                self._flipper = (handle, bpfsys.ActiveSlot(handle.fd))
-            self._flipper[1].write(port)
+    def _flip(self, flip: Flip) -> None:
+        self._active.write(flip.path, flip.value)
 
-    def _close_active(self) -> None:
-        """Forget the open `active` map and its mapping (under the lock)."""
-        if self._flipper is not None:
-            self._flipper[1].close()
-            self._flipper = None
-        if self._active is not None:
-            self._active.close()
-            self._active = None
+    @staticmethod
+    def _missing(step: Missing) -> None:
+        raise ApplyError(f"configured interfaces not found: {', '.join(step.names)}",
+                         changed=False)
 
-    def _open_active(self) -> bpfsys.MapHandle:
-        desired = self._desired
-        assert desired is not None, "read or plan before apply"
-        fd = bpfsys.obj_get(os.path.join(self._directory(desired), "active"))
-        self._active = bpfsys.MapHandle(fd, 4, 4)
-        self._active_id = bpfsys.map_info(fd).id
-        return self._active
+    def _require_interfaces(self, step: RequireInterfaces) -> None:
+        _, missing = self._resolve(step.names, self._links())
+        if missing:
+            self._missing(Missing(missing))
 
-    def _step_missing(self, names: tuple[str, ...]) -> None:
-        raise ApplyError(f"configured interfaces not found: {', '.join(names)}", changed=False)
+    @staticmethod
+    def _claim(step: Claim) -> None:
+        pinned.claim(step.pin_dir)
 
-    def _step_repin(self, directory: str, name: str, map_id: int) -> None:
-        bpfsys.ensure_bpffs_dir(directory)  # the whole directory may have gone
-        fd = bpfsys.map_fd_by_id(map_id)
+    @staticmethod
+    def _repin(step: Repin) -> None:
+        bpffs.ensure_bpffs_dir(step.directory)  # the whole directory may have gone
+        fd = kbpf.map_fd_by_id(step.map_id)
         try:
-            bpfsys.obj_pin(fd, os.path.join(directory, name))
+            kbpf.obj_pin(fd, os.path.join(step.directory, step.name))
         finally:
             os.close(fd)
 
-    def _step_build(self, pin_dir: str, listen_port: int, ports: tuple[int, ...],
-                    flow_entries: int, keep: tuple[str, ...]) -> None:
+    def _build(self, step: Build) -> None:
         """Compile and load with the maps pinned; reuse the maps in `keep`. A first build
         happens in a temporary directory renamed into place when complete; a rebuild pins its
         programs under temporary names and renames them over the old pins."""
-        bpfsys.ensure_bpffs_dir(pin_dir)
+        pin_dir = step.pin_dir
+        pinned.claim(pin_dir)
         final = os.path.join(pin_dir, self.name)
         for stale in Path(pin_dir).glob(f"{self.name}-build-*"):
             shutil.rmtree(stale, ignore_errors=True)
@@ -599,59 +685,77 @@ class BpfBackend(Backend):
         work = os.path.join(pin_dir, f"{self.name}-build-{secrets.token_hex(4)}") if fresh \
             else final
         os.makedirs(work, exist_ok=True)
-        for name in MAPS:
-            if name not in keep and os.path.exists(os.path.join(work, name)):
-                os.unlink(os.path.join(work, name))
-        build = Build(listen_port, ports, flow_entries)
-        bpf = self._compile(build, work)
+        carried: dict[str, int] = {}
         try:
-            for hook, function in bpf.zddd_programs.items():
-                temporary = os.path.join(work, f"{hook}-new")
-                if os.path.exists(temporary):
-                    os.unlink(temporary)
-                bpfsys.obj_pin(function.fd, temporary)
-                os.rename(temporary, os.path.join(work, hook))
-            counts = bpf["counts"]
-            for key in (*ports, COUNT_ADDED, COUNT_DELETED):
-                if counts.get(counts.Key(key)) is None:
-                    zero = counts.Leaf(*([0] * bpfsys.possible_cpus()))
-                    counts[counts.Key(key)] = zero
-            stamp_fd = bpf["stamp"].get_fd()
-            bpfsys.MapHandle(stamp_fd, 4, STAMP_SIZE).update(
-                b"\0\0\0\0", build.stamp(self._source_text()))
+            for name in MAPS:
+                path = os.path.join(work, name)
+                if name in step.keep or not os.path.exists(path):
+                    continue
+                if name in step.carry:
+                    carried[name] = kbpf.obj_get(path)
+                os.unlink(path)
+            bpf = self._compile(step.flavour, work)
+            try:
+                for name, old_fd in carried.items():
+                    key, value = MAPS[name][1:3]
+                    count = pinned.copy_entries(old_fd, bpf[name].get_fd(), key, value)
+                    log.info("event=flows_carried_over map=%s entries=%d", name, count)
+                for hook, function in bpf.zddd_programs.items():
+                    os.rename(*pinned.stage(function.fd, os.path.join(work, hook)))
+                counts = bpf["counts"]
+                for key in (*step.flavour.ports, COUNT_ADDED, COUNT_DELETED):
+                    if counts.get(counts.Key(key)) is None:
+                        counts[counts.Key(key)] = counts.Leaf(*([0] * kbpf.possible_cpus()))
+                kbpf.map_update(bpf["stamp"].get_fd(), ZERO,
+                                step.flavour.stamp(self._source_text()))
+            finally:
+                bpf.cleanup()
         finally:
-            bpf.cleanup()
+            for fd in carried.values():
+                os.close(fd)
         if fresh:
             os.rename(work, final)
-        with self._lock:
-            self._close_active()
+        self._active.forget()  # a new `active` map, maybe: the next flip opens the pinned one
+        with pinned.Pinned(os.path.join(final, "counts")) as fd:  # for the metrics from now
+            self._keep_counters(fd, kbpf.map_info(fd).id, step.targets,
+                                step.flavour.flow_entries)
 
-    def _step_clsact(self, ifname: str, index: int) -> None:
+    def _clsact(self, step: Clsact) -> None:
         try:
-            self._netlink().tc("add", "clsact", index)
+            self._netlink().tc("add", "clsact", step.index)
         except Exception as e:
             if getattr(e, "code", None) != 17:  # EEXIST: someone added it meanwhile
                 raise
-        if index not in self._clsact_indexes():
-            raise ApplyError(f"clsact on {ifname} did not stick", changed=True)
+        if step.index not in self._clsact_indexes():
+            raise ApplyError(f"clsact on {step.ifname} did not stick", changed=True)
 
-    def _step_attach(self, directory: str, ifname: str, index: int, hook: str, mode: int):
+    def _attach(self, step: Attach) -> None:
+        hook, index, ifname = step.hook, step.index, step.ifname
         pin = "egress" if hook == "egress" else "ingress"
-        fd = bpfsys.obj_get(os.path.join(directory, pin))
-        try:
-            prog_id = bpfsys.prog_info(fd).id
+        with pinned.Pinned(os.path.join(step.directory, pin)) as fd:
+            prog_id = kbpf.prog_info(fd).id
             if hook == "xdp":
-                self._attach_xdp(ifname, index, fd, mode)
-                ok = self._xdp(index) == (prog_id, mode)
+                self._attach_xdp(ifname, index, fd, step.mode)
+                ok = self._xdp(index) == (prog_id, step.mode)
             else:
                 self._netlink().tc("replace-filter", "bpf", index, handle=TC_HANDLE, fd=fd,
                                    name=self._filter_name(hook), parent=PARENT[hook],
                                    prio=TC_PRIORITY[self.name], classid=1, direct_action=True)
                 ok = self._filter_ids(index).get(hook) == prog_id
-        finally:
-            os.close(fd)
         if not ok:
             raise ApplyError(f"{hook} program on {ifname} did not stick", changed=True)
+
+    def _attach_everywhere(self, step: AttachEverywhere) -> None:
+        interfaces, missing = self._resolve(step.interfaces, self._links())
+        if missing:
+            self._missing(Missing(missing))
+        clsact = self._clsact_indexes()
+        for ifname, index in sorted(interfaces.items()):
+            if index not in clsact:
+                self._clsact(Clsact(ifname, index))
+            for hook in ("egress", self.ingress_hook):
+                mode = self._xdp_mode(step.xdp_mode, ifname) if hook == "xdp" else 0
+                self._attach(Attach(step.directory, ifname, index, hook, mode))
 
     def _attach_xdp(self, ifname: str, index: int, fd: int, mode: int) -> None:
         current, current_mode = self._xdp(index)
@@ -659,19 +763,18 @@ class BpfBackend(Backend):
             raise ApplyError(f"{ifname} has another XDP program (id {current}); zddd does not "
                              "replace it", changed=False)
         if current and current_mode != mode:
-            bpfsys.xdp_set(index, -1, current_mode)
+            rtnetlink.xdp_set(index, -1, current_mode)
         # Replacing our own program in the same mode is one atomic swap in the kernel.
-        bpfsys.xdp_set(index, fd, mode)
+        rtnetlink.xdp_set(index, fd, mode)
 
-    def _step_detach(self, ifname: str, mode: int, hook: str) -> None:
-        index = self._netlink().link_lookup(ifname=ifname)
-        if not index:
-            return
-        self._detach(index[0], hook, mode)
+    def _detach_step(self, step: Detach) -> None:
+        index = self._netlink().link_lookup(ifname=step.ifname)
+        if index:
+            self._detach(index[0], step.hook, step.mode)
 
     def _detach(self, index: int, hook: str, mode: int) -> None:
         if hook == "xdp":
-            bpfsys.xdp_set(index, -1, mode)
+            rtnetlink.xdp_set(index, -1, mode)
         else:
             self._netlink().tc("del-filter", "bpf", index, handle=TC_HANDLE,
                                parent=PARENT[hook], prio=TC_PRIORITY[self.name])
@@ -697,6 +800,7 @@ class BpfBackend(Backend):
 
     def leftover(self, desired: Desired) -> str | None:
         try:
+            pinned.check_pin_dir(desired.pin_dir)  # another namespace's pins are not ours
             directory, pins, attached = self._inventory(desired)
         except Exception:
             return None
@@ -710,6 +814,7 @@ class BpfBackend(Backend):
                 f"{len(pins)} pins in {directory}{steering}")
 
     def remove(self, desired: Desired) -> None:
+        pinned.check_pin_dir(desired.pin_dir)
         directory, _, attached = self._inventory(desired)
         for _, index, hook, mode in attached:
             self._detach(index, hook, mode)
@@ -718,79 +823,35 @@ class BpfBackend(Backend):
         pin_dir = os.path.dirname(directory)
         for stale in Path(pin_dir).glob(f"{self.name}-build-*"):
             shutil.rmtree(stale, ignore_errors=True)
-        with self._lock:
-            self._close_active()
+        pinned.release(pin_dir)
+        self._active.forget()
+        self._close_counters()
 
     # ---- counters ---------------------------------------------------------------------------
 
-    def _counts(self) -> tuple[dict[int, int], int] | None:
-        desired = self._desired
-        if desired is None:
-            return None
-        directory = self._directory(desired)
-        try:
-            fd = bpfsys.obj_get(os.path.join(directory, "counts"))
-        except OSError:
-            return None
-        try:
-            handle = bpfsys.MapHandle(fd, 4, 8, percpu=True)
-            keys = {p for _, p in desired.ports} | {COUNT_ADDED, COUNT_DELETED}
-            totals = {}
-            for key in keys:
-                values = handle.lookup_percpu(struct.pack("=I", key))
-                totals[key] = sum(struct.unpack_from("=Q", v)[0] for v in values or ())
-        finally:
-            os.close(fd)
-        capacity = desired.flow_entries
-        try:
-            fd = bpfsys.obj_get(os.path.join(directory, "flows"))
-            try:
-                capacity = bpfsys.map_info(fd).max_entries
-            finally:
-                os.close(fd)
-        except OSError:
-            pass
-        return totals, capacity
-
     def flows_steered(self) -> dict[str, int]:
-        counted = self._counts()
-        if counted is None or self._desired is None:
+        if self._counters is None:
             return {}
-        totals, _ = counted
-        return {name: totals.get(port, 0) for name, port in self._desired.ports}
+        try:
+            totals = self._counters.totals()
+        except OSError:
+            return {}
+        return {name: totals.get(port, 0) for name, port in self._counters.ports}
 
     def flow_table(self) -> tuple[int, int] | None:
         """(entries in use, capacity). Entries are counted, not walked (a 1M-entry map would
         take seconds): added minus deleted by the programs, capped at capacity. LRU evictions
         are not counted, so once the map has filled this stays at capacity, which is what it
         is then: full, evicting the least recently used."""
-        counted = self._counts()
-        if counted is None:
+        if self._counters is None:
             return None
-        totals, capacity = counted
+        try:
+            totals = self._counters.totals()
+        except OSError:
+            return None
+        capacity = self._counters.capacity
         used = totals.get(COUNT_ADDED, 0) - totals.get(COUNT_DELETED, 0)
         return max(0, min(used, capacity)), capacity
-
-    def close(self) -> None:
-        with self._lock:
-            self._close_active()
-        if self._ipr is not None:
-            self._ipr.close()
-            self._ipr = None
-
-
-class TcBackend(BpfBackend):
-    name = "tc"
-    ingress_function = "zddd_ingress"
-    ingress_hook = "ingress"
-    ingress_program_type = "SCHED_CLS"
-
-
-class XdpBackend(BpfBackend):
-    name = "xdp"
-    ingress_function = "zddd_xdp"
-    ingress_hook = "xdp"
-    ingress_program_type = "XDP"
 
 
 def pinned_active_port(pin_dir: str, backend: str) -> int | None:
@@ -799,23 +860,16 @@ def pinned_active_port(pin_dir: str, backend: str) -> int | None:
     not belong to a network namespace, so a test can read this from outside the namespace
     (given the same bpffs mount). Needs no bcc."""
     try:
-        fd = bpfsys.obj_get(os.path.join(pin_dir, backend, "active"))
+        with pinned.Pinned(os.path.join(pin_dir, backend, "active")) as fd:
+            raw = kbpf.map_lookup(fd, ZERO, 4)
     except OSError:
         return None
-    try:
-        raw = bpfsys.MapHandle(fd, 4, 4).lookup(b"\0\0\0\0")
-    finally:
-        os.close(fd)
     return struct.unpack("=I", raw)[0] if raw else None
 
 
-def _xdp_of(link: bpfsys.Link) -> tuple[int, int]:
+def _xdp_of(link: rtnetlink.Link) -> tuple[int, int]:
     if link.xdp_drv:
         return link.xdp_drv, XDP_FLAGS_DRV_MODE
     if link.xdp_skb:
         return link.xdp_skb, XDP_FLAGS_SKB_MODE
     return link.xdp_any, 0
-
-
-def _describe(step: tuple) -> str:
-    return " ".join(str(part) for part in step[1:] if not isinstance(part, tuple))

@@ -1,8 +1,7 @@
-"""Raw bpf(2), pidfd and bpffs calls the BPF backends make outside bcc, through ctypes.
+"""bpf(2) through ctypes: map elements, pins, object info, ids, and netns links.
 
 What callers may rely on: nothing here needs bcc or a compiler, so reading, flipping and
-removing pinned objects works on machines where programs cannot be compiled (`leftover`,
-`remove`), and a flip is one store into the `active` map (`ActiveSlot`). Every function
+removing pinned objects works on machines where programs cannot be compiled. Every function
 raises OSError with the kernel's errno (so FileNotFoundError for ENOENT; the bpf command's name
 is in the message) when the kernel refuses. File descriptors returned are the caller's to close
 (the kernel opens bpf objects O_CLOEXEC).
@@ -21,20 +20,13 @@ import platform
 import struct
 from dataclasses import dataclass
 
-# rtnetlink (interfaces, qdiscs, tc filters, XDP attach) lives in zddd.kernel.rtnetlink; the
-# backends still find it here.
-from ..kernel.rtnetlink import Link, bpf_filters, links, qdisc_kinds, xdp_set  # noqa: F401
-
 _libc = ctypes.CDLL(None, use_errno=True)
 _syscall = _libc.syscall
 _syscall.restype = ctypes.c_long
 
-# bpf(2) has a number of its own on each architecture; pidfd_open and pidfd_getfd came after
-# the numbering was unified (424 and up), so theirs are the same everywhere.
+# bpf(2) has a number of its own on each architecture.
 _SYS_BPF = {"x86_64": 321, "aarch64": 280, "armv7l": 386, "ppc64le": 361, "s390x": 351,
             "riscv64": 280}.get(platform.machine(), 321)
-_SYS_PIDFD_OPEN = 434
-_SYS_PIDFD_GETFD = 438
 
 BPF_MAP_CREATE = 0
 BPF_MAP_LOOKUP_ELEM = 1
@@ -54,10 +46,9 @@ BPF_LINK_DETACH = 34
 _COMMANDS = {value: name for name, value in globals().items()
              if name.startswith(("BPF_MAP_", "BPF_OBJ_", "BPF_PROG_", "BPF_LINK_"))}
 
-BPF_ANY, BPF_NOEXIST, BPF_EXIST = 0, 1, 2  # map update flags
+BPF_ANY = 0  # map update flag: create or replace
 BPF_F_MMAPABLE = 1 << 10  # map flag: an array that can be mapped into memory (ActiveSlot)
 
-BPF_MAP_TYPE_HASH = 1
 BPF_MAP_TYPE_ARRAY = 2
 BPF_MAP_TYPE_PERCPU_HASH = 5
 BPF_MAP_TYPE_PERCPU_ARRAY = 6
@@ -70,8 +61,6 @@ BPF_PROG_TYPE_SK_LOOKUP = 30
 
 BPF_SK_LOOKUP = 36  # the attach type of sk_lookup programs
 BPF_LINK_TYPE_NETNS = 5
-
-BPF_FS_MAGIC = 0xCAFE4A11
 
 
 def _bpf(cmd: int, attr: bytes | ctypes.Array) -> int:
@@ -90,7 +79,14 @@ def _addr(buf) -> int:
     return ctypes.addressof(buf) if buf is not None else 0
 
 
-# ---- map elements -----------------------------------------------------------------------------
+# ---- maps -------------------------------------------------------------------------------------
+
+def map_create(map_type: int, key_size: int, value_size: int, max_entries: int,
+               flags: int = 0) -> int:
+    """A new map's fd (unpinned: it lives while an fd, a pin or a program holds it)."""
+    return _bpf(BPF_MAP_CREATE, struct.pack("=5I", map_type, key_size, value_size, max_entries,
+                                            flags))
+
 
 def map_update(map_fd: int, key: bytes, value: bytes, flags: int = BPF_ANY) -> None:
     k = ctypes.create_string_buffer(key, len(key))
@@ -170,7 +166,6 @@ class MapHandle:
         self.value = ctypes.create_string_buffer(self.value_size)
         self.next_key = ctypes.create_string_buffer(key_size)
         self._attr = ctypes.create_string_buffer(32)
-        self._slot = slot
 
     def _elem(self, cmd: int, key: bytes, second, flags: int = 0) -> int:
         ctypes.memmove(self.key, key, len(self.key))
@@ -185,22 +180,23 @@ class MapHandle:
             return None
         return self.value.raw
 
-    def lookup_percpu(self, key: bytes) -> list[bytes] | None:
-        raw = self.lookup(key)
-        if raw is None:
-            return None
-        return [raw[i:i + self._slot] for i in range(0, len(raw), self._slot)]
+    def keys(self) -> list[bytes]:
+        """Every key in the map now (a hash map changing meanwhile may skip or repeat some)."""
+        found: list[bytes] = []
+        struct.pack_into("=IIQQ", self._attr, 0, self.fd, 0, 0, _addr(self.next_key))
+        while True:  # the first call has no key: the kernel answers the first one
+            try:
+                _bpf(BPF_MAP_GET_NEXT_KEY, self._attr)
+            except FileNotFoundError:
+                return found
+            found.append(self.next_key.raw)
+            ctypes.memmove(self.key, self.next_key, len(self.key))
+            struct.pack_into("=IIQQ", self._attr, 0, self.fd, 0, _addr(self.key),
+                             _addr(self.next_key))
 
     def update(self, key: bytes, value: bytes, flags: int = BPF_ANY) -> None:
         ctypes.memmove(self.value, value, len(value))
         self._elem(BPF_MAP_UPDATE_ELEM, key, self.value, flags)
-
-    def delete(self, key: bytes) -> bool:
-        try:
-            self._elem(BPF_MAP_DELETE_ELEM, key, None)
-        except FileNotFoundError:
-            return False
-        return True
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -345,70 +341,3 @@ def link_ids() -> list[int]:
             return ids
         current = struct.unpack_from("=I", attr, 4)[0]
         ids.append(current)
-
-
-# ---- bpffs ------------------------------------------------------------------------------------
-
-class _StatFs(ctypes.Structure):
-    _fields_ = [("f_type", ctypes.c_long), ("rest", ctypes.c_byte * 112)]
-
-
-def is_bpffs(path: str) -> bool:
-    buf = _StatFs()
-    if _libc.statfs(os.fsencode(path), ctypes.byref(buf)) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"statfs {path}: {os.strerror(err)}")
-    return (buf.f_type & 0xFFFFFFFF) == BPF_FS_MAGIC
-
-
-def mount_bpffs(path: str) -> None:
-    if _libc.mount(b"bpf", os.fsencode(path), b"bpf", 0, None) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"mount -t bpf bpf {path}: {os.strerror(err)}")
-
-
-def ensure_bpffs_dir(path: str, mode: int = 0o777) -> None:
-    """Make `path` a directory on bpffs (created with `mode` if it is not there). If the
-    filesystem under it is not bpffs, bpffs is mounted at /sys/fs/bpf when `path` lies below it
-    (the conventional place, where every BPF tool looks; never a second time over one already
-    there), else on `path` itself."""
-    existing = path
-    while not os.path.isdir(existing):
-        existing = os.path.dirname(existing.rstrip("/")) or "/"
-    if not is_bpffs(existing):
-        standard = "/sys/fs/bpf"
-        below = (path.rstrip("/") + "/").startswith(standard + "/")
-        mount_at = standard if below else path
-        os.makedirs(mount_at, exist_ok=True)
-        if not is_bpffs(mount_at):
-            mount_bpffs(mount_at)
-    os.makedirs(path, mode=mode, exist_ok=True)
-
-
-# ---- sockets of other processes ---------------------------------------------------------------
-
-def pidfd_open(pid: int) -> int:
-    fd = _syscall(_SYS_PIDFD_OPEN, ctypes.c_int(pid), ctypes.c_uint(0))
-    if fd < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"pidfd_open({pid}): {os.strerror(err)}")
-    return fd
-
-
-def pidfd_getfd(pidfd: int, target_fd: int) -> int:
-    """A duplicate of another process' fd (needs CAP_SYS_PTRACE over it). O_CLOEXEC is set."""
-    fd = _syscall(_SYS_PIDFD_GETFD, ctypes.c_int(pidfd), ctypes.c_int(target_fd),
-                  ctypes.c_uint(0))
-    if fd < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"pidfd_getfd: {os.strerror(err)}")
-    return fd
-
-
-def take_fd(pid: int, target_fd: int) -> int:
-    """pidfd_getfd of process `pid`'s fd `target_fd`, through a pidfd closed again here."""
-    pidfd = pidfd_open(pid)
-    try:
-        return pidfd_getfd(pidfd, target_fd)
-    finally:
-        os.close(pidfd)

@@ -1,0 +1,105 @@
+"""The BPF backends' pin directory, through the real daemon: it belongs to one network namespace
+(a second zddd elsewhere that is given it refuses, exit 78, and the first one's traffic is
+untouched), it must lie on a bpffs that outlives zddd (one zddd would have to mount in a private
+mount namespace is refused), and the flow map's size is a restart key whose restart keeps the
+established flows."""
+
+from __future__ import annotations
+
+import secrets
+import time
+
+import pytest
+from zdddlab import APP_V4, AppLab, KeepAlive, http_get, to_toml
+
+pytestmark = pytest.mark.backends("tc", "xdp", "sk_lookup")
+EXIT_CONFIG = 78
+
+
+def switch(z, target: str) -> None:
+    r = z.zddctl("switch", target)
+    assert r.returncode == 0, r.stderr
+
+
+def refusal(z) -> str:
+    """The one log line of a refused start."""
+    lines = [line for line in z.log().splitlines() if "event=start_refused" in line]
+    assert len(lines) == 1, z.log()
+    return lines[0]
+
+
+def test_a_zddd_in_another_namespace_refuses_a_pin_dir_in_use(lab):
+    z = lab.start_zddd()
+    switch(z, "backup")
+    before = z.data_plane()
+    owner_ino = z._netns_inode()
+    tmp = lab.tmp / "other"
+    tmp.mkdir()
+    other = AppLab(tmp, backend=lab.backend)
+    lab.closers.append(other.close)
+    second = other.start_zddd({"bpf_pin_dir": lab.pin_dir}, wait=False)
+    assert second.proc.wait(timeout=90) == EXIT_CONFIG, second.log()
+    line = refusal(second)
+    assert owner_ino in line and f"ip netns {lab.app.name}" in line, line
+    assert "bpf_pin_dir" in line, line
+    time.sleep(0.6)  # two reconcile rounds of the first: nothing to repair either
+    assert z.data_plane() == before
+    assert "drift_repaired" not in z.log()
+    assert http_get(lab.client, APP_V4, 8888) == "backup"
+    switch(z, "main")
+    assert http_get(lab.client, APP_V4, 8888) == "main"
+
+
+def test_a_pin_dir_that_needs_a_private_bpffs_is_refused(lab):
+    """Under `ip netns exec` /sys is the namespace's own sysfs, without a bpffs: one zddd
+    mounted there would die with it, and the data plane with it."""
+    pin_dir = f"/sys/fs/bpf/zt-{secrets.token_hex(3)}"
+    z = lab.start_zddd({"bpf_pin_dir": pin_dir}, wait=False)
+    assert z.proc.wait(timeout=90) == EXIT_CONFIG, z.log()
+    line = refusal(z)
+    assert "bpf_pin_dir" in line and "mount -t bpf" in line and "own mount namespace" in line
+    assert z.steered_to() is None
+    assert lab.app.run("findmnt", "-n", "-t", "bpf", "/sys/fs/bpf", check=False).stdout == ""
+
+
+def test_on_a_host_bpffs_the_data_plane_survives_kill_9_and_is_adopted(lab):
+    """The lab's pin dir lies on a bpffs mounted on the host in a test directory."""
+    z = lab.start_zddd()
+    switch(z, "backup")
+    held = KeepAlive(lab.client, APP_V4, 8888)
+    try:
+        assert held.get() == "backup"
+        before = z.data_plane()
+        z.kill()
+        assert http_get(lab.client, APP_V4, 8888) == "backup"
+        assert held.get() == "backup"
+        z.start()
+        assert z.data_plane() == before, "adopted without a flip or a rebuild"
+        assert "how=adopted" in z.log()
+        assert held.get() == "backup"
+    finally:
+        held.close()
+
+
+@pytest.mark.backends("tc", "xdp")
+def test_flow_entries_is_a_restart_key_and_a_restart_keeps_the_flows(lab):
+    z = lab.start_zddd({"bpf_flow_entries": 4096})
+    held = KeepAlive(lab.client, APP_V4, 8888)
+    try:
+        assert held.get() == "main"
+        switch(z, "backup")
+        z.write_config(to_toml(dict(z.config, bpf_flow_entries=8192)))
+        r = z.zddctl("reload")
+        assert r.returncode == 1 and "bpf_flow_entries" in r.stderr, r
+        assert "needs a restart" in r.stderr, r
+        assert held.get() == "main"
+        # The restart with the new size: the flows are carried over into the new map.
+        z.kill()
+        z.config["bpf_flow_entries"] = 8192
+        z.write_config()
+        z.start()
+        assert held.get() == "main"
+        assert http_get(lab.client, APP_V4, 8888) == "backup"
+        assert "event=flows_carried_over" in z.log()
+    finally:
+        held.close()
