@@ -15,8 +15,8 @@ Connections that a backend steered without changing their local port (sk_lookup:
 accepts them on the listen port) cannot be told apart by port. For those, a counter made with
 `listen_port` and `attribute` also dumps the established sockets on the listen port and asks
 `attribute` which target each belongs to (a `Flow` per socket, one call per count); sockets it
-answers None for are not counted. `dump_sockets` gives the raw socket list (addresses, cookie,
-inode) for other states, e.g. the listeners on a port.
+answers None for are not counted. `zddd.kernel.sock_diag.dump_sockets` gives the raw socket
+list (addresses, cookie, inode) for other states, e.g. the listeners on a port.
 """
 
 from __future__ import annotations
@@ -25,11 +25,7 @@ import socket
 from typing import AbstractSet, Callable
 
 from .kernel import sock_diag
-from .kernel.sock_diag import (TCP_ESTABLISHED, TCP_LISTEN, Flow, SocketInfo, as_flow,
-                               dump_sockets, port_filter)
-
-__all__ = ["ConnectionCounter", "Flow", "SocketInfo", "TCP_ESTABLISHED", "TCP_LISTEN",
-           "as_flow", "dump_sockets", "port_filter"]
+from .kernel.sock_diag import TCP_ESTABLISHED, Flow, as_flow, port_filter
 
 
 class ConnectionCounter:

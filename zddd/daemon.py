@@ -195,7 +195,7 @@ class Daemon(Observer):
         backend = make_backend(config)
         self.health = HealthMonitor(config, gate=backend.target_problem)
         connections = ConnectionCounter(self.health.probe_ports, listen_port=config.listen_port,
-                                        attribute=backend.attribute_flows)
+                                        attribute=backend.flow_attribution())
         self.core = Steering(config, backend, StateFile(config.state_file), health=self.health,
                              connections=connections)
         self.health.on_change = self.core.health_changed

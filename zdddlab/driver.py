@@ -194,8 +194,8 @@ class Driver:
         return {"steered": self.backend.flows_steered(), "table": list(table) if table else None}
 
     def op_count(self) -> dict:
-        attribute = getattr(self.backend, "attribute_flows", None)
-        counter = ConnectionCounter(listen_port=self.desired.listen_port, attribute=attribute)
+        counter = ConnectionCounter(listen_port=self.desired.listen_port,
+                                    attribute=self.backend.flow_attribution())
         return {"counts": counter.count(dict(self.desired.ports))}
 
     def op_listener(self, target: str) -> dict:

@@ -103,3 +103,43 @@ def test_flow_entries_is_a_restart_key_and_a_restart_keeps_the_flows(lab):
         assert "event=flows_carried_over" in z.log()
     finally:
         held.close()
+
+
+def _bump_layout_version(lab) -> None:
+    """Write the stamp a newer zddd would: the same data plane, a layout version above ours."""
+    import os
+    import struct
+
+    from zddd.backends import rewrite, sk_lookup
+    from zddd.kernel import bpf as kbpf
+
+    if lab.backend == "sk_lookup":
+        path, size, version = f"{lab.pin_dir}/sk_lookup_meta", sk_lookup._META.size, \
+            sk_lookup.LAYOUT_VERSION
+    else:
+        path, size, version = f"{lab.pin_dir}/{lab.backend}/stamp", rewrite.STAMP_SIZE, \
+            rewrite.LAYOUT_VERSION
+    fd = kbpf.obj_get(path)
+    try:
+        stamp = bytearray(kbpf.map_lookup(fd, b"\0\0\0\0", size))
+        assert struct.unpack_from("=I", stamp, 4)[0] == version
+        struct.pack_into("=I", stamp, 4, version + 1)
+        kbpf.map_update(fd, b"\0\0\0\0", bytes(stamp))
+    finally:
+        os.close(fd)
+
+
+def test_a_data_plane_of_a_newer_layout_is_refused_and_left_alone(lab):
+    """A downgrade: the older zddd must neither rebuild the newer data plane (its flows would
+    break) nor loop on restarts. Exit 78, one line naming the way out, traffic unchanged."""
+    z = lab.start_zddd()
+    switch(z, "backup")
+    z.kill()
+    _bump_layout_version(lab)
+    before = z.data_plane()
+    z.start(wait=False)
+    assert z.proc.wait(timeout=90) == EXIT_CONFIG, z.log()
+    line = refusal(z)
+    assert "written by a newer zddd" in line and "--remove-data-plane" in line, line
+    assert z.data_plane() == before
+    assert http_get(lab.client, APP_V4, 8888) == "backup"

@@ -100,7 +100,8 @@ def test_nfnetlink_reads_a_tables_flags_and_sees_a_missing_table(ns):
 
 SOCK_DIAG = r"""
 import json, socket
-from zddd.connections import ConnectionCounter, dump_sockets, TCP_LISTEN
+from zddd.connections import ConnectionCounter
+from zddd.kernel.sock_diag import TCP_LISTEN, dump_sockets
 
 main = socket.create_server(("127.0.0.1", 8080))
 backup = socket.create_server(("::", 80), family=socket.AF_INET6, dualstack_ipv6=True)

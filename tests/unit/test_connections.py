@@ -7,7 +7,8 @@ import socket
 
 import pytest
 
-from zddd.connections import ConnectionCounter, port_filter
+from zddd.connections import ConnectionCounter
+from zddd.kernel.sock_diag import port_filter
 
 
 @pytest.fixture

@@ -62,7 +62,7 @@ def test_many_reuseport_listeners_leave_room_for_every_address():
     import socket
 
     from zddd.backends.sk_lookup import SLOTS, _usable
-    from zddd.connections import SocketInfo
+    from zddd.kernel.sock_diag import SocketInfo
 
     def listener(family, cookie):
         size = 4 if family == socket.AF_INET else 16

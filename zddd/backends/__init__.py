@@ -29,9 +29,12 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from ..config import Config
+
+if TYPE_CHECKING:
+    from ..kernel.sock_diag import Flow
 
 
 class BackendUnavailable(Exception):
@@ -53,8 +56,14 @@ class NewerLayout(ApplyError):
     it (mistaking it for damage would rebuild it and break its flows), and no restart of this
     zddd helps: the message names the way out."""
 
-    WAY_OUT = ("install the newer zddd again, or drain this host with it (zddctl switch off "
-               "--wait-drained), stop it and run `zddd --remove-data-plane`")
+    @classmethod
+    def check(cls, what: str, version: int, ours: int) -> None:
+        """Raise if `what` has a layout `version` newer than this zddd's `ours`."""
+        if version > ours:
+            raise cls(f"{what} has layout v{version}, written by a newer zddd; this one writes "
+                      f"v{ours} and leaves it alone: install the newer zddd again, or drain "
+                      "this host with it (zddctl switch off --wait-drained), stop it and run "
+                      "`zddd --remove-data-plane`")
 
 
 @dataclass(frozen=True)
@@ -151,9 +160,11 @@ class Backend(ABC):
         it can. The health gate counts such a target as down."""
         return None
 
-    # Backends whose steered connections keep the listen port as their local port (sk_lookup)
-    # say which target each belongs to: (flows) -> [target or None], for connection counts.
-    attribute_flows = None
+    def flow_attribution(self) -> Callable[[list[Flow]], list[str | None]] | None:
+        """For backends whose steered connections keep the listen port as their local port
+        (sk_lookup): a function saying which target each such connection belongs to (a target
+        name or None), for connection counts. None: connections are counted by port alone."""
+        return None
 
     def flows_steered(self) -> dict[str, int]:
         """New connections steered so far, by target name, where the backend can count them

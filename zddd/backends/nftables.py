@@ -247,11 +247,8 @@ class NftablesBackend(Backend):
         found, rules, elements = self._parse(listing)
         for kind, name in found:
             version = name[len(_LAYOUT_PREFIX):]
-            if kind == "counter" and name.startswith(_LAYOUT_PREFIX) and version.isdigit() \
-                    and int(version) > LAYOUT_VERSION:
-                raise NewerLayout(f"table {FAMILY} {TABLE} has layout v{version}, written by a "
-                                  f"newer zddd; this one writes v{LAYOUT_VERSION} and leaves it "
-                                  f"alone: {NewerLayout.WAY_OUT}")
+            if kind == "counter" and name.startswith(_LAYOUT_PREFIX) and version.isdigit():
+                NewerLayout.check(f"table {FAMILY} {TABLE}", int(version), LAYOUT_VERSION)
         expected = _layout(desired)
         problems = []
         for item in listing:

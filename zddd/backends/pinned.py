@@ -24,6 +24,7 @@ import struct
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import astuple, dataclass
+from typing import Any
 from pathlib import Path
 
 from ..kernel import bpf as kbpf
@@ -125,7 +126,7 @@ class Flip(Step):
     value: int
 
 
-def carry_out(plan: Plan, handlers: Mapping[type, Callable[[Step], None]],
+def carry_out(plan: Plan, handlers: Mapping[type, Callable[[Any], None]],
               flip: Callable[[Flip], None]) -> None:
     """The layout steps in order, each by the handler for its type, then the flip. ApplyError
     with `changed` False only when nothing took effect: the first step refused before it began

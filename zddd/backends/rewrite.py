@@ -64,7 +64,7 @@ from pathlib import Path
 
 from ..kernel import bpf as kbpf
 from ..kernel import bpffs, rtnetlink
-from . import ApplyError, Backend, Desired, KernelState, Plan, pinned
+from . import ApplyError, Backend, Desired, KernelState, NewerLayout, Plan, pinned
 from .pinned import Claim, Flip, Step
 
 log = logging.getLogger("zddd.bpf")
@@ -402,7 +402,7 @@ class RewriteBackend(Backend):
     def _read_pins(self, found: Found, flavour: Flavour, fds: dict[str, int],
                    problems: list[str]) -> None:
         directory = found.directory
-        infos: dict[str, object] = {}
+        infos: dict[str, kbpf.MapInfo | kbpf.ProgInfo | None] = {}
         for name in (*MAPS, "ingress", "egress"):
             try:
                 fd = kbpf.obj_get(os.path.join(directory, name))
@@ -435,6 +435,8 @@ class RewriteBackend(Backend):
         if stamp is None or stamp[0] != STAMP_MAGIC:
             problems.append("stamp missing")
         elif stamp_version != LAYOUT_VERSION:
+            NewerLayout.check(f"the {self.name} data plane in {found.directory}",
+                              stamp[1], LAYOUT_VERSION)
             problems.append(f"layout version {stamp_version}, this zddd builds {LAYOUT_VERSION}")
         elif stamp[-1] != flavour.digest(self._source_text()):
             problems.append("programs built from another source or configuration")

@@ -30,7 +30,7 @@ zddd cannot take are reported by `listener_problem` and do not make the layout "
 Public beyond the Backend interface:
 - `listener_problem(target) -> str | None`, `listener_missing(target) -> bool`: whether new
   connections for `target` have a socket to go to, as of the last `read` (for health).
-- `attribute_flows(flows) -> list[str | None]`: the target each established connection on the
+- `flow_attribution()(flows) -> list[str | None]`: the target each established connection on the
   listen port was assigned to, for `ConnectionCounter(attribute=...)`. Limits: a connection is
   known only while its entry is in the LRU flow map (`bpf_flow_entries`; under churn the
   oldest are evicted) and only if this program assigned it; others answer None.
@@ -43,14 +43,16 @@ import logging
 import os
 import socket
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..connections import (TCP_ESTABLISHED, TCP_LISTEN, Flow, SocketInfo, as_flow,
-                           dump_sockets)
+from ..kernel.sock_diag import (TCP_ESTABLISHED, TCP_LISTEN, Flow, SocketInfo, as_flow,
+                                dump_sockets)
 from ..kernel import bpf as kbpf
 from ..kernel import pidfd
-from . import ApplyError, Backend, BackendUnavailable, Desired, KernelState, Plan, pinned
+from . import (ApplyError, Backend, BackendUnavailable, Desired, KernelState, NewerLayout,
+               Plan, pinned)
 from .pinned import Claim, Flip, Step
 
 log = logging.getLogger("zddd")
@@ -263,6 +265,8 @@ class SkLookupBackend(Backend):
             if stamp is None or stamp[0] != LAYOUT_MAGIC:
                 found.layout_problems.append("layout stamp missing")
             elif stamp[1] != LAYOUT_VERSION:
+                NewerLayout.check(f"the sk_lookup data plane in {desired.pin_dir}", stamp[1],
+                                  LAYOUT_VERSION)
                 found.layout_problems.append(
                     f"layout version {stamp[1]} (this zddd builds {LAYOUT_VERSION})")
             else:
@@ -583,7 +587,10 @@ class SkLookupBackend(Backend):
         recorded = sum(self.flows_steered().values())
         return min(recorded, self._counters.capacity), self._counters.capacity
 
-    def attribute_flows(self, flows: list[Flow]) -> list[str | None]:
+    def flow_attribution(self) -> Callable[[list[Flow]], list[str | None]]:
+        return self._attribute_flows
+
+    def _attribute_flows(self, flows: list[Flow]) -> list[str | None]:
         if self._counters is None or not flows:
             return [None] * len(flows)
         names = self._counters.names

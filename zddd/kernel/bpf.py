@@ -331,7 +331,8 @@ def link_detach(link_fd: int) -> None:
 
 def link_ids() -> list[int]:
     """The ids of every BPF link on the machine (all namespaces)."""
-    ids, current = [], 0
+    ids: list[int] = []
+    current = 0
     attr = ctypes.create_string_buffer(8)  # start_id in, next_id out
     while True:
         struct.pack_into("=II", attr, 0, current, 0)
