@@ -317,11 +317,13 @@ class Cluster:
     url: str = f"http://{LB_CLIENT_ADDR}/"
 
 
-def cluster(lab: Lab, usage: str = "traffic-port", zddd_config: dict | None = None) -> Cluster:
+def cluster(lab: Lab, usage: str = "traffic-port", zddd_config: dict | None = None,
+            own_port: int | None = None) -> Cluster:
     """A client, a load balancer running HAProxy with the shipped config for `usage`, and two
     app servers, each with nginx serving "<host> main" on 8080 and "<host> backup" on 80, its
-    own dbus-daemon (zddd owns one bus name per bus) and zddd. Returns once HAProxy has every
-    server UP."""
+    own dbus-daemon (zddd owns one bus name per bus) and zddd. With `own_port`, nginx serves
+    main there too and it is zddd's main target (the README's fix for mixed traffic). Returns
+    once HAProxy has every server UP."""
     lb = lab.netns("lb")
     client = lab.netns("client")
     lab.bridge(lb, f"{LB_APP_ADDR}/24")
@@ -332,9 +334,13 @@ def cluster(lab: Lab, usage: str = "traffic-port", zddd_config: dict | None = No
         ns = lab.netns(name)
         lab.link(lb, name, ns, "eth0", cidr_b=f"{addr}/24", master_a="br0")
         bus = lab.dbus_daemon(f"{name}-bus")
-        nginx = lab.nginx(f"{name}-nginx", ns, {8080: f"{name} main", 80: f"{name} backup"})
-        apps[name] = AppServer(name, ns, addr, lab.zddd(f"{name}-zddd", ns, bus, zddd_config),
-                               nginx)
+        vhosts = {8080: f"{name} main", 80: f"{name} backup"}
+        config = zddd_config
+        if own_port is not None:
+            vhosts[own_port] = f"{name} main"
+            config = {**(zddd_config or {}), "targets": {"main": {"port": own_port}}}
+        nginx = lab.nginx(f"{name}-nginx", ns, vhosts)
+        apps[name] = AppServer(name, ns, addr, lab.zddd(f"{name}-zddd", ns, bus, config), nginx)
     haproxy = lab.haproxy("haproxy", lb, HAPROXY_CONFIGS[usage].read_text())
     # "UP 1/2" is HAProxy's initial state before the first check: wait for checks to pass.
     wait_for(lambda: set(haproxy.servers().values()) == {"UP"}, 15,

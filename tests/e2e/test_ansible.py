@@ -685,7 +685,7 @@ def test_an_unreachable_host_stops_the_roll_before_it_starts(fleet, request):
     usage = request.node.callspec.params["fleet"]
     release(app_root(lab, "app1"), "main", "r7", "main r7")
     marks = zddd_logs(c)
-    zdddlab.stop(sshd(lab, "app2"))
+    sshd(lab, "app2").stop()
     try:
         # No ssh connection kept open from an earlier run: a new one meets the stopped sshd.
         result = playbook(lab, c, usage, "-e", "zddd_release=r7",
@@ -718,7 +718,7 @@ def test_a_host_unreachable_at_its_turn_stops_the_roll_there(fleet, request):
     try:
         zdddlab.wait_for(lambda: roll.poll() is not None or switches_since(c, marks)["app1"],
                          90, "app1's turn")
-        zdddlab.stop(sshd(lab, "app2"))
+        sshd(lab, "app2").stop()
         out, _ = roll.communicate(timeout=150)
     finally:
         if roll.poll() is None:

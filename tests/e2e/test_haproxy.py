@@ -26,37 +26,12 @@ pytestmark = pytest.mark.e2e
 OWN_PORT = 8081
 
 
-def own_port_cluster(lab: zdddlab.Lab, usage: str) -> zdddlab.Cluster:
-    """zdddlab.cluster's topology with the own-port fix applied: nginx answers "<host> main" on
-    8080 and OWN_PORT, and zddd's main target is OWN_PORT."""
-    lb = lab.netns("lb")
-    client = lab.netns("client")
-    lab.bridge(lb, f"{zdddlab.LB_APP_ADDR}/24")
-    lab.link(lb, "client", client, "eth0", cidr_a=f"{zdddlab.LB_CLIENT_ADDR}/24",
-             cidr_b=f"{zdddlab.CLIENT_ADDR}/24")
-    apps = {}
-    for name, addr in zdddlab.APP_ADDRS.items():
-        ns = lab.netns(name)
-        lab.link(lb, name, ns, "eth0", cidr_b=f"{addr}/24", master_a="br0")
-        bus = lab.dbus_daemon(f"{name}-bus")
-        main = f"{name} main"
-        nginx = lab.nginx(f"{name}-nginx", ns, {8080: main, OWN_PORT: main, 80: f"{name} backup"})
-        config = {"targets": {"main": {"port": OWN_PORT}}}
-        apps[name] = zdddlab.AppServer(name, ns, addr, lab.zddd(f"{name}-zddd", ns, bus, config),
-                                       nginx)
-    haproxy = lab.haproxy("haproxy", lb, zdddlab.HAPROXY_CONFIGS[usage].read_text())
-    zdddlab.wait_for(lambda: set(haproxy.servers().values()) == {"UP"}, 15,
-                     "HAProxy to see every server UP")
-    return zdddlab.Cluster(lb, client, apps, haproxy)
-
-
 def start_cluster(usage: str):
     lab = zdddlab.Lab(prefix="e2e")
     try:
-        if usage == "health-port":
-            cluster = own_port_cluster(lab, usage)
-        else:
-            cluster = zdddlab.cluster(lab, usage)
+        # The health-port usage with the own-port fix, as examples/haproxy/health-port.cfg says.
+        cluster = zdddlab.cluster(lab, usage,
+                                  own_port=OWN_PORT if usage == "health-port" else None)
     except BaseException:
         lab.close()
         raise
