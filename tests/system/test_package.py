@@ -272,7 +272,18 @@ def test_reload_fails_visibly_on_a_broken_config_and_succeeds_on_a_good_one(mach
     assert r.returncode != 0, "systemctl reload succeeded with a broken config"
     assert m.sh("systemctl is-active zddd").out == "active"
     log = m.sh("journalctl -u zddd --no-pager -o cat -n 20").stdout
-    assert "listen_port" in log and "InvalidConfig" in log, log
+    # Caught by ExecReload's zddd --check-config, before the running zddd was asked.
+    assert "zddd: invalid config: listen_port" in log, log
+    assert "event=reload" not in log, log
+    assert through_8888(m) == "main v1"
+    # What only the running zddd can judge is refused by it: a key that needs a restart.
+    m.write("/etc/zddd/zddd.toml", good + "
+listen_port = 8887
+")
+    r = m.sh("systemctl reload zddd")
+    assert r.returncode != 0, "systemctl reload succeeded with a restart-only change"
+    log = m.sh("journalctl -u zddd --no-pager -o cat -n 20").stdout
+    assert "InvalidConfig" in log and "needs a restart" in log, log
     assert through_8888(m) == "main v1"
 
     m.write("/etc/zddd/zddd.toml", good + "\ndrain_timeout = 7\n")
