@@ -14,8 +14,9 @@ roll to r2, the same roll again (nothing changes), a changed build named r2 (ref
 r9 (nothing changes), a roll to r3 that fails on app2, a roll to r4 that fails on app1, a roll to
 r5 with a second roll started meanwhile (refused by the lock), r5 again pruning old releases, a
 roll to r6 whose rollback fails too, r7 with app2 unreachable from the start, r8 with app2
-unreachable at its turn (the health-port usage runs only r2, its re-run and r3). A second lab, of
-eight app servers, rolls r2.
+unreachable at its turn, r8 again with a new zddd config (--check, then installed and reloaded,
+then the same again), r10 with a config zddd --check-config refuses (the health-port usage runs
+only r2, its re-run and r3). A second lab, of eight app servers, rolls r2.
 """
 
 from __future__ import annotations
@@ -737,6 +738,101 @@ def test_a_host_unreachable_at_its_turn_stops_the_roll_there(fleet, request):
     assert c.apps["app1"].zddd.status()["active_target"] == "main"
     assert current(app_root(lab, "app2")) == "releases/r5"
     assert switches_since(c, marks)["app2"] == []
+    assert not (lab.tmp / "rolling-deploy.lock").exists()
+
+
+# ---- zddd's config, installed by the preflight ----------------------------------------------
+
+def zddd_config_var(lab: zdddlab.Lab, c: zdddlab.Cluster, text: str) -> str:
+    """-e zddd_config=TEXT as JSON (the text has newlines), with app1's own paths in it (its
+    state file) made a template for each host."""
+    here = str(c.apps["app1"].zddd.config_path.parent)
+    assert here in text, text
+    templated = text.replace(here, "{{ lab_root }}/{{ inventory_hostname }}-zddd")
+    return json.dumps({"zddd_config": templated})
+
+
+def reloads_since(c: zdddlab.Cluster, marks: dict[str, int]) -> dict[str, int]:
+    """How many reloads each host's zddd made since `marks` (zddd_logs)."""
+    return {host: len(re.findall(r"\bevent=reload(?:\s|$)", app.zddd.log()[marks[host]:],
+                                 re.M))
+            for host, app in c.apps.items()}
+
+
+@pytest.mark.parametrize("fleet", ["traffic-port"], indirect=True)
+def test_zddd_config_is_installed_checked_and_reloaded_where_it_changed(fleet, request):
+    """zddd_config with [health] interval 0.2 -> 0.5: --check reports it and changes nothing;
+    the roll installs it on every host and reloads each zddd once; the same text again reloads
+    none."""
+    lab, c = fleet
+    usage = request.node.callspec.params["fleet"]
+    for host in HOSTS:
+        release(app_root(lab, host), "main", "r8", "main r8")
+    old = c.apps["app1"].zddd.config_path.read_text()
+    assert "interval = 0.2\n" in old, old
+    new = old.replace("interval = 0.2\n", "interval = 0.5\n")
+    config = zddd_config_var(lab, c, new)
+    before = {host: app.zddd.config_path.read_text() for host, app in c.apps.items()}
+
+    marks = zddd_logs(c)
+    result = playbook(lab, c, usage, "-e", "zddd_release=r8", "-e", config, "--check")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr
+    task = re.search(r"TASK \[.*Install zddd's config, checked .*\n((?:.+\n)+)",
+                     result.stdout)
+    assert task and sorted(task[1].split()) == ["[app1]", "[app2]", "changed:", "changed:"], \
+        result.stdout[-3000:]
+    assert {host: app.zddd.config_path.read_text() for host, app in c.apps.items()} == before
+    assert reloads_since(c, marks) == {host: 0 for host in HOSTS}
+
+    marks = zddd_logs(c)
+    result = playbook(lab, c, usage, "-e", "zddd_release=r8", "-e", config)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr
+    for host, app in c.apps.items():
+        text = app.zddd.config_path.read_text()
+        assert "interval = 0.5\n" in text and str(app.zddd.state_path) in text, text
+        assert app.zddd.status()["active_target"] == "main"
+        assert current(app_root(lab, host)) == "releases/r8"
+    # Each zddd took the new file: one reload, logged by zddd itself.
+    assert reloads_since(c, marks) == {host: 1 for host in HOSTS}, \
+        [app.zddd.log()[-1500:] for app in c.apps.values()]
+
+    marks = zddd_logs(c)
+    result = playbook(lab, c, usage, "-e", "zddd_release=r8", "-e", config)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr
+    assert reloads_since(c, marks) == {host: 0 for host in HOSTS}
+    assert switches_since(c, marks) == {host: [] for host in HOSTS}
+    counts = recap(result.stdout)
+    assert all(counts[host]["changed"] == 0 for host in HOSTS), counts
+
+
+@pytest.mark.parametrize("fleet", ["traffic-port"], indirect=True)
+def test_a_zddd_config_that_fails_check_config_stops_the_roll_before_any_switch(fleet, request):
+    """listen_port = 70000: zddd --check-config refuses it on app1 (and app2); the roll stops at
+    the preflight with app1's name and the key, the old file stays, nothing is switched or
+    reloaded, the lock is released."""
+    lab, c = fleet
+    usage = request.node.callspec.params["fleet"]
+    for host in HOSTS:
+        release(app_root(lab, host), "main", "r10", "main r10")
+    old = c.apps["app1"].zddd.config_path.read_text()
+    config = zddd_config_var(lab, c, "listen_port = 70000\n" + old)
+    before = {host: app.zddd.config_path.read_text() for host, app in c.apps.items()}
+    currents = {host: current(app_root(lab, host)) for host in HOSTS}
+    marks = zddd_logs(c)
+
+    result = playbook(lab, c, usage, "-e", "zddd_release=r10", "-e", config)
+
+    out = result.stdout + result.stderr
+    assert result.returncode != 0, out[-3000:]
+    msg = last_failure(out, "app1")
+    assert msg.startswith("app1: the new zddd config at "), msg
+    assert "refused by zddd --check-config (zddd: invalid config: listen_port: port 70000" \
+        in msg and msg.endswith("the old file is in place; no host was switched"), msg
+    assert "PLAY [Rolling deploy" not in out, out[-3000:]
+    assert {host: app.zddd.config_path.read_text() for host, app in c.apps.items()} == before
+    assert {host: current(app_root(lab, host)) for host in HOSTS} == currents
+    assert switches_since(c, marks) == {host: [] for host in HOSTS}
+    assert reloads_since(c, marks) == {host: 0 for host in HOSTS}
     assert not (lab.tmp / "rolling-deploy.lock").exists()
 
 

@@ -138,6 +138,36 @@ def test_every_variable_is_in_the_argument_specs_with_its_default_and_the_readme
     assert specs["unlock"]["options"]["zddd_lock_path"]["default"] == defaults["zddd_lock_path"]
 
 
+def tasks_named(tasks: list, pattern: str) -> list[dict]:
+    """The tasks, blocks and rescues included, whose name matches `pattern`."""
+    found = []
+    for task in tasks:
+        if re.search(pattern, task.get("name", "")):
+            found.append(task)
+        for key in ("block", "rescue", "always"):
+            found += tasks_named(task.get(key, []), pattern)
+    return found
+
+
+def test_zddd_config_is_validated_by_zddd_check_config_before_it_replaces_the_file():
+    """The preflight's copy of zddd_config runs zddd --check-config on the new text (validate:,
+    so the old file stays when it fails), with the role's zddd command; zddd is reloaded only
+    when the file changed, with the role's bus; the lab's path is the lab's zddd config."""
+    preflight = role_yaml("tasks/preflight.yml")
+    [install] = tasks_named(preflight, r"^Install zddd's config, checked")
+    copy = install["ansible.builtin.copy"]
+    assert copy["content"] == "{{ zddd_config }}" and copy["dest"] == "{{ zddd_config_path }}"
+    assert copy["validate"] == "{{ zddd_daemon }} --check-config --config %s"
+    [reload] = tasks_named(preflight, r"^Reload zddd")
+    assert reload["ansible.builtin.command"]["argv"] == "{{ __zddd_zddctl_argv + ['reload'] }}"
+    assert reload["when"] == f"{install['register']} is changed"
+    [outer] = tasks_named(preflight, r"^Install zddd's config and reload")
+    assert outer["when"] == "zddd_config | length > 0"
+    assert role_yaml("defaults/main.yml")["zddd_config"] == ""
+    lab = (ANSIBLE / "lab.ini").read_text()
+    assert "zddd_config_path={{ lab_root }}/{{ inventory_hostname }}-zddd/zddd.toml" in lab
+
+
 # ---- the roll's lock on the controller ---------------------------------------------------
 
 LOCK = ROLE / "files" / "rolling_deploy_lock.py"
