@@ -24,6 +24,7 @@ RESTART_KEYS = ("backend", "listen_port", "bpf_pin_dir", "bpf_flow_entries")
 # the one definition of the 24 h limit, far below what asyncio's timers and the µs properties
 # (uint64) can hold. Messages about it are made from it.
 MAX_SECONDS = 24 * 3600
+MAX_HOST = 260  # the longest health.host: a 253-character DNS name and ":65535"
 # Linux' IFNAMSIZ is 16 bytes with the terminating NUL.
 MAX_IFNAME_BYTES = 15
 
@@ -187,6 +188,8 @@ def _probe_host(value: Any, key: str) -> str:
     _expect(value, str, key, "a host name for the HTTP Host header")
     if not value or not all(c.isascii() and c.isprintable() and not c.isspace() for c in value):
         raise ConfigError(key, f"{value!r} is not a valid Host header value")
+    if len(value) > MAX_HOST:  # a DNS name (253) and a port; longer only makes the app answer 400
+        raise ConfigError(key, f"is {len(value)} characters long; at most {MAX_HOST}")
     return value
 
 

@@ -112,6 +112,7 @@ BAD = {
     "fall-huge": ({"health": {"fall": 10**6}}, "health.fall"),
     "host-empty": ({"health": {"host": ""}}, "health.host"),
     "host-newline": ({"health": {"host": "a\r\nX-Evil: 1"}}, "health.host"),
+    "host-too-long": ({"health": {"host": "a" * 261}}, "health.host"),
     "address-name": ({"health": {"address": "localhost"}}, "health.address"),
     "address-cidr": ({"health": {"address": "10.0.0.0/8"}}, "health.address"),
     "target-rise-bool": ({"targets": {"main": {"health_rise": True}}},
