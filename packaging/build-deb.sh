@@ -6,8 +6,8 @@
 # (make deb).
 #
 # ZDDD_DEB_VERSION=V builds the tree as version V (zddd/__init__.py and a changelog entry are
-# rewritten in the build copy, not in the tree): the upgrade test builds 0.1.0+test1 and
-# 0.1.0+test2 of one tree this way.
+# rewritten in the build copy, not in the tree): the upgrade test builds <version>+test1 and
+# <version>+test2 of one tree this way.
 set -eu
 # Debian's tools and Debian's python3 only: a python3 earlier on PATH (pyenv, a venv) lacks
 # the Debian modules pybuild uses.

@@ -1,3 +1,3 @@
 """zddd — the zero-downtime deployment daemon."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
