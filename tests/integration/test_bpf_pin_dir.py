@@ -143,3 +143,28 @@ def test_a_data_plane_of_a_newer_layout_is_refused_and_left_alone(lab):
     assert "written by a newer zddd" in line and "--remove-data-plane" in line, line
     assert z.data_plane() == before
     assert http_get(lab.client, APP_V4, 8888) == "backup"
+
+
+def test_a_stamp_whose_inode_now_names_another_namespace_is_taken_over(lab):
+    """A namespace's inode is reused once it is gone: a stamp of a gone namespace may name, by
+    inode, a live one that never ran zddd. The stamp's cookie tells them apart: this zddd takes
+    the pin dir over instead of refusing it (seen in CI, where test namespaces come and go)."""
+    import os
+
+    from zddd.backends import pinned
+    from zddd.kernel import bpf as kbpf
+
+    reuser = lab.netns("reuser")
+    inode = os.stat(f"/run/netns/{reuser.name}").st_ino
+    os.makedirs(lab.pin_dir, exist_ok=True)
+    fd = kbpf.map_create(kbpf.BPF_MAP_TYPE_ARRAY, 4, pinned._OWNER.size, 1)
+    try:
+        kbpf.map_update(fd, b"\0\0\0\0", pinned._OWNER.pack(
+            pinned.OWNER_MAGIC, pinned.OWNER_VERSION, inode, 0xDEAD))  # not reuser's cookie
+        kbpf.obj_pin(fd, f"{lab.pin_dir}/{pinned.OWNER_PIN}")
+    finally:
+        os.close(fd)
+    z = lab.start_zddd()
+    switch(z, "backup")
+    assert http_get(lab.client, APP_V4, 8888) == "backup"
+    assert "start_refused" not in z.log()

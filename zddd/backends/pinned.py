@@ -19,8 +19,11 @@ backend keeps beyond the kernel's word is handles (fds, a mapping), never a judg
 
 from __future__ import annotations
 
+import ctypes
 import os
+import socket
 import struct
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import astuple, dataclass
@@ -33,14 +36,52 @@ from . import ApplyError, BackendUnavailable, Plan
 
 OWNER_PIN = "netns"
 OWNER_MAGIC = 0x7A64646E  # "zddn"
-OWNER_VERSION = 1
-_OWNER = struct.Struct("=IIQ")  # magic, version, network namespace inode
+OWNER_VERSION = 2
+# magic, version, the network namespace's inode, and (v2) its cookie: an inode names a
+# namespace only while it lives (a new namespace may get the inode of one that is gone); the
+# cookie is never reused. A v1 stamp (no cookie) is read as cookie 0, "not known".
+_OWNER = struct.Struct("=IIQQ")
+_OWNER_V1 = struct.Struct("=IIQ")
+SO_NETNS_COOKIE = 71
 _ZERO = b"\0\0\0\0"
 NFTABLES_HINT = 'use backend = "nftables"'
 
 
 def netns_ino(pid: str = "self") -> int:
     return os.stat(f"/proc/{pid}/ns/net").st_ino
+
+
+def netns_cookie() -> int:
+    """This thread's network namespace's cookie (Linux 5.14+; 0 where the kernel has none)."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            return struct.unpack("=Q", sock.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8))[0]
+    except OSError:
+        return 0
+
+
+def _cookie_of(path: str) -> int | None:
+    """The cookie of the network namespace at `path` (an nsfs file), read from a thread that
+    enters it (setns moves only the calling thread); None when it cannot be entered (no
+    CAP_SYS_ADMIN, a seccomp filter without setns)."""
+    result: list[int | None] = [None]
+
+    def enter() -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return
+        try:
+            if libc.setns(fd, CLONE_NEWNET) == 0:
+                result[0] = netns_cookie()
+        finally:
+            os.close(fd)
+
+    thread = threading.Thread(target=enter, name="zddd-netns-cookie")
+    thread.start()
+    thread.join()
+    return result[0]
 
 
 class Pinned:
@@ -149,6 +190,9 @@ def carry_out(plan: Plan, handlers: Mapping[type, Callable[[Any], None]],
 
 # ---- the pin directory's owner and its bpffs --------------------------------------------------
 
+CLONE_NEWNET = 0x40000000
+
+
 def _namespace_name(ino: int) -> str | None:
     try:
         names = sorted(os.listdir("/run/netns"))
@@ -163,30 +207,58 @@ def _namespace_name(ino: int) -> str | None:
     return None
 
 
-def _namespace_alive(ino: int) -> bool:
-    if _namespace_name(ino) is not None:
-        return True
+def _namespace_path(ino: int) -> str | None:
+    """A path to the live network namespace with inode `ino`, None if there is none."""
+    name = _namespace_name(ino)
+    if name is not None:
+        return f"/run/netns/{name}"
     for pid in os.listdir("/proc"):
         if pid.isdigit():
             try:
                 if netns_ino(pid) == ino:
-                    return True
+                    return f"/proc/{pid}/ns/net"
             except OSError:
                 continue
-    return False
+    return None
 
 
-def owner(pin_dir: str) -> int | None:
-    """The network namespace inode `pin_dir` is stamped with, None if unstamped."""
+def _namespace_alive(stamp: tuple[int, int]) -> bool:
+    """Whether the namespace a stamp names still exists: one with its inode lives, and (where
+    the stamp has a cookie and that namespace can be entered) it has the stamp's cookie, not
+    a new namespace that was given the inode of one that is gone."""
+    ino, cookie = stamp
+    path = _namespace_path(ino)
+    if path is None:
+        return False
+    if not cookie:
+        return True
+    current = _cookie_of(path)
+    return current is None or current == cookie
+
+
+def owner(pin_dir: str) -> tuple[int, int] | None:
+    """The (inode, cookie) of the network namespace `pin_dir` is stamped with (cookie 0 in a
+    stamp written before it had one), None if unstamped."""
     try:
         with Pinned(os.path.join(pin_dir, OWNER_PIN)) as fd:
-            raw = kbpf.map_lookup(fd, _ZERO, _OWNER.size)
+            size = kbpf.map_info(fd).value_size
+            raw = kbpf.map_lookup(fd, _ZERO, size)
     except OSError:
         return None
-    if raw is None:
+    if raw is None or len(raw) not in (_OWNER.size, _OWNER_V1.size):
         return None
-    magic, version, ino = _OWNER.unpack(raw)
-    return ino if (magic, version) == (OWNER_MAGIC, OWNER_VERSION) else None
+    if len(raw) == _OWNER_V1.size:
+        magic, version, ino = _OWNER_V1.unpack(raw)
+        return (ino, 0) if (magic, version) == (OWNER_MAGIC, 1) else None
+    magic, version, ino, cookie = _OWNER.unpack(raw)
+    return (ino, cookie) if (magic, version) == (OWNER_MAGIC, OWNER_VERSION) else None
+
+
+def _ours(stamp: tuple[int, int] | None) -> bool:
+    """Whether a stamp names this network namespace (a stamp without a cookie: by inode)."""
+    if stamp is None or stamp[0] != netns_ino():
+        return False
+    return stamp[1] in (0, netns_cookie())
 
 
 def check_pin_dir(pin_dir: str) -> None:
@@ -202,24 +274,24 @@ def check_pin_dir(pin_dir: str) -> None:
             "PrivateMounts=), so the data plane would die with zddd: mount bpffs on the host "
             f"(mount -t bpf bpf {mount_at}) or set bpf_pin_dir to a path on a bpffs the host has")
     stamped = owner(pin_dir)
-    ours = netns_ino()
-    if stamped is None or stamped == ours or not _namespace_alive(stamped):
+    if stamped is None or _ours(stamped) or not _namespace_alive(stamped):
         return
-    name = _namespace_name(stamped)
+    name = _namespace_name(stamped[0])
     raise BackendUnavailable(
-        f"bpf_pin_dir {pin_dir} belongs to the zddd of network namespace {stamped}"
+        f"bpf_pin_dir {pin_dir} belongs to the zddd of network namespace {stamped[0]}"
         + (f" (ip netns {name})" if name else "")
-        + f", not this one ({ours}): each zddd needs a bpf_pin_dir of its own")
+        + f", not this one ({netns_ino()}): each zddd needs a bpf_pin_dir of its own")
 
 
 def claim(pin_dir: str) -> None:
     """Stamp `pin_dir` (made on a bpffs if needed) with this network namespace."""
     bpffs.ensure_bpffs_dir(pin_dir)
-    if owner(pin_dir) == netns_ino():
+    if owner(pin_dir) == (netns_ino(), netns_cookie()):
         return
     fd = kbpf.map_create(kbpf.BPF_MAP_TYPE_ARRAY, 4, _OWNER.size, 1)
     try:
-        kbpf.map_update(fd, _ZERO, _OWNER.pack(OWNER_MAGIC, OWNER_VERSION, netns_ino()))
+        kbpf.map_update(fd, _ZERO, _OWNER.pack(OWNER_MAGIC, OWNER_VERSION, netns_ino(),
+                                               netns_cookie()))
         temporary, final = stage(fd, os.path.join(pin_dir, OWNER_PIN))
         os.rename(temporary, final)
     finally:
@@ -233,7 +305,7 @@ def unclaimed_problem(pin_dir: str) -> str | None:
     """A problem for `read` when zddd's pins are there but the directory is not stamped with
     this namespace (pinned by a zddd before the stamp existed, or by one of a namespace that
     is gone): a `Claim` step stamps it."""
-    return UNCLAIMED if owner(pin_dir) != netns_ino() else None
+    return None if _ours(owner(pin_dir)) else UNCLAIMED
 
 
 def release(pin_dir: str) -> None:
