@@ -472,10 +472,10 @@ class Steering:
 
     def reconcile(self) -> bool:
         """Restore the kernel state if someone else changed it. True if a repair was made.
-        A repair that does not stick is retried with a growing back-off, said once."""
+        A repair that does not stick (the same problems found again) is retried with a growing
+        back-off, said once; a different drift found meanwhile is repaired at once: the kernel
+        is read on every call, back-off or not."""
         now = self.clock()
-        if now < self._next_repair:
-            return False
         expected = self._drain.target if self._drain else self.active
         try:
             current = self.backend.read(self._desired(None))
@@ -493,7 +493,11 @@ class Steering:
         found = "nothing" if current is None else (current.active or OFF)
         problems = (("nothing of zddd's",) if current is None
                     else current.problems or (f"steering {found}",))
-        if problems == self._failed_problems:
+        if problems != self._failed_problems:
+            self._repair_backoff = 0.0  # a new drift, not the last repair failing to hold
+        elif now < self._next_repair:
+            return False
+        else:
             if not self._repair_backoff:
                 log.warning("event=repair_not_holding problems=%s retry=backoff max_sec=%g",
                             quote("; ".join(problems)), MAX_REPAIR_BACKOFF)

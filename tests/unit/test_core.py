@@ -519,6 +519,23 @@ def test_reconcile_repairs_drift_and_counts_it(rig):
     assert core.reconcile() is False and rig.rec.repairs == 3
 
 
+def test_a_new_drift_during_a_back_off_is_repaired_at_once(rig, caplog):
+    """The back-off is for a repair that does not hold (the same problems again); another
+    drift found meanwhile must not wait it out (seen in the model test: a flushed chain left
+    unrepaired for the back-off earned by two flushed maps before it)."""
+    core = rig.start()
+    rig.backend.table["active"] = "backup"
+    assert core.reconcile() is True
+    rig.backend.table["active"] = "backup"  # the same drift again: the repair did not hold
+    assert core.reconcile() is True
+    assert "event=repair_not_holding" in caplog.text
+    rig.backend.table["active"] = "backup"
+    assert core.reconcile() is False, "the same drift waits out the back-off"
+    rig.backend.table = None  # a different drift: the table deleted
+    assert core.reconcile() is True
+    assert rig.backend.steering == "main"
+
+
 @pytest.mark.parametrize("agent", ["[::]:8889", ""])
 def test_a_resumed_drain_never_answered_waits_for_the_agent_if_there_is_one(tmp_path, agent):
     """HAProxy may have polled just before the restart: until it has been told "drain", the
