@@ -8,3 +8,7 @@ OBJECT_PATH = "/org/zddd/Steering1"
 INTERFACE = "org.zddd.Steering1.Manager"
 ERROR_PREFIX = "org.zddd.Steering1.Error."
 PROPERTIES = "org.freedesktop.DBus.Properties"
+# The longest duration any key or call takes (drain_timeout, WaitDrained, drain_timeout_usec,
+# zddctl's waits): the one definition of the 24 h limit, far below what asyncio's timers and
+# the µs properties (uint64) can hold. Messages about it are made from it.
+MAX_SECONDS = 24 * 3600

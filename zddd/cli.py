@@ -23,7 +23,7 @@ import sys
 import time
 
 from . import __version__
-from .api import BUS_NAME, ERROR_PREFIX, INTERFACE, OBJECT_PATH, PROPERTIES
+from .api import BUS_NAME, ERROR_PREFIX, INTERFACE, MAX_SECONDS, OBJECT_PATH, PROPERTIES
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 # Long waits are asked for in slices, so no bus or client reply timeout can cut them short.
@@ -86,8 +86,8 @@ def _seconds(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not 0 <= value <= 86400:
-        raise argparse.ArgumentTypeError(f"{text} is out of range 0-86400 seconds")
+    if not 0 <= value <= MAX_SECONDS:
+        raise argparse.ArgumentTypeError(f"{text} is out of range 0-{MAX_SECONDS} seconds")
     return value
 
 

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from .api import MAX_SECONDS
+
 DEFAULT_PATH = "/etc/zddd/zddd.toml"
 TARGET_NAMES = ("main", "backup")
 OFF = "off"
@@ -20,10 +22,6 @@ ALL_TARGETS = TARGET_NAMES + (OFF,)
 BACKENDS = ("nftables", "tc", "xdp", "sk_lookup")
 # Keys whose change a running daemon cannot take over: they name what it owns in the kernel.
 RESTART_KEYS = ("backend", "listen_port", "bpf_pin_dir", "bpf_flow_entries")
-# The longest duration any key or call takes (drain_timeout, WaitDrained, drain_timeout_usec):
-# the one definition of the 24 h limit, far below what asyncio's timers and the µs properties
-# (uint64) can hold. Messages about it are made from it.
-MAX_SECONDS = 24 * 3600
 MAX_HOST = 260  # the longest health.host: a 253-character DNS name and ":65535"
 # Linux' IFNAMSIZ is 16 bytes with the terminating NUL.
 MAX_IFNAME_BYTES = 15

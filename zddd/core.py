@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 from .backends import ApplyError, Backend, Desired, KernelState, NewerLayout
-from .config import ALL_TARGETS, MAX_SECONDS, OFF, TARGET_NAMES, Config
+from .api import MAX_SECONDS
+from .config import ALL_TARGETS, OFF, TARGET_NAMES, Config
 from .errors import BackendFailure, InvalidArgument, InvalidConfig, InvalidTarget, TargetUnhealthy
 from .logfmt import quote
 from .state import SavedState, StateFile

@@ -31,8 +31,7 @@ except ImportError:  # Debian may carry only the original dbus-next; the API is 
     from dbus_next.service import ServiceInterface, dbus_property, signal  # type: ignore
 
 from .. import errors
-from ..api import BUS_NAME, ERROR_PREFIX, INTERFACE, OBJECT_PATH
-from ..config import MAX_SECONDS
+from ..api import BUS_NAME, ERROR_PREFIX, INTERFACE, MAX_SECONDS, OBJECT_PATH
 from ..core import Observer, Snapshot, Steering
 from ..logfmt import quote
 
