@@ -80,6 +80,24 @@ class Endpoint:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
+DEFAULT_SERVICE = "default"
+SERVICE_NAME = r"^[a-z][a-z0-9_]{0,31}$"
+
+
+@dataclass(frozen=True)
+class Service:
+    """One steered service: a listen port, its targets, where it starts, how long its drains
+    may take, and its HAProxy agent (None: none)."""
+
+    name: str
+    listen_port: int
+    targets: dict[str, Target]
+    initial: str = "main"
+    drain_timeout: float = 30.0
+    agent_listen: Endpoint | None = None
+    agent_weights: bool = False
+
+
 @dataclass(frozen=True)
 class Config:
     listen_port: int = 8888
@@ -101,6 +119,18 @@ class Config:
     health_timeout: float = 0.5
     agent_listen: Endpoint | None = Endpoint("::", 8889)
     metrics_listen: Endpoint | None = Endpoint("127.0.0.1", 9488)
+
+    # The [services.NAME] tables, by name; empty in the single-service form, where the
+    # top-level listen_port, initial, drain_timeout, targets and agent are service "default".
+    service_tables: dict[str, Service] = field(default_factory=dict)
+
+    @property
+    def services(self) -> dict[str, Service]:
+        """Every service by name, sorted by name."""
+        if self.service_tables:
+            return dict(sorted(self.service_tables.items()))
+        return {DEFAULT_SERVICE: Service(DEFAULT_SERVICE, self.listen_port, self.targets,
+                                         self.initial, self.drain_timeout, self.agent_listen)}
 
     def restart_changes(self, new: "Config") -> list[str]:
         """The keys that differ between self and new and that only a restart can apply."""

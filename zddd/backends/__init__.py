@@ -1,7 +1,8 @@
 """The data-plane backends, all behind one small interface.
 
-A backend knows how to express "steer new connections on the listen port to port P" in the
-kernel. The core drives it in four steps:
+A backend knows how to express, for every service in one data plane, "split new connections
+on the listen port between the main and backup ports by this weight" (100: all main, 0: all
+backup, None: off) in the kernel. The core drives it in four steps:
 
 - `probe`: can this machine run it? (BackendUnavailable says why and what to do instead)
 - `read`: what does the kernel hold now, judged against what zddd wants? (`KernelState`)
@@ -9,8 +10,9 @@ kernel. The core drives it in four steps:
   second look at the kernel: where `read` found nothing, a step says "where the interfaces are
   when this runs" rather than the plan listing them)
 - `apply`: first the *layout* steps (create, load, pin, attach: idempotent, possibly many),
-  then the *flip*: the one atomic change of where new connections go (a map element). A plan
-  whose layout is intact is a flip alone. `apply` reports what it did (ApplyError if it did not
+  then the *flip*: per service whose weight changes, the one atomic change of where its new
+  connections go (a map element, a store) and nothing of any other service's. A plan whose
+  layout is intact is a flip alone. `apply` reports what it did (ApplyError if it did not
   all take); reading the result back is the caller's (the core's) next `read`.
 
 The kernel is the source of truth. A backend keeps no judgement of the kernel between calls:
@@ -66,40 +68,94 @@ class NewerLayout(ApplyError):
                       "`zddd --remove-data-plane`")
 
 
-@dataclass(frozen=True)
-class Desired:
-    """What the kernel should hold: the listen port, the target ports by name, the target new
-    connections go to (None for off), and where and how the BPF backends build it."""
+MAIN, BACKUP = "main", "backup"
 
+
+@dataclass(frozen=True)
+class ServiceLayout:
+    """One steered service as the kernel should hold it: its name, its listen port, its target
+    ports by name (sorted by name: ("backup", 80), ("main", 8080)) and `weight`, the percent of
+    new connections that go to main (the rest go to backup); None is off (nothing steered: new
+    connections to the listen port are refused). 100 is today's "main", 0 today's "backup".
+    Listen and target ports are distinct across all services of a Desired."""
+
+    name: str
     listen_port: int
     ports: tuple[tuple[str, int], ...]
-    active: str | None
+    weight: int | None
+
+    @property
+    def active(self) -> str | None:
+        """The target new connections go to: "main", "backup", "split" or None (off)."""
+        return weight_target(self.weight)
+
+    def port_of(self, target: str) -> int:
+        return dict(self.ports)[target]
+
+
+def weight_target(weight: int | None) -> str | None:
+    """The target name a main weight stands for (None: off; "split" between 1 and 99)."""
+    if weight is None:
+        return None
+    return MAIN if weight >= 100 else BACKUP if weight <= 0 else "split"
+
+
+def target_weight(target: str | None) -> int | None:
+    """The main weight a target name stands for (None or "off": None)."""
+    return {MAIN: 100, BACKUP: 0}.get(target or "")
+
+
+@dataclass(frozen=True)
+class Desired:
+    """What the kernel should hold: every service (sorted by listen port), and where and how
+    the BPF backends build it. One data plane holds them all; a change of one service's
+    weight is one element (nftables) or one store (BPF) and touches no other service."""
+
+    services: tuple[ServiceLayout, ...]
     interfaces: tuple[str, ...] | None = None  # None: every interface up (resolved at read)
     pin_dir: str = "/sys/fs/bpf/zddd"
     flow_entries: int = 1048576
     xdp_mode: str = "native"
 
     @classmethod
-    def from_config(cls, config: Config, active: str | None) -> "Desired":
-        ports = tuple(sorted((t.name, t.port) for t in config.targets.values()))
-        return cls(config.listen_port, ports, active, config.interfaces, config.bpf_pin_dir,
-                   config.bpf_flow_entries, config.xdp_mode)
+    def from_config(cls, config: Config, weights: dict[str, int | None]) -> "Desired":
+        """`weights`: service name -> main weight (None: off); a service not named is off."""
+        services = tuple(sorted(
+            (ServiceLayout(s.name, s.listen_port,
+                           tuple(sorted((t.name, t.port) for t in s.targets.values())),
+                           weights.get(s.name))
+             for s in config.services.values()), key=lambda s: s.listen_port))
+        return cls(services, config.interfaces, config.bpf_pin_dir, config.bpf_flow_entries,
+                   config.xdp_mode)
 
-    def steering(self, active: str | None) -> "Desired":
-        return replace(self, active=active)
+    def with_weight(self, name: str, weight: int | None) -> "Desired":
+        return replace(self, services=tuple(replace(s, weight=weight) if s.name == name else s
+                                            for s in self.services))
 
-    def port_of(self, target: str) -> int:
-        return dict(self.ports)[target]
+    def service(self, name: str) -> ServiceLayout:
+        for s in self.services:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+    def by_listen_port(self) -> dict[int, ServiceLayout]:
+        return {s.listen_port: s for s in self.services}
+
+    def by_target_port(self) -> dict[int, tuple[ServiceLayout, str]]:
+        """target port -> (its service, the target's name)."""
+        return {port: (s, name) for s in self.services for name, port in s.ports}
 
 
 @dataclass(frozen=True)
 class KernelState:
-    """What `read` found. `active` is the target new connections are steered to (None: off);
-    `intact` is False when zddd's objects are present but not all exactly as zddd would build
-    them for the desired layout (`problems` says what differs, for the log); `found` is the
-    backend's own record of what it read, from which `plan` works."""
+    """What `read` found. `weights` has, for each service of the desired layout that the
+    kernel steers or holds (by listen port), its main weight (None: off); a desired service
+    the kernel has nothing of is absent. `intact` is False when zddd's objects are present but
+    not all exactly as zddd would build them for the desired layout, including a service the
+    kernel lacks or one it has that is not desired (`problems` says what differs, for the log);
+    `found` is the backend's own record of what it read, from which `plan` works."""
 
-    active: str | None
+    weights: dict[str, int | None]
     intact: bool
     found: Any = None
     problems: tuple[str, ...] = ()
@@ -154,21 +210,21 @@ class Backend(ABC):
         """Take every object of this backend's out of the kernel (connections it steers
         break). Needs no probe."""
 
-    def target_problem(self, target: str) -> str | None:
-        """Why the data plane cannot steer new connections to `target` now even if its vhost
-        answers (sk_lookup: its listener could not be taken), as of the last `read`; None when
-        it can. The health gate counts such a target as down."""
+    def target_problem(self, service: str, target: str) -> str | None:
+        """Why the data plane cannot steer new connections of `service` to `target` now even
+        if its vhost answers (sk_lookup: its listener could not be taken), as of the last
+        `read`; None when it can. The health gate counts such a target as down."""
         return None
 
-    def flow_attribution(self) -> Callable[[list[Flow]], list[str | None]] | None:
+    def flow_attribution(self) -> Callable[[list[Flow]], list[tuple[str, str] | None]] | None:
         """For backends whose steered connections keep the listen port as their local port
-        (sk_lookup): a function saying which target each such connection belongs to (a target
-        name or None), for connection counts. None: connections are counted by port alone."""
+        (sk_lookup): a function saying which (service, target) each such connection belongs
+        to (None: none), for connection counts. None: connections are counted by port alone."""
         return None
 
-    def flows_steered(self) -> dict[str, int]:
-        """New connections steered so far, by target name, where the backend can count them
-        (through what the last `read` opened)."""
+    def flows_steered(self) -> dict[tuple[str, str], int]:
+        """New connections steered so far, by (service, target name), where the backend can
+        count them (through what the last `read` opened), all services in one pass."""
         return {}
 
     def flow_table(self) -> tuple[int, int] | None:
