@@ -124,7 +124,7 @@ def test_every_variable_is_in_the_argument_specs_with_its_default_and_the_readme
     for name, o in options.items():
         assert name.startswith("zddd_"), name
         assert o.get("type") in ("str", "int") and o.get("description"), (name, o)
-        if name in defaults and not str(defaults[name]).startswith("{{"):
+        if name in defaults and "{{" not in str(defaults[name]):
             assert o["default"] == defaults[name], (name, o["default"], defaults[name])
     # Every zddd_ variable the role or the playbook reads is one of them.
     used = set()
@@ -135,7 +135,38 @@ def test_every_variable_is_in_the_argument_specs_with_its_default_and_the_readme
     readme = (ROLE / "README.md").read_text()
     for name in [*options, "zddd_hosts", "zddd_serial"]:
         assert f"`{name}`" in readme, name
-    assert specs["unlock"]["options"]["zddd_lock_path"]["default"] == defaults["zddd_lock_path"]
+    for name, o in specs["unlock"]["options"].items():
+        assert o["default"] == options[name]["default"], name
+
+
+def role_vars(tmp: Path, *extra: str) -> dict:
+    """The role's derived variables as Ansible renders them from its defaults and `extra`
+    (-e NAME=VALUE), on the controller alone."""
+    wanted = ["__zddd_zddctl_argv", "zddd_lock_path", "__zddd_what", "__zddd_health_url"]
+    r = ansible("ansible", "localhost", "-c", "local", "-m", "debug",
+                "-a", "msg={{ {" + ", ".join(f"'{w}': {w}" for w in wanted) + "} }}",
+                "-e", f"@{ROLE / 'defaults' / 'main.yml'}", "-e", f"@{ROLE / 'vars' / 'main.yml'}",
+                "-e", '{"__zddd_state": {"targets": {"main": {"port": 9080}}}}',
+                *[a for e in extra for a in ("-e", e)], tmp=tmp)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return json.loads(r.stdout.split("=>", 1)[1])["msg"]
+
+
+def test_zddd_service_names_the_service_to_zddctl_and_to_the_lock(tmp_path):
+    """With zddd_service every zddctl command gets `-s NAME` (after the bus, before the
+    command), the lock is the service's own, and main's health is fetched on the port zddctl
+    status gives for the service; without it, zddctl is called as before."""
+    alone = role_vars(tmp_path, "zddd_zddctl_bus=unix:path=/b")
+    assert alone["__zddd_zddctl_argv"] == ["zddctl", "--bus", "unix:path=/b"]
+    assert alone["zddd_lock_path"] == "/tmp/zddd-rolling-deploy.lock"
+    assert alone["__zddd_what"] == "localhost"
+    api = role_vars(tmp_path, "zddd_zddctl_bus=unix:path=/b", "zddd_service=api")
+    assert api["__zddd_zddctl_argv"] == ["zddctl", "--bus", "unix:path=/b", "-s", "api"]
+    assert api["zddd_lock_path"] == "/tmp/zddd-rolling-deploy-api.lock"
+    assert api["__zddd_what"] == "service api of localhost"
+    assert api["__zddd_health_url"] == "http://127.0.0.1:9080/healthz"
+    given = role_vars(tmp_path, "zddd_main_health_url=http://127.0.0.1:1/up")
+    assert given["__zddd_health_url"] == "http://127.0.0.1:1/up"
 
 
 def tasks_named(tasks: list, pattern: str) -> list[dict]:
