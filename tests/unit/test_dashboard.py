@@ -1,5 +1,6 @@
 """packaging/grafana/zddd-dashboard.json: valid Grafana JSON whose queries use only metric names,
-labels and label values that zddd's metrics endpoint really exports."""
+labels and label values that zddd's metrics endpoint really exports, and where every query of a
+per-service metric (one with the label `service`) follows the Service variable."""
 
 from __future__ import annotations
 
@@ -102,7 +103,8 @@ def test_queries_are_balanced(dashboard):
 
 def test_uses_only_exported_names_labels_and_values(dashboard, exported):
     used = set()
-    for expr in exprs(dashboard) + [dashboard["templating"]["list"][1]["query"]["query"]]:
+    queries = [v["query"]["query"] for v in dashboard["templating"]["list"] if v["type"] == "query"]
+    for expr in exprs(dashboard) + queries:
         names = set(re.findall(r"\bzddd_[a-z_]+", expr))
         assert names, f"no zddd metric in {expr!r}"
         for name in names:
@@ -143,3 +145,22 @@ def test_has_the_views_the_issue_asks_for(dashboard):
     assert by_title["Switch duration quantiles"]["fieldConfig"]["defaults"]["unit"] == "s"
     assert "zddd_target_connections" in by_title["Connections per target"]["targets"][0]["expr"]
     assert "zddd_target_up" in by_title["Health"]["targets"][0]["expr"]
+
+
+def test_every_per_service_query_follows_the_service_variable(dashboard, exported):
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    service = variables["service"]
+    assert service["type"] == "query" and service["multi"] and service["includeAll"]
+    # The services of the hosts picked in the Host variable.
+    assert re.fullmatch(r'label_values\(zddd_\w+\{instance=~"\$instance"\}, service\)',
+                        service["query"]["query"]), service["query"]
+    per_service = {name for name, labels in exported.items() if "service" in labels}
+    assert {"zddd_active_target", "zddd_target_connections"} <= per_service, per_service
+    for expr in exprs(dashboard):
+        for name, matchers in SELECTOR.findall(expr):
+            follows = ("service", "=~", "$service") in MATCHER.findall(matchers)
+            assert follows == (name in per_service), (name, expr)
+        # A sum over a per-service metric keeps the services apart.
+        if set(re.findall(r"\bzddd_[a-z_]+", expr)) & per_service:
+            for grouping in re.findall(r"by\s*\(([^)]*)\)", expr):
+                assert "service" in grouping, expr
