@@ -93,9 +93,11 @@ lint: setup
 
 # BACKEND=tc|xdp|sk_lookup runs the demo on that data plane (it then installs bcc and kernel
 # headers too: setup-bpf).
+# SERVICES=2: two services (web and api) per host, api rolled while web keeps its traffic.
 BACKEND ?= nftables
+SERVICES ?= 1
 demo: setup-demo $(if $(filter-out nftables,$(BACKEND)),setup-bpf)
-	$(VPY) examples/demo.py --backend $(BACKEND)
+	$(VPY) examples/demo.py --backend $(BACKEND) --services $(SERVICES)
 
 bench: setup
 	$(VPY) bench/backends.py

@@ -13,6 +13,13 @@ HAProxy sends traffic to each host's :8888 (the "traffic port" usage). While the
 requests without pause, the demo flips app1 main -> backup -> main and drains app2 to off and
 back, then prints who answered in each phase and how long each data-plane commit took.
 
+With `--services 2` (`make demo SERVICES=2`) every host runs two apps, `web` and `api`, each a
+zddd service with its own listen port, vhosts and agent (packaging/zddd.toml's two-service
+example), behind examples/haproxy/two-services.cfg (web on the load balancer's :80, api on
+:8000). While a client sends to each without pause, the demo flips app1's api main -> backup ->
+main and drains app2's api to off and back, and shows, in a table per service, that web kept its
+target and its traffic on both hosts the whole time.
+
 Every zddd runs the data plane `--backend` names (nftables unless given; tc, xdp and sk_lookup
 need bcc and kernel headers, and each zddd gets a pin dir of its own on the lab's bpffs):
 `make demo BACKEND=tc`.
@@ -24,6 +31,7 @@ Exit status: 0 when every request succeeded and every phase looked as expected, 
 from __future__ import annotations
 
 import argparse
+import json
 import threading
 import time
 from collections import Counter
@@ -146,8 +154,12 @@ def main(backend: str) -> int:
 
 
 def report(records: list[dict], phases: list[tuple[str, float]],
-           commits: list[tuple[str, str, int, float]], backend: str) -> list[str]:
-    """Print the tables; return what went wrong."""
+           commits: list[tuple[str, str, int, float]], backend: str, *,
+           vhosts: tuple[str, ...] = VHOSTS, expect: dict | None = None,
+           title: str = "client -> HAProxy -> host:8888", prefix: str = "") -> list[str]:
+    """Print the tables (the commits' only when `commits`); return what went wrong, each
+    prefixed with `prefix`."""
+    expect = EXPECT if expect is None else expect
     per_phase: list[Counter] = [Counter() for _ in phases]
     errors: list[dict] = []
     for r in records:
@@ -158,22 +170,25 @@ def report(records: list[dict], phases: list[tuple[str, float]],
         else:
             per_phase[index]["errors"] += 1
             errors.append(r)
-    unexpected = {k for counts in per_phase for k in counts} - {"sent", "errors", *VHOSTS}
+    unexpected = {k for counts in per_phase for k in counts} - {"sent", "errors", *vhosts}
 
     print()
-    cols = ["sent", "errors", *VHOSTS, *sorted(unexpected)]
+    cols = ["sent", "errors", *vhosts, *sorted(unexpected)]
     width = max(len(name) for name, _ in phases) + 2
-    print("requests by the phase they were sent in (client -> HAProxy -> host:8888):")
-    print(f"{'phase':<{width}}" + "".join(f"{c:>12}" for c in cols))
+    cw = max(12, *(len(c) + 2 for c in cols))
+    print(f"requests by the phase they were sent in ({title}):")
+    print(f"{'phase':<{width}}" + "".join(f"{c:>{cw}}" for c in cols))
     for (name, _), counts in zip(phases, per_phase, strict=True):
-        print(f"{name:<{width}}" + "".join(f"{counts[c]:>12}" for c in cols))
+        print(f"{name:<{width}}" + "".join(f"{counts[c]:>{cw}}" for c in cols))
     total = sum(per_phase, Counter())
-    print(f"{'total':<{width}}" + "".join(f"{total[c]:>12}" for c in cols))
+    print(f"{'total':<{width}}" + "".join(f"{total[c]:>{cw}}" for c in cols))
 
-    print()
-    print(f"{'switch (' + backend + ')':<28}{'data-plane commit':>18}{'zddctl call':>14}")
-    for host, change, usec, took in commits:
-        print(f"{host + ' ' + change:<28}{str(usec) + ' µs':>18}{f'{took * 1000:.0f} ms':>14}")
+    if commits:
+        print()
+        print(f"{'switch (' + backend + ')':<28}{'data-plane commit':>18}{'zddctl call':>14}")
+        for host, change, usec, took in commits:
+            print(f"{host + ' ' + change:<28}{str(usec) + ' µs':>18}"
+                  f"{f'{took * 1000:.0f} ms':>14}")
 
     problems = []
     if errors:
@@ -181,23 +196,210 @@ def report(records: list[dict], phases: list[tuple[str, float]],
                         f"{errors[0]['body']}")
     if unexpected:
         problems.append(f"unexpected answers: {sorted(unexpected)}")
-    for (name, _), counts in zip(phases, per_phase, strict=True):
-        for answer, present in EXPECT.get(name, {}).items():
+    for (phase, _), counts in zip(phases, per_phase, strict=True):
+        for answer, present in expect.get(phase, {}).items():
             if present and counts[answer] == 0:
-                problems.append(f"phase '{name}': no '{answer}' answers")
+                problems.append(f"phase '{phase}': no '{answer}' answers")
             if not present and counts[answer]:
-                problems.append(f"phase '{name}': {counts[answer]} '{answer}' answers, "
+                problems.append(f"phase '{phase}': {counts[answer]} '{answer}' answers, "
                                 "expected none")
-    return problems
+    return [prefix + p for p in problems]
+
+
+# ---- two services per host (--services 2) ------------------------------------------------
+
+# packaging/zddd.toml's two-service example (and examples/haproxy/two-services.cfg's ports):
+# service -> (listen port, main port, backup port, agent port).
+SERVICES = {"web": (8888, 8080, 80, 8889), "api": (9888, 9080, 9081, 9889)}
+API_URL = f"http://{zdddlab.LB_CLIENT_ADDR}:8000/"
+STEADY2 = ("both hosts on main", "app1's api on backup", "app1's api back on main",
+           "app2's api off", "app2's api back on main")
+# web: every phase served by both hosts' main vhosts, never a backup one.
+WEB_VHOSTS = tuple(f"{h} web {v}" for h in HOSTS for v in ("main", "backup"))
+EXPECT_WEB = {phase: {"app1 web main": True, "app2 web main": True, "app1 web backup": False,
+                      "app2 web backup": False} for phase in STEADY2}
+API_VHOSTS = tuple(f"{h} api {v}" for h in HOSTS for v in ("main", "backup"))
+EXPECT_API = {
+    STEADY2[0]: {"app1 api main": True, "app2 api main": True, "app1 api backup": False,
+                 "app2 api backup": False},
+    STEADY2[1]: {"app1 api backup": True, "app1 api main": False, "app2 api main": True},
+    STEADY2[2]: {"app1 api main": True, "app1 api backup": False, "app2 api main": True},
+    STEADY2[3]: {"app1 api main": True, "app2 api main": False, "app2 api backup": False},
+    STEADY2[4]: {"app1 api main": True, "app2 api main": True},
+}
+
+
+def services_config(backend: str) -> dict:
+    """zddd's config for SERVICES, in the many-service form."""
+    return {"backend": backend, "services": {
+        name: {"listen_port": listen, "drain_timeout": 20,
+               "targets": {"main": {"port": main}, "backup": {"port": backup}},
+               "agent": {"listen": f"[::]:{agent}"}}
+        for name, (listen, main, backup, agent) in SERVICES.items()}}
+
+
+def start_services_zddd(lab: zdddlab.Lab, name: str, ns: zdddlab.NetNS, bus: zdddlab.Bus,
+                        backend: str) -> zdddlab.Zddd:
+    directory = lab.tmp / name
+    directory.mkdir()
+    config = services_config(backend)
+    if backend != "nftables":
+        config["bpf_pin_dir"] = lab.bpf_pin_dir()
+    zddd = zdddlab.Zddd(ns, bus, directory, config, name=name)
+    # The lab's default drain_timeout is a single-service key: each service has its own here.
+    zddd.config.pop("drain_timeout", None)
+    zddd.write_config()
+    return lab.own(zddd).start()
+
+
+def service_status(zddd: zdddlab.Zddd, service: str) -> dict:
+    """`zddctl -s SERVICE status --json`: that service's keys."""
+    status = json.loads(zddd.ctl("-s", service, "status", "--json").stdout)
+    return status.get("services", {}).get(service, status)
+
+
+def two_service_cluster(lab: zdddlab.Lab, backend: str) -> zdddlab.Cluster:
+    """zdddlab.cluster's topology with two services per host and two-services.cfg."""
+    lb = lab.netns("lb")
+    client = lab.netns("client")
+    lab.bridge(lb, f"{zdddlab.LB_APP_ADDR}/24")
+    lab.link(lb, "client", client, "eth0", cidr_a=f"{zdddlab.LB_CLIENT_ADDR}/24",
+             cidr_b=f"{zdddlab.CLIENT_ADDR}/24")
+    apps = {}
+    for host, addr in zdddlab.APP_ADDRS.items():
+        ns = lab.netns(host)
+        lab.link(lb, host, ns, "eth0", cidr_b=f"{addr}/24", master_a="br0")
+        bus = lab.dbus_daemon(f"{host}-bus")
+        vhosts = {port: f"{host} {name} {target}" for name, (_, main, backup, _) in
+                  SERVICES.items() for target, port in (("main", main), ("backup", backup))}
+        nginx = lab.nginx(f"{host}-nginx", ns, vhosts)
+        apps[host] = zdddlab.AppServer(host, ns, addr,
+                                       start_services_zddd(lab, f"{host}-zddd", ns, bus, backend),
+                                       nginx)
+    haproxy = lab.haproxy("haproxy", lb, (zdddlab.EXAMPLES / "haproxy" /
+                                          "two-services.cfg").read_text())
+    zdddlab.wait_for(lambda: all(set(haproxy.servers(b).values()) == {"UP"} for b in SERVICES),
+                     15, "HAProxy to see every server UP in both backends")
+    return zdddlab.Cluster(lb, client, apps, haproxy)
+
+
+def main_two_services(backend: str) -> int:
+    print("\n\n".join(__doc__.split("\n\n")[1:4]), flush=True)
+    print(f"\nbackend: {backend}", flush=True)
+    with zdddlab.Lab(prefix="zdemo") as lab:
+        print("building the lab ...", flush=True)
+        c = two_service_cluster(lab, backend)
+        app1, app2 = c.apps["app1"].zddd, c.apps["app2"].zddd
+        timeline = Timeline()
+        phases: list[tuple[str, float]] = []
+        commits: list[tuple[str, str, int, float]] = []
+        web_before = {h: service_status(a.zddd, "web") for h, a in c.apps.items()}
+
+        def phase(name: str) -> None:
+            phases.append((name, time.monotonic()))
+            timeline.say("phase", f"-- {name}")
+
+        def switch(host: str, zddd: zdddlab.Zddd, target: str, *extra: str, then: str) -> None:
+            before = service_status(zddd, "api")["active_target"]
+            command = " ".join(("zddctl -s api switch", target, *extra))
+            phase(f"{host}: {command}")
+            started = time.monotonic()
+            zddd.ctl("-s", "api", "switch", target, *extra)
+            returned = time.monotonic()
+            phase(then)
+            usec = service_status(zddd, "api")["last_switch_usec"]
+            took = returned - started
+            commits.append((host, f"api {before} -> {target}", usec, took))
+            timeline.say(host, f"{command} returned after {took * 1000:.0f} ms; data-plane "
+                         f"commit {usec} µs", at=returned)
+
+        stopping = threading.Event()
+        watchers = [threading.Thread(target=watch_backend, daemon=True,
+                                     args=(c.haproxy, b, timeline, stopping)) for b in SERVICES]
+        print(f"lab ready: HAProxy sees web {c.haproxy.servers('web')}, api "
+              f"{c.haproxy.servers('api')}; clients send to {c.url} (web) and {API_URL} (api)\n",
+              flush=True)
+        print("timeline (seconds since the traffic started):", flush=True)
+        web = lab.loadgen("load-web", c.client, c.url, workers=2, interval=0.02)
+        api = lab.loadgen("load-api", c.client, API_URL, workers=2, interval=0.02)
+        timeline.t0 = time.monotonic()
+        for w in watchers:
+            w.start()
+        try:
+            phase(STEADY2[0])
+            time.sleep(2.0)
+            switch("app1", app1, "backup", then=STEADY2[1])
+            time.sleep(2.5)
+            switch("app1", app1, "main", then=STEADY2[2])
+            time.sleep(2.0)
+            switch("app2", app2, "off", "--wait-drained=30", then=STEADY2[3])
+            zdddlab.wait_for(lambda: c.haproxy.servers("api")["app2"] not in ("UP", "DRAIN"),
+                             10, "HAProxy to take app2 out of api")
+            time.sleep(2.0)
+            switch("app2", app2, "main", then=STEADY2[4])
+            zdddlab.wait_for(lambda: c.haproxy.servers("api")["app2"] == "UP", 15,
+                             "HAProxy to put app2 back into api")
+            time.sleep(2.0)
+        finally:
+            web_records, api_records = web.finish(), api.finish()
+            stopping.set()
+            for w in watchers:
+                w.join()
+        timeline.say("client", f"stopped after {len(web_records)} web and {len(api_records)} "
+                     "api requests")
+        problems = report(api_records, phases, commits, backend, vhosts=API_VHOSTS,
+                          expect=EXPECT_API, title="api: client -> HAProxy :8000 -> host:9888",
+                          prefix="api: ")
+        problems += report(web_records, phases, [], backend, vhosts=WEB_VHOSTS,
+                           expect=EXPECT_WEB, title="web: client -> HAProxy :80 -> host:8888",
+                           prefix="web: ")
+        print()
+        for host, a in c.apps.items():
+            after = service_status(a.zddd, "web")
+            keys = ("active_target", "last_switch_usec")
+            same = all(after[k] == web_before[host][k] for k in keys)
+            print(f"{host} web: {after['active_target']} before and after, never switched: "
+                  f"{'yes' if same else 'NO'}")
+            if not same:
+                problems.append(f"web: {host}'s web changed: "
+                                f"{ {k: web_before[host][k] for k in keys} } -> "
+                                f"{ {k: after[k] for k in keys} }")
+    print()
+    if problems:
+        print(f"FAILED ({backend}, two services):\n  " + "\n  ".join(problems))
+        return 1
+    print(f"OK ({backend}, two services): every request succeeded, api was rolled and web kept "
+          "its target and its traffic on both hosts.")
+    return 0
+
+
+def watch_backend(haproxy: zdddlab.HAProxy, backend: str, timeline: Timeline,
+                  stopping: threading.Event):
+    """Print every change of HAProxy's view of one backend's servers."""
+    last: dict[str, str] = {}
+    while not stopping.is_set():
+        try:
+            now = haproxy.servers(backend)
+        except OSError:
+            now = last
+        for name, status in now.items():
+            if last.get(name) != status:
+                if name in last:
+                    timeline.say("haproxy", f"{backend}/{name}: {last[name]} -> {status}")
+                last[name] = status
+        stopping.wait(0.05)
 
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description="zero-downtime switches under steady traffic")
     p.add_argument("--backend", choices=BACKENDS, default="nftables",
                    help="the data plane every zddd runs (default: nftables)")
+    p.add_argument("--services", type=int, choices=(1, 2), default=1,
+                   help="services per host: 1 (default) or 2 (web and api, api rolled)")
     return p.parse_args()
 
 
 if __name__ == "__main__":
     args = parse_args()
-    zdddlab.run_main(lambda: main(args.backend), "demo")
+    demo = main_two_services if args.services == 2 else main
+    zdddlab.run_main(lambda: demo(args.backend), "demo")
