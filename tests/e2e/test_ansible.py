@@ -16,7 +16,10 @@ r5 with a second roll started meanwhile (refused by the lock), r5 again pruning 
 roll to r6 whose rollback fails too, r7 with app2 unreachable from the start, r8 with app2
 unreachable at its turn, r8 again with a new zddd config (--check, then installed and reloaded,
 then the same again), r10 with a config zddd --check-config refuses (the health-port usage runs
-only r2, its re-run and r3). A second lab, of eight app servers, rolls r2.
+only r2, its re-run and r3). A second lab, of eight app servers, rolls r2. A third runs two
+services (web and api) on each host behind examples/haproxy/two-services.cfg: a roll without
+zddd_service stops naming them, and one with zddd_service=api rolls api while web keeps its
+traffic and its target.
 """
 
 from __future__ import annotations
@@ -880,3 +883,209 @@ def test_eight_hosts_each_checked_through_the_load_balancer_at_once(fleet_of_eig
     # Each host's check took one request through the load balancer: no retry of it.
     tries = re.findall(r"FAILED - RETRYING: \[(app\d)[^\]]*\]: Ask the load balancer", out)
     assert not tries, tries
+
+
+# ---- one service of two rolled: -e zddd_service=api ---------------------------------------
+
+# Two services on every host, as packaging/zddd.toml's example and
+# examples/haproxy/two-services.cfg have them: service -> (listen, main, backup, agent port).
+TWO_SERVICES = {"web": (8888, 8080, 80, 8889), "api": (9888, 9080, 9081, 9889)}
+SERVICE_INTERFACE = "org.zddd.Steering1.Service"
+
+
+def service_vhosts(name: str, app_root: Path) -> str:
+    """The shipped main and backup vhosts moved to service `name`'s ports and layout."""
+    _, main, backup, _ = TWO_SERVICES[name]
+    text = ""
+    for vhost, port, shipped in (("main", main, 8080), ("backup", backup, 80)):
+        conf = (REPO / "examples" / "nginx" / f"{vhost}.conf").read_text()
+        conf = re.sub(rf"listen (\[::\]:)?{shipped};", rf"listen \g<1>{port};", conf)
+        text += conf.replace("/srv/app/", f"{app_root}/") + "\n"
+    return text
+
+
+def two_service_cluster(lab: zdddlab.Lab) -> zdddlab.Cluster:
+    """fleet_cluster's topology with services web and api on each host behind
+    two-services.cfg: each service's vhosts serve "<host> <service> main r1" and "<host>
+    <service> backup" from its own layout (web: srv/app, api: srv/api); one zddd per host
+    steers both."""
+    lb = lab.netns("lb")
+    client = lab.netns("client")
+    lab.bridge(lb, f"{zdddlab.LB_APP_ADDR}/24")
+    lab.link(lb, "client", client, "eth0", cidr_a=f"{zdddlab.LB_CLIENT_ADDR}/24",
+             cidr_b=f"{zdddlab.CLIENT_ADDR}/24")
+    ssh_dir = ssh_setup(lab, zdddlab.APP_ADDRS)
+    apps = {}
+    for host, addr in zdddlab.APP_ADDRS.items():
+        ns = lab.netns(host)
+        lab.link(lb, host, ns, "eth0", cidr_b=f"{addr}/24", master_a="br0")
+        servers = ""
+        for service in TWO_SERVICES:
+            root = service_root(lab, host, service)
+            for vhost, page in (("main", f"{host} {service} main r1"),
+                                ("backup", f"{host} {service} backup")):
+                release(root, vhost, "r1", page)
+                (root / vhost / "current").symlink_to("releases/r1")
+            servers += service_vhosts(service, root)
+        nginx_root = lab.tmp / f"{host}-nginx"
+        (nginx_root / "temp").mkdir(parents=True)
+        conf = nginx_root / "nginx.conf"
+        conf.write_text("user root;\n" + zdddlab.NGINX_CONF.format(root=nginx_root, workers=1,
+                                                                   servers=servers))
+        nginx = lab.spawn(f"{host}-nginx", ns, ["nginx", "-p", str(nginx_root), "-e",
+                                                str(nginx_root / "error.log"), "-c", str(conf)])
+        for _, main, backup, _ in TWO_SERVICES.values():
+            for port in (main, backup):
+                zdddlab.wait_for(lambda p=port: nginx.check_alive() or
+                                 zdddlab.port_open(lab, ns, p), 10, f"{host}'s nginx on {port}")
+        bus = lab.dbus_daemon(f"{host}-bus")
+        directory = lab.tmp / f"{host}-zddd"
+        directory.mkdir()
+        zddd = zdddlab.Zddd(ns, bus, directory, {"services": {
+            name: {"listen_port": listen, "drain_timeout": 20,
+                   "targets": {"main": {"port": main, "health": "http:/healthz"},
+                               "backup": {"port": backup, "health": "http:/healthz"}},
+                   "agent": {"listen": f"[::]:{agent}"}}
+            for name, (listen, main, backup, agent) in TWO_SERVICES.items()}}, name=f"{host}-zddd")
+        # The lab's default drain_timeout is a single-service key: each service has its own.
+        zddd.config.pop("drain_timeout", None)
+        zddd.write_config()
+        lab.own(zddd).start()
+        start_sshd(lab, host, ns, addr, ssh_dir)
+        apps[host] = zdddlab.AppServer(host, ns, addr, zddd, nginx)
+    haproxy = lab.haproxy("haproxy", lb, (zdddlab.EXAMPLES / "haproxy" /
+                                          "two-services.cfg").read_text())
+    zdddlab.wait_for(lambda: all(set(haproxy.servers(b).values()) == {"UP"}
+                                 for b in TWO_SERVICES), 30,
+                     "HAProxy to see every server UP in both backends")
+    return zdddlab.Cluster(lb, client, apps, haproxy)
+
+
+def service_root(lab: zdddlab.Lab, host: str, service: str) -> Path:
+    return lab.tmp / host / "srv" / ("app" if service == "web" else service)
+
+
+@pytest.fixture(scope="module")
+def two_service_fleet():
+    if os.geteuid() != 0:
+        pytest.fail("this test needs root (network namespaces, nftables)")
+    lab = zdddlab.Lab(prefix="ans2")
+    try:
+        yield lab, two_service_cluster(lab)
+    finally:
+        for proc in lab.procs:
+            if proc.name.endswith(("-sshd", "haproxy")) or not proc.alive():
+                print(f"--- {proc.name} ---\n{proc.log_text()[-2000:]}", file=sys.stderr)
+        lab.close()
+
+
+def service_prop(app: zdddlab.AppServer, service: str, name: str):
+    err, body = zdddlab.dbus_call(app.zddd.bus.address, "Get", "ss", [SERVICE_INTERFACE, name],
+                                  10, interface=zdddlab.PROPERTIES,
+                                  path=f"{zdddlab.OBJECT_PATH}/service/{service}")
+    if err is not None:
+        raise zdddlab.LabError(f"Get {service} {name}: {err} {body}")
+    return body[0].value
+
+
+class ServiceWatch:
+    """Samples every 100 ms, per host, service `service`'s ActiveTarget (its D-Bus object) and
+    HAProxy's state of the host in backend `service`."""
+
+    def __init__(self, c: zdddlab.Cluster, service: str):
+        self.c, self.service = c, service
+        self.samples: list[tuple[float, dict[str, tuple[str, str]]]] = []
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                servers = self.c.haproxy.servers(self.service)
+                self.samples.append((time.monotonic(), {
+                    host: (service_prop(app, self.service, "ActiveTarget"),
+                           servers.get(host, "?"))
+                    for host, app in self.c.apps.items()}))
+            except (OSError, zdddlab.LabError):
+                pass
+            self.stopping.wait(0.1)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.thread.join()
+
+
+API_EXTRA = ("-e", "zddd_service=api",
+             "-e", "zddd_app_root={{ lab_root }}/{{ inventory_hostname }}/srv/api",
+             "-e", "zddd_lb_url=http://127.0.0.1:8000/", "-e", "zddd_haproxy_backend=api")
+
+
+def test_without_zddd_service_a_host_with_two_services_stops_the_roll(two_service_fleet):
+    """The role cannot tell which service to roll: the preflight stops, naming both, and no
+    service of any host is switched."""
+    lab, c = two_service_fleet
+    before = {host: {s: service_prop(app, s, "LastSwitchTimestamp") for s in TWO_SERVICES}
+              for host, app in c.apps.items()}
+
+    result = playbook(lab, c, "traffic-port", "-e", "zddd_release=r2")
+
+    assert result.returncode != 0, result.stdout[-3000:]
+    for host, app in c.apps.items():
+        msg = last_failure(result.stdout, host)
+        assert msg.startswith(f"{host}: zddd steers several services ("), msg
+        assert "web" in msg and "api" in msg and "set zddd_service" in msg, msg
+        assert {s: service_prop(app, s, "LastSwitchTimestamp") for s in TWO_SERVICES} == \
+            before[host]
+    assert not (lab.tmp / "rolling-deploy.lock").exists()
+
+
+def test_rolling_one_service_leaves_the_other_alone(two_service_fleet):
+    """api rolled to r2 across both hosts (zddd_service=api, api's layout, load-balancer URL
+    and HAProxy backend) under steady load on both services: api's hosts went to their api
+    backup vhost in turn and came back with r2; web answered every request from both hosts'
+    web main vhosts, its ActiveTarget sampled on both hosts never left main, HAProxy kept both
+    hosts UP in backend web, and web's LastSwitchTimestamp is what it was before the roll."""
+    lab, c = two_service_fleet
+    build = lab.tmp / "build" / "api-r2"
+    build.mkdir(parents=True)
+    (build / "index.html").write_text("api main r2\n")
+    (build / "healthz").write_text("ok\n")
+    web_switched = {host: service_prop(app, "web", "LastSwitchTimestamp")
+                    for host, app in c.apps.items()}
+    web_load = lab.loadgen("load-web", c.client, c.url, workers=2, interval=0.02)
+    api_load = lab.loadgen("load-api", c.client, f"http://{zdddlab.LB_CLIENT_ADDR}:8000/",
+                           workers=2, interval=0.02)
+    web_watch, api_watch = ServiceWatch(c, "web"), ServiceWatch(c, "api")
+    try:
+        time.sleep(0.5)
+        result = playbook(lab, c, "traffic-port", "-e", "zddd_release=r2",
+                          "-e", f"zddd_release_src={build}", *API_EXTRA)
+        finished = time.monotonic()
+        time.sleep(1.5)
+    finally:
+        web_watch.stop()
+        api_watch.stop()
+        web_records, api_records = web_load.finish(), api_load.finish()
+
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr
+    # api: rolled, host by host, through its backup vhost, with no request lost.
+    assert not failed(api_records), failed(api_records)[:5]
+    seen = answers(api_records)
+    assert seen["app1 api backup"] > 0 and seen["app2 api backup"] > 0, seen
+    assert set(answers(api_records, finished)) == {"api main r2"}, answers(api_records, finished)
+    assert {t for _, s in api_watch.samples for t, _ in s.values()} == {"main", "backup"}
+    for host, app in c.apps.items():
+        assert current(service_root(lab, host, "api")) == "releases/r2"
+        assert current(service_root(lab, host, "web")) == "releases/r1"
+        assert service_prop(app, "api", "ActiveTarget") == "main"
+    # web: untouched all along.
+    assert not failed(web_records), failed(web_records)[:5]
+    web_seen = answers(web_records)
+    assert set(web_seen) == {"app1 web main r1", "app2 web main r1"}, web_seen
+    assert len(web_watch.samples) > 20, "web was hardly sampled"
+    states = {state for _, s in web_watch.samples for state in s.values()}
+    assert states == {("main", "UP")}, states
+    assert {host: service_prop(app, "web", "LastSwitchTimestamp")
+            for host, app in c.apps.items()} == web_switched
+
