@@ -83,7 +83,7 @@ def nested_keys() -> set[str]:
     return keys
 
 
-TABLES = {"targets", "health", "agent", "metrics"}
+TABLES = {"targets", "health", "agent", "metrics", "services"}
 
 
 def test_the_keys_are_found_in_the_source():
