@@ -936,8 +936,8 @@ def two_service_cluster(lab: zdddlab.Lab) -> zdddlab.Cluster:
                                                 str(nginx_root / "error.log"), "-c", str(conf)])
         for _, main, backup, _ in TWO_SERVICES.values():
             for port in (main, backup):
-                zdddlab.wait_for(lambda p=port: nginx.check_alive() or
-                                 zdddlab.port_open(lab, ns, p), 10, f"{host}'s nginx on {port}")
+                zdddlab.wait_for(lambda p=port, n=nginx, s=ns: n.check_alive() or
+                                 zdddlab.port_open(lab, s, p), 10, f"{host}'s nginx on {port}")
         bus = lab.dbus_daemon(f"{host}-bus")
         directory = lab.tmp / f"{host}-zddd"
         directory.mkdir()
