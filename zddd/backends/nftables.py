@@ -1,25 +1,55 @@
 """The nftables backend: one table, `inet zddd`, changed only in atomic libnftables JSON batches.
 
-Layout (what `nft list table inet zddd` shows):
+Layout v2 (what `nft list table inet zddd` shows), every service of the data plane in one
+table, keyed by listen port; here "default" (8888 -> 8080/80) steering to main, and "api"
+(9888 -> 9080/90) splitting 30 % to main:
 
     table inet zddd {
-        counter layout_v1 { }             # the layout version this zddd writes
-        counter flows_main { }            # new connections steered, per target
-        counter flows_backup { }
-        map steer { type inet_service : verdict; elements = { 8888 : goto steer_main } }
-        chain steer_main { meta l4proto tcp counter name "flows_main" redirect to :8080 }
-        chain steer_backup { meta l4proto tcp counter name "flows_backup" redirect to :80 }
+        counter layout_v2 { }                        # the layout version this zddd writes
+        counter flows_main { }                       # new connections steered, per service
+        counter flows_backup { }                     #   and target
+        counter flows_api_main { }
+        counter flows_api_backup { }
+        map steer {                                  # the switch: one element per service
+            type inet_service : verdict
+            elements = { 8888 : goto steer_main, 9888 : goto split_30 } }
+        map to_main { type inet_service : verdict    # per service, fixed: for the splits
+            elements = { 8888 : goto steer_main, 9888 : goto steer_api_main } }
+        map to_backup { type inet_service : verdict
+            elements = { 8888 : goto steer_backup, 9888 : goto steer_api_backup } }
+        chain steer_main { meta l4proto tcp fib daddr type local counter name "flows_main"
+                           redirect to :8080 }
+        chain steer_backup { ... counter name "flows_backup" redirect to :80 }
+        chain steer_api_main { ... counter name "flows_api_main" redirect to :9080 }
+        chain steer_api_backup { ... counter name "flows_api_backup" redirect to :90 }
+        chain split_30 { numgen random mod 100 < 30 tcp dport vmap @to_main
+                         tcp dport vmap @to_backup }
         chain prerouting { type nat hook prerouting priority dstnat; policy accept;
-            tcp dport 8888 fib daddr type local tcp dport vmap @steer }
+                           tcp dport vmap @steer }
         chain output { type nat hook output priority dstnat; policy accept;
-            tcp dport 8888 fib daddr type local tcp dport vmap @steer }
+                       tcp dport vmap @steer }
     }
 
-A switch replaces the one element of `steer` (flush + add in one transaction), so it is atomic
-and costs one small batch. `off` leaves the map empty: the rule no longer matches and nothing
-listens on the listen port, so new connections are refused. The NAT chains stay registered in
-`off`, because conntrack keeps translating connections that were redirected before, and that
-needs the NAT hooks. Nothing outside the table is ever read or written.
+A service's weight is its one element of `steer`: `goto steer_<service>_main` (100),
+`goto steer_<service>_backup` (0), `goto split_<N>` (N, 1..99), no element (off: the rule
+no longer matches and nothing listens on the listen port, so new connections are refused).
+A switch deletes and adds that one element in one transaction, and nothing of any other
+service. The split chains are shared by every service (the listen port, still the packet's
+destination port there, picks the service's own chain in `to_main` / `to_backup`); one is
+created the first time a weight needs it and kept. NAT chains see only the first packet of a
+connection: the split is drawn once, and the conntrack entry keeps the connection on its target
+through any later switch. The service named "default" (the single-service config form) has no
+name part in its chains and counters, so a table of layout v1 (that one service, with the same
+names) is upgraded in place.
+
+The NAT chains stay registered in `off`, and are never deleted by an upgrade or a repair that
+can avoid it: conntrack keeps translating connections that were redirected before, and that
+needs the NAT hooks. `fib daddr type local` keeps zddd from hijacking traffic routed through
+this host to another machine's port. Nothing outside the table is ever read or written.
+
+`read` lists the table once and `plan` works from that listing alone: a minimal diff, so adding
+a service adds its objects and elements, removing one removes them, a repair rewrites what
+differs, and a switch is its element alone.
 
 The `layout_vN` object marks which layout a table has (nft 1.0.6 keeps no table comment in
 JSON). An older layout is rewritten in one transaction (no flip); a newer one, written by a
@@ -36,78 +66,157 @@ the table itself.
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass, field
+
+from ..config import DEFAULT_SERVICE
 from ..kernel import netlink, nfnetlink
-from . import ApplyError, Backend, BackendUnavailable, Desired, KernelState, NewerLayout, Plan
+from . import (BACKUP, MAIN, ApplyError, Backend, BackendUnavailable, Desired, KernelState,
+               NewerLayout, Plan, ServiceLayout, weight_target)
 
 FAMILY = "inet"
 TABLE = "zddd"
-MAP = "steer"
+STEER = "steer"  # listen port -> where the service's new connections go: the switch
+TO_TARGET = {MAIN: "to_main", BACKUP: "to_backup"}  # listen port -> the service's target chain
 NAT_PRIORITY = -100  # dstnat
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
 _LAYOUT_PREFIX = "layout_v"
+_SPLIT_PREFIX = "split_"
 _REF = {"family": FAMILY, "table": TABLE}
 
 
-def _chain_for(target: str) -> str:
-    return f"steer_{target}"
+def _service_part(service: str) -> str:
+    return "" if service == DEFAULT_SERVICE else f"{service}_"
 
 
-def _counter_for(target: str) -> str:
-    return f"flows_{target}"
+def target_chain(service: str, target: str) -> str:
+    return f"steer_{_service_part(service)}{target}"
+
+
+def counter_name(service: str, target: str) -> str:
+    return f"flows_{_service_part(service)}{target}"
+
+
+def split_chain(weight: int) -> str:
+    return f"{_SPLIT_PREFIX}{weight}"
+
+
+def parse_counter(name: str) -> tuple[str, str] | None:
+    """(service, target) of a flows counter's name, or None if it is not one."""
+    if not name.startswith("flows_"):
+        return None
+    head, _, target = name[len("flows_"):].rpartition("_")
+    service = head or DEFAULT_SERVICE
+    return (service, target) if counter_name(service, target) == name else None
+
+
+def _split_weight(chain: str) -> int | None:
+    digits = chain[len(_SPLIT_PREFIX):]
+    if chain.startswith(_SPLIT_PREFIX) and digits.isdigit() and split_chain(int(digits)) == chain:
+        weight = int(digits)
+        return weight if 0 < weight < 100 else None
+    return None
 
 
 def _tcp_dport() -> dict:
     return {"payload": {"protocol": "tcp", "field": "dport"}}
 
 
-def _hook_rule(listen_port: int) -> list:
-    # The first match is the cheap one; fib keeps zddd from hijacking traffic routed through
-    # this host to another machine's port.
-    return [
-        {"match": {"op": "==", "left": _tcp_dport(), "right": listen_port}},
-        {"match": {"op": "==", "left": {"fib": {"result": "type", "flags": ["daddr"]}},
-                   "right": "local"}},
-        {"vmap": {"key": _tcp_dport(), "data": "@" + MAP}},
-    ]
+def _hook_rule() -> list:
+    # One hash lookup for every new TCP connection; the rest happens only for listen ports.
+    return [{"vmap": {"key": _tcp_dport(), "data": "@" + STEER}}]
 
 
-def _steer_rule(target: str, port: int) -> list:
+def _target_rule(service: str, target: str, port: int) -> list:
     return [
         {"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": "tcp"}},
-        {"counter": _counter_for(target)},
+        {"match": {"op": "==", "left": {"fib": {"result": "type", "flags": ["daddr"]}},
+                   "right": "local"}},
+        {"counter": counter_name(service, target)},
         {"redirect": {"port": port}},
     ]
 
 
-def _layout(desired: Desired) -> dict[tuple[str, str], dict]:
+def _split_rules(weight: int) -> list:
+    draw = {"numgen": {"mode": "random", "mod": 100, "offset": 0}}
+    return [
+        [{"match": {"op": "<", "left": draw, "right": weight}},
+         {"vmap": {"key": _tcp_dport(), "data": "@" + TO_TARGET[MAIN]}}],
+        [{"vmap": {"key": _tcp_dport(), "data": "@" + TO_TARGET[BACKUP]}}],
+    ]
+
+
+def _goto(chain: str) -> dict:
+    return {"goto": {"target": chain}}
+
+
+def steer_verdict(service: ServiceLayout) -> dict | None:
+    """The one `steer` element's verdict for the service's weight (None: off, no element)."""
+    target = weight_target(service.weight)
+    if target is None:
+        return None
+    if target == "split":
+        return _goto(split_chain(service.weight))
+    return _goto(target_chain(service.name, target))
+
+
+def _weight_of(verdict, service: ServiceLayout) -> tuple[bool, int | None]:
+    """(whether `verdict` is one zddd writes for `service`, the main weight it stands for)."""
+    chain = verdict.get("goto", {}).get("target") if isinstance(verdict, dict) else None
+    if not isinstance(chain, str) or len(verdict) != 1:
+        return False, None
+    for target, weight in ((MAIN, 100), (BACKUP, 0)):
+        if chain == target_chain(service.name, target) and target in dict(service.ports):
+            return True, weight
+    weight = _split_weight(chain)
+    return (weight is not None), weight
+
+
+def _chain(name: str) -> dict:
+    return {"family": FAMILY, "table": TABLE, "name": name}
+
+
+def _layout(desired: Desired, spare_splits: tuple[int, ...] = ()) -> dict[tuple[str, str], dict]:
     """Every object of the table as nft lists it (minus handles and counter values), by
-    (kind, name); chains carry their rules' expressions under "rules"."""
-    base = {"family": FAMILY, "table": TABLE}
+    (kind, name), in the order a build creates them; chains carry their rules' expressions
+    under "rules". Split chains: those `desired` uses, and `spare_splits` (found, kept)."""
     objects: dict[tuple[str, str], dict] = {}
     marker = f"{_LAYOUT_PREFIX}{LAYOUT_VERSION}"
-    objects[("counter", marker)] = {**base, "name": marker}
-    for target, port in desired.ports:
-        objects[("counter", _counter_for(target))] = {**base, "name": _counter_for(target)}
-        objects[("chain", _chain_for(target))] = {
-            **base, "name": _chain_for(target), "rules": [_steer_rule(target, port)]}
-    objects[("map", MAP)] = {**base, "name": MAP, "type": "inet_service", "map": "verdict"}
+    objects[("counter", marker)] = _chain(marker)
+    for s in desired.services:
+        for target, _ in s.ports:
+            objects[("counter", counter_name(s.name, target))] = _chain(counter_name(s.name,
+                                                                                     target))
+    for name in (STEER, *TO_TARGET.values()):
+        objects[("map", name)] = {**_chain(name), "type": "inet_service", "map": "verdict"}
+    for s in desired.services:
+        for target, port in s.ports:
+            name = target_chain(s.name, target)
+            objects[("chain", name)] = {**_chain(name),
+                                        "rules": [_target_rule(s.name, target, port)]}
+    splits = {s.weight for s in desired.services if weight_target(s.weight) == "split"}
+    for weight in sorted(splits | set(spare_splits)):
+        objects[("chain", split_chain(weight))] = {**_chain(split_chain(weight)),
+                                                   "rules": _split_rules(weight)}
     for hook in ("prerouting", "output"):
         objects[("chain", hook)] = {
-            **base, "name": hook, "type": "nat", "hook": hook, "prio": NAT_PRIORITY,
-            "policy": "accept", "rules": [_hook_rule(desired.listen_port)]}
+            **_chain(hook), "type": "nat", "hook": hook, "prio": NAT_PRIORITY,
+            "policy": "accept", "rules": [_hook_rule()]}
     return objects
 
 
-def _element(desired: Desired) -> list:
-    assert desired.active is not None
-    return [desired.listen_port, {"goto": {"target": _chain_for(desired.active)}}]
+def _static_elements(desired: Desired) -> dict[str, dict]:
+    """The elements of the maps a service's layout fixes: map -> {listen port: verdict}."""
+    return {name: {s.listen_port: _goto(target_chain(s.name, target))
+                   for s in desired.services if target in dict(s.ports)}
+            for target, name in TO_TARGET.items()}
 
 
 _VOLATILE = ("handle", "packets", "bytes", "elem", "table")
 
 
 def _comparable(obj: dict) -> dict:
-    return {k: v for k, v in obj.items() if k not in _VOLATILE}
+    return {k: v for k, v in obj.items() if k not in _VOLATILE and k != "rules"}
 
 
 # nft names a protocol number only where /etc/protocols does (Debian's netbase; a minimal
@@ -124,6 +233,220 @@ def _same_rules(found: list, wanted: list) -> bool:
         return _PROTOCOL_NUMBERS.get(value, value) if isinstance(value, str) else value
 
     return normal(found) == normal(wanted)
+
+
+def _strings_in(value) -> set[str]:
+    if isinstance(value, dict):
+        return set().union(*(_strings_in(v) for v in value.values())) if value else set()
+    if isinstance(value, list):
+        return set().union(*(_strings_in(v) for v in value)) if value else set()
+    return {value} if isinstance(value, str) else set()
+
+
+@dataclass
+class Found:
+    """What `read` listed of the table, all that `plan` needs: its flags, its objects by
+    (kind, name) without handles and counts, each chain's rules, each map's elements (key ->
+    verdict; an element with more than a verdict keeps the rest under "elem")."""
+
+    flags: tuple[str, ...] = ()
+    objects: dict[tuple[str, str], dict] = field(default_factory=dict)
+    rules: dict[str, list] = field(default_factory=dict)
+    elements: dict[str, dict] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, listing: list[dict]) -> "Found":
+        found = cls()
+        for item in listing:
+            (kind, obj), = item.items()
+            if kind == "metainfo":
+                continue
+            if kind == "table":
+                found.flags = tuple(obj.get("flags") or ())
+            elif kind == "rule":
+                found.rules.setdefault(obj["chain"], []).append(obj["expr"])
+            else:
+                found.objects[(kind, obj["name"])] = _comparable(obj)
+                if kind == "map":
+                    found.elements[obj["name"]] = dict(_element(e) for e in obj.get("elem", []))
+        return found
+
+    def version(self) -> int | None:
+        versions = [int(name[len(_LAYOUT_PREFIX):]) for kind, name in self.objects
+                    if kind == "counter" and name.startswith(_LAYOUT_PREFIX)
+                    and name[len(_LAYOUT_PREFIX):].isdigit()]
+        return max(versions) if versions else None
+
+    def spare_splits(self) -> tuple[int, ...]:
+        """The split chains there, by weight (a switch made them; they stay for the next)."""
+        return tuple(w for kind, name in self.objects if kind == "chain"
+                     for w in [_split_weight(name)] if w is not None)
+
+
+def _element(item) -> tuple:
+    key, value = (item if isinstance(item, list) and len(item) == 2 else (item, None))
+    if isinstance(key, dict) and "elem" in key:  # a key with statements (a counter...)
+        extra = {k: v for k, v in key["elem"].items() if k != "val"}
+        key = key["elem"].get("val")
+        value = {"elem": extra, "verdict": value}
+    if not isinstance(key, int):
+        key = json.dumps(key, sort_keys=True)
+    return key, value
+
+
+def _key_json(key):
+    return json.loads(key) if isinstance(key, str) else key
+
+
+@dataclass
+class Diff:
+    """`found` against `desired`: what differs (for the log), the layout commands that repair
+    it, and the flip, the steering elements of the services whose weight changes."""
+
+    problems: list[str] = field(default_factory=list)
+    layout: list = field(default_factory=list)
+    flip: list = field(default_factory=list)
+
+
+def _element_cmd(verb: str, map_name: str, key, verdict=None) -> dict:
+    elem = [_key_json(key), verdict] if verdict is not None else _key_json(key)
+    return {verb: {"element": {**_REF, "name": map_name, "elem": [elem]}}}
+
+
+def diff(found: Found | None, desired: Desired) -> Diff:
+    """The minimal change from `found` (None: no table) to `desired`, in one transaction's
+    order: references go before what they point at, and come back after."""
+    out = Diff()
+    expected = _layout(desired, found.spare_splits() if found else ())
+    static = _static_elements(desired)
+    wanted_steer = {s.listen_port: steer_verdict(s) for s in desired.services}
+    if found is None:
+        out.layout.append({"add": {"table": {"family": FAMILY, "name": TABLE}}})
+        _create(out, expected, list(expected), [k[1] for k in expected if k[0] == "chain"])
+        for name, elements in static.items():
+            out.layout.extend(_element_cmd("add", name, k, v) for k, v in elements.items())
+        out.flip.extend(_element_cmd("add", STEER, k, v)
+                        for k, v in wanted_steer.items() if v is not None)
+        return out
+    if found.flags:
+        out.problems.append(f"table flags {', '.join(found.flags)}")
+        # No flags: a table someone made dormant wakes up again.
+        out.layout.append({"add": {"table": {"family": FAMILY, "name": TABLE, "flags": []}}})
+    deleted = []
+    for key, obj in found.objects.items():
+        if key not in expected:
+            out.problems.append(f"{key[0]} {key[1]} foreign")
+            deleted.append(key)
+        elif obj != _comparable(expected[key]):
+            out.problems.append(f"{key[0]} {key[1]} changed")
+            deleted.append(key)
+    for key in expected:
+        if key not in found.objects:
+            out.problems.append(f"{key[0]} {key[1]} missing")
+    gone = {name for _, name in deleted}
+    gone_refs = {f"@{name}" for kind, name in deleted if kind in ("map", "set")} | {
+        name for kind, name in deleted if kind == "counter"}
+    rewritten = []
+    for (kind, name), obj in expected.items():
+        if kind != "chain" or (kind, name) not in found.objects or (kind, name) in deleted:
+            continue
+        rules = found.rules.get(name, [])
+        if not _same_rules(rules, obj["rules"]):
+            out.problems.append(f"chain {name} changed")
+            rewritten.append(name)
+        elif _strings_in(rules) & gone_refs:
+            rewritten.append(name)  # what its rules name is deleted and made again
+
+    def stale(verdict) -> bool:  # points at a chain about to be deleted
+        return bool(_strings_in(verdict) & gone)
+
+    # Unlink: elements pointing at chains that go, and elements zddd would not have written.
+    readd: dict[str, dict] = {}
+    for name, elements in static.items():
+        if ("map", name) in deleted or ("map", name) not in found.objects:
+            readd[name] = dict(elements)
+            continue
+        have = found.elements.get(name, {})
+        readd[name] = {}
+        for key, verdict in have.items():
+            want = elements.get(key)
+            if want is None:
+                out.problems.append(f"map {name} element {key} foreign")
+            elif verdict != want:
+                out.problems.append(f"map {name} element {key} changed")
+            if want is None or verdict != want or stale(verdict):
+                out.layout.append(_element_cmd("delete", name, key))
+        for key, want in elements.items():
+            if key not in have:
+                out.problems.append(f"map {name} element {key} missing")
+            if key not in have or have[key] != want or stale(have[key]):
+                readd[name][key] = want
+    steer_fresh = ("map", STEER) in deleted or ("map", STEER) not in found.objects
+    have_steer = {} if steer_fresh else found.elements.get(STEER, {})
+    by_port = desired.by_listen_port()
+    steer_flip = []
+    for key, verdict in have_steer.items():
+        service = by_port.get(key)
+        known = service is not None and _weight_of(verdict, service)[0]
+        if not known:
+            out.problems.append(f"map {STEER} element {key} foreign")
+        if not known or stale(verdict):
+            out.layout.append(_element_cmd("delete", STEER, key))
+        elif verdict != wanted_steer[key]:
+            steer_flip.append(_element_cmd("delete", STEER, key))
+    for key, want in wanted_steer.items():
+        verdict = have_steer.get(key)
+        unlinked = verdict is not None and (
+            not _weight_of(verdict, by_port[key])[0] or stale(verdict))
+        if want is not None and (verdict != want or unlinked):
+            steer_flip.append(_element_cmd("add", STEER, key, want))
+    # References first: rules and map elements can point at objects about to go.
+    for key in deleted:
+        if key[0] == "chain":
+            out.layout.append({"flush": {"chain": {**_REF, "name": key[1]}}})
+    for name in rewritten:
+        out.layout.append({"flush": {"chain": {**_REF, "name": name}}})
+    for key in deleted:
+        if key[0] in ("map", "set"):
+            out.layout.append({"flush": {key[0]: {**_REF, "name": key[1]}}})
+    for kind in ("chain", "map", "set", None):
+        for key in deleted:
+            if key[0] == kind or (kind is None and key[0] not in ("chain", "map", "set")):
+                out.layout.append({"delete": {key[0]: {**_REF, "name": key[1]}}})
+    created = [key for key in expected if key not in found.objects or key in deleted]
+    _create(out, expected, created,
+            [name for kind, name in expected if kind == "chain"
+             and ((kind, name) in created or name in rewritten)])
+    for name, elements in readd.items():
+        out.layout.extend(_element_cmd("add", name, k, v) for k, v in elements.items())
+    out.flip.extend(steer_flip)
+    return out
+
+
+def _create(out: Diff, expected: dict, objects: list, chains_with_rules: list[str]) -> None:
+    for key in objects:
+        out.layout.append({"add": {key[0]: {k: v for k, v in expected[key].items()
+                                             if k != "rules"}}})
+    for name in chains_with_rules:
+        for expr in expected[("chain", name)]["rules"]:
+            out.layout.append({"add": {"rule": {**_REF, "chain": name, "expr": expr}}})
+
+
+def weights(found: Found, desired: Desired) -> dict[str, int | None]:
+    """Each desired service's main weight as the `steer` map has it (None: off), for the
+    services the table holds (its target chains or an element of its own); a service whose
+    element is not one zddd writes for it is left out (a problem of `diff`'s)."""
+    steer = found.elements.get(STEER, {})
+    result: dict[str, int | None] = {}
+    for s in desired.services:
+        holds = any(("chain", target_chain(s.name, t)) in found.objects for t, _ in s.ports)
+        if s.listen_port in steer:
+            known, weight = _weight_of(steer[s.listen_port], s)
+            if known:
+                result[s.name] = weight
+        elif holds:
+            result[s.name] = None
+    return result
 
 
 TABLE_FLAG_NAMES = ("dormant", "owner", "persist")  # NFT_TABLE_F_*, bit by bit
@@ -244,101 +567,23 @@ class NftablesBackend(Backend):
         listing = self._list()
         if listing is None:
             return None
-        found, rules, elements = self._parse(listing)
-        for kind, name in found:
-            version = name[len(_LAYOUT_PREFIX):]
-            if kind == "counter" and name.startswith(_LAYOUT_PREFIX) and version.isdigit():
-                NewerLayout.check(f"table {FAMILY} {TABLE}", int(version), LAYOUT_VERSION)
-        expected = _layout(desired)
-        problems = []
-        for item in listing:
-            flags = item.get("table", {}).get("flags")
-            if flags:  # e.g. dormant: the table is there but its hooks do nothing
-                problems.append(f"table flags {', '.join(flags)}")
-        for key in sorted(set(found) ^ set(expected)):
-            problems.append(f"{key[0]} {key[1]} {'missing' if key in expected else 'foreign'}")
-        for key, obj in expected.items():
-            if key not in found:
-                continue
-            want = {k: v for k, v in obj.items() if k != "rules"}
-            if _comparable(found[key]) != _comparable(want) or (
-                    key[0] == "chain" and not _same_rules(rules.get(key[1], []), obj["rules"])):
-                problems.append(f"{key[0]} {key[1]} changed")
-        active = None
-        by_chain = {_chain_for(t): t for t, _ in desired.ports}
-        for key, verdict in elements:
-            target = by_chain.get(verdict.get("goto", {}).get("target"))
-            if key == desired.listen_port and target and active is None:
-                active = target
-            else:
-                problems.append(f"map {MAP} element {key} foreign")
-        return KernelState(active=active, intact=not problems, found=found,
+        found = Found.parse(listing)
+        version = found.version()
+        if version is not None:
+            NewerLayout.check(f"table {FAMILY} {TABLE}", version, LAYOUT_VERSION)
+        problems = diff(found, desired).problems
+        return KernelState(weights=weights(found, desired), intact=not problems, found=found,
                            problems=tuple(problems))
 
-    @staticmethod
-    def _parse(listing: list[dict]):
-        found: dict[tuple[str, str], dict] = {}
-        rules: dict[str, list] = {}
-        elements: list = []
-        for item in listing:
-            (kind, obj), = item.items()
-            if kind in ("metainfo", "table"):
-                continue
-            if kind == "rule":
-                rules.setdefault(obj["chain"], []).append(obj["expr"])
-                continue
-            found[(kind, obj["name"])] = obj
-            if kind == "map" and obj["name"] == MAP:
-                elements = [tuple(e) for e in obj.get("elem", [])]
-        return found, rules, elements
-
     def plan(self, current: KernelState | None, desired: Desired) -> Plan:
-        flip = None
-        if current is None or not current.intact or current.active != desired.active:
-            flip = tuple(self._steering(desired))
-        if current is not None and current.intact:
-            return Plan((), flip)
-        return Plan(tuple(self._full(current.found if current else {}, desired)), flip)
-
-    @staticmethod
-    def _steering(desired: Desired) -> list:
-        ref = {"family": FAMILY, "table": TABLE, "name": MAP}
-        commands: list = [{"flush": {"map": ref}}]
-        if desired.active is not None:
-            commands.append({"add": {"element": {**ref, "elem": [_element(desired)]}}})
-        return commands
-
-    @staticmethod
-    def _full(found: dict, desired: Desired) -> list:
-        """Declare the whole table, given the objects `read` found. Objects that are there but
-        differ, or that zddd would not have written, are removed first; the table itself is
-        never deleted, so the NAT hooks stay registered throughout."""
-        expected = _layout(desired)
-        # No flags: a table someone made dormant wakes up again.
-        table = {"family": FAMILY, "name": TABLE, "flags": []}
-        commands: list = [{"add": {"table": table}}]
-        # References first: rules and map elements can point at objects about to go.
-        for (kind, name) in found:
-            if kind == "chain":
-                commands.append({"flush": {"chain": {**_REF, "name": name}}})
-            elif kind in ("map", "set"):
-                commands.append({"flush": {kind: {**_REF, "name": name}}})
-        for key, obj in found.items():
-            want = expected.get(key)
-            if want is None or _comparable(obj) != _comparable(
-                    {k: v for k, v in want.items() if k != "rules"}):
-                commands.append({"delete": {key[0]: {**_REF, "name": key[1]}}})
-        for (kind, _), obj in expected.items():
-            commands.append({"add": {kind: {k: v for k, v in obj.items() if k != "rules"}}})
-        for (_, name), obj in expected.items():
-            for expr in obj.get("rules", []):
-                commands.append({"add": {"rule": {**_REF, "chain": name, "expr": expr}}})
-        return commands
+        change = diff(current.found if current is not None else None, desired)
+        return Plan(tuple(change.layout), tuple(change.flip) or None)
 
     def apply(self, plan: Plan) -> None:
         # Layout and flip go in one transaction: the kernel takes all of it or none.
         if plan:
-            self._cmd(list(plan.layout) + list(plan.flip or ()))
+            self._cmd([{"metainfo": {"json_schema_version": 1}}, *plan.layout,
+                       *(plan.flip or ())])
 
     def leftover(self, desired: Desired) -> str | None:
         try:
@@ -348,7 +593,7 @@ class NftablesBackend(Backend):
             return None
         try:
             found = self.read(desired)
-            steering = (found.active if found else None) or "nothing"
+            steering = describe(found.weights if found else {})
         except ApplyError as e:
             steering = f"unknown ({e})"
         return f"table {FAMILY} {TABLE} steering {steering}"
@@ -357,12 +602,26 @@ class NftablesBackend(Backend):
         if self._list() is not None:
             self._cmd([{"delete": {"table": {"family": FAMILY, "name": TABLE}}}])
 
-    def flows_steered(self) -> dict[str, int]:
-        listing = self._list() or []
+    def flows_steered(self) -> dict[tuple[str, str], int]:
+        # The counters alone (never the table: see the docstring on flags), all services at once.
         counts = {}
-        for item in listing:
+        for item in self._list_cmd({"counters": {**_REF}}) or []:
             obj = item.get("counter")
-            if obj and obj["name"].startswith("flows_"):  # not layout_vN
-                counts[obj["name"][len("flows_"):]] = int(obj.get("packets", 0))
+            which = parse_counter(obj["name"]) if obj else None
+            if which is not None:  # not layout_vN
+                counts[which] = int(obj.get("packets", 0))
         return counts
 
+
+def describe(weights: dict[str, int | None]) -> str:
+    """Where a table steers, in a few words: "main" with one service, "api main, web off"
+    with several; "nothing" when it steers nothing."""
+    def one(weight: int | None) -> str:
+        target = weight_target(weight)
+        return "off" if target is None else f"main {weight}%" if target == "split" else target
+
+    if not any(w is not None for w in weights.values()):
+        return "nothing"
+    if len(weights) == 1:
+        return one(next(iter(weights.values())))
+    return ", ".join(f"{name} {one(w)}" for name, w in sorted(weights.items()))
