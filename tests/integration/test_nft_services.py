@@ -286,7 +286,14 @@ def test_drift_of_one_service_is_repaired_alone(lab):
     assert repaired["layout"] == [] and steer_keys(repaired["flip"]) == {9888}
     assert ask_name(lab, 9888) == "b-backup"
     lab.app.run("nft", "delete element inet zddd steer { 9888 }; "
-                "add element inet zddd steer { 9888 : goto steer_a_main }")
+                "add element inet zddd steer { 9888 : goto steer_main }")
+    seen = driver("read")["before"]
+    assert seen["intact"] and seen["weights"] == {"a": 100, "b": 100}
+    repaired = driver("apply")
+    assert repaired["layout"] == [] and steer_keys(repaired["flip"]) == {9888}
+    assert ask_name(lab, 9888) == "b-backup"
+    lab.app.run("nft", "delete element inet zddd steer { 9888 }; "
+                "add element inet zddd steer { 9888 : jump steer_main }")
     seen = driver("read")["before"]
     assert not seen["intact"] and seen["weights"] == {"a": 100}
     assert seen["problems"] == ["map steer element 9888 foreign"]
@@ -407,4 +414,3 @@ def test_zddd_adopts_a_v1_table_as_service_default_without_a_flip(lab, old_zddd)
     assert z.zddctl("switch", "main").returncode == 0
     wait_for(lambda: http_get(lab.client, APP_V4, 8888) == "main", 5, "8888 to reach main")
     assert on_backup.get() == "backup"
-    time.sleep(0.1)

@@ -5,51 +5,49 @@ table, keyed by listen port; here "default" (8888 -> 8080/80) steering to main, 
 (9888 -> 9080/90) splitting 30 % to main:
 
     table inet zddd {
-        counter layout_v2 { }                        # the layout version this zddd writes
-        counter flows_main { }                       # new connections steered, per service
-        counter flows_backup { }                     #   and target
-        counter flows_api_main { }
-        counter flows_api_backup { }
-        map steer {                                  # the switch: one element per service
+        counter layout_v2 { }                  # the layout version this zddd writes
+        map steer {                            # the switch: one element per service
             type inet_service : verdict
             elements = { 8888 : goto steer_main, 9888 : goto split_30 } }
-        map to_main { type inet_service : verdict    # per service, fixed: for the splits
-            elements = { 8888 : goto steer_main, 9888 : goto steer_api_main } }
-        map to_backup { type inet_service : verdict
-            elements = { 8888 : goto steer_backup, 9888 : goto steer_api_backup } }
-        chain steer_main { meta l4proto tcp fib daddr type local counter name "flows_main"
-                           redirect to :8080 }
-        chain steer_backup { ... counter name "flows_backup" redirect to :80 }
-        chain steer_api_main { ... counter name "flows_api_main" redirect to :9080 }
-        chain steer_api_backup { ... counter name "flows_api_backup" redirect to :90 }
-        chain split_30 { numgen random mod 100 < 30 tcp dport vmap @to_main
-                         tcp dport vmap @to_backup }
+        map main_port {                        # each service's target ports, and per service
+            type inet_service : inet_service   # and target the new connections steered
+            counter
+            elements = { 8888 counter packets 3 bytes 180 comment "default" : 8080,
+                         9888 counter packets 1 bytes 60 comment "api" : 9080 } }
+        map backup_port { ... 8888 ... : 80, 9888 ... : 90 }
+        chain steer_main { meta l4proto tcp fib daddr type local
+                           redirect to :tcp dport map @main_port }
+        chain steer_backup { ... redirect to :tcp dport map @backup_port }
+        chain split_30 { numgen random mod 100 < 30 goto steer_main
+                         goto steer_backup }
         chain prerouting { type nat hook prerouting priority dstnat; policy accept;
                            tcp dport vmap @steer }
         chain output { type nat hook output priority dstnat; policy accept;
                        tcp dport vmap @steer }
     }
 
-A service's weight is its one element of `steer`: `goto steer_<service>_main` (100),
-`goto steer_<service>_backup` (0), `goto split_<N>` (N, 1..99), no element (off: the rule
-no longer matches and nothing listens on the listen port, so new connections are refused).
-A switch deletes and adds that one element in one transaction, and nothing of any other
-service. The split chains are shared by every service (the listen port, still the packet's
-destination port there, picks the service's own chain in `to_main` / `to_backup`); one is
-created the first time a weight needs it and kept. NAT chains see only the first packet of a
-connection: the split is drawn once, and the conntrack entry keeps the connection on its target
-through any later switch. The service named "default" (the single-service config form) has no
-name part in its chains and counters, so a table of layout v1 (that one service, with the same
-names) is upgraded in place.
+A service's weight is its one element of `steer`: `goto steer_main` (100), `goto steer_backup`
+(0), `goto split_<N>` (N, 1..99), no element (off: the rule no longer matches and nothing
+listens on the listen port, so new connections are refused). A switch deletes and adds that
+one element in one transaction, and nothing of any other service. The chains are shared by
+every service: the listen port, still the packet's destination port there, picks the service's
+target port in `main_port` / `backup_port`, whose per-element counters count the connections
+steered (the element's comment names the service). A service is elements alone, so the table
+has the same objects with 1 or 64 services, and libnftables, which loads every chain and
+counter of a table before it changes an element, commits a switch in the same time. A split
+chain is made the first time a weight needs it and kept. NAT chains see only the first packet
+of a connection: the split is drawn once, and the conntrack entry keeps the connection on its
+target through any later switch. Layout v1 (one service, the same `steer` map and chains) is
+upgraded in place: its element stays, only rules and the per-target counters change.
 
-The NAT chains stay registered in `off`, and are never deleted by an upgrade or a repair that
-can avoid it: conntrack keeps translating connections that were redirected before, and that
-needs the NAT hooks. `fib daddr type local` keeps zddd from hijacking traffic routed through
-this host to another machine's port. Nothing outside the table is ever read or written.
+The NAT chains stay registered in `off`, and an upgrade or a repair rewrites their rules rather
+than delete them where it can: conntrack keeps translating connections that were redirected
+before, and that needs the NAT hooks. `fib daddr type local` keeps zddd from hijacking traffic
+routed through this host to another machine's port. Nothing outside the table is ever written.
 
 `read` lists the table once and `plan` works from that listing alone: a minimal diff, so adding
-a service adds its objects and elements, removing one removes them, a repair rewrites what
-differs, and a switch is its element alone.
+a service adds its elements, removing one removes them, a repair rewrites what differs, and a
+switch is its element alone.
 
 The `layout_vN` object marks which layout a table has (nft 1.0.6 keeps no table comment in
 JSON). An older layout is rewritten in one transaction (no flip); a newer one, written by a
@@ -69,15 +67,15 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from ..config import DEFAULT_SERVICE
 from ..kernel import netlink, nfnetlink
 from . import (BACKUP, MAIN, ApplyError, Backend, BackendUnavailable, Desired, KernelState,
-               NewerLayout, Plan, ServiceLayout, weight_target)
+               NewerLayout, Plan, weight_target)
 
 FAMILY = "inet"
 TABLE = "zddd"
 STEER = "steer"  # listen port -> where the service's new connections go: the switch
-TO_TARGET = {MAIN: "to_main", BACKUP: "to_backup"}  # listen port -> the service's target chain
+TARGETS = (MAIN, BACKUP)
+PORT_MAP = {MAIN: "main_port", BACKUP: "backup_port"}  # listen port -> the target's port
 NAT_PRIORITY = -100  # dstnat
 LAYOUT_VERSION = 2
 _LAYOUT_PREFIX = "layout_v"
@@ -85,29 +83,12 @@ _SPLIT_PREFIX = "split_"
 _REF = {"family": FAMILY, "table": TABLE}
 
 
-def _service_part(service: str) -> str:
-    return "" if service == DEFAULT_SERVICE else f"{service}_"
-
-
-def target_chain(service: str, target: str) -> str:
-    return f"steer_{_service_part(service)}{target}"
-
-
-def counter_name(service: str, target: str) -> str:
-    return f"flows_{_service_part(service)}{target}"
+def target_chain(target: str) -> str:
+    return f"steer_{target}"
 
 
 def split_chain(weight: int) -> str:
     return f"{_SPLIT_PREFIX}{weight}"
-
-
-def parse_counter(name: str) -> tuple[str, str] | None:
-    """(service, target) of a flows counter's name, or None if it is not one."""
-    if not name.startswith("flows_"):
-        return None
-    head, _, target = name[len("flows_"):].rpartition("_")
-    service = head or DEFAULT_SERVICE
-    return (service, target) if counter_name(service, target) == name else None
 
 
 def _split_weight(chain: str) -> int | None:
@@ -127,13 +108,12 @@ def _hook_rule() -> list:
     return [{"vmap": {"key": _tcp_dport(), "data": "@" + STEER}}]
 
 
-def _target_rule(service: str, target: str, port: int) -> list:
+def _target_rule(target: str) -> list:
     return [
         {"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": "tcp"}},
         {"match": {"op": "==", "left": {"fib": {"result": "type", "flags": ["daddr"]}},
                    "right": "local"}},
-        {"counter": counter_name(service, target)},
-        {"redirect": {"port": port}},
+        {"redirect": {"port": {"map": {"key": _tcp_dport(), "data": "@" + PORT_MAP[target]}}}},
     ]
 
 
@@ -141,8 +121,8 @@ def _split_rules(weight: int) -> list:
     draw = {"numgen": {"mode": "random", "mod": 100, "offset": 0}}
     return [
         [{"match": {"op": "<", "left": draw, "right": weight}},
-         {"vmap": {"key": _tcp_dport(), "data": "@" + TO_TARGET[MAIN]}}],
-        [{"vmap": {"key": _tcp_dport(), "data": "@" + TO_TARGET[BACKUP]}}],
+         {"goto": {"target": target_chain(MAIN)}}],
+        [{"goto": {"target": target_chain(BACKUP)}}],
     ]
 
 
@@ -150,66 +130,66 @@ def _goto(chain: str) -> dict:
     return {"goto": {"target": chain}}
 
 
-def steer_verdict(service: ServiceLayout) -> dict | None:
-    """The one `steer` element's verdict for the service's weight (None: off, no element)."""
-    target = weight_target(service.weight)
+def steer_verdict(weight: int | None) -> dict | None:
+    """The `steer` element's verdict for a main weight (None: off, no element)."""
+    target = weight_target(weight)
     if target is None:
         return None
-    if target == "split":
-        return _goto(split_chain(service.weight))
-    return _goto(target_chain(service.name, target))
+    return _goto(split_chain(weight) if target == "split" else target_chain(target))
 
 
-def _weight_of(verdict, service: ServiceLayout) -> tuple[bool, int | None]:
-    """(whether `verdict` is one zddd writes for `service`, the main weight it stands for)."""
+def _weight_of(element: dict) -> tuple[bool, int | None]:
+    """(whether a `steer` element is one zddd writes, the main weight it stands for)."""
+    verdict = element.get("data")
     chain = verdict.get("goto", {}).get("target") if isinstance(verdict, dict) else None
-    if not isinstance(chain, str) or len(verdict) != 1:
+    if set(element) != {"data"} or not isinstance(chain, str) or len(verdict) != 1:
         return False, None
     for target, weight in ((MAIN, 100), (BACKUP, 0)):
-        if chain == target_chain(service.name, target) and target in dict(service.ports):
+        if chain == target_chain(target):
             return True, weight
     weight = _split_weight(chain)
     return (weight is not None), weight
 
 
-def _chain(name: str) -> dict:
+def _named(name: str) -> dict:
     return {"family": FAMILY, "table": TABLE, "name": name}
 
 
 def _layout(desired: Desired, spare_splits: tuple[int, ...] = ()) -> dict[tuple[str, str], dict]:
-    """Every object of the table as nft lists it (minus handles and counter values), by
+    """Every object of the table as nft lists it (minus handles, counts and elements), by
     (kind, name), in the order a build creates them; chains carry their rules' expressions
     under "rules". Split chains: those `desired` uses, and `spare_splits` (found, kept)."""
     objects: dict[tuple[str, str], dict] = {}
     marker = f"{_LAYOUT_PREFIX}{LAYOUT_VERSION}"
-    objects[("counter", marker)] = _chain(marker)
-    for s in desired.services:
-        for target, _ in s.ports:
-            objects[("counter", counter_name(s.name, target))] = _chain(counter_name(s.name,
-                                                                                     target))
-    for name in (STEER, *TO_TARGET.values()):
-        objects[("map", name)] = {**_chain(name), "type": "inet_service", "map": "verdict"}
-    for s in desired.services:
-        for target, port in s.ports:
-            name = target_chain(s.name, target)
-            objects[("chain", name)] = {**_chain(name),
-                                        "rules": [_target_rule(s.name, target, port)]}
+    objects[("counter", marker)] = _named(marker)
+    objects[("map", STEER)] = {**_named(STEER), "type": "inet_service", "map": "verdict"}
+    for target in TARGETS:
+        objects[("map", PORT_MAP[target])] = {
+            **_named(PORT_MAP[target]), "type": "inet_service", "map": "inet_service",
+            "stmt": [{"counter": None}]}
+    for target in TARGETS:
+        objects[("chain", target_chain(target))] = {**_named(target_chain(target)),
+                                                    "rules": [_target_rule(target)]}
     splits = {s.weight for s in desired.services if weight_target(s.weight) == "split"}
     for weight in sorted(splits | set(spare_splits)):
-        objects[("chain", split_chain(weight))] = {**_chain(split_chain(weight)),
+        objects[("chain", split_chain(weight))] = {**_named(split_chain(weight)),
                                                    "rules": _split_rules(weight)}
     for hook in ("prerouting", "output"):
         objects[("chain", hook)] = {
-            **_chain(hook), "type": "nat", "hook": hook, "prio": NAT_PRIORITY,
+            **_named(hook), "type": "nat", "hook": hook, "prio": NAT_PRIORITY,
             "policy": "accept", "rules": [_hook_rule()]}
     return objects
 
 
-def _static_elements(desired: Desired) -> dict[str, dict]:
-    """The elements of the maps a service's layout fixes: map -> {listen port: verdict}."""
-    return {name: {s.listen_port: _goto(target_chain(s.name, target))
-                   for s in desired.services if target in dict(s.ports)}
-            for target, name in TO_TARGET.items()}
+def _elements(desired: Desired) -> dict[str, dict]:
+    """Every map's elements as zddd writes them: map -> {listen port: element}, an element
+    being {"data": its value} plus the "comment" it carries."""
+    elements = {name: {s.listen_port: {"data": s.port_of(target), "comment": s.name}
+                       for s in desired.services if target in dict(s.ports)}
+                for target, name in PORT_MAP.items()}
+    elements[STEER] = {s.listen_port: {"data": steer_verdict(s.weight)}
+                       for s in desired.services if s.weight is not None}
+    return elements
 
 
 _VOLATILE = ("handle", "packets", "bytes", "elem", "table")
@@ -243,11 +223,23 @@ def _strings_in(value) -> set[str]:
     return {value} if isinstance(value, str) else set()
 
 
+def _element(item) -> tuple:
+    """(key, element) of an element as nft lists it: the element is {"data": value} plus what
+    the key carries (its comment, a timeout...) but its counter, which counts."""
+    key, data = (item if isinstance(item, list) and len(item) == 2 else (item, None))
+    element = {"data": data}
+    if isinstance(key, dict) and "elem" in key:
+        element.update({k: v for k, v in key["elem"].items() if k not in ("val", "counter")})
+        key = key["elem"].get("val")
+    if not isinstance(key, int):
+        key = json.dumps(key, sort_keys=True)
+    return key, element
+
+
 @dataclass
 class Found:
     """What `read` listed of the table, all that `plan` needs: its flags, its objects by
-    (kind, name) without handles and counts, each chain's rules, each map's elements (key ->
-    verdict; an element with more than a verdict keeps the rest under "elem")."""
+    (kind, name) without handles and counts, each chain's rules, each map's elements."""
 
     flags: tuple[str, ...] = ()
     objects: dict[tuple[str, str], dict] = field(default_factory=dict)
@@ -283,17 +275,6 @@ class Found:
                      for w in [_split_weight(name)] if w is not None)
 
 
-def _element(item) -> tuple:
-    key, value = (item if isinstance(item, list) and len(item) == 2 else (item, None))
-    if isinstance(key, dict) and "elem" in key:  # a key with statements (a counter...)
-        extra = {k: v for k, v in key["elem"].items() if k != "val"}
-        key = key["elem"].get("val")
-        value = {"elem": extra, "verdict": value}
-    if not isinstance(key, int):
-        key = json.dumps(key, sort_keys=True)
-    return key, value
-
-
 def _key_json(key):
     return json.loads(key) if isinstance(key, str) else key
 
@@ -308,25 +289,28 @@ class Diff:
     flip: list = field(default_factory=list)
 
 
-def _element_cmd(verb: str, map_name: str, key, verdict=None) -> dict:
-    elem = [_key_json(key), verdict] if verdict is not None else _key_json(key)
+def _element_cmd(verb: str, map_name: str, key, element: dict | None = None) -> dict:
+    if element is None:
+        elem = _key_json(key)
+    else:
+        extra = {k: v for k, v in element.items() if k != "data"}
+        elem = [{"elem": {"val": key, **extra}} if extra else key, element["data"]]
     return {verb: {"element": {**_REF, "name": map_name, "elem": [elem]}}}
 
 
 def diff(found: Found | None, desired: Desired) -> Diff:
     """The minimal change from `found` (None: no table) to `desired`, in one transaction's
-    order: references go before what they point at, and come back after."""
+    order: references go before what they point at, and come back after. The steer elements
+    of the services whose weight changes are the flip; everything else is layout."""
     out = Diff()
     expected = _layout(desired, found.spare_splits() if found else ())
-    static = _static_elements(desired)
-    wanted_steer = {s.listen_port: steer_verdict(s) for s in desired.services}
+    wanted = _elements(desired)
     if found is None:
         out.layout.append({"add": {"table": {"family": FAMILY, "name": TABLE}}})
         _create(out, expected, list(expected), [k[1] for k in expected if k[0] == "chain"])
-        for name, elements in static.items():
-            out.layout.extend(_element_cmd("add", name, k, v) for k, v in elements.items())
-        out.flip.extend(_element_cmd("add", STEER, k, v)
-                        for k, v in wanted_steer.items() if v is not None)
+        for name, elements in wanted.items():
+            commands = [_element_cmd("add", name, k, e) for k, e in elements.items()]
+            (out.flip if name == STEER else out.layout).extend(commands)
         return out
     if found.flags:
         out.problems.append(f"table flags {', '.join(found.flags)}")
@@ -344,8 +328,7 @@ def diff(found: Found | None, desired: Desired) -> Diff:
         if key not in found.objects:
             out.problems.append(f"{key[0]} {key[1]} missing")
     gone = {name for _, name in deleted}
-    gone_refs = {f"@{name}" for kind, name in deleted if kind in ("map", "set")} | {
-        name for kind, name in deleted if kind == "counter"}
+    gone_refs = {f"@{name}" for kind, name in deleted if kind in ("map", "set")} | gone
     rewritten = []
     for (kind, name), obj in expected.items():
         if kind != "chain" or (kind, name) not in found.objects or (kind, name) in deleted:
@@ -357,49 +340,41 @@ def diff(found: Found | None, desired: Desired) -> Diff:
         elif _strings_in(rules) & gone_refs:
             rewritten.append(name)  # what its rules name is deleted and made again
 
-    def stale(verdict) -> bool:  # points at a chain about to be deleted
-        return bool(_strings_in(verdict) & gone)
-
-    # Unlink: elements pointing at chains that go, and elements zddd would not have written.
+    # Elements: those pointing at chains that go, and those zddd would not have written, are
+    # unlinked first; the ones missing are added last. The steer elements of the services
+    # whose weight changes are the flip.
     readd: dict[str, dict] = {}
-    for name, elements in static.items():
-        if ("map", name) in deleted or ("map", name) not in found.objects:
-            readd[name] = dict(elements)
-            continue
-        have = found.elements.get(name, {})
+    flip_deletes, flip_adds = [], []
+    services = desired.by_listen_port()
+    for name, elements in wanted.items():
+        fresh = ("map", name) in deleted or ("map", name) not in found.objects
+        have = {} if fresh else found.elements.get(name, {})
         readd[name] = {}
-        for key, verdict in have.items():
+        for key, element in have.items():
             want = elements.get(key)
-            if want is None:
-                out.problems.append(f"map {name} element {key} foreign")
-            elif verdict != want:
-                out.problems.append(f"map {name} element {key} changed")
-            if want is None or verdict != want or stale(verdict):
+            stale = bool(_strings_in(element) & gone)
+            if name == STEER and key in services and _weight_of(element)[0]:
+                if stale:  # its chain is made again: the element with it
+                    out.layout.append(_element_cmd("delete", name, key))
+                    if want is not None:
+                        readd[name][key] = want
+                elif element != want:
+                    flip_deletes.append(_element_cmd("delete", name, key))
+                    if want is not None:
+                        flip_adds.append(_element_cmd("add", name, key, want))
+                continue
+            if want is None or element != want:
+                what = "changed" if want is not None and name != STEER else "foreign"
+                out.problems.append(f"map {name} element {key} {what}")
+            if want is None or element != want or stale:
                 out.layout.append(_element_cmd("delete", name, key))
+                if want is not None:
+                    readd[name][key] = want
         for key, want in elements.items():
             if key not in have:
-                out.problems.append(f"map {name} element {key} missing")
-            if key not in have or have[key] != want or stale(have[key]):
+                if name != STEER:  # a service off has no steer element
+                    out.problems.append(f"map {name} element {key} missing")
                 readd[name][key] = want
-    steer_fresh = ("map", STEER) in deleted or ("map", STEER) not in found.objects
-    have_steer = {} if steer_fresh else found.elements.get(STEER, {})
-    by_port = desired.by_listen_port()
-    steer_flip = []
-    for key, verdict in have_steer.items():
-        service = by_port.get(key)
-        known = service is not None and _weight_of(verdict, service)[0]
-        if not known:
-            out.problems.append(f"map {STEER} element {key} foreign")
-        if not known or stale(verdict):
-            out.layout.append(_element_cmd("delete", STEER, key))
-        elif verdict != wanted_steer[key]:
-            steer_flip.append(_element_cmd("delete", STEER, key))
-    for key, want in wanted_steer.items():
-        verdict = have_steer.get(key)
-        unlinked = verdict is not None and (
-            not _weight_of(verdict, by_port[key])[0] or stale(verdict))
-        if want is not None and (verdict != want or unlinked):
-            steer_flip.append(_element_cmd("add", STEER, key, want))
     # References first: rules and map elements can point at objects about to go.
     for key in deleted:
         if key[0] == "chain":
@@ -418,8 +393,9 @@ def diff(found: Found | None, desired: Desired) -> Diff:
             [name for kind, name in expected if kind == "chain"
              and ((kind, name) in created or name in rewritten)])
     for name, elements in readd.items():
-        out.layout.extend(_element_cmd("add", name, k, v) for k, v in elements.items())
-    out.flip.extend(steer_flip)
+        commands = [_element_cmd("add", name, k, e) for k, e in elements.items()]
+        (flip_adds if name == STEER else out.layout).extend(commands)
+    out.flip = flip_deletes + flip_adds
     return out
 
 
@@ -434,14 +410,14 @@ def _create(out: Diff, expected: dict, objects: list, chains_with_rules: list[st
 
 def weights(found: Found, desired: Desired) -> dict[str, int | None]:
     """Each desired service's main weight as the `steer` map has it (None: off), for the
-    services the table holds (its target chains or an element of its own); a service whose
-    element is not one zddd writes for it is left out (a problem of `diff`'s)."""
+    services the table holds (an element of their own in any map); a service whose steer
+    element is not one zddd writes is left out (a problem of `diff`'s)."""
     steer = found.elements.get(STEER, {})
     result: dict[str, int | None] = {}
     for s in desired.services:
-        holds = any(("chain", target_chain(s.name, t)) in found.objects for t, _ in s.ports)
+        holds = any(s.listen_port in found.elements.get(m, {}) for m in PORT_MAP.values())
         if s.listen_port in steer:
-            known, weight = _weight_of(steer[s.listen_port], s)
+            known, weight = _weight_of(steer[s.listen_port])
             if known:
                 result[s.name] = weight
         elif holds:
@@ -471,32 +447,36 @@ class NftablesBackend(Backend):
     name = "nftables"
 
     def __init__(self) -> None:
-        # Opened on first use and kept for the backend's life: a libnftables context, and a
-        # netlink socket for the table's flags.
-        self._nft_context = None
+        # Opened on first use and kept for the backend's life: two libnftables contexts, one
+        # that lists and one that commits, and a netlink socket for the table's flags.
+        # libnftables caches what it listed and frees it when the ruleset changes: a commit on
+        # the listing context would pay for freeing a whole listing of the table (every
+        # service's elements) before a switch; the committing context caches only the few
+        # objects a change needs.
+        self._contexts: dict[str, object] = {}
         self._netlink: netlink.Socket | None = None
 
-    def _nft(self):
-        if self._nft_context is None:
+    def _nft(self, purpose: str = "list"):
+        if purpose not in self._contexts:
             import nftables
 
             nft = nftables.Nftables()
             nft.set_json_output(True)
             nft.set_handle_output(False)
-            self._nft_context = nft
-        return self._nft_context
+            self._contexts[purpose] = nft
+        return self._contexts[purpose]
 
-    def _json_cmd(self, commands: list) -> tuple[int, dict | None, str]:
+    def _json_cmd(self, commands: list, purpose: str = "list") -> tuple[int, dict | None, str]:
         try:
-            return self._nft().json_cmd({"nftables": commands})
+            return self._nft(purpose).json_cmd({"nftables": commands})
         except ValueError as e:
             # Should a table gain flags between the netlink read and the listing, nft 1.0.6
             # prints garbage (see the module's docstring), at times not even JSON.
             raise ApplyError(f"nft printed what is not JSON ({e}); is table {FAMILY} {TABLE} "
                              "owned by another process?") from None
 
-    def _cmd(self, commands: list) -> dict | None:
-        rc, out, err = self._json_cmd(commands)
+    def _cmd(self, commands: list, purpose: str = "list") -> dict | None:
+        rc, out, err = self._json_cmd(commands, purpose)
         if rc != 0:
             raise ApplyError(_first_error(err))
         return out
@@ -583,7 +563,7 @@ class NftablesBackend(Backend):
         # Layout and flip go in one transaction: the kernel takes all of it or none.
         if plan:
             self._cmd([{"metainfo": {"json_schema_version": 1}}, *plan.layout,
-                       *(plan.flip or ())])
+                       *(plan.flip or ())], "commit")
 
     def leftover(self, desired: Desired) -> str | None:
         try:
@@ -600,16 +580,20 @@ class NftablesBackend(Backend):
 
     def remove(self, desired: Desired) -> None:
         if self._list() is not None:
-            self._cmd([{"delete": {"table": {"family": FAMILY, "name": TABLE}}}])
+            self._cmd([{"delete": {"table": {"family": FAMILY, "name": TABLE}}}], "commit")
 
     def flows_steered(self) -> dict[tuple[str, str], int]:
-        # The counters alone (never the table: see the docstring on flags), all services at once.
+        # The two port maps alone (never the table: see the docstring on flags); each element
+        # counts the connections its rule redirected, and its comment names the service.
         counts = {}
-        for item in self._list_cmd({"counters": {**_REF}}) or []:
-            obj = item.get("counter")
-            which = parse_counter(obj["name"]) if obj else None
-            if which is not None:  # not layout_vN
-                counts[which] = int(obj.get("packets", 0))
+        for target, name in PORT_MAP.items():
+            for item in self._list_cmd({"map": {**_REF, "name": name}}) or []:
+                for elem in item.get("map", {}).get("elem", []):
+                    key = elem[0] if isinstance(elem, list) and elem else None
+                    extra = key.get("elem", {}) if isinstance(key, dict) else {}
+                    if isinstance(extra.get("comment"), str):
+                        packets = (extra.get("counter") or {}).get("packets", 0)
+                        counts[(extra["comment"], target)] = int(packets)
         return counts
 
 
