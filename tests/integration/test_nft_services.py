@@ -58,6 +58,10 @@ for line in sys.stdin:
             answer["after"] = state(backend.read(desired()))
         elif cmd["op"] == "flows":
             answer["flows"] = [[s, t, n] for (s, t), n in backend.flows_steered().items()]
+        elif cmd["op"] == "leftover":
+            answer["leftover"] = NftablesBackend().leftover(desired())
+        elif cmd["op"] == "remove":
+            backend.remove(desired())
     except Exception as e:
         answer = {"error": f"{type(e).__name__}: {e}"}
     print(json.dumps(answer), flush=True)
@@ -228,6 +232,10 @@ def test_50_switches_of_one_service_leave_the_others_transfers_and_keepalive_alo
     flows = driver.flows()
     assert flows[("b", "main")] == 3 and flows[("b", "backup")] == 0  # bulk, keep, ask_name
     assert flows[("a", "main")] == 25 and flows[("a", "backup")] == 25
+    assert driver("leftover")["leftover"] == "table inet zddd steering a main, b main"
+    driver("remove")
+    assert lab.app.run("nft", "list", "tables").stdout.strip() == ""
+    assert driver("leftover")["leftover"] is None
     print(f"50 switches of a beside b's {result['transfers']} x 10 MB: apply p50 "
           f"{sorted(times)[25]:.0f} us, max {max(times):.0f} us")
 
