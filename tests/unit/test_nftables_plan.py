@@ -198,6 +198,7 @@ def test_layout_v1_is_adopted_as_service_default_and_upgraded_without_a_flip():
     single = desired(service(0))
     current, p = plan(V1, single, single)
     assert current.weights == {"default": 100} and not current.intact
+    assert current.problems[0] == "older layout v1"
     assert p.flip is None  # the element 8888 : goto steer_main stays as it is
     deleted = [c["delete"]["counter"]["name"] for c in p.layout if "delete" in c]
     assert deleted == ["layout_v1", "flows_backup", "flows_main"]

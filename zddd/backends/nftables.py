@@ -552,6 +552,8 @@ class NftablesBackend(Backend):
         if version is not None:
             NewerLayout.check(f"table {FAMILY} {TABLE}", version, LAYOUT_VERSION)
         problems = diff(found, desired).problems
+        if version is not None and version < LAYOUT_VERSION:
+            problems.insert(0, f"older layout v{version}")
         return KernelState(weights=weights(found, desired), intact=not problems, found=found,
                            problems=tuple(problems))
 
