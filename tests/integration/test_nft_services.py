@@ -9,12 +9,13 @@ plane; the upgrade is also checked through zddd itself."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
-from zdddlab import APP_V4, PYTHON, REPO, VENV_BIN, KeepAlive, http_get, wait_for
+from zdddlab import APP_V4, PYTHON, REPO, VENV_BIN, KeepAlive, Zddd, dbus_call, http_get, wait_for
 
 # Service a: 8888 -> 8080/80 (the lab's vhosts "main" and "backup"); b: 9888 -> 9080/90.
 A = {"name": "a", "listen": 8888, "ports": {"main": 8080, "backup": 80}}
@@ -404,21 +405,37 @@ def test_a_v1_table_is_upgraded_in_place_keeping_its_flows(lab, old_zddd):
     assert http_get(lab.client, APP_V4, 8888) == "main"
 
 
-def test_zddd_adopts_a_v1_table_as_service_default_without_a_flip(lab, old_zddd):
-    build_v1(lab, old_zddd, "main")
+def test_zddd_takes_over_from_the_zddd_of_layout_v1_without_a_flip(lab, old_zddd):
+    """The old zddd itself (d3fac13's daemon) steers and is stopped; the new one adopts its
+    table as service "default": no switch, held connections keep their vhost."""
+    z = lab.own(Zddd(lab.app, lab.bus, lab.tmp, {"backend": "nftables", "initial": "main"}))
+    with open(lab.tmp / "old-zddd.log", "w") as log:
+        old = lab.app.popen(str(VENV_BIN / "python"), "-c",
+                            "import sys; from zddd.daemon import main; sys.exit(main())",
+                            "--config", str(z.config_path), "--bus", lab.bus.address, cwd="/",
+                            env={**os.environ, "PYTHONPATH": str(old_zddd)}, stdout=log,
+                            stderr=subprocess.STDOUT)
+    wait_for(lambda: old.poll() is not None or z.owns_name(), 15, "the old zddd to start")
     on_main = KeepAlive(lab.client, APP_V4, 8888)
     lab.closers.append(on_main.close)
     assert on_main.get() == "main"
-    build_v1(lab, old_zddd, "backup")
+    assert dbus_call(lab.bus.address, "Switch", "s", ["backup"])[0] is None
     on_backup = KeepAlive(lab.client, APP_V4, 8888)
     lab.closers.append(on_backup.close)
     assert on_backup.get() == "backup"
-    z = lab.start_zddd({"initial": "main"})
+    old.terminate()
+    assert old.wait(timeout=10) == 0, (lab.tmp / "old-zddd.log").read_text()
+    wait_for(lambda: not z.owns_name(), 10, "the old zddd to release its name")
+    assert "layout_v1" in lab.app.run("nft", "list", "table", "inet", "zddd").stdout
+    hooks = {k: v for k, v in table_handles(lab).items() if k[1] in ("prerouting", "output")}
+    z.start()
     assert z.prop("ActiveTarget") == "backup"
     assert "how=adopted" in z.log() and "event=switch " not in z.log(), z.log()
+    assert "older layout v1" in z.log()
     assert "layout_v2" in lab.app.run("nft", "list", "table", "inet", "zddd").stdout
+    assert {k: v for k, v in table_handles(lab).items() if k in hooks} == hooks
     assert on_main.get() == "main" and on_backup.get() == "backup"
     assert http_get(lab.client, APP_V4, 8888) == "backup"
     assert z.zddctl("switch", "main").returncode == 0
-    wait_for(lambda: http_get(lab.client, APP_V4, 8888) == "main", 5, "8888 to reach main")
-    assert on_backup.get() == "backup"
+    assert http_get(lab.client, APP_V4, 8888) == "main"
+    assert on_backup.get() == "backup" and on_main.get() == "main"
