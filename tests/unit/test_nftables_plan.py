@@ -221,3 +221,26 @@ def test_a_newer_layout_is_refused_not_repaired():
     items = json.loads(json.dumps(V1).replace("layout_v1", "layout_v3"))
     with pytest.raises(NewerLayout, match="layout v3"):
         state(items, desired(service(0)))
+
+
+def test_up_to_four_unused_split_chains_stay_and_a_ramps_trail_goes():
+    def splits(*weights):
+        return desired(*(service(i, w) for i, w in enumerate(weights)))
+
+    four = splits(11, 12, 13, 14, 100)
+    current, p = plan(listing(four), four, splits(100, 100, 100, 100, 100))
+    assert p.steering_only and current.intact  # a canary back to 100 is its element alone
+    five = splits(11, 12, 13, 14, 15)
+    current, p = plan(listing(five), five, splits(11, 12, 13, 14, 100))
+    assert p.steering_only  # split_15 is the only unused one, and stays
+    current, p = plan(listing(five), five, splits(100, 100, 100, 100, 100))
+    chains = {"family": "inet", "table": "zddd"}
+    gone = [{"delete": {"chain": {**chains, "name": f"split_{w}"}}} for w in range(11, 16)]
+    assert all(c in p.layout for c in gone)
+    # Each service's element is unlinked before its chain goes, and steered again after.
+    for i in range(5):
+        key = 8888 if i == 0 else 10000 + i
+        assert p.layout.index(elem("delete", key)) < p.layout.index(gone[i])
+        assert elem("add", key, {"goto": {"target": "steer_main"}}) in p.flip
+    after = listing(splits(100, 100, 100, 100, 100))
+    assert plan(after, five, five)[1].layout  # the splits are made again when wanted

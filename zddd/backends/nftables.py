@@ -35,10 +35,12 @@ target port in `main_port` / `backup_port`, whose per-element counters count the
 steered (the element's comment names the service). A service is elements alone, so the table
 has the same objects with 1 or 64 services, and libnftables, which loads every chain and
 counter of a table before it changes an element, commits a switch in the same time. A split
-chain is made the first time a weight needs it and kept. NAT chains see only the first packet
-of a connection: the split is drawn once, and the conntrack entry keeps the connection on its
-target through any later switch. Layout v1 (one service, the same `steer` map and chains) is
-upgraded in place: its element stays, only rules and the per-target counters change.
+chain is made the first time a weight needs it and kept while unused, up to SPARE_SPLITS of
+them (a ramp's trail of more goes with the change that leaves one more unused). NAT chains
+see only the first packet of a connection: the split is drawn once, and the conntrack entry
+keeps the connection on its target through any later switch. Layout v1 (one service, the same
+`steer` map and chains) is upgraded in place: its element stays, only rules and the per-target
+counters change.
 
 The NAT chains stay registered in `off`, and an upgrade or a repair rewrites their rules rather
 than delete them where it can: conntrack keeps translating connections that were redirected
@@ -80,6 +82,7 @@ NAT_PRIORITY = -100  # dstnat
 LAYOUT_VERSION = 2
 _LAYOUT_PREFIX = "layout_v"
 _SPLIT_PREFIX = "split_"
+SPARE_SPLITS = 4  # split chains kept while no service uses them
 _REF = {"family": FAMILY, "table": TABLE}
 
 
@@ -269,10 +272,15 @@ class Found:
                     and name[len(_LAYOUT_PREFIX):].isdigit()]
         return max(versions) if versions else None
 
-    def spare_splits(self) -> tuple[int, ...]:
-        """The split chains there, by weight (a switch made them; they stay for the next)."""
-        return tuple(w for kind, name in self.objects if kind == "chain"
-                     for w in [_split_weight(name)] if w is not None)
+    def spare_splits(self, desired: Desired) -> tuple[int, ...]:
+        """The split chains there that `desired` does not use but that stay, by weight: all
+        of them while there are at most SPARE_SPLITS, so a canary going back and forth
+        stays a one-element switch; none once there are more (a ramp's trail), since
+        libnftables loads every chain of the table before each switch."""
+        used = {s.weight for s in desired.services}
+        spare = tuple(w for kind, name in self.objects if kind == "chain"
+                      for w in [_split_weight(name)] if w is not None and w not in used)
+        return spare if len(spare) <= SPARE_SPLITS else ()
 
 
 def _key_json(key):
@@ -303,7 +311,7 @@ def diff(found: Found | None, desired: Desired) -> Diff:
     order: references go before what they point at, and come back after. The steer elements
     of the services whose weight changes are the flip; everything else is layout."""
     out = Diff()
-    expected = _layout(desired, found.spare_splits() if found else ())
+    expected = _layout(desired, found.spare_splits(desired) if found else ())
     wanted = _elements(desired)
     if found is None:
         out.layout.append({"add": {"table": {"family": FAMILY, "name": TABLE}}})
@@ -319,7 +327,8 @@ def diff(found: Found | None, desired: Desired) -> Diff:
     deleted = []
     for key, obj in found.objects.items():
         if key not in expected:
-            out.problems.append(f"{key[0]} {key[1]} foreign")
+            unused = key[0] == "chain" and _split_weight(key[1]) is not None
+            out.problems.append(f"{key[0]} {key[1]} {'unused' if unused else 'foreign'}")
             deleted.append(key)
         elif obj != _comparable(expected[key]):
             out.problems.append(f"{key[0]} {key[1]} changed")
