@@ -68,6 +68,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..kernel import netlink, nfnetlink
 from . import (BACKUP, MAIN, ApplyError, Backend, BackendUnavailable, Desired, KernelState,
@@ -136,7 +137,7 @@ def _goto(chain: str) -> dict:
 def steer_verdict(weight: int | None) -> dict | None:
     """The `steer` element's verdict for a main weight (None: off, no element)."""
     target = weight_target(weight)
-    if target is None:
+    if weight is None or target is None:
         return None
     return _goto(split_chain(weight) if target == "split" else target_chain(target))
 
@@ -144,14 +145,16 @@ def steer_verdict(weight: int | None) -> dict | None:
 def _weight_of(element: dict) -> tuple[bool, int | None]:
     """(whether a `steer` element is one zddd writes, the main weight it stands for)."""
     verdict = element.get("data")
-    chain = verdict.get("goto", {}).get("target") if isinstance(verdict, dict) else None
-    if set(element) != {"data"} or not isinstance(chain, str) or len(verdict) != 1:
+    if not isinstance(verdict, dict) or set(element) != {"data"} or len(verdict) != 1:
+        return False, None
+    chain = verdict.get("goto", {}).get("target")
+    if not isinstance(chain, str):
         return False, None
     for target, weight in ((MAIN, 100), (BACKUP, 0)):
         if chain == target_chain(target):
             return True, weight
-    weight = _split_weight(chain)
-    return (weight is not None), weight
+    split = _split_weight(chain)
+    return (split is not None), split
 
 
 def _named(name: str) -> dict:
@@ -173,7 +176,8 @@ def _layout(desired: Desired, spare_splits: tuple[int, ...] = ()) -> dict[tuple[
     for target in TARGETS:
         objects[("chain", target_chain(target))] = {**_named(target_chain(target)),
                                                     "rules": [_target_rule(target)]}
-    splits = {s.weight for s in desired.services if weight_target(s.weight) == "split"}
+    splits = {s.weight for s in desired.services
+              if s.weight is not None and weight_target(s.weight) == "split"}
     for weight in sorted(splits | set(spare_splits)):
         objects[("chain", split_chain(weight))] = {**_named(split_chain(weight)),
                                                    "rules": _split_rules(weight)}
@@ -393,9 +397,9 @@ def diff(found: Found | None, desired: Desired) -> Diff:
     for key in deleted:
         if key[0] in ("map", "set"):
             out.layout.append({"flush": {key[0]: {**_REF, "name": key[1]}}})
-    for kind in ("chain", "map", "set", None):
+    for group in ("chain", "map", "set", None):
         for key in deleted:
-            if key[0] == kind or (kind is None and key[0] not in ("chain", "map", "set")):
+            if key[0] == group or (group is None and key[0] not in ("chain", "map", "set")):
                 out.layout.append({"delete": {key[0]: {**_REF, "name": key[1]}}})
     created = [key for key in expected if key not in found.objects or key in deleted]
     _create(out, expected, created,
@@ -462,7 +466,7 @@ class NftablesBackend(Backend):
         # the listing context would pay for freeing a whole listing of the table (every
         # service's elements) before a switch; the committing context caches only the few
         # objects a change needs.
-        self._contexts: dict[str, object] = {}
+        self._contexts: dict[str, Any] = {}
         self._netlink: netlink.Socket | None = None
 
     def _nft(self, purpose: str = "list"):
