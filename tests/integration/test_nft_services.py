@@ -309,6 +309,14 @@ def test_drift_of_one_service_is_repaired_alone(lab):
     repaired = driver("apply")
     assert steer_keys(repaired["layout"] + repaired["flip"]) == {9888}
     assert repaired["after"]["intact"] and ask_name(lab, 9888) == "b-backup"
+    # A port map emptied: its elements come back, every service's, and no steering changes.
+    lab.app.run("nft", "flush map inet zddd backup_port")
+    seen = driver("read")["before"]
+    assert set(seen["problems"]) == {"map backup_port element 8888 missing",
+                                     "map backup_port element 9888 missing"}
+    repaired = driver("apply")
+    assert repaired["flip"] == [] and len(repaired["layout"]) == 2
+    assert ask_name(lab, 9888) == "b-backup"
     assert http_get(lab.client, APP_V4, 8888) == "main"
     assert table_handles(lab) == handles
 
