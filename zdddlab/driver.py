@@ -2,8 +2,12 @@
 
     ip netns exec NS .venv/bin/python -m zdddlab.driver BACKEND JSON_DESIRED
 
-JSON_DESIRED holds the fields of zddd.backends.Desired but `active` (`ports` as a mapping or as
-[name, port] pairs; pin_dir and flow_entries default to /sys/fs/bpf/zddd and 4096). Reads one
+JSON_DESIRED holds the fields of zddd.backends.Desired, the services either as `services`, a
+list of {name, listen_port, ports} mappings, or (one service, "default") as top-level
+`listen_port` and `ports` (`ports` as a mapping or as [name, port] pairs); every service starts
+off; pin_dir and flow_entries default to /sys/fs/bpf/zddd and 4096. With one service, states
+are described as before ({active, intact, problems}); with several as {weights, intact,
+problems}, and `flows` keys its counts "service/target". Reads one
 JSON command per line on stdin and answers one JSON line on stdout ({"error": ..., "changed":
 ...} when the command raised; `changed` is ApplyError's). The backend runs in this process, so
 it sees the namespace the way zddd would. Commands (key "op"); those marked [desired] take an
@@ -13,7 +17,8 @@ optional "desired" mapping of fields that differ from JSON_DESIRED for that comm
     new {source_suffix}      a fresh backend instance (as a restarted zddd); a BPF backend's
                              program source gets `source_suffix` appended (an upgraded package)
     read [desired]           the backend's read: active, intact, problems (None: nothing there)
-    switch {target} [desired]  read, plan, apply, as zddd's core does: the state before and
+    switch {target} [service] [desired]  read, plan, apply, as zddd's core does (`service`:
+                             the one to switch, default the first): the state before and
                              after, the number of layout steps and their names ("steps"),
                              whether there was a flip, the apply time in µs
     reconcile {target}       repair as the core's reconciler does; whether it repaired
@@ -23,7 +28,9 @@ optional "desired" mapping of fields that differ from JSON_DESIRED for that comm
     flows                    flows_steered and flow_table
     count                    established connections per target (ConnectionCounter)
     listener {target}        the backend's listener_problem(target), if it has one
-    flips {n}                n switches main/backup; the apply time of each, µs
+    weights {weights} [desired]  as switch, with service name -> main weight (null: off) for
+                             every service named
+    flips {n} [service]      n switches main/backup; the apply time of each, µs
 
 Tests (tests/integration/test_sk_lookup.py, test_bpf_dataplane.py) and the bench use it.
 """
@@ -36,7 +43,7 @@ import sys
 import threading
 import time
 
-from zddd.backends import Desired, backend_class
+from zddd.backends import Desired, ServiceLayout, backend_class, target_weight, weight_target
 from zddd.connections import ConnectionCounter
 
 from .base import VENV_BIN
@@ -83,13 +90,21 @@ class DriverClient:
         self.proc.close()
 
 
-def desired_of(fields: dict) -> Desired:
-    """A Desired (active None) from JSON_DESIRED's fields."""
+def desired_of(fields: dict, weights: dict | None = None) -> Desired:
+    """A Desired from JSON_DESIRED's fields, every service off but those in `weights`."""
     fields = {"pin_dir": "/sys/fs/bpf/zddd", "flow_entries": 4096, **fields}
-    fields["ports"] = tuple(sorted(dict(fields["ports"]).items()))
+    listed = fields.pop("services", None)
+    if listed is None:
+        listed = [{"name": "default", "listen_port": fields.pop("listen_port"),
+                   "ports": fields.pop("ports")}]
+    weights = weights or {}
+    fields["services"] = tuple(sorted(
+        (ServiceLayout(s["name"], s["listen_port"], tuple(sorted(dict(s["ports"]).items())),
+                       weights.get(s["name"])) for s in listed),
+        key=lambda s: s.listen_port))
     if fields.get("interfaces") is not None:
         fields["interfaces"] = tuple(fields["interfaces"])
-    return Desired(active=None, **fields)
+    return Desired(**fields)
 
 
 def _step_name(step) -> str:
@@ -113,11 +128,23 @@ class Driver:
     def _state(self, desired: Desired | None = None):
         return self.backend.read(desired or self.desired)
 
-    @staticmethod
-    def _describe(state) -> dict | None:
+    def _describe(self, state) -> dict | None:
         if state is None:
             return None
-        return {"active": state.active, "intact": state.intact, "problems": list(state.problems)}
+        if len(self.desired.services) == 1:
+            weight = state.weights.get(self.desired.services[0].name)
+            return {"active": weight_target(weight), "intact": state.intact,
+                    "problems": list(state.problems)}
+        return {"weights": state.weights, "intact": state.intact,
+                "problems": list(state.problems)}
+
+    def _service(self, service: str | None) -> str:
+        return service or self.desired.services[0].name
+
+    def _wanted(self, desired: Desired, weights: dict) -> Desired:
+        for name, weight in weights.items():
+            desired = desired.with_weight(name, weight)
+        return desired
 
     def op_probe(self) -> dict:
         started = time.perf_counter()
@@ -135,10 +162,16 @@ class Driver:
     def op_read(self, desired: dict | None = None) -> dict:
         return {"state": self._describe(self._state(self._desired(desired)))}
 
-    def op_switch(self, target: str | None, desired: dict | None = None) -> dict:
+    def op_switch(self, target: str | None, desired: dict | None = None,
+                  service: str | None = None) -> dict:
+        return self.op_weights({self._service(service): target_weight(target)}, desired)
+
+    def op_weights(self, weights: dict, desired: dict | None = None) -> dict:
         wanted = self._desired(desired)
         current = self._state(wanted)
-        plan = self.backend.plan(current, wanted.steering(target))
+        # Services not named keep what the kernel holds (the core's saved state).
+        held = dict(current.weights) if current is not None else {}
+        plan = self.backend.plan(current, self._wanted(wanted, {**held, **weights}))
         started = time.perf_counter()
         self.backend.apply(plan)
         usec = (time.perf_counter() - started) * 1e6
@@ -148,9 +181,13 @@ class Driver:
 
     def op_reconcile(self, target: str | None) -> dict:
         current = self._state()
-        if current is not None and current.intact and current.active == target:
+        name = self._service(None)
+        if current is not None and current.intact and \
+                current.weights.get(name) == target_weight(target):
             return {"repaired": False}
-        plan = self.backend.plan(current, self.desired.steering(target))
+        held = dict(current.weights) if current is not None else {}
+        plan = self.backend.plan(current, self._wanted(
+            self.desired, {**held, name: target_weight(target)}))
         self.backend.apply(plan)
         self.repairs += 1
         if plan.layout:
@@ -191,22 +228,30 @@ class Driver:
 
     def op_flows(self) -> dict:
         table = self.backend.flow_table()
-        return {"steered": self.backend.flows_steered(), "table": list(table) if table else None}
+        steered = self.backend.flows_steered()
+        one = len(self.desired.services) == 1
+        return {"steered": {target if one else f"{service}/{target}": n
+                            for (service, target), n in steered.items()},
+                "table": list(table) if table else None}
 
     def op_count(self) -> dict:
-        counter = ConnectionCounter(listen_port=self.desired.listen_port,
+        service = self.desired.services[0]
+        counter = ConnectionCounter(listen_port=service.listen_port,
                                     attribute=self.backend.flow_attribution())
-        return {"counts": counter.count(dict(self.desired.ports))}
+        return {"counts": counter.count(dict(service.ports))}
 
     def op_listener(self, target: str) -> dict:
         problem = getattr(self.backend, "listener_problem", None)
         return {"problem": problem(target) if problem else None}
 
-    def op_flips(self, n: int) -> dict:
+    def op_flips(self, n: int, service: str | None = None) -> dict:
+        name = self._service(service)
         times = []
         for i in range(n):
-            plan = self.backend.plan(self._state(),
-                                     self.desired.steering("main" if i % 2 else "backup"))
+            current = self._state()
+            held = dict(current.weights) if current is not None else {}
+            plan = self.backend.plan(current, self._wanted(
+                self.desired, {**held, name: 100 if i % 2 else 0}))
             started = time.perf_counter()
             self.backend.apply(plan)
             times.append((time.perf_counter() - started) * 1e6)

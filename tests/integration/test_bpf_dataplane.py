@@ -494,8 +494,9 @@ def test_upgrade_keeps_established_flows(steering):
         k.close()
 
 
-def test_config_change_rebuilds_and_keeps_flows(steering):
-    """New target ports are a new build (the ports are compiled in); flows stay."""
+def test_new_target_ports_are_map_writes_and_keep_flows(steering):
+    """New target ports are the service's entries written again (no build, no attachment);
+    flows stay."""
     bpflab, driver = steering
     held = KeepAlive(bpflab.client, APP_V4, 8888)
     assert held.get() == "main"
@@ -504,7 +505,8 @@ def test_config_change_rebuilds_and_keeps_flows(steering):
         ports = [["backup", 9090], ["main", 8080]]
         assert not driver.read(ports=ports)["intact"]
         result = driver.sync("backup", ports=ports)
-        assert result["steps"][0] == "build" and result["after"]["intact"]
+        assert result["steps"] == ["dropservice", "setservice"], result
+        assert result["after"]["intact"], result
         assert bpflab.get(APP_V4) == "other"
         assert held.get() == "main"
     finally:
@@ -539,7 +541,7 @@ def test_a_new_flow_map_size_carries_the_flows_over(steering):
 def test_leftover_and_remove(steering):
     bpflab, driver = steering
     text = driver("leftover")["leftover"]
-    assert text.startswith(f"{bpflab.backend} programs on ") and "steering to port 8080" in text
+    assert text.startswith(f"{bpflab.backend} programs on ") and "steering 8888 main" in text
     assert "zddd" in bpflab.hooks()
     driver("remove")
     assert driver("leftover")["leftover"] is None
@@ -748,9 +750,10 @@ print(json.dumps({"name": name, "up_ok": digest == up.hexdigest(),
 """
 
 LEFTOVER_ONLY = r"""
-from zddd.backends import Desired, backend_class
+from zddd.backends import Desired, ServiceLayout, backend_class
 backend = backend_class(sys.argv[1])()
-desired = Desired(8888, (("backup", 80), ("main", 8080)), None, None, sys.argv[2])
+desired = Desired((ServiceLayout("default", 8888, (("backup", 80), ("main", 8080)), None),),
+                  None, sys.argv[2])
 print(backend.leftover(desired))
 print("removed", backend.remove(desired))
 """
