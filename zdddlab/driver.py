@@ -94,9 +94,10 @@ def desired_of(fields: dict, weights: dict | None = None) -> Desired:
     """A Desired from JSON_DESIRED's fields, every service off but those in `weights`."""
     fields = {"pin_dir": "/sys/fs/bpf/zddd", "flow_entries": 4096, **fields}
     listed = fields.pop("services", None)
+    one = {"name": "default", "listen_port": fields.pop("listen_port", None),
+           "ports": fields.pop("ports", None)}
     if listed is None:
-        listed = [{"name": "default", "listen_port": fields.pop("listen_port"),
-                   "ports": fields.pop("ports")}]
+        listed = [one]
     weights = weights or {}
     fields["services"] = tuple(sorted(
         (ServiceLayout(s["name"], s["listen_port"], tuple(sorted(dict(s["ports"]).items())),

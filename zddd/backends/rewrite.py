@@ -349,6 +349,10 @@ def counter_ports(desired: Desired) -> tuple[tuple[tuple[str, str], int], ...]:
     return tuple(((s.name, name), port) for s in desired.services for name, port in s.ports)
 
 
+# An array map's elements are 8-byte aligned: the mapping holds a u32 value every 2 words.
+ELEMENT_WORDS = 2
+
+
 class SlotWriter:
     """The `active` array a flip writes, open and mapped once: a store of one service's value
     is one aligned 4-byte store into the mapping, which the programs' next lookup sees (no
@@ -379,7 +383,7 @@ class SlotWriter:
 
     def read(self, slot: int) -> int:
         if self._slots is not None:
-            return self._slots[slot]
+            return self._slots[slot * ELEMENT_WORDS]
         raw = kbpf.map_lookup(self._fd, struct.pack("=I", slot), 4)
         return struct.unpack("=I", raw)[0] if raw else 0
 
@@ -389,7 +393,7 @@ class SlotWriter:
                 self.adopt(fd)
         for slot, value in stores:
             if self._slots is not None:
-                self._slots[slot] = value
+                self._slots[slot * ELEMENT_WORDS] = value
             else:
                 kbpf.map_update(self._fd, struct.pack("=I", slot), struct.pack("=I", value))
 
