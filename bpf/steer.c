@@ -8,9 +8,11 @@
 //
 // Ingress (tc clsact ingress, or XDP): a TCP segment for a listen port gets its destination
 // port rewritten to the target its flow was pinned to at its first SYN. Egress (tc clsact
-// egress): a reply from a target port gets its source port rewritten back to the listen port
-// its flow came in on, but only for flows ingress steered, so clients that talk to a target
-// port directly are never touched. Everything else passes untouched: not TCP, not IPv4/IPv6,
+// egress): a reply from a target port gets its source port rewritten back to its service's
+// listen port, but only for flows ingress steered, so clients that talk to a target port
+// directly are never touched. A flow is its addresses, its client port and its listen port:
+// one client port may carry connections to two services at once (Linux picks ephemeral ports
+// per destination), and after the rewrite they differ by their target port. Everything else passes untouched: not TCP, not IPv4/IPv6,
 // IPv6 with extension headers other than up to two Hop-by-Hop/Destination/Routing headers, IP
 // fragments, other ports.
 //
@@ -22,8 +24,7 @@
 // the entry it made, and its choice. Every later segment follows its entry, whatever `active`
 // says by then. Entries are never deleted on FIN or RST (a blind or out-of-window RST must not
 // cut a live flow loose); the LRU map evicts the least recently used entry when full, and live
-// flows refresh theirs with every segment. A flow entry written by the one-service layout
-// (v1) has listen port 0: its replies go back to the listen port of its target's service.
+// flows refresh theirs with every segment.
 //
 // Set by zddd: FLOW_ENTRIES, MAX_SERVICES, and PIN_DIR (maps are created there, or reused if
 // already pinned; without it they are private, for the probe build). One build holds the tc
@@ -56,11 +57,13 @@ struct flow_key {
     __u32 local[4];
     __u16 client_port;  // network order
     __u16 family;
+    __u16 listen_port;  // host order: the service's
+    __u16 pad;
 };
 
 struct flow_value {
     __u16 port;         // the target port, host order
-    __u16 listen_port;  // the service's listen port, host order; 0 in entries of layout v1
+    __u16 listen_port;  // the service's listen port, host order (as in the key)
     __u32 syn_seq;  // sequence number of the SYN that chose it: a retransmission is no new flow
 };
 
@@ -207,26 +210,26 @@ static __always_inline __u16 ingress_port(void *ctx, struct packet *p, __u32 ifi
     if (!svc) {
         // A new connection straight to a target port from addresses and a port that a steered
         // flow used before: forget that flow, or egress would rewrite this one's replies.
-        if (p->syn_only && targets.lookup(&dport)) {
+        __u32 *listen = p->syn_only ? targets.lookup(&dport) : 0;
+        if (listen) {
+            p->key.listen_port = *listen;
             struct flow_value *old = flows.lookup(&p->key);
             if (old && old->port == p->dport && flows.delete(&p->key) == 0)
                 count(COUNT_DELETED);
         }
         return 0;
     }
+    p->key.listen_port = p->dport;
     if (!p->syn_only) {
         struct flow_value *v = flows.lookup(&p->key);
-        // An entry another service's SYN wrote for the same addresses and client port is not
-        // this flow's.
-        return v && (v->listen_port == p->dport || v->listen_port == 0) ? v->port : 0;
+        return v ? v->port : 0;
     }
     if (!for_this_host(ctx, p, ifindex))
         return 0;
     // A retransmitted SYN (same sequence number) belongs to the flow its first SYN pinned,
     // whatever was switched since, and is not counted again.
     struct flow_value *pinned = flows.lookup(&p->key);
-    if (pinned && pinned->syn_seq == p->seq &&
-        (pinned->listen_port == p->dport || pinned->listen_port == 0))
+    if (pinned && pinned->syn_seq == p->seq)
         return pinned->port;
     __u32 slot = svc->slot;
     __u32 *state = active.lookup(&slot);
@@ -309,13 +312,10 @@ int zddd_egress(struct __sk_buff *skb)
     __u32 *listen = targets.lookup(&sport);
     if (!listen)
         return TC_ACT_UNSPEC;
+    p.key.listen_port = *listen;
     struct flow_value *v = flows.lookup(&p.key);
-    if (v && v->port == p.sport) {
-        // Layout v1's entries carry no listen port: theirs is the target's service's.
-        __u16 to = v->listen_port ? v->listen_port : *listen;
-        if (to)
-            tc_rewrite(skb, &p, offsetof(struct tcphdr, source), p.sport, to);
-    }
+    if (v && v->port == p.sport && v->listen_port)
+        tc_rewrite(skb, &p, offsetof(struct tcphdr, source), p.sport, v->listen_port);
     return TC_ACT_UNSPEC;
 }
 

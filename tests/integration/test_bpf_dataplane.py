@@ -726,6 +726,18 @@ def test_drift_of_one_service_is_reported_and_repaired_alone(bpflab):
     held.close()
 
 
+def test_one_client_port_to_two_services_is_two_flows(bpflab):
+    """A client may use one port for connections to two listen ports at once (Linux picks
+    ephemeral ports per destination): each is its own flow, steered and answered by its own
+    service, in both directions."""
+    _mixed_servers(bpflab)
+    driver = bpflab.driver(services=[A_SERVICE, B_SERVICE])
+    driver("weights", weights={"a": 100, "b": 0})
+    for host in (APP_V4, APP_V6):
+        out = bpflab.client.run(PYTHON, "-c", TWO_FROM_ONE_PORT, host, "40300").stdout
+        assert json.loads(out) == [["main", "bbackup"]] * 4, out
+
+
 def _lookup(directory: str, listen_port: int) -> bytes:
     fd = kbpf.obj_get(f"{directory}/services")
     try:
@@ -797,7 +809,9 @@ def test_upgrade_from_the_one_service_layout_keeps_every_flow(bpflab, old_zddd):
     assert result["steps"][0] == "build" and not result["flip"], result
     assert "attach" in result["steps"] and result["after"] == {
         "active": "backup", "intact": True, "problems": []}, result
+    assert result["steps"][-1] == "carrylegacy", result
     assert _stamp_version(bpflab) == 2
+    assert f"zddd/{bpflab.backend}/flows-v1" not in bpflab.pins()
     assert [k.get() for k in on_main] == ["main", "main"]
     assert on_backup.get() == "backup"
     assert bpflab.get(APP_V6) == "backup"
@@ -953,6 +967,33 @@ print("ready", flush=True)
 while True:
     c, _ = s.accept()
     threading.Thread(target=serve, args=(c,), daemon=True).start()
+"""
+
+TWO_FROM_ONE_PORT = r"""
+import json, socket, sys
+host, local = sys.argv[1], int(sys.argv[2])
+family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+def connect(port):
+    s = socket.socket(family, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.settimeout(5)
+    s.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", local))
+    s.connect((host, port))
+    return s, s.makefile("rb")
+
+def get(conn):
+    s, f = conn
+    s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    length = 0
+    while (line := f.readline()) not in (b"\r\n", b""):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":")[1])
+    return f.read(length).decode().strip()
+
+a = connect(8888)
+b = connect(9888)
+print(json.dumps([[get(a), get(b)] for _ in range(4)]))
 """
 
 MIXED_SERVER = r"""

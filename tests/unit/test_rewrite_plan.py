@@ -6,9 +6,10 @@ import pytest
 
 from zddd.backends import Desired, KernelState, ServiceLayout, backend_class
 from zddd.backends.pinned import UNCLAIMED, Claim
-from zddd.backends.rewrite import (MAX_SERVICES, Attach, AttachEverywhere, Build, Clsact, Detach,
-                                   DropService, Flavour, Found, Missing, Refuse, Repin,
-                                   RequireInterfaces, Row, SetService, Stores, decode, encode)
+from zddd.backends.rewrite import (MAX_SERVICES, Attach, AttachEverywhere, Build, CarryLegacy,
+                                   Clsact, Detach, DropService, Flavour, Found, Missing, Refuse,
+                                   Repin, RequireInterfaces, Row, SetService, Stores, decode,
+                                   encode)
 
 PIN_DIR = "/nonexistent/zt"
 PORTS = (("backup", 80), ("main", 8080))
@@ -213,25 +214,33 @@ def test_a_flow_map_of_another_size_is_rebuilt_with_its_entries_carried(backend)
 
 
 def test_the_one_service_layout_is_adopted_with_its_steering_and_flows(backend):
-    """Layout v1: `read` gave the weight from its `active` port; the rebuild keeps the flows,
-    writes that steering into the new maps before the programs are replaced, and needs no
-    flip."""
+    """Layout v1: `read` gave the weight from its `active` port; the rebuild copies its flows
+    into a flow map keyed by listen port too, writes that steering into the new maps before the
+    programs are replaced, copies the flows the old programs made meanwhile after the
+    attachments, and needs no flip."""
     found = attached(backend)
     found.services, found.targets, found.values = {}, {}, {}
-    found.bad_pins = {"active", "counts"}
-    found.keepable, found.rebuild = {"flows"}, True
+    found.bad_pins = {"flows", "active", "counts"}
+    found.keepable, found.rebuild, found.v1_flows = set(), True, True
     default = Desired((ServiceLayout("default", 8888, PORTS, 0),), pin_dir=PIN_DIR,
                       flow_entries=4096)
     current = KernelState({"default": 0}, False, found, ("layout version 1, this zddd builds 2",))
     plan = backend.plan(current, default)
     build = plan.layout[0]
-    assert isinstance(build, Build) and build.keep == ("flows",)
+    assert isinstance(build, Build) and build.keep == () and build.legacy_flows
     assert build.rows == (Row(8888, 0, 8080, 80),) and build.values == ((0, 1),)
-    assert [type(s) for s in plan.layout[1:]] == [Attach] * 4
+    assert [type(s) for s in plan.layout[1:]] == [Attach] * 4 + [CarryLegacy]
     assert plan.flip is None
     # A switch on the way is the one store after the build.
     plan = backend.plan(current, default.with_weight("default", 100))
     assert plan.flip == Stores(active(backend), ((0, 101),))
+
+
+def test_an_upgrade_cut_short_carries_the_old_flows_over_alone(backend):
+    found = attached(backend)
+    found.legacy_flows = True
+    plan = backend.plan(state(found, ("flows of layout v1 not carried over yet",)), DESIRED)
+    assert plan.layout == (CarryLegacy(found.directory),) and plan.flip is None
 
 
 def test_a_hand_detached_hook_is_attached_again_alone(backend):

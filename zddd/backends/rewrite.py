@@ -98,7 +98,9 @@ XDP_FLAGS_SKB_MODE, XDP_FLAGS_DRV_MODE = 2, 4
 ARPHRD_ETHER, ARPHRD_LOOPBACK = 1, 772
 IFF_UP = 1
 
-FLOW_KEY_SIZE, FLOW_VALUE_SIZE = 36, 8
+FLOW_KEY_SIZE, FLOW_VALUE_SIZE = 40, 8
+V1_FLOW_KEY_SIZE = 36  # layout v1's flow key: no listen port
+LEGACY_FLOWS = "flows-v1"  # layout v1's flow map, kept under this pin until carried over
 BPF_MAP_TYPE_HASH, BPF_NOEXIST = 1, 1  # not in kernel/bpf.py, which the others share
 SERVICE = struct.Struct("=IHH")  # slot, main port, backup port
 STAMP_FORMAT = "=4I8IQ"
@@ -229,6 +231,15 @@ class Build(Step):
     carry: tuple[str, ...] = ()
     rows: tuple[Row, ...] = ()
     values: tuple[tuple[int, int], ...] = ()
+    legacy_flows: bool = False  # layout v1's flow map: kept as LEGACY_FLOWS, entries copied
+
+
+@dataclass(frozen=True)
+class CarryLegacy(Step):
+    """After the new programs are attached: copy the entries layout v1's programs added to
+    its flow map (LEGACY_FLOWS) while the build was being attached, then drop that map."""
+
+    directory: str
 
 
 @dataclass(frozen=True)
@@ -328,6 +339,8 @@ class Found:
     services: dict[int, Row] = field(default_factory=dict)  # listen port -> its entry
     targets: dict[int, int] = field(default_factory=dict)  # target port -> listen port
     values: dict[int, int] = field(default_factory=dict)  # slot -> `active` value, of `services`
+    v1_flows: bool = False  # `flows` is layout v1's (its key has no listen port)
+    legacy_flows: bool = False  # LEGACY_FLOWS is still pinned (an upgrade cut short)
 
 
 @dataclass
@@ -601,15 +614,17 @@ class RewriteBackend(Backend):
             problems.append("programs built from another source or configuration")
         # Keep a map through a rebuild (or copy its entries) when its layout fits and no other
         # layout version wrote it (a stamp of another version means the flows' key layout may
-        # differ). Layout v1's flows are v2's (its entries carry listen port 0), its other
-        # maps are not: its `active` held a port, not a weight.
+        # differ). Layout v1's flows are copied with their listen port added to the key.
         kept_versions = (None, LAYOUT_VERSION)
-        if stamp_version not in (*kept_versions, LEGACY_VERSION):
+        if stamp_version not in kept_versions:
             found.carriable.clear()
+        flows = infos.get("flows")
+        found.v1_flows = stamp_version == LEGACY_VERSION and isinstance(flows, kbpf.MapInfo) \
+            and (flows.type, flows.key_size, flows.value_size) == (
+                kbpf.BPF_MAP_TYPE_LRU_HASH, V1_FLOW_KEY_SIZE, FLOW_VALUE_SIZE)
         for name in MAPS:
             if name in found.pins and name not in found.bad_pins and name != "stamp" and (
-                    stamp_version in kept_versions or (
-                        stamp_version == LEGACY_VERSION and name == "flows")):
+                    stamp_version in kept_versions):
                 found.keepable.add(name)
         # Programs: pinned, of the right type, using exactly the pinned maps.
         for hook in ("ingress", "egress"):
@@ -626,6 +641,9 @@ class RewriteBackend(Backend):
                     problems.append(f"program {hook} does not use the pinned map {map_name}")
         # Every problem so far is one of the pinned objects: only a build repairs those.
         found.rebuild = bool(problems)
+        if os.path.exists(os.path.join(directory, LEGACY_FLOWS)):
+            found.legacy_flows = True
+            problems.append("flows of layout v1 not carried over yet")
         return stamp
 
     def _read_legacy(self, stamp, fds: dict[str, int], desired: Desired,
@@ -677,10 +695,11 @@ class RewriteBackend(Backend):
         wanted = rows_of(desired, {s.listen_port: 0 for s in desired.services})
         slots_seen: dict[int, int] = {}
         for service in desired.services:
-            row = found.services.get(service.listen_port)
-            if row is None:
+            held = found.services.get(service.listen_port)
+            if held is None:
                 problems.append(f"service {service.name} missing")
                 continue
+            row = held
             want = wanted[service.listen_port]
             if (row.main_port, row.backup_port) != (want.main_port, want.backup_port):
                 problems.append(f"service {service.name} steers to other ports")
@@ -852,13 +871,13 @@ class RewriteBackend(Backend):
         if current is None:
             # Nothing of zddd's: build it all (every service off), attach where the interfaces
             # are then, and flip the services that are not off.
-            rows = tuple(rows_of(desired, self._slots(desired, {})).values())
+            fresh = tuple(rows_of(desired, self._slots(desired, {})).values())
             first = () if desired.interfaces is None else (RequireInterfaces(desired.interfaces),)
-            build = Build(pin_dir, Flavour.of(desired), targets, rows=rows,
-                          values=tuple((row.slot, 0) for row in rows))
+            build = Build(pin_dir, Flavour.of(desired), targets, rows=fresh,
+                          values=tuple((row.slot, 0) for row in fresh))
             return Plan((*first, build, AttachEverywhere(directory, desired.interfaces,
                                                          desired.xdp_mode)),
-                        self._stores(active_path, desired, rows, {}))
+                        self._stores(active_path, desired, fresh, {}))
         found = current.found
         if found.missing_interfaces:
             # Nothing to attach to: fail before building anything.
@@ -891,7 +910,7 @@ class RewriteBackend(Backend):
             steps.append(Build(pin_dir, Flavour.of(desired), targets, keep, carry,
                                tuple(rows.values()),
                                tuple((rows[p].slot, v if _valid(v) else 0)
-                                     for p, v in starts.items())))
+                                     for p, v in starts.items()), found.v1_flows))
             starts = {p: v if _valid(v) else 0 for p, v in starts.items()}
         steps.extend(self._drops(found.directory, desired, services, target_entries, slots))
         if not found.rebuild:
@@ -920,6 +939,8 @@ class RewriteBackend(Backend):
             for hook in sorted(hooks):
                 if ifname not in found.interfaces or hook not in ("egress", self.ingress_hook):
                     steps.append(Detach(ifname, hooks[hook][1], hook))
+        if (found.rebuild and found.v1_flows) or found.legacy_flows:
+            steps.append(CarryLegacy(found.directory))
         return Plan(tuple(steps), self._stores(active_path, desired, rows.values(), starts))
 
     @staticmethod
@@ -980,15 +1001,29 @@ class RewriteBackend(Backend):
             Missing: self._missing, RequireInterfaces: self._require_interfaces,
             Refuse: self._refuse, Repin: self._repin, Claim: self._claim, Build: self._build,
             SetService: self._set_service, DropService: self._drop_service,
+            CarryLegacy: self._carry_legacy,
             Clsact: self._clsact, Attach: self._attach, AttachEverywhere: self._attach_everywhere,
             Detach: self._detach_step}, self._flip)
 
-    def _flip(self, flip: Stores) -> None:
+    def _flip(self, flip) -> None:  # a Stores (pinned.carry_out is typed for Flip)
         self._active.write(flip.path, flip.stores)
 
     @staticmethod
     def _refuse(step: Refuse) -> None:
         raise ApplyError(step.message, changed=False)
+
+    @staticmethod
+    def _carry_legacy(step: CarryLegacy) -> None:
+        path = os.path.join(step.directory, LEGACY_FLOWS)
+        with pinned.Pinned(path) as old_fd, \
+                pinned.Pinned(os.path.join(step.directory, "flows")) as new_fd, \
+                pinned.Pinned(os.path.join(step.directory, "targets")) as targets_fd:
+            targets = kbpf.MapHandle(targets_fd, 4, 4)
+            listen = {struct.unpack("=I", key)[0]: struct.unpack("=I", raw)[0]
+                      for key in targets.keys() if (raw := targets.lookup(key)) is not None}
+            count = _copy_v1_flows(old_fd, new_fd, listen)
+        os.unlink(path)
+        log.info("event=flows_carried_over map=%s entries=%d late=1", LEGACY_FLOWS, count)
 
     def _set_service(self, step: SetService) -> None:
         row = step.row
@@ -1057,6 +1092,11 @@ class RewriteBackend(Backend):
                     continue
                 if name in step.carry:
                     carried[name] = kbpf.obj_get(path)
+                if name == "flows" and step.legacy_flows:
+                    # Layout v1's programs keep adding flows to it until they are replaced:
+                    # CarryLegacy copies those after the attachments.
+                    os.rename(path, os.path.join(work, LEGACY_FLOWS))
+                    continue
                 os.unlink(path)
             bpf = self._compile(step.flavour, work)
             try:
@@ -1064,6 +1104,12 @@ class RewriteBackend(Backend):
                     key, value = MAPS[name][1:3]
                     count = pinned.copy_entries(old_fd, bpf[name].get_fd(), key, value)
                     log.info("event=flows_carried_over map=%s entries=%d", name, count)
+                if step.legacy_flows:
+                    listen = {port: row.listen_port for row in step.rows
+                              for port in (row.main_port, row.backup_port)}
+                    with pinned.Pinned(os.path.join(work, LEGACY_FLOWS)) as old_fd:
+                        count = _copy_v1_flows(old_fd, bpf["flows"].get_fd(), listen)
+                    log.info("event=flows_carried_over map=%s entries=%d", LEGACY_FLOWS, count)
                 # The steering as it is now, before any program of this build is pinned or
                 # attached: the new programs steer every flow as the old ones did.
                 active_fd = bpf["active"].get_fd()
@@ -1225,6 +1271,32 @@ class RewriteBackend(Backend):
         return max(0, min(used, capacity)), capacity
 
 
+def _copy_v1_flows(old_fd: int, new_fd: int, listen: dict[int, int]) -> int:
+    """Copy layout v1's flow entries into a v2 flow map: the key gains the listen port of the
+    entry's target's service (`listen`: target port -> listen port), and so does the value.
+    An entry already in the new map (made by the new programs) is left as it is. Returns how
+    many were copied."""
+    old = kbpf.MapHandle(old_fd, V1_FLOW_KEY_SIZE, FLOW_VALUE_SIZE)
+    copied = 0
+    for key in old.keys():
+        value = old.lookup(key)
+        if value is None:  # evicted meanwhile
+            continue
+        port, _, seq = struct.unpack("=HHI", value)
+        listen_port = listen.get(port)
+        if listen_port is None:  # no service has that target any more
+            continue
+        try:
+            kbpf.map_update(new_fd, key + struct.pack("=HH", listen_port, 0),
+                            struct.pack("=HHI", port, listen_port, seq), BPF_NOEXIST)
+        except FileExistsError:
+            continue
+        except OSError:  # E2BIG: the new map is full
+            break
+        copied += 1
+    return copied
+
+
 def _fill_counts(counts_fd: int, keys) -> None:
     """Zeroed per-CPU counters for `keys` that have none (the programs only add to one)."""
     zero = bytes(8 * kbpf.possible_cpus())
@@ -1298,24 +1370,24 @@ def pinned_weights(pin_dir: str, backend: str) -> dict[int, int | None | str] | 
     found = pinned_services(pin_dir, backend)
     if found is not None:
         weights: dict[int, int | None | str] = {}
-        for port, (_, value) in found.items():
+        for listen_port, (_, held) in found.items():
             try:
-                weights[port] = decode(value)
+                weights[listen_port] = decode(held)
             except ValueError:
-                weights[port] = "bad"
+                weights[listen_port] = "bad"
         return weights
     directory = os.path.join(pin_dir, backend)
     try:  # layout v1: the stamp names the one service, `active` the port it steers to
         with pinned.Pinned(os.path.join(directory, "stamp")) as stamp, \
                 pinned.Pinned(os.path.join(directory, "active")) as active:
             raw = kbpf.map_lookup(stamp, ZERO, STAMP_SIZE)
-            port = kbpf.map_lookup(active, ZERO, 4)
+            value = kbpf.map_lookup(active, ZERO, 4)
     except OSError:
         return None
-    if not raw or not port:
+    if not raw or not value:
         return None
     fields = struct.unpack(STAMP_FORMAT, raw)
-    (port,) = struct.unpack("=I", port)
+    (port,) = struct.unpack("=I", value)
     return {fields[2]: None if port == 0 else f"port {port}"}
 
 
