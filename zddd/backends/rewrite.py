@@ -1,12 +1,12 @@
 """What the rewriting eBPF backends share: `tc` (tc.py: clsact ingress + egress) and `xdp`
 (xdp.py: XDP ingress, clsact egress). Both run bpf/steer.c, compiled with bcc; see its header
 for the packet semantics. The pinned layout's common parts (owner stamp, staged pins, the
-`active` writer, the probe, step types) are pinned.py's.
+probe, step types) are pinned.py's.
 
 Kernel layout, per backend, under `<bpf_pin_dir>/<backend>/` (tc/ or xdp/):
 
-    flows    LRU hash: (client addr, local addr, client port) -> (target port, listen port,
-             SYN seq), set at the first SYN
+    flows    LRU hash: (client addr, local addr, client port, listen port) -> (target port,
+             listen port, SYN seq), set at the first SYN
     services hash: listen port -> (slot, main port, backup port), one entry per service
     targets  hash: target port -> its service's listen port (egress, and the rule that a SYN
              straight to a target port forgets a steered flow of the same addresses)
@@ -21,9 +21,10 @@ Kernel layout, per backend, under `<bpf_pin_dir>/<backend>/` (tc/ or xdp/):
 Services are data, not code: adding one is a write of its `active` slot, its `targets` and
 `counts` entries, then its `services` entry (what makes the programs see it); removing one
 deletes them (its established flows end with it: the core removes only services that are off).
-No build and no attachment changes for either.
+No build and no attachment changes for either. A switch of a service's weight is one store
+into its `active` slot.
 
-and on every configured interface a clsact qdisc with zddd's filters (priority TC_PRIORITY[name],
+On every configured interface a clsact qdisc with zddd's filters (priority TC_PRIORITY[name],
 handle 1, named "zddd-<backend>-<hook>") and, for `xdp`, the XDP program (generic on lo and
 whenever `xdp_mode = "generic"`). Programs stay attached and maps pinned when zddd exits.
 
@@ -39,10 +40,12 @@ What callers may rely on:
   resolved at every read.
 - `plan` works from what `read` found alone: maps whose layout still fits are kept (an upgrade
   or repair keeps every established flow), a flow map of another size is rebuilt with the flows
-  copied over, programs are rebuilt when the source, ports or anything else in the stamp
-  differ, and only missing or wrong attachments are redone. A pin removed by hand is re-pinned
-  from the map the attached programs still use. Where `read` found nothing, the plan builds
-  everything and attaches to the interfaces as they are when it is carried out.
+  copied over, programs are rebuilt when the source, the flow map's size or the layout in the
+  stamp differ, and only missing or wrong attachments are redone. A service's elements that
+  differ from `desired` are written again (or deleted) alone, keeping its slot and weight
+  where its entry is whole; other services' elements are not touched. A pin removed by hand
+  is re-pinned from the map the attached programs still use. Where `read` found nothing, the
+  plan builds everything and attaches to the interfaces as they are when it is carried out.
 - `apply` never leaves two programs of zddd's on one hook: filters are replaced in place, XDP
   programs swapped atomically. ApplyError(changed=True) when a layout step had begun.
 - `flows_steered` and `flow_table` read the counters through the handle the last read opened.
@@ -57,11 +60,15 @@ What callers may rely on:
   built or flipped until it exists.
 - Capabilities: CAP_BPF + CAP_NET_ADMIN to load and attach, CAP_SYS_ADMIN to mount bpffs and to
   re-pin maps by id (BPF_MAP_GET_FD_BY_ID) after a pin was removed by hand.
-- Upgrade from layout v1 (one service compiled in, `active` holding its port): `read` reports
-  that service's weight from the old `active`, `plan` rebuilds keeping `flows` (v1 entries have
-  listen port 0, which egress reads as their target's service's listen port), the build writes
-  the current steering into the new maps, and only then are the programs replaced in place (tc
-  filter replace, XDP swap): no flip, no established flow lost.
+- At most MAX_SERVICES services (a plan for more is one failing step).
+- Upgrade from layout v1 (one service compiled in, `active` holding its port, flows keyed
+  without the listen port): `read` reports that service (the desired one of the stamp's listen
+  port) with the weight of the old `active`; `plan` rebuilds: the old flow map is kept pinned
+  as `flows-v1` and its entries copied into the new one with the listen port added, the
+  build writes the current steering into the new maps, only then are the programs replaced
+  in place (tc filter replace, XDP swap), and last the entries the old programs made
+  meanwhile are copied too and `flows-v1` dropped (`CarryLegacy`; a later plan does it if
+  that was cut short). No flip; no established flow lost.
 - `pinned_weights(pin_dir, backend)` reads the steering from the pins alone (for labs).
 """
 
