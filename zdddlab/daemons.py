@@ -307,12 +307,35 @@ def _target_ports(zddd: Zddd) -> dict[str, int]:
     return ports
 
 
-def read_rewriting_bpf(zddd: Zddd) -> str | None:
-    """tc and xdp: the port in the pinned `active` array (0: off)."""
-    port = _pinned_u32(f"{zddd.config['bpf_pin_dir']}/{zddd.backend}/active")
-    if port is None:
+def _pinned_bytes(path: str, key: int) -> bytes | None:
+    """The value of u32 `key` in the map pinned at `path`, read with bpftool (not zddd's code);
+    None when nothing is pinned there or the key has no element."""
+    r = subprocess.run(["bpftool", "-j", "map", "lookup", "pinned", path, "key",
+                        *(str(b) for b in key.to_bytes(4, "little"))],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
         return None
-    return "off" if port == 0 else {p: t for t, p in _target_ports(zddd).items()}.get(port, "?")
+    return bytes(int(b, 16) for b in json.loads(r.stdout)["value"])
+
+
+def read_rewriting_bpf(zddd: Zddd) -> str | None:
+    """tc and xdp: the lab service's entry in the pinned `services` hash (listen port -> slot,
+    main port, backup port), then that slot of the `active` array: 0 off, else 1 + main's
+    weight (100: main, 0: backup, between: split)."""
+    directory = f"{zddd.config['bpf_pin_dir']}/{zddd.backend}"
+    if not Path(directory, "services").exists():
+        return None
+    entry = _pinned_bytes(f"{directory}/services", zddd.config.get("listen_port", 8888))
+    if entry is None:
+        return "off"  # the data plane is there, this service is not steered
+    value = _pinned_bytes(f"{directory}/active", int.from_bytes(entry[:4], "little"))
+    if value is None:
+        return "?"
+    weight = int.from_bytes(value[:4], "little") - 1
+    if weight < 0:
+        return "off"
+    return "main" if weight == 100 else "backup" if weight == 0 else \
+        "split" if weight < 100 else "?"
 
 
 def read_sk_lookup(zddd: Zddd) -> str | None:
