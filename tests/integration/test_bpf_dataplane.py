@@ -763,6 +763,25 @@ def test_a_split_weight_picks_each_connection_once(bpflab):
 
 # The one-service layout (v1) is what cd0a822 builds; cd0a822 itself changed only the backend
 # contract (its backends do not run on it), so its parent runs that layout's code.
+def test_ten_thousand_connections_at_ten_percent_split_within_a_point_and_a_half(bpflab):
+    """SPEC "Weights": over 10,000 new connections at 10/90 the share is within ±1.5 points."""
+    servers = [bpflab.app.popen(PYTHON, "-c", NAME_SERVER, str(port), name,
+                                stdout=subprocess.PIPE, text=True)
+               for port, name in ((9080, "m"), (9081, "b"))]
+    for server in servers:
+        bpflab.closers.append(server.kill)
+        assert server.stdout.readline().strip() == "ready"
+    driver = bpflab.driver(ports=[["backup", 9081], ["main", 9080]])
+    driver("weights", weights={"default": 10})
+    out = bpflab.client.run(PYTHON, "-c", MANY_CONNECTIONS, APP_V4, "8888", "10000",
+                            timeout=300).stdout
+    names = json.loads(out)
+    assert names["m"] + names["b"] == 10000, names
+    assert abs(names["m"] / 100 - 10) <= 1.5, names
+    steered = driver("flows")["steered"]
+    assert steered == {"main": names["m"], "backup": names["b"]}, steered
+
+
 OLD_COMMIT = "cd0a822~1"
 
 
@@ -994,6 +1013,34 @@ def get(conn):
 a = connect(8888)
 b = connect(9888)
 print(json.dumps([[get(a), get(b)] for _ in range(4)]))
+"""
+
+NAME_SERVER = r"""
+import socket, sys
+port, name = int(sys.argv[1]), sys.argv[2].encode()
+s = socket.socket(socket.AF_INET6)
+s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("::", port))
+s.listen(1024)
+print("ready", flush=True)
+while True:
+    c, _ = s.accept()
+    c.sendall(name)
+    c.close()
+"""
+
+MANY_CONNECTIONS = r"""
+import json, socket, struct, sys
+host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+names = {}
+for _ in range(n):
+    c = socket.create_connection((host, port), timeout=5)
+    name = c.recv(16).decode()
+    c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # no TIME_WAIT
+    c.close()
+    names[name] = names.get(name, 0) + 1
+print(json.dumps(names))
 """
 
 MIXED_SERVER = r"""
