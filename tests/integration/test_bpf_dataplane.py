@@ -638,6 +638,10 @@ def test_two_services_one_switching_fifty_times_leaves_the_other_alone(bpflab):
                              (bpflab.app, "127.0.0.1"))]
     try:
         assert [k.get() for k in held] == ["bmain", "bmain"]
+        deadline = time.monotonic() + 10  # the transfers' connections are made on B's main
+        while driver("flows")["steered"]["b/main"] < len(held) + len(bulk):
+            assert time.monotonic() < deadline, driver("flows")
+            time.sleep(0.02)
         assert driver("weights", weights={"b": 0})["steps"] == []
         assert bpflab.get(APP_V4, 9888) == "bbackup"
         during_transfers = 0
