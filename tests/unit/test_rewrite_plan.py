@@ -213,6 +213,19 @@ def test_a_flow_map_of_another_size_is_rebuilt_with_its_entries_carried(backend)
     assert plan.flip is None  # the build wrote the steering as it was
 
 
+def test_a_rebuild_that_cannot_know_a_weight_writes_the_desired_one(backend):
+    """`active` was unreadable (its pin removed by hand): the build writes the desired weight
+    into the map the programs will use, never an "off" until the flip."""
+    found = attached(backend, desired=TWO)
+    found.values = {}
+    found.pins.pop("active")
+    found.orphans, found.rebuild = {"active": 9}, True
+    current = KernelState({}, False, found, ("pin active missing",))
+    plan = backend.plan(current, TWO)
+    build = next(step for step in plan.layout if isinstance(step, Build))
+    assert build.values == ((0, 101), (1, 1)) and plan.flip is None
+
+
 def test_the_one_service_layout_is_adopted_with_its_steering_and_flows(backend):
     """Layout v1: `read` gave the weight from its `active` port; the rebuild copies its flows
     into a flow map keyed by listen port too, writes that steering into the new maps before the

@@ -717,8 +717,10 @@ class RewriteBackend(Backend):
             for port in (want.main_port, want.backup_port):
                 if found.targets.get(port) != service.listen_port:
                     problems.append(f"target port {port} of service {service.name} missing")
+            if row.slot not in found.values:
+                continue  # `active` could not be read: its weight is not known
             try:
-                weights[service.name] = decode(found.values.get(row.slot, 0))
+                weights[service.name] = decode(found.values[row.slot])
             except ValueError:
                 problems.append(f"service {service.name} has a bad weight "
                                 f"{found.values.get(row.slot)}")
@@ -910,6 +912,10 @@ class RewriteBackend(Backend):
             elif found.rebuild and service.name in current.weights:
                 # The steering the old maps hold (layout v1's `active`, or a map replaced).
                 starts[row.listen_port] = encode(current.weights[service.name])
+            elif found.rebuild:
+                # Not known (its `active` unreadable): the build writes the desired steering
+                # before the programs see it, never a moment of "off".
+                starts[row.listen_port] = encode(service.weight)
             else:
                 starts[row.listen_port] = 0
         if found.rebuild:
