@@ -742,6 +742,19 @@ def test_one_client_port_to_two_services_is_two_flows(bpflab):
         assert json.loads(out) == [["main", "bbackup"]] * 4, out
 
 
+def test_leftover_and_remove_take_every_service(bpflab):
+    _mixed_servers(bpflab)
+    driver = bpflab.driver(services=[A_SERVICE, B_SERVICE])
+    driver("weights", weights={"a": 100, "b": 0})
+    text = driver("leftover")["leftover"]
+    assert "steering 8888 main, 9888 backup" in text, text
+    driver("remove")
+    assert driver("leftover")["leftover"] is None and driver.read() is None
+    assert bpflab.pins() == ["zddd"]
+    assert bpflab.refused(APP_V4) and bpflab.refused(APP_V4, 9888)
+    assert bpflab.get(APP_V4, 9080) == "bmain"
+
+
 def _lookup(directory: str, listen_port: int) -> bytes:
     fd = kbpf.obj_get(f"{directory}/services")
     try:
