@@ -204,6 +204,21 @@ def test_slot_writer_stores_each_service_in_its_own_element(mmapable, tmp_path):
         os.close(fd)
 
 
+def test_a_hash_map_is_read_whole_in_one_batch(need_root):
+    from zddd.backends.rewrite import BPF_MAP_TYPE_HASH, _entries
+
+    fd = kbpf.map_create(BPF_MAP_TYPE_HASH, 4, 8, 256)
+    try:
+        assert _entries(fd, 4, 8, 256) == []
+        want = {struct.pack("=I", 10000 + i): struct.pack("=IHH", i, 30000 + i, 20000 + i)
+                for i in range(256)}
+        for key, value in want.items():
+            kbpf.map_update(fd, key, value)
+        assert dict(_entries(fd, 4, 8, 256)) == want
+    finally:
+        os.close(fd)
+
+
 def test_the_active_map_is_mapped(steering):
     bpflab, _ = steering
     fd = kbpf.obj_get(f"{bpflab.pin_dir}/{bpflab.backend}/active")

@@ -74,6 +74,8 @@ What callers may rely on:
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import hashlib
 import logging
 import mmap
@@ -681,18 +683,12 @@ class RewriteBackend(Backend):
         usable = {name for name in ("services", "targets", "active")
                   if name in fds and name not in found.bad_pins}
         if "services" in usable:
-            handle = kbpf.MapHandle(fds["services"], 4, SERVICE.size)
-            for key in handle.keys():
-                raw = handle.lookup(key)
-                if raw is not None:
-                    (listen_port,) = struct.unpack("=I", key)
-                    found.services[listen_port] = Row(listen_port, *SERVICE.unpack(raw))
+            for key, raw in _entries(fds["services"], 4, SERVICE.size, MAX_SERVICES):
+                (listen_port,) = struct.unpack("=I", key)
+                found.services[listen_port] = Row(listen_port, *SERVICE.unpack(raw))
         if "targets" in usable:
-            handle = kbpf.MapHandle(fds["targets"], 4, 4)
-            for key in handle.keys():
-                raw = handle.lookup(key)
-                if raw is not None:
-                    found.targets[struct.unpack("=I", key)[0]] = struct.unpack("=I", raw)[0]
+            for key, raw in _entries(fds["targets"], 4, 4, 2 * MAX_SERVICES):
+                found.targets[struct.unpack("=I", key)[0]] = struct.unpack("=I", raw)[0]
         if "active" in usable:
             self._active.adopt(fds["active"])
             for row in found.services.values():
@@ -1282,6 +1278,34 @@ class RewriteBackend(Backend):
         capacity = self._counters.capacity
         used = totals.get(COUNT_ADDED, 0) - totals.get(COUNT_DELETED, 0)
         return max(0, min(used, capacity)), capacity
+
+
+BPF_MAP_LOOKUP_BATCH = 24
+ENOTSUPP = 524  # the kernel's own errno for an operation a map type lacks
+
+
+def _entries(fd: int, key_size: int, value_size: int, capacity: int) -> list[tuple[bytes, bytes]]:
+    """Every (key, value) of a hash map of at most `capacity` entries: one
+    BPF_MAP_LOOKUP_BATCH (Linux 5.6+; a read's cost stays flat with the number of services),
+    key by key where the kernel has no batch lookup."""
+    keys = ctypes.create_string_buffer(key_size * capacity)
+    values = ctypes.create_string_buffer(value_size * capacity)
+    token = ctypes.create_string_buffer(8)
+    attr = ctypes.create_string_buffer(struct.pack(
+        "=QQQQIIQQ", 0, ctypes.addressof(token), ctypes.addressof(keys),
+        ctypes.addressof(values), capacity, fd, 0, 0), 56)
+    try:
+        kbpf._bpf(BPF_MAP_LOOKUP_BATCH, attr)
+    except FileNotFoundError:  # ENOENT: the end of the map was reached (the usual answer)
+        pass
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP, ENOTSUPP):
+            raise
+        handle = kbpf.MapHandle(fd, key_size, value_size)
+        return [(key, raw) for key in handle.keys() if (raw := handle.lookup(key)) is not None]
+    count = struct.unpack_from("=I", attr, 32)[0]
+    return [(keys.raw[i * key_size:(i + 1) * key_size],
+             values.raw[i * value_size:(i + 1) * value_size]) for i in range(count)]
 
 
 def _copy_v1_flows(old_fd: int, new_fd: int, listen: dict[int, int]) -> int:
