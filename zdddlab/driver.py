@@ -20,14 +20,17 @@ optional "desired" mapping of fields that differ from JSON_DESIRED for that comm
     switch {target} [service] [desired]  read, plan, apply, as zddd's core does (`service`:
                              the one to switch, default the first): the state before and
                              after, the number of layout steps and their names ("steps"),
-                             whether there was a flip, the apply time in µs
+                             whether there was a flip and how many stores it is ("flips"),
+                             the apply time in µs
     reconcile {target}       repair as the core's reconciler does; whether it repaired
     reconciler {target, interval}  keep reconciling in a thread (until "stop")
     stop                     stop the reconciler thread
     leftover [desired] | remove [desired]
     flows                    flows_steered and flow_table
-    count                    established connections per target (ConnectionCounter)
-    listener {target}        the backend's listener_problem(target), if it has one
+    count                    established connections per target (by "service/target" with
+                             several): on its port, or on a listen port as the backend's
+                             flow_attribution says
+    listener {target} [service]  the backend's target_problem(service, target)
     weights {weights} [desired]  as switch, with service name -> main weight (null: off) for
                              every service named
     flips {n} [service]      n switches main/backup; the apply time of each, µs
@@ -44,7 +47,7 @@ import threading
 import time
 
 from zddd.backends import Desired, ServiceLayout, backend_class, target_weight, weight_target
-from zddd.connections import ConnectionCounter
+from zddd.kernel.sock_diag import TCP_ESTABLISHED, as_flow, dump_sockets
 
 from .base import VENV_BIN
 
@@ -176,9 +179,12 @@ class Driver:
         started = time.perf_counter()
         self.backend.apply(plan)
         usec = (time.perf_counter() - started) * 1e6
+        # sk_lookup's flip is a tuple of stores, one per service that changes.
+        flips = (len(plan.flip) if isinstance(plan.flip, tuple)
+                 else int(plan.flip is not None))
         return {"layout": len(plan.layout), "steps": [_step_name(s) for s in plan.layout],
-                "flip": plan.flip is not None, "usec": usec, "before": self._describe(current),
-                "after": self._describe(self._state(wanted))}
+                "flip": plan.flip is not None, "flips": flips, "usec": usec,
+                "before": self._describe(current), "after": self._describe(self._state(wanted))}
 
     def op_reconcile(self, target: str | None) -> dict:
         current = self._state()
@@ -236,14 +242,31 @@ class Driver:
                 "table": list(table) if table else None}
 
     def op_count(self) -> dict:
-        service = self.desired.services[0]
-        counter = ConnectionCounter(listen_port=service.listen_port,
-                                    attribute=self.backend.flow_attribution())
-        return {"counts": counter.count(dict(service.ports))}
+        desired = self.desired
+        one = len(desired.services) == 1
 
-    def op_listener(self, target: str) -> dict:
-        problem = getattr(self.backend, "listener_problem", None)
-        return {"problem": problem(target) if problem else None}
+        def key(service: str, target: str) -> str:
+            return target if one else f"{service}/{target}"
+
+        counts = {key(s.name, t): 0 for s in desired.services for t, _ in s.ports}
+        targets, listens = desired.by_target_port(), desired.by_listen_port()
+        attribute = self.backend.flow_attribution()
+        steered = []
+        for sock in dump_sockets(sorted(set(targets) | set(listens)), 1 << TCP_ESTABLISHED):
+            if sock.local_port in targets:
+                service, target = targets[sock.local_port]
+                counts[key(service.name, target)] += 1
+            elif sock.local_port in listens and attribute is not None:
+                steered.append(as_flow(sock.family, sock.local_addr.ljust(16, b"\0"),
+                                       sock.local_port, sock.remote_addr.ljust(16, b"\0"),
+                                       sock.remote_port))
+        for found in attribute(steered) if steered else ():
+            if found is not None and key(*found) in counts:
+                counts[key(*found)] += 1
+        return {"counts": counts}
+
+    def op_listener(self, target: str, service: str | None = None) -> dict:
+        return {"problem": self.backend.target_problem(self._service(service), target)}
 
     def op_flips(self, n: int, service: str | None = None) -> dict:
         name = self._service(service)
