@@ -103,7 +103,13 @@ class Zddd:
 
     def write_config(self, text: str | None = None) -> None:
         config = self.config
-        if self.service and "services" not in config:
+        if "services" in config:
+            # A test's own services: the lab's default drain_timeout goes into each of them.
+            default = {k: v for k, v in config.items() if k in SERVICE_KEYS}
+            config = {k: v for k, v in config.items() if k not in SERVICE_KEYS}
+            config["services"] = {name: {**default, **svc}
+                                  for name, svc in self.config["services"].items()}
+        elif self.service:
             config = as_services(config, self.service)
         self.config_path.write_text(text if text is not None else to_toml(config))
 
