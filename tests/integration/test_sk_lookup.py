@@ -323,7 +323,7 @@ def test_drift_is_repaired(skl):
     finally:
         os.close(fd)
     assert skl.refused(APP_V4)
-    _repair(skl, "socket map for main")
+    _repair(skl, "socket map for default main")
 
     fd = kbpf.obj_get(str(skl.pin_dir / "sk_lookup_active"))
     try:
@@ -355,8 +355,8 @@ def test_remove_leaves_nothing(skl):
     skl.driver("switch", target="main")
     assert "steering main" in skl.driver("leftover")["leftover"]
     assert {p for p in skl.pins() if p.startswith("sk_lookup_")} == {
-        "sk_lookup_" + n for n in ("link", "prog", "active", "meta", "sockets", "flows",
-                                   "steered")}
+        "sk_lookup_" + n for n in ("link", "prog", "services", "active", "meta", "sockets",
+                                   "flows", "steered")}
     skl.driver("remove")
     assert skl.pins() == set()
     assert _netns_links(skl.app) == []
