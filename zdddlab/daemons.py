@@ -248,11 +248,12 @@ def read_with_zddd(zddd: Zddd) -> str | None:
     return json.loads(r.stdout)
 
 
-def _pinned_u32(path: str) -> int | None:
-    """Key 0 of a pinned array map of u32, read with bpftool (not zddd's code); None when
-    nothing is pinned there."""
-    r = subprocess.run(["bpftool", "-j", "map", "lookup", "pinned", path, "key", "0", "0", "0",
-                        "0"], capture_output=True, text=True)
+def _pinned_u32(path: str, key: int = 0) -> int | None:
+    """Element `key` of a pinned array (or u32-keyed hash) map of u32, read with bpftool (not
+    zddd's code); None when nothing is pinned there or the key has no element."""
+    r = subprocess.run(["bpftool", "-j", "map", "lookup", "pinned", path, "key",
+                        *(str(b) for b in key.to_bytes(4, "little"))],
+                       capture_output=True, text=True)
     if r.returncode != 0:
         return None
     value = json.loads(r.stdout)["value"]
@@ -275,13 +276,21 @@ def read_rewriting_bpf(zddd: Zddd) -> str | None:
 
 
 def read_sk_lookup(zddd: Zddd) -> str | None:
-    """sk_lookup: the pinned `active` array holds 0 for off, else 1 + the target's index in
-    name order."""
-    index = _pinned_u32(f"{zddd.config['bpf_pin_dir']}/sk_lookup_active")
-    if index is None:
+    """sk_lookup: the pinned `services` hash gives the listen port's slot, and that element of
+    the pinned `active` array holds 0 for off, else 1 + main's weight (a layout without
+    `services`, zddd <= cd0a822: element 0 holds 1 + the target's index in name order)."""
+    pin_dir = zddd.config["bpf_pin_dir"]
+    if not Path(f"{pin_dir}/sk_lookup_services").exists():
+        index = _pinned_u32(f"{pin_dir}/sk_lookup_active")
+        if index is None:
+            return None
+        names = sorted(_target_ports(zddd))
+        return "off" if index == 0 else names[index - 1] if index <= len(names) else "?"
+    slot = _pinned_u32(f"{pin_dir}/sk_lookup_services", zddd.config.get("listen_port", 8888))
+    value = 0 if slot is None else _pinned_u32(f"{pin_dir}/sk_lookup_active", slot)
+    if value is None:
         return None
-    names = sorted(_target_ports(zddd))
-    return "off" if index == 0 else names[index - 1] if index <= len(names) else "?"
+    return {0: "off", 1: "backup", 101: "main"}.get(value, "split" if value < 101 else "?")
 
 
 # Backend name -> a reader of where that backend steers, independent of zddd's code.
