@@ -229,11 +229,12 @@ def read_nftables(zddd: Zddd) -> str | None:
 
 READ_WITH_ZDDD = r"""
 import json, sys
-from zddd.backends import Desired, backend_class
+from zddd.backends import Desired, backend_class, weight_target
 from zddd.config import load
 config = load(sys.argv[1])
-state = backend_class(config.backend)().read(Desired.from_config(config, None))
-print(json.dumps(None if state is None else state.active or "off"))
+service = sys.argv[2] if len(sys.argv) > 2 else next(iter(config.services))
+state = backend_class(config.backend)().read(Desired.from_config(config, {}))
+print(json.dumps(None if state is None else weight_target(state.weights.get(service)) or "off"))
 """
 
 

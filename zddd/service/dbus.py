@@ -312,7 +312,7 @@ class ManagerInterface(ServiceInterface, Observer):
 
     def connections(self) -> dict[str, int]:
         try:
-            return self.core.connection_counts()
+            return self.core.service().connection_counts()
         except Exception as e:
             log.warning("event=count_failed error=%s", quote(str(e)))
             return {}
@@ -339,7 +339,7 @@ class ManagerInterface(ServiceInterface, Observer):
         if changes:
             self.emit_properties_changed(changes)
 
-    def switched(self, old: str, new: str, duration_usec: int) -> None:
+    def switched(self, service: str, old: str, new: str, duration_usec: int) -> None:
         self.Switched(old, new, duration_usec)
 
     # ---- dispatch ----

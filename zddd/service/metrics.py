@@ -66,7 +66,7 @@ class _KernelCollector:
                                   "Established TCP connections on the target's port",
                                   labels=["target"])
         try:
-            for name, n in core.connection_counts().items():
+            for name, n in core.service().connection_counts().items():
                 conns.add_metric([name], float(n))
             yield conns
         except Exception as e:
@@ -76,7 +76,7 @@ class _KernelCollector:
                                     "New connections steered to the target by the data plane",
                                     labels=["target"])
         try:
-            for name, n in core.flows_steered().items():
+            for (_, name), n in core.flows_steered().items():
                 flows.add_metric([name], float(n))
             yield flows
         except Exception as e:
@@ -221,7 +221,8 @@ class MetricsServer(Listener, Observer):
             if line in (b"\r\n", b"\n", b""):
                 return first
 
-    def switch_result(self, target: str, result: str, seconds: float | None) -> None:
+    def switch_result(self, service: str, target: str, result: str,
+                      seconds: float | None) -> None:
         self.switches.labels(target, result).inc()
         if seconds is not None:
             self.duration.labels(self.backend).observe(seconds)
