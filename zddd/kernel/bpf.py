@@ -125,9 +125,14 @@ class ActiveSlot:
 
     def __init__(self, map_fd: int):
         self.mapped = False
+        # An array map's elements are 8-byte aligned in its memory: element i of u32s is the
+        # (2 * i)th u32 of the mapping.
+        info = map_info(map_fd)
+        self._stride = (info.value_size + 7) // 8 * 2
+        size = -(-info.max_entries * self._stride * 4 // mmap.PAGESIZE) * mmap.PAGESIZE
         try:
             # mmap keeps its own duplicate of the descriptor: the map lives while this does.
-            self._mmap = mmap.mmap(map_fd, mmap.PAGESIZE, mmap.MAP_SHARED,
+            self._mmap = mmap.mmap(map_fd, max(size, mmap.PAGESIZE), mmap.MAP_SHARED,
                                    mmap.PROT_READ | mmap.PROT_WRITE)
         except OSError:  # EINVAL: the map was created without BPF_F_MMAPABLE
             self._key = ctypes.create_string_buffer(4)
@@ -142,10 +147,9 @@ class ActiveSlot:
             self.mapped = True
 
     def write(self, value: int, index: int = 0) -> None:
-        """Store `value` in element `index` (0 for a one-element map; an array of up to a
-        page of u32s is mapped whole)."""
+        """Store `value` in element `index` (0 for a one-element map)."""
         if self.mapped:
-            self._slot[index] = value
+            self._slot[index * self._stride] = value
         else:
             struct.pack_into("=I", self._key, 0, index)
             struct.pack_into("=I", self._value, 0, value)
