@@ -436,21 +436,25 @@ class SkLookupBackend(Backend):
                 found.service_problems.append(f"listen port {port} steered by no service")
 
     def _check_sockets(self, desired: Desired, sockets_fd: int, found: Found) -> None:
+        """Compare each (service, target)'s socket slots with its current listeners. zddd
+        fills the slots from the first and clears the rest, and the kernel drops a socket that
+        closes, so only as many slots as there are listeners to hold, and one more, are read
+        (a read of 64 services is then about 3 lookups per target, not SLOTS)."""
         by_port = self._listeners(desired)
+        sockets = kbpf.MapHandle(sockets_fd, 4, 8)  # buffers made once; the fd is the caller's
         for service in desired.services:
             slot = found.services.get(service.listen_port)
             if slot is None or slot >= MAX_SERVICES:
                 continue
             for index, target in enumerate(TARGETS):
                 port = service.port_of(target)
-                in_map = set()
-                for i in range(SLOTS):
-                    raw = kbpf.map_lookup(sockets_fd, _U32.pack(_sockets_base(slot, index) + i),
-                                          8)
-                    if raw:
-                        in_map.add(_COOKIE.unpack(raw)[0])
                 wanted = {s.cookie for s in _usable(by_port.get(port, []))}
                 takeable = wanted - set(self._untakeable)
+                in_map = set()
+                for i in range(min(SLOTS, len(takeable) + 1)):
+                    raw = sockets.lookup(_U32.pack(_sockets_base(slot, index) + i))
+                    if raw:
+                        in_map.add(_COOKIE.unpack(raw)[0])
                 if in_map != takeable:
                     found.socket_problems[(service.name, target)] = (
                         f"holds {len(in_map)} socket(s), {len(takeable)} current listener(s) "
@@ -931,44 +935,23 @@ def _update_link(pin_dir: str, prog_fd: int) -> bool:
 
 def _carry_over(pin_dir: str, slots: tuple[tuple[int, int, int], ...],
                 fds: dict[str, int]) -> None:
-    """From the layout about to be replaced (v1 or v2): which service and target each
-    connection established on a listen port now was assigned to (so a drain still counts
-    them), and the steered counters (so the metric does not reset). A service keeps its slot
-    across a rebuild; v1's one service was at "slot 0", its values were the target index
-    alone, and its flow keys had no local port. Best effort: an old layout of another shape
-    has nothing usable."""
+    """From the layout about to be replaced (v1 or v2, told by its flow key's size): which
+    service and target each connection established on a listen port now was assigned to (so a
+    drain still counts them), and the steered counters (so the metric does not reset). A
+    service keeps its slot across a rebuild; v1's one service was "slot 0", its values were
+    the target index alone, and its flow keys had no local port. Best effort: an old layout
+    of another shape has nothing usable."""
     slot_of = {port: slot for port, slot, _ in slots}
     try:
         with pinned.Pinned(_pin(pin_dir, "meta")) as meta:
             raw = kbpf.map_lookup(meta, _U32.pack(0), _META.size)
         stamp = _META.unpack(raw) if raw and len(raw) == _META.size else None
-        if stamp is None or stamp[0] != LAYOUT_MAGIC or stamp[1] not in (V1, LAYOUT_VERSION):
-            return
-        v1 = stamp[1] == V1
-        if v1:
-            if stamp[2] not in slot_of:
-                return
-            carried = {stamp[2]: slot_of[stamp[2]]}
-        else:
-            carried = slot_of
-        carried_flows = 0
+        v1_port = stamp[2] if stamp is not None and stamp[:2] == (LAYOUT_MAGIC, V1) else None
         with pinned.Pinned(_pin(pin_dir, "flows")) as old:
-            for sock in dump_sockets(sorted(carried), 1 << TCP_ESTABLISHED):
-                if sock.local_port not in carried:
-                    continue
-                flow = as_flow(sock.family, sock.local_addr.ljust(16, b"\0"), sock.local_port,
-                               sock.remote_addr.ljust(16, b"\0"), sock.remote_port)
-                value = kbpf.map_lookup(old, _v1_flow_key(flow) if v1 else _flow_key(flow), 4)
-                if value is None:
-                    continue
-                index = _U32.unpack(value)[0]
-                slot = carried[sock.local_port]
-                if v1:
-                    index = slot * len(TARGETS) + index
-                elif index // len(TARGETS) != slot:
-                    continue
-                kbpf.map_update(fds["flows"], _flow_key(flow), _U32.pack(index))
-                carried_flows += 1
+            carried_flows = _carry_flows(old, slot_of, v1_port, fds["flows"])
+        if carried_flows is None:
+            return
+        v1, carried, count = carried_flows
         size = 8 * kbpf.possible_cpus()
         with pinned.Pinned(_pin(pin_dir, "steered")) as old:
             for slot in carried.values():
@@ -978,9 +961,44 @@ def _carry_over(pin_dir: str, slots: tuple[tuple[int, int, int], ...],
                     kbpf.map_update(fds["steered"], _U32.pack(slot * len(TARGETS) + index),
                                     _COOKIE.pack(total).ljust(size, b"\0"))
         log.info("event=flows_carried_over backend=sk_lookup from_layout=%d flows=%d",
-                 stamp[1], carried_flows)
+                 V1 if v1 else LAYOUT_VERSION, count)
     except OSError:
         pass
+
+
+def _carry_flows(old: int, slot_of: dict[int, int], v1_port: int | None, new: int
+                 ) -> tuple[bool, dict[int, int], int] | None:
+    """Copy the old flow map's entries for the connections established on the listen ports
+    now; (whether it was v1's, listen port -> slot of the services carried, how many), None
+    when it is of no known layout. `v1_port`: the listen port in a v1 stamp."""
+    key_size = kbpf.map_info(old).key_size
+    v1 = key_size == _V1_FLOW_KEY.size
+    if v1:
+        if v1_port not in slot_of:
+            return None
+        carried = {v1_port: slot_of[v1_port]}
+    elif key_size == _FLOW_KEY.size:
+        carried = slot_of
+    else:
+        return None
+    count = 0
+    for sock in dump_sockets(sorted(carried), 1 << TCP_ESTABLISHED):
+        if sock.local_port not in carried:
+            continue
+        flow = as_flow(sock.family, sock.local_addr.ljust(16, b"\0"), sock.local_port,
+                       sock.remote_addr.ljust(16, b"\0"), sock.remote_port)
+        value = kbpf.map_lookup(old, _v1_flow_key(flow) if v1 else _flow_key(flow), 4)
+        if value is None:
+            continue
+        index = _U32.unpack(value)[0]
+        slot = carried[sock.local_port]
+        if v1:
+            index = slot * len(TARGETS) + index
+        elif index // len(TARGETS) != slot:
+            continue
+        kbpf.map_update(new, _flow_key(flow), _U32.pack(index))
+        count += 1
+    return v1, carried, count
 
 
 def _link_to_netns(prog_fd: int) -> int:
