@@ -69,6 +69,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 from ..kernel.sock_diag import (TCP_ESTABLISHED, TCP_LISTEN, Flow, SocketInfo, as_flow,
                                 dump_sockets)
@@ -76,7 +77,7 @@ from ..kernel import bpf as kbpf
 from ..kernel import pidfd
 from . import (BACKUP, MAIN, ApplyError, Backend, BackendUnavailable, Desired, KernelState,
                NewerLayout, Plan, ServiceLayout, pinned, weight_target)
-from .pinned import Claim, Step
+from .pinned import Claim, Flip, Step
 
 log = logging.getLogger("zddd")
 
@@ -562,9 +563,7 @@ class SkLookupBackend(Backend):
                 entries.append((service.listen_port, slot, start))
                 if start != value_of(service.weight):
                     starting.append(SetWeight(active, slot, value_of(service.weight)))
-            build = Build(desired, tuple(entries))
-            flips = tuple(starting)
-            return Plan((build,), flips or None)
+            return Plan((Build(desired, tuple(entries)),), tuple(starting) or None)
         layout: list[Step] = []
         if found.unclaimed:
             layout.append(Claim(desired.pin_dir))
@@ -598,10 +597,12 @@ class SkLookupBackend(Backend):
     def apply(self, plan: Plan) -> None:
         """Carries out the plan and reports what it did; reading back (and so what health
         sees of the sockets just put in) is the next `read`'s, the core's."""
+        # The flip is a tuple of SetWeight (one per service that changes), not one Flip.
+        flip = cast(Callable[[Flip], None], self._flip)
         pinned.carry_out(plan, {Build: self._build, Claim: self._claim, Relink: self._relink,
                                 AddService: self._add_service,
                                 RemoveService: self._remove_service,
-                                FillSockets: self._fill_step}, self._flip)
+                                FillSockets: self._fill_step}, flip)
 
     def _flip(self, flips: tuple[SetWeight, ...]) -> None:
         for flip in flips:
@@ -819,9 +820,12 @@ class SkLookupBackend(Backend):
             out: list[tuple[str, str] | None] = []
             for flow in flows:
                 raw = kbpf.map_lookup(self._counters.flows_fd, _flow_key(flow), 4)
-                index = _U32.unpack(raw)[0] if raw else None
-                name = names.get(index // len(TARGETS)) if index is not None else None
-                out.append((name, TARGETS[index % len(TARGETS)]) if name is not None else None)
+                if not raw:
+                    out.append(None)
+                    continue
+                slot, target = divmod(_U32.unpack(raw)[0], len(TARGETS))
+                name = names.get(slot)
+                out.append((name, TARGETS[target]) if name is not None else None)
             return out
         except OSError:
             return [None] * len(flows)
