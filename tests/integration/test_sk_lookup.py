@@ -14,6 +14,7 @@ import subprocess
 import time
 from contextlib import suppress
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from zdddlab.driver import DriverClient
@@ -809,3 +810,55 @@ while not select.select([sys.stdin], [], [], 0.005)[0]:
         failed += 1
 print(json.dumps({"made": made, "failed": failed, "answers": sorted(answers)}), flush=True)
 """
+
+
+OLD_ZDDD = "import sys; from zddd.daemon import main; sys.exit(main())"
+
+
+@pytest.mark.parametrize("lab", ["sk_lookup"], indirect=True)
+def test_zddd_started_on_the_single_service_layout_adopts_it(lab, old_code):
+    """The same through the daemons: the zddd of cd0a822's layout steers backup and holds a
+    keep-alive connection; it stops, and this zddd starts on its data plane: adopted (no
+    flip, the same link), the held connection answered by backup and counted for it, new ones
+    to backup; then a switch to main moves new connections only."""
+    from zdddlab import VENV_BIN, Zddd, wait_for
+
+    z = lab.own(Zddd(lab.app, lab.bus, lab.tmp, {"backend": "sk_lookup",
+                                                  "bpf_pin_dir": lab.pin_dir,
+                                                  "initial": "backup"}))
+    lab.zddd = z
+    with open(z.log_path, "a") as log:
+        old = lab.app.popen("env", "-C", str(old_code), f"PYTHONPATH={old_code}",
+                            str(VENV_BIN / "python"), "-c", OLD_ZDDD, "--config",
+                            str(z.config_path), "--bus", lab.bus.address, stdout=log,
+                            stderr=subprocess.STDOUT)
+    lab.closers.append(old.close)
+    wait_for(lambda: old.poll() is not None or z.owns_name(), 60, "the old zddd to start")
+    assert old.poll() is None, z.log()
+    assert http_get(lab.client, APP_V4, LISTEN) == "backup"
+    pin_dir = Path(lab.pin_dir)
+    assert not (pin_dir / "sk_lookup_services").exists(), "not the old layout"
+    link = _link_id(SimpleNamespace(pin_dir=pin_dir))
+    kept = KeepAlive(lab.client, APP_V4, LISTEN)
+    try:
+        assert kept.get() == "backup"
+        old.terminate()
+        assert old.wait(timeout=10) == 0, z.log()
+        wait_for(lambda: not z.owns_name(), 10, "the old zddd's bus name to go")
+        z.start()
+        starts = [line for line in z.log().splitlines() if "event=start " in line]
+        assert "how=adopted" in starts[-1] and "target=backup" in starts[-1], starts
+        assert "event=flows_carried_over backend=sk_lookup from_layout=1 flows=1" in z.log()
+        assert (pin_dir / "sk_lookup_services").exists()
+        assert _link_id(SimpleNamespace(pin_dir=pin_dir)) == link
+        assert z.prop("ActiveTarget") == "backup"
+        assert kept.get() == "backup"
+        assert http_get(lab.client, APP_V6, LISTEN) == "backup"
+        status = json.loads(z.zddctl("status", "--json").stdout)
+        assert status["targets"]["backup"]["connections"] == 1, status
+        r = z.zddctl("switch", "main")
+        assert r.returncode == 0, r.stderr
+        assert http_get(lab.client, APP_V4, LISTEN) == "main"
+        assert kept.get() == "backup"
+    finally:
+        kept.close()
