@@ -862,3 +862,47 @@ def test_zddd_started_on_the_single_service_layout_adopts_it(lab, old_code):
         assert kept.get() == "backup"
     finally:
         kept.close()
+
+
+@pytest.mark.parametrize("lab", ["sk_lookup"], indirect=True)
+def test_zddd_with_two_services_and_a_third_added_at_reload(lab):
+    """zddd with [services.a] and [services.b] on sk_lookup: one program steers both, each to
+    its own initial target; a reload that adds c inserts it (same program, same link, b's
+    held connection untouched) and c starts at its initial target."""
+    from zdddlab import Vhost, Zddd
+
+    for port, name in ((9080, "bmain"), (90, "bbackup"), (7080, "cmain"), (70, "cbackup")):
+        vhost = Vhost(lab.app, port, name)
+        lab.closers.append(vhost.stop)
+
+    def spec(listen: int, main: int, backup: int, initial: str) -> dict:
+        return {"listen_port": listen, "initial": initial,
+                "targets": {"main": {"port": main}, "backup": {"port": backup}}}
+
+    services = {"a": spec(LISTEN, 8080, 80, "main"), "b": spec(B_LISTEN, 9080, 90, "backup")}
+    z = lab.own(Zddd(lab.app, lab.bus, lab.tmp, {
+        "backend": "sk_lookup", "bpf_pin_dir": lab.pin_dir, "services": services,
+        "metrics": {"listen": ""}}))  # the metrics adapter does not know services yet
+    del z.config["drain_timeout"]  # a service key: per service in this form
+    z.write_config()
+    lab.zddd = z
+    z.start()
+    assert http_get(lab.client, APP_V4, LISTEN) == "main"
+    assert http_get(lab.client, APP_V6, B_LISTEN) == "bbackup"
+    pins = SimpleNamespace(pin_dir=Path(lab.pin_dir))
+    link, prog = _link_id(pins), _prog_id(pins)
+    kept = KeepAlive(lab.client, APP_V4, B_LISTEN)
+    try:
+        assert kept.get() == "bbackup"
+        z.config["services"]["c"] = spec(7888, 7080, 70, "backup")
+        z.write_config()
+        r = z.zddctl("reload")
+        assert r.returncode == 0, r.stderr
+        wait_for(lambda: connect_error(lab.client, APP_V4, 7888)[0] == "ok", 5,
+                 "service c to be steered")
+        assert http_get(lab.client, APP_V4, 7888) == "cbackup"
+        assert (_link_id(pins), _prog_id(pins)) == (link, prog)
+        assert kept.get() == "bbackup"
+        assert http_get(lab.client, APP_V4, LISTEN) == "main"
+    finally:
+        kept.close()
