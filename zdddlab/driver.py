@@ -2,34 +2,37 @@
 
     ip netns exec NS .venv/bin/python -m zdddlab.driver BACKEND JSON_DESIRED
 
-JSON_DESIRED describes a zddd.backends.Desired without the weights, in one of two forms: the
-single-service one (`listen_port` and `ports`: one service named "default") or
-`services` (name -> {listen_port, ports}); `ports` as a mapping or as [name, port] pairs;
-pin_dir and flow_entries default to /sys/fs/bpf/zddd and 4096. Reads one JSON command per line
-on stdin and answers one JSON line on stdout ({"error": ..., "changed": ...} when the command
-raised; `changed` is ApplyError's). The backend runs in this process, so it sees the namespace
-the way zddd would. Every service starts off; what the driver last asked for is what
-`reconcile` repairs towards. Commands (key "op"); those marked [desired] take an optional
-"desired" mapping of fields that differ from JSON_DESIRED for that command alone; [service]
-ones an optional "service" (default: the only one, or "default"):
+JSON_DESIRED holds the fields of zddd.backends.Desired, the services either as `services`, a
+list of {name, listen_port, ports} mappings, or (one service, "default") as top-level
+`listen_port` and `ports` (`ports` as a mapping or as [name, port] pairs); every service starts
+off; pin_dir and flow_entries default to /sys/fs/bpf/zddd and 4096. With one service, states
+are described as before ({active, intact, problems}); with several as {weights, intact,
+problems}, and `flows` keys its counts "service/target". Reads one
+JSON command per line on stdin and answers one JSON line on stdout ({"error": ..., "changed":
+...} when the command raised; `changed` is ApplyError's). The backend runs in this process, so
+it sees the namespace the way zddd would. Commands (key "op"); those marked [desired] take an
+optional "desired" mapping of fields that differ from JSON_DESIRED for that command alone:
 
     probe                    the backend's probe; how long it took, s ("seconds")
     new {source_suffix}      a fresh backend instance (as a restarted zddd); a BPF backend's
                              program source gets `source_suffix` appended (an upgraded package)
-    read [desired]           the backend's read: {active, intact, problems} in the single form,
-                             {weights, intact, problems} in the services form (None: nothing)
-    switch {target | weight} [service] [desired]  read, plan, apply, as zddd's core does: the
-                             state before and after, the number of layout steps and their
-                             names ("steps"), how many services the flip stores ("flips", and
-                             "flip": whether there was one), the apply time in µs
+    read [desired]           the backend's read: active, intact, problems (None: nothing there)
+    switch {target} [service] [desired]  read, plan, apply, as zddd's core does (`service`:
+                             the one to switch, default the first): the state before and
+                             after, the number of layout steps and their names ("steps"),
+                             whether there was a flip and how many stores it is ("flips"),
+                             the apply time in µs
     reconcile {target}       repair as the core's reconciler does; whether it repaired
     reconciler {target, interval}  keep reconciling in a thread (until "stop")
     stop                     stop the reconciler thread
     leftover [desired] | remove [desired]
-    flows                    flows_steered (by target in the single form, "service/target" in
-                             the services form) and flow_table
-    count                    established connections per target (per "service/target")
-    listener {target} [service]  the backend's target_problem
+    flows                    flows_steered and flow_table
+    count                    established connections per target (by "service/target" with
+                             several): on its port, or on a listen port as the backend's
+                             flow_attribution says
+    listener {target} [service]  the backend's target_problem(service, target)
+    weights {weights} [desired]  as switch, with service name -> main weight (null: off) for
+                             every service named
     flips {n} [service]      n switches main/backup; the apply time of each, µs
 
 Tests (tests/integration/test_sk_lookup.py, test_bpf_dataplane.py) and the bench use it.
@@ -90,25 +93,22 @@ class DriverClient:
         self.proc.close()
 
 
-SINGLE = "default"
-
-
-def desired_of(fields: dict, weights: dict[str, int | None] | None = None) -> Desired:
-    """A Desired from JSON_DESIRED's fields, every service at its weight in `weights` (a
-    service not named is off)."""
+def desired_of(fields: dict, weights: dict | None = None) -> Desired:
+    """A Desired from JSON_DESIRED's fields, every service off but those in `weights`."""
     fields = {"pin_dir": "/sys/fs/bpf/zddd", "flow_entries": 4096, **fields}
-    services = fields.pop("services", None)
-    if services is None:
-        services = {SINGLE: {"listen_port": fields.pop("listen_port"),
-                             "ports": fields.pop("ports")}}
+    listed = fields.pop("services", None)
+    one = {"name": "default", "listen_port": fields.pop("listen_port", None),
+           "ports": fields.pop("ports", None)}
+    if listed is None:
+        listed = [one]
     weights = weights or {}
-    layouts = tuple(sorted(
-        (ServiceLayout(name, spec["listen_port"], tuple(sorted(dict(spec["ports"]).items())),
-                       weights.get(name)) for name, spec in services.items()),
+    fields["services"] = tuple(sorted(
+        (ServiceLayout(s["name"], s["listen_port"], tuple(sorted(dict(s["ports"]).items())),
+                       weights.get(s["name"])) for s in listed),
         key=lambda s: s.listen_port))
     if fields.get("interfaces") is not None:
         fields["interfaces"] = tuple(fields["interfaces"])
-    return Desired(layouts, **fields)
+    return Desired(**fields)
 
 
 def _step_name(step) -> str:
@@ -119,8 +119,6 @@ class Driver:
     def __init__(self, backend: str, desired: dict):
         self.backend_name = backend
         self.fields = desired
-        self.single = "services" not in desired
-        self.weights: dict[str, int | None] = {}
         self.desired = desired_of(desired)
         self.lock = threading.Lock()
         self.reconciler: threading.Thread | None = None
@@ -128,30 +126,29 @@ class Driver:
         self.repairs = 0
         self.op_new()
 
-    def _desired(self, overrides: dict | None = None) -> Desired:
-        fields = {**self.fields, **overrides} if overrides else self.fields
-        return desired_of(fields, self.weights)
-
-    def _service(self, service: str | None) -> str:
-        if service is not None:
-            return service
-        names = [s.name for s in self.desired.services]
-        return names[0] if len(names) == 1 else SINGLE
+    def _desired(self, overrides: dict | None) -> Desired:
+        return desired_of({**self.fields, **overrides}) if overrides else self.desired
 
     def _state(self, desired: Desired | None = None):
-        return self.backend.read(desired or self._desired())
+        return self.backend.read(desired or self.desired)
 
     def _describe(self, state) -> dict | None:
         if state is None:
             return None
-        if self.single:
-            return {"active": weight_target(state.weights.get(SINGLE)), "intact": state.intact,
+        if len(self.desired.services) == 1:
+            weight = state.weights.get(self.desired.services[0].name)
+            return {"active": weight_target(weight), "intact": state.intact,
                     "problems": list(state.problems)}
         return {"weights": state.weights, "intact": state.intact,
                 "problems": list(state.problems)}
 
-    def _key(self, service: str, target: str) -> str:
-        return target if self.single else f"{service}/{target}"
+    def _service(self, service: str | None) -> str:
+        return service or self.desired.services[0].name
+
+    def _wanted(self, desired: Desired, weights: dict) -> Desired:
+        for name, weight in weights.items():
+            desired = desired.with_weight(name, weight)
+        return desired
 
     def op_probe(self) -> dict:
         started = time.perf_counter()
@@ -169,45 +166,47 @@ class Driver:
     def op_read(self, desired: dict | None = None) -> dict:
         return {"state": self._describe(self._state(self._desired(desired)))}
 
-    def op_switch(self, target: str | None = None, weight: int | None = None,
-                  service: str | None = None, desired: dict | None = None) -> dict:
-        name = self._service(service)
-        self.weights[name] = weight if weight is not None else target_weight(target)
+    def op_switch(self, target: str | None, desired: dict | None = None,
+                  service: str | None = None) -> dict:
+        return self.op_weights({self._service(service): target_weight(target)}, desired)
+
+    def op_weights(self, weights: dict, desired: dict | None = None) -> dict:
         wanted = self._desired(desired)
         current = self._state(wanted)
-        plan = self.backend.plan(current, wanted)
+        # Services not named keep what the kernel holds (the core's saved state).
+        held = dict(current.weights) if current is not None else {}
+        plan = self.backend.plan(current, self._wanted(wanted, {**held, **weights}))
         started = time.perf_counter()
         self.backend.apply(plan)
         usec = (time.perf_counter() - started) * 1e6
-        flips = plan.flip if isinstance(plan.flip, tuple) else (
-            () if plan.flip is None else (plan.flip,))
+        # sk_lookup's flip is a tuple of stores, one per service that changes.
+        flips = (len(plan.flip) if isinstance(plan.flip, tuple)
+                 else int(plan.flip is not None))
         return {"layout": len(plan.layout), "steps": [_step_name(s) for s in plan.layout],
-                "flip": plan.flip is not None, "flips": len(flips), "usec": usec,
+                "flip": plan.flip is not None, "flips": flips, "usec": usec,
                 "before": self._describe(current), "after": self._describe(self._state(wanted))}
 
-    def op_reconcile(self, target: str | None = None, weights: dict | None = None) -> dict:
-        if weights is not None:
-            self.weights = dict(weights)
-        elif self.single:
-            self.weights = {SINGLE: target_weight(target)}
-        wanted = self._desired()
-        current = self._state(wanted)
-        if current is not None and current.intact and current.weights == {
-                s.name: s.weight for s in wanted.services}:
+    def op_reconcile(self, target: str | None) -> dict:
+        current = self._state()
+        name = self._service(None)
+        if current is not None and current.intact and \
+                current.weights.get(name) == target_weight(target):
             return {"repaired": False}
-        plan = self.backend.plan(current, wanted)
+        held = dict(current.weights) if current is not None else {}
+        plan = self.backend.plan(current, self._wanted(
+            self.desired, {**held, name: target_weight(target)}))
         self.backend.apply(plan)
         self.repairs += 1
         if plan.layout:
             # As the core does: read back after a layout change, best effort (what health
             # sees of the backend comes from its reads).
             try:
-                self._state(wanted)
+                self._state()
             except Exception:  # the next round reads again
                 pass
         return {"repaired": True, "before": self._describe(current)}
 
-    def op_reconciler(self, target: str | None = None, interval: float = 0.25) -> dict:
+    def op_reconciler(self, target: str | None, interval: float = 0.25) -> dict:
         def loop():
             while not self.stopping.wait(interval):
                 with self.lock:
@@ -236,31 +235,34 @@ class Driver:
 
     def op_flows(self) -> dict:
         table = self.backend.flow_table()
-        steered = {self._key(*key) if isinstance(key, tuple) else key: n
-                   for key, n in self.backend.flows_steered().items()}
-        return {"steered": steered, "table": list(table) if table else None}
+        steered = self.backend.flows_steered()
+        one = len(self.desired.services) == 1
+        return {"steered": {target if one else f"{service}/{target}": n
+                            for (service, target), n in steered.items()},
+                "table": list(table) if table else None}
 
     def op_count(self) -> dict:
-        """Established connections per (service, target): on the target's port, or on the
-        listen port and attributed to it by the backend."""
-        desired = self._desired()
-        counts = {self._key(s.name, t): 0 for s in desired.services for t, _ in s.ports}
-        targets = desired.by_target_port()
-        listens = desired.by_listen_port()
+        desired = self.desired
+        one = len(desired.services) == 1
+
+        def key(service: str, target: str) -> str:
+            return target if one else f"{service}/{target}"
+
+        counts = {key(s.name, t): 0 for s in desired.services for t, _ in s.ports}
+        targets, listens = desired.by_target_port(), desired.by_listen_port()
         attribute = self.backend.flow_attribution()
         steered = []
         for sock in dump_sockets(sorted(set(targets) | set(listens)), 1 << TCP_ESTABLISHED):
             if sock.local_port in targets:
                 service, target = targets[sock.local_port]
-                counts[self._key(service.name, target)] += 1
+                counts[key(service.name, target)] += 1
             elif sock.local_port in listens and attribute is not None:
                 steered.append(as_flow(sock.family, sock.local_addr.ljust(16, b"\0"),
                                        sock.local_port, sock.remote_addr.ljust(16, b"\0"),
                                        sock.remote_port))
-        if steered:
-            for key in attribute(steered):
-                if key is not None and self._key(*key) in counts:
-                    counts[self._key(*key)] += 1
+        for found in attribute(steered) if steered else ():
+            if found is not None and key(*found) in counts:
+                counts[key(*found)] += 1
         return {"counts": counts}
 
     def op_listener(self, target: str, service: str | None = None) -> dict:
@@ -270,9 +272,10 @@ class Driver:
         name = self._service(service)
         times = []
         for i in range(n):
-            self.weights[name] = 100 if i % 2 else 0
-            wanted = self._desired()
-            plan = self.backend.plan(self._state(wanted), wanted)
+            current = self._state()
+            held = dict(current.weights) if current is not None else {}
+            plan = self.backend.plan(current, self._wanted(
+                self.desired, {**held, name: 100 if i % 2 else 0}))
             started = time.perf_counter()
             self.backend.apply(plan)
             times.append((time.perf_counter() - started) * 1e6)

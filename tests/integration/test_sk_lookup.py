@@ -495,8 +495,8 @@ print(json.dumps({"transfers": done, "size": size, "names": sorted(names), "erro
 """
 
 B_LISTEN = 9888
-SERVICES = {"a": {"listen_port": LISTEN, "ports": {"main": 8080, "backup": 80}},
-            "b": {"listen_port": B_LISTEN, "ports": {"main": 9080, "backup": 90}}}
+A = {"name": "a", "listen_port": LISTEN, "ports": {"main": 8080, "backup": 80}}
+B = {"name": "b", "listen_port": B_LISTEN, "ports": {"main": 9080, "backup": 90}}
 
 
 class ServicesLab(SkLab):
@@ -511,7 +511,7 @@ class ServicesLab(SkLab):
             self.closers.append(proc.close)
             assert proc.stdout.readline().strip() == "ready"
         self.driver.close()
-        self.desired = {"services": SERVICES, "pin_dir": str(self.pin_dir),
+        self.desired = {"services": [A, B], "pin_dir": str(self.pin_dir),
                         "flow_entries": 4096}
         self.driver = self.new_driver()
 
@@ -596,7 +596,7 @@ def test_switching_one_service_50_times_leaves_the_other_untouched(svl):
 def test_a_service_added_or_removed_is_inserts_and_deletes(svl):
     """Adding a service to the running program is its inserts (same program, same link);
     removing one deletes its entry (its listen port is refused) and touches no other."""
-    one = {"services": {"a": SERVICES["a"]}}
+    one = {"services": [A]}
     svl.driver("switch", service="a", target="main", desired=one)
     link, prog = _link_id(svl), _prog_id(svl)
     held = KeepAlive(svl.client, APP_V4, LISTEN)
@@ -611,7 +611,7 @@ def test_a_service_added_or_removed_is_inserts_and_deletes(svl):
     # a goes (the core removes only services that are off: switch it off first).
     svl.driver("switch", service="a", target=None)
     removed = svl.driver("switch", service="b", target="backup",
-                         desired={"services": {"b": SERVICES["b"]}})
+                         desired={"services": [B]})
     assert removed["steps"] == ["removeservice"] and removed["flips"] == 0, removed
     assert removed["after"]["intact"]
     assert svl.refused(APP_V4)
@@ -623,7 +623,7 @@ def test_a_service_added_or_removed_is_inserts_and_deletes(svl):
 
 
 def test_drift_of_one_service_is_reported_and_repaired_alone(svl):
-    svl.driver("reconcile", weights={"a": 100, "b": 100})
+    svl.driver("weights", weights={"a": 100, "b": 100})
     assert svl.get(APP_V4) == "main" and svl.get_b() == "bmain"
     a_slot, b_slot = _element(svl, "services", LISTEN), _element(svl, "services", B_LISTEN)
     # Someone flips b to backup: b's weight is reported wrong, a's is not; one store repairs.
@@ -707,7 +707,7 @@ def test_a_split_assigns_each_new_connection_once_by_weight(svl):
                              text=True)
         svl.closers.append(proc.close)
         assert proc.stdout.readline().strip() == "ready"
-    svl.driver("reconcile", weights={"a": 10, "b": None})
+    svl.driver("weights", weights={"a": 10, "b": None})
     assert svl.driver("read")["state"]["weights"] == {"a": 10, "b": None}
     before = svl.driver("flows")["steered"]
     run = svl.client.run("python3", "-c", SHARE_CLIENT, APP_V4, str(LISTEN), "10000",
@@ -720,7 +720,7 @@ def test_a_split_assigns_each_new_connection_once_by_weight(svl):
     assert 10000 <= main + backup <= 10020
     assert abs(100 * main / (main + backup) - 10) <= 1.5, (main, backup)
     # A switch to 100 is one store again: every new connection to main.
-    change = svl.driver("switch", service="a", weight=100)
+    change = svl.driver("weights", weights={"a": 100})
     assert change["layout"] == 0 and change["flips"] == 1
     svl.client.run("python3", "-c", SHARE_CLIENT, APP_V4, str(LISTEN), "100")
     last = svl.driver("flows")["steered"]
