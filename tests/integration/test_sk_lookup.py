@@ -906,3 +906,30 @@ def test_zddd_with_two_services_and_a_third_added_at_reload(lab):
         assert http_get(lab.client, APP_V4, LISTEN) == "main"
     finally:
         kept.close()
+
+
+SAME_TUPLE = r"""
+import http.client, json, socket, sys
+host, port = sys.argv[1], int(sys.argv[2])
+seen = {}
+for source in range(41000, 41030):
+    for _ in range(3):
+        c = http.client.HTTPConnection(host, port, timeout=5, source_address=("", source))
+        c.request("GET", "/")
+        seen.setdefault(source, set()).add(c.getresponse().read().decode().strip())
+        # A reset: no TIME_WAIT keeps the next connection from the same port.
+        c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
+        c.close()
+print(json.dumps({str(k): sorted(v) for k, v in seen.items()}))
+"""
+
+
+def test_a_split_sends_the_same_addresses_and_ports_to_the_same_target(svl):
+    """The split is a hash of the connection's addresses and ports, not a fresh random number:
+    a connection made again from the same client port (as a retransmitted SYN is looked up
+    again) goes where the first went; different client ports go to both targets."""
+    svl.driver("weights", weights={"a": 50, "b": None})
+    run = svl.client.run("python3", "-c", SAME_TUPLE, APP_V4, str(LISTEN))
+    seen = json.loads(run.stdout)
+    assert all(len(targets) == 1 for targets in seen.values()), seen
+    assert {t for targets in seen.values() for t in targets} == {"main", "backup"}, seen
