@@ -933,3 +933,31 @@ def test_a_split_sends_the_same_addresses_and_ports_to_the_same_target(svl):
     seen = json.loads(run.stdout)
     assert all(len(targets) == 1 for targets in seen.values()), seen
     assert {t for targets in seen.values() for t in targets} == {"main", "backup"}, seen
+
+
+def test_a_link_given_another_program_gets_zddds_back_in_one_step(skl):
+    """Someone replaces the program of zddd's link (BPF_LINK_UPDATE with a program that steers
+    nothing): read says so, and the repair gives the same link zddd's program back, without a
+    second link running beside it."""
+    from bcc import BPF
+
+    skl.driver("switch", target="main")
+    link = _link_id(skl)
+    other = BPF(text=b"int nothing(struct bpf_sk_lookup *ctx) { return SK_PASS; }")
+    try:
+        prog = other.load_func(b"nothing", kbpf.BPF_PROG_TYPE_SK_LOOKUP,
+                               attach_type=kbpf.BPF_SK_LOOKUP)
+        fd = kbpf.obj_get(str(skl.pin_dir / "sk_lookup_link"))
+        try:
+            kbpf.link_update(fd, prog.fd)
+        finally:
+            os.close(fd)
+    finally:
+        other.cleanup()
+    assert skl.refused(APP_V4)
+    state = skl.driver("read")["state"]
+    assert state["problems"] == ["the pinned link is not of the pinned program"], state
+    repair = skl.driver("switch", target="main")
+    assert repair["steps"] == ["relink"] and not repair["flip"], repair
+    assert _link_id(skl) == link and _netns_links(skl.app) == [link]
+    assert skl.get(APP_V4) == "main"

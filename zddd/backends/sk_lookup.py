@@ -169,7 +169,8 @@ class Build(Step):
 
 @dataclass(frozen=True)
 class Relink(Step):
-    """Link the pinned program to the namespace again (the link was removed or detached)."""
+    """Link the pinned program to the namespace again (the link was removed or detached), or
+    give the pinned link, still attached, the pinned program (BPF_LINK_UPDATE)."""
 
     pin_dir: str
 
@@ -703,6 +704,8 @@ class SkLookupBackend(Backend):
 
     def _relink(self, step: Relink) -> None:
         with pinned.Pinned(_pin(step.pin_dir, "prog")) as prog:
+            if _update_link(step.pin_dir, prog):  # attached, to another program: one step
+                return
             link = _link_to_netns(prog)
         try:
             os.rename(*pinned.stage(link, _pin(step.pin_dir, "link")))  # a detached link
