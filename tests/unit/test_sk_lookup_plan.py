@@ -228,3 +228,29 @@ def test_a_layout_pinned_before_the_owner_stamp_is_claimed_not_rebuilt():
     found = holding((A, 0), unclaimed=True)
     plan = SkLookupBackend().plan(KernelState({"a": 100}, False, found, (UNCLAIMED,)), DESIRED)
     assert plan.layout == (Claim(PIN_DIR),) and plan.flip is None
+
+
+def test_v1_values_and_flow_keys_carry_over_into_v2():
+    """cd0a822's `active` (0 off, 1 backup, 2 main) and flow keys (no local port) as v2's."""
+    import socket
+
+    from zddd.backends.sk_lookup import _FLOW_KEY, _flow_key, _v1_flow_key, _v1_value
+    from zddd.kernel.sock_diag import Flow
+
+    assert [_v1_value(v) for v in (0, 1, 2, 7)] == [0, value_of(0), value_of(100), 0]
+    flow = Flow(socket.AF_INET, bytes([198, 51, 100, 2]), 8888, bytes([198, 51, 100, 1]), 40000)
+    key = _flow_key(flow)
+    assert len(key) == _FLOW_KEY.size == 40  # struct zddd_flow in bpf/sk_lookup.c
+    assert key[:4] == bytes([198, 51, 100, 1]) and key[16:20] == bytes([198, 51, 100, 2])
+    assert key[32:34] == (40000).to_bytes(2, "big")  # as the kernel gives the remote port
+    assert int.from_bytes(key[34:36], "little") == 8888
+    old = _v1_flow_key(flow)
+    assert len(old) == 36 and old[:34] == key[:34]
+
+
+def test_leftover_names_what_each_service_steers():
+    from zddd.backends.sk_lookup import _steering
+
+    assert _steering(KernelState({"default": 100}, True)) == "main"
+    assert _steering(KernelState({"default": None}, True)) == "nothing"
+    assert _steering(KernelState({"b": 0, "a": 30}, True)) == "a main 30%, b backup"
