@@ -10,8 +10,11 @@ than when it holds one?
   service's two plans made beforehand and applied in turn, nothing in between
 - read: one `read` of every service (what the reconciler does every 0.25 s; it checks each
   service's listeners, so it does grow with the services), p50
-- connect: new TCP connections per second through a listen port (each SYN runs the program
-  once: one hash lookup for the listen port, whatever the number of services)
+- lookup: the program's own run time per socket lookup (BPF_PROG_TEST_RUN, the kernel's
+  average over many runs) for a SYN to a listen port (assigned to main's listener) and to a
+  port that is no service's (passed on): one hash lookup for the port whatever the number of
+  services, so neither should grow
+- connect: new TCP connections per second through a listen port (noisy on a shared machine)
 - add: `apply` of the plan that adds one more service to the running program (inserts)
 
     bench/services_sk_lookup.py [--services 1,64] [--switches 1000] [--connects 3000] [--json]
@@ -26,11 +29,13 @@ us), 1 goal missed, 2 could not run.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import secrets
 import socket
 import statistics
+import struct
 import subprocess
 import sys
 import time
@@ -70,6 +75,33 @@ def _connects(port: int, count: int, listeners: list[socket.socket]) -> float:
             except BlockingIOError:
                 pass
     return count / (time.perf_counter() - started)
+
+
+BPF_PROG_TEST_RUN = 10
+# struct bpf_sk_lookup (linux/bpf.h): cookie, family, protocol, remote_ip4, remote_ip6[4],
+# remote_port (network order) and padding, local_ip4, local_ip6[4], local_port, ingress_ifindex
+_SK_LOOKUP_CTX = struct.Struct("=QIII16s2s2xI16sII4x")
+
+
+def lookup_nsec(prog_fd: int, local_port: int, repeat: int = 200000) -> tuple[float, bool]:
+    """The program's average run time for one IPv4 TCP lookup 127.0.0.1:40000 ->
+    127.0.0.1:`local_port` (BPF_PROG_TEST_RUN), and whether it assigned a socket."""
+    from zddd.kernel import bpf as kbpf
+
+    loopback = socket.inet_aton("127.0.0.1")
+    ctx_in = ctypes.create_string_buffer(_SK_LOOKUP_CTX.pack(
+        0, socket.AF_INET, socket.IPPROTO_TCP, struct.unpack("=I", loopback)[0], bytes(16),
+        (40000).to_bytes(2, "big"), struct.unpack("=I", loopback)[0], bytes(16), local_port, 0),
+        _SK_LOOKUP_CTX.size)
+    ctx_out = ctypes.create_string_buffer(_SK_LOOKUP_CTX.size)
+    attr = ctypes.create_string_buffer(80)
+    struct.pack_into("=IIIIQQIIIIQQIII", attr, 0, prog_fd, 0, 0, 0, 0, 0, repeat, 0,
+                     _SK_LOOKUP_CTX.size, _SK_LOOKUP_CTX.size, ctypes.addressof(ctx_in),
+                     ctypes.addressof(ctx_out), 0, 0, 0)
+    kbpf._bpf(BPF_PROG_TEST_RUN, attr)
+    duration = struct.unpack_from("=I", attr, 36)[0]
+    cookie = struct.unpack_from("=Q", ctx_out, 0)[0]
+    return float(duration), cookie != 0
 
 
 def measure(pin_dir: str, services: int, switches: int, connects: int) -> dict:
@@ -124,6 +156,15 @@ def measure(pin_dir: str, services: int, switches: int, connects: int) -> dict:
         desired = to_main.with_weight("s0", 100)
         backend.apply(backend.plan(backend.read(desired), desired))
         rate = _connects(10000, connects, [listeners[20000], listeners[30000]])
+        from zddd.kernel import bpf as kbpf
+
+        prog = kbpf.obj_get(f"{pin_dir}/sk_lookup_prog")
+        try:
+            steered_ns, assigned = lookup_nsec(prog, 10000)
+            other_ns, passed_on = lookup_nsec(prog, 5555)
+        finally:
+            os.close(prog)
+        assert assigned and not passed_on, (assigned, passed_on)
         more = Desired(desired.services + (layout(services),), pin_dir=pin_dir,
                        flow_entries=65536)
         plan = backend.plan(backend.read(more), more)
@@ -143,6 +184,8 @@ def measure(pin_dir: str, services: int, switches: int, connects: int) -> dict:
         "switch_hot_p50_usec": round(statistics.median(hot_usec), 2),
         "switch_hot_p99_usec": round(percentile(hot_usec, 99), 2),
         "read_p50_usec": round(statistics.median(read_usec), 1),
+        "lookup_steered_ns": steered_ns,
+        "lookup_other_port_ns": other_ns,
         "connects_per_s": round(rate),
         "add_service_usec": round(add_usec, 1),
         "first_build_s": round(build_s, 2),
@@ -196,7 +239,9 @@ def main() -> int:
             print(f"sk_lookup, {r['services']} service(s): switch p50 {r['switch_p50_usec']} us, "
                   f"p99 {r['switch_p99_usec']} us over {r['switches']} (back to back: p50 "
                   f"{r['switch_hot_p50_usec']} us, p99 {r['switch_hot_p99_usec']} us); read p50 "
-                  f"{r['read_p50_usec']} us; {r['connects_per_s']} connections/s; adding a "
+                  f"{r['read_p50_usec']} us; program run per lookup {r['lookup_steered_ns']:g} "
+                  f"ns steered, {r['lookup_other_port_ns']:g} ns another port; "
+                  f"{r['connects_per_s']} connections/s; adding a "
                   f"service {r['add_service_usec']} us; first build {r['first_build_s']} s")
     few, most = results[0], results[-1]
     ok = (max(r["switch_p50_usec"] for r in results) <= GOAL_SWITCH_P50_USEC
