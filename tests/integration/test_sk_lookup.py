@@ -473,7 +473,8 @@ server.serve_forever()
 """
 
 # One connection kept alive, downloading 10 MB again and again until told to stop; each body
-# must come from the vhost the first one came from. Prints one JSON line at the end.
+# must come from the vhost the first one came from. Prints a line per transfer, and one JSON
+# line at the end.
 TRANSFERS = r"""
 import http.client, json, select, sys
 c = http.client.HTTPConnection(sys.argv[1], int(sys.argv[2]), timeout=20)
@@ -490,6 +491,7 @@ while not select.select([sys.stdin], [], [], 0)[0]:
     names |= {l.decode() for l in lines}
     size = len(body)
     done += 1
+    print("transfer", done, flush=True)
 print(json.dumps({"transfers": done, "size": size, "names": sorted(names), "error": error}),
       flush=True)
 """
@@ -576,11 +578,19 @@ def test_switching_one_service_50_times_leaves_the_other_untouched(svl):
         after = svl.driver("flows")["steered"]
         assert {k: v for k, v in after.items() if k.startswith("b/")} == \
             {k: v for k, v in b_before.items() if k.startswith("b/")}
-        assert after["a/main"] - b_before["a/main"] == 25
-        assert after["a/backup"] - b_before["a/backup"] == 25
-        transfers.stdin.write("stop\n")
-        transfers.stdin.flush()
-        result = json.loads(transfers.stdout.readline())
+        # (A SYN the kernel retransmits under load is looked up, and counted, again.)
+        assert 25 <= after["a/main"] - b_before["a/main"] <= 27
+        assert 25 <= after["a/backup"] - b_before["a/backup"] <= 27
+        line = transfers.stdout.readline()  # at least two transfers (slow under load)
+        while line.startswith("transfer") and line.split() != ["transfer", "2"]:
+            line = transfers.stdout.readline()
+        if line.startswith("transfer"):
+            transfers.stdin.write("stop\n")
+            transfers.stdin.flush()
+            line = transfers.stdout.readline()
+            while line.startswith("transfer"):
+                line = transfers.stdout.readline()
+        result = json.loads(line)  # its summary (at once, if it stopped on an error)
         assert result["error"] is None and result["transfers"] >= 2, result
         assert result["names"] == ["bmain"] and result["size"] >= 10 * 1024 * 1024 - 16
         # The established ones are counted where they started; b's new ones go to backup.
