@@ -64,12 +64,13 @@ def test_the_introspection_data_shows_every_declared_method_and_property():
         "Switch": [("target", "s", "in")],
         "SwitchWithOptions": [("target", "s", "in"), ("options", "a{sv}", "in")],
         "WaitDrained": [("target", "s", "in"), ("timeout_usec", "t", "in"), (None, "b", "out")],
+        "SetWeights": [("weights", "a{su}", "in"), ("options", "a{sv}", "in")],
         "Reload": [],
     }
     props = {p.get("name"): (p.get("type"), p.get("access")) for p in xml.findall("property")}
     assert props == {p.name: (p.signature, "read") for p in dbus.PROPERTIES}
     assert {"ActiveTarget", "Draining", "Backend", "Targets", "LastSwitchUSec",
-            "LastSwitchTimestamp", "LastSwitchCaller"} <= set(props)
+            "LastSwitchTimestamp", "LastSwitchCaller", "Services", "Weights"} <= set(props)
     assert [s.get("name") for s in xml.findall("signal")] == ["Switched"]
 
 

@@ -23,7 +23,7 @@ from ..config import ALL_TARGETS, TARGET_NAMES
 from ..core import Observer, Snapshot, Steering
 from ..logfmt import quote
 from .listener import Listener
-from .view import CoreView
+from .view import DEFAULT, CoreView
 
 log = logging.getLogger("zddd")
 
@@ -263,8 +263,9 @@ class MetricsServer(Listener, Observer):
         for service in added:
             self._add_service(service)
 
-    def switch_result(self, service: str, target: str, result: str,
-                      seconds: float | None) -> None:
+    def switch_result(self, *event) -> None:
+        # (service, target, result, seconds); a core of one service leaves the service out.
+        service, target, result, seconds = event if len(event) == 4 else (DEFAULT, *event)
         self.switches.labels(service, target, result).inc()
         if seconds is not None:
             self.duration.labels(self.backend).observe(seconds)
