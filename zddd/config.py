@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import re
 import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -21,7 +22,7 @@ OFF = "off"
 ALL_TARGETS = TARGET_NAMES + (OFF,)
 BACKENDS = ("nftables", "tc", "xdp", "sk_lookup")
 # Keys whose change a running daemon cannot take over: they name what it owns in the kernel.
-RESTART_KEYS = ("backend", "listen_port", "bpf_pin_dir", "bpf_flow_entries")
+RESTART_KEYS = ("backend", "bpf_pin_dir", "bpf_flow_entries")
 MAX_HOST = 260  # the longest health.host: a 253-character DNS name and ":65535"
 # Linux' IFNAMSIZ is 16 bytes with the terminating NUL.
 MAX_IFNAME_BYTES = 15
@@ -118,6 +119,7 @@ class Config:
     health_interval: float = 1.0
     health_timeout: float = 0.5
     agent_listen: Endpoint | None = Endpoint("::", 8889)
+    agent_weights: bool = False
     metrics_listen: Endpoint | None = Endpoint("127.0.0.1", 9488)
 
     # The [services.NAME] tables, by name; empty in the single-service form, where the
@@ -130,17 +132,45 @@ class Config:
         if self.service_tables:
             return dict(sorted(self.service_tables.items()))
         return {DEFAULT_SERVICE: Service(DEFAULT_SERVICE, self.listen_port, self.targets,
-                                         self.initial, self.drain_timeout, self.agent_listen)}
+                                         self.initial, self.drain_timeout, self.agent_listen,
+                                         self.agent_weights)}
+
+    @property
+    def single(self) -> bool:
+        """The single-service form (top-level listen_port and [targets.*])."""
+        return not self.service_tables
+
+    def service_key(self, name: str, key: str) -> str:
+        """The config key of a service's setting, as the operator wrote it."""
+        return key if self.single else f"services.{name}.{key}"
 
     def restart_changes(self, new: "Config") -> list[str]:
-        """The keys that differ between self and new and that only a restart can apply."""
-        return [k for k in RESTART_KEYS if getattr(self, k) != getattr(new, k)]
+        """The keys that differ between self and new and that only a restart can apply: the
+        global ones, and a listen or target port of a service both configs have (a target
+        port in the single-service form excepted, as before services)."""
+        changed = [k for k in RESTART_KEYS if getattr(self, k) != getattr(new, k)]
+        mine = self.services
+        for name, service in new.services.items():
+            old = mine.get(name)
+            if old is None:
+                continue
+            if old.listen_port != service.listen_port:
+                changed.append(new.service_key(name, "listen_port"))
+            if self.single and new.single:
+                continue  # the single form has always taken a new target port at reload
+            for target in TARGET_NAMES:
+                if old.targets[target].port != service.targets[target].port:
+                    changed.append(new.service_key(name, f"targets.{target}.port"))
+        return changed
 
 
+# The keys of one service: top-level in the single-service form, in [services.NAME] otherwise.
+_SERVICE_KEYS = {"listen_port", "initial", "drain_timeout", "targets", "agent"}
 _SCHEMA_TOP = {
-    "listen_port", "backend", "interfaces", "xdp_mode", "bpf_pin_dir", "bpf_flow_entries",
-    "initial", "state_file", "drain_timeout", "targets", "health", "agent", "metrics",
+    "backend", "interfaces", "xdp_mode", "bpf_pin_dir", "bpf_flow_entries", "state_file",
+    "health", "metrics", "services", *_SERVICE_KEYS,
 }
+MAX_SERVICES = 256
 
 
 def _expect(value: Any, types: type | tuple[type, ...], key: str, what: str) -> Any:
@@ -273,8 +303,6 @@ def from_dict(data: dict) -> Config:
     _unknown(data, _SCHEMA_TOP, "")
     defaults = Config()
     kw: dict[str, Any] = {}
-    if "listen_port" in data:
-        kw["listen_port"] = _port(data["listen_port"], "listen_port")
     if "backend" in data:
         kw["backend"] = _choice(data["backend"], "backend", BACKENDS)
     if "interfaces" in data:
@@ -299,11 +327,6 @@ def from_dict(data: dict) -> Config:
         if not 1024 <= value <= 1 << 26:
             raise ConfigError("bpf_flow_entries", f"{value} is out of range 1024-{1 << 26}")
         kw["bpf_flow_entries"] = value
-    if "initial" in data:
-        kw["initial"] = _choice(data["initial"], "initial", ALL_TARGETS)
-    if "drain_timeout" in data:
-        kw["drain_timeout"] = _seconds(data["drain_timeout"], "drain_timeout", allow_zero=True)
-
     probing = {name: getattr(Health(), name) for name in PROBE_KEYS}
     if "health" in data:
         table = _expect(data["health"], dict, "health", "a table ([health])")
@@ -314,37 +337,93 @@ def from_dict(data: dict) -> Config:
             kw["health_timeout"] = _seconds(table["timeout"], "health.timeout", allow_zero=False)
         probing = parse_probe_settings(table, "health.", "", probing)
 
-    targets = dict(defaults.targets)
-    table = _expect(data.get("targets", {}), dict, "targets", "a table")
-    _unknown(table, set(TARGET_NAMES), "targets.")
-    for name in TARGET_NAMES:
-        prefix = f"targets.{name}"
-        spec = _expect(table.get(name, {}), dict, prefix, "a table")
-        _unknown(spec, {"port", "health", *(f"health_{k}" for k in PROBE_KEYS)}, prefix + ".")
-        port = _port(spec["port"], prefix + ".port") if "port" in spec else targets[name].port
-        health = (parse_health(spec["health"], prefix + ".health")
-                  if "health" in spec else targets[name].health)
-        settings = parse_probe_settings(spec, prefix + ".", "health_", probing)
-        targets[name] = Target(name, port, replace(health, **settings))
-    kw["targets"] = targets
-    for section in ("agent", "metrics"):
-        if section in data:
-            table = _expect(data[section], dict, section, f"a table ([{section}])")
-            _unknown(table, {"listen"}, section + ".")
-            if "listen" in table:
-                kw[f"{section}_listen"] = parse_endpoint(table["listen"], f"{section}.listen")
+    if "metrics" in data:
+        table = _expect(data["metrics"], dict, "metrics", "a table ([metrics])")
+        _unknown(table, {"listen"}, "metrics.")
+        if "listen" in table:
+            kw["metrics_listen"] = parse_endpoint(table["listen"], "metrics.listen")
 
+    if "services" in data:
+        mixed = sorted(_SERVICE_KEYS & set(data))
+        if mixed:
+            raise ConfigError(mixed[0], "not allowed with [services.*]: a file has either the "
+                              "top-level service keys or [services.NAME] tables")
+        table = _expect(data["services"], dict, "services", "a table of [services.NAME]")
+        if not table:
+            raise ConfigError("services", "names no service")
+        if len(table) > MAX_SERVICES:
+            raise ConfigError("services", f"has {len(table)} services; at most {MAX_SERVICES}")
+        services = {}
+        for name, spec in table.items():
+            key = f"services.{name}"
+            if not re.fullmatch(SERVICE_NAME, name):
+                raise ConfigError(key, f"{name!r} is not a service name "
+                                  "(a-z first, then a-z, 0-9 or _, at most 32)")
+            spec = _expect(spec, dict, key, "a table")
+            _unknown(spec, _SERVICE_KEYS, key + ".")
+            if "listen_port" not in spec:
+                raise ConfigError(key + ".listen_port", "is required")
+            services[name] = _service(name, spec, key + ".", probing, defaults, single=False)
+        kw["service_tables"] = services
+    else:
+        one = _service(DEFAULT_SERVICE, data, "", probing, defaults, single=True)
+        kw.update(listen_port=one.listen_port, initial=one.initial,
+                  drain_timeout=one.drain_timeout, targets=one.targets,
+                  agent_listen=one.agent_listen, agent_weights=one.agent_weights)
     config = Config(**kw)
     _check_ports(config)
     return config
 
 
+def _service(name: str, data: dict, prefix: str, probing: dict, defaults: Config, *,
+             single: bool) -> Service:
+    """One service from its table (`data`, whose keys are named `prefix` + key)."""
+    listen = (_port(data["listen_port"], prefix + "listen_port") if "listen_port" in data
+              else defaults.listen_port)
+    initial = (_choice(data["initial"], prefix + "initial", ALL_TARGETS) if "initial" in data
+               else defaults.initial)
+    drain_timeout = (_seconds(data["drain_timeout"], prefix + "drain_timeout", allow_zero=True)
+                     if "drain_timeout" in data else defaults.drain_timeout)
+    targets = {}
+    table = _expect(data.get("targets", {}), dict, prefix + "targets", "a table")
+    _unknown(table, set(TARGET_NAMES), prefix + "targets.")
+    for target in TARGET_NAMES:
+        key = f"{prefix}targets.{target}"
+        spec = _expect(table.get(target, {}), dict, key, "a table")
+        _unknown(spec, {"port", "health", *(f"health_{k}" for k in PROBE_KEYS)}, key + ".")
+        if "port" in spec:
+            port = _port(spec["port"], key + ".port")
+        elif single:
+            port = defaults.targets[target].port
+        else:
+            raise ConfigError(key + ".port", "is required")
+        health = (parse_health(spec["health"], key + ".health")
+                  if "health" in spec else defaults.targets[target].health)
+        settings = parse_probe_settings(spec, key + ".", "health_", probing)
+        targets[target] = Target(target, port, replace(health, **settings))
+    agent = defaults.agent_listen if single else None
+    weights = False
+    if "agent" in data:
+        table = _expect(data["agent"], dict, prefix + "agent", f"a table ([{prefix}agent])")
+        _unknown(table, {"listen", "weights"}, prefix + "agent.")
+        if "listen" in table:
+            agent = parse_endpoint(table["listen"], prefix + "agent.listen")
+        if "weights" in table:
+            weights = _expect(table["weights"], bool, prefix + "agent.weights", "true or false")
+    return Service(name, listen, targets, initial, drain_timeout, agent, weights)
+
+
 def _check_ports(config: Config) -> None:
     """Two roles on one port would make zddd steer into itself or fight its own vhosts."""
-    owners: dict[int, str] = {config.listen_port: "listen_port"}
-    claims = [(f"targets.{t.name}.port", t.port) for t in config.targets.values()]
-    if config.agent_listen:
-        claims.append(("agent.listen", config.agent_listen.port))
+    owners: dict[int, str] = {}
+    claims = []
+    for service in config.services.values():
+        def named(key: str, name: str = service.name) -> str:
+            return config.service_key(name, key)
+        claims.append((named("listen_port"), service.listen_port))
+        claims += [(named(f"targets.{t.name}.port"), t.port) for t in service.targets.values()]
+        if service.agent_listen:
+            claims.append((named("agent.listen"), service.agent_listen.port))
     if config.metrics_listen:
         claims.append(("metrics.listen", config.metrics_listen.port))
     for key, port in claims:

@@ -13,8 +13,8 @@ drain.
 
 Connections that a backend steered without changing their local port (sk_lookup: the app
 accepts them on the listen port) cannot be told apart by port. For those, a counter made with
-`listen_port` and `attribute` also dumps the established sockets on the listen port and asks
-`attribute` which target each belongs to (a `Flow` per socket, one call per count); sockets it
+`attribute` also dumps the established sockets on the listen ports and asks `attribute` which
+(service, target) each belongs to (a `Flow` per socket, one call per count); sockets it
 answers None for are not counted. `zddd.kernel.sock_diag.dump_sockets` gives the raw socket
 list (addresses, cookie, inode) for other states, e.g. the listeners on a port.
 """
@@ -22,32 +22,35 @@ list (addresses, cookie, inode) for other states, e.g. the listeners on a port.
 from __future__ import annotations
 
 import socket
-from typing import AbstractSet, Callable
+from typing import AbstractSet, Callable, Hashable, Sequence, TypeVar
 
 from .kernel import sock_diag
 from .kernel.sock_diag import TCP_ESTABLISHED, Flow, as_flow, port_filter
 
+K = TypeVar("K", bound=Hashable)
+
 
 class ConnectionCounter:
     def __init__(self, probe_ports: Callable[[], AbstractSet[int]] = frozenset, *,
-                 listen_port: int | None = None,
-                 attribute: Callable[[list[Flow]], list[str | None]] | None = None):
+                 attribute: Callable[[list[Flow]], Sequence[Hashable | None]] | None = None):
         self.probe_ports = probe_ports
-        # Both or neither: established sockets on the listen port, attributed by the backend.
-        self.listen_port = listen_port if attribute is not None else None
+        # Established sockets on a listen port, attributed by the backend.
         self.attribute = attribute
 
-    def count(self, ports: dict[str, int]) -> dict[str, int]:
-        """Established connections by target name, on a netlink socket opened for this count.
+    def count(self, ports: dict[K, int], listen_ports: AbstractSet[int] = frozenset()
+              ) -> dict[K, int]:
+        """Established connections by key (a target, or a (service, target) pair: `ports`
+        maps each to its port), in one dump on a netlink socket opened for this count. With an
+        `attribute` function, the sockets on `listen_ports` are counted for the key it names.
         Raises OSError if the kernel refuses the dump."""
-        by_port = {port: name for name, port in ports.items()}
+        by_port = {port: key for key, port in ports.items()}
         counts = dict.fromkeys(ports, 0)
         if not by_port:
             return counts
         excluded = self.probe_ports()
-        listen_port = self.listen_port if self.listen_port not in by_port else None
-        wanted = set(by_port) if listen_port is None else set(by_port) | {listen_port}
-        bytecode = port_filter(sorted(wanted))
+        listening = (frozenset(listen_ports) - set(by_port) if self.attribute is not None
+                     else frozenset())
+        bytecode = port_filter(sorted(set(by_port) | listening))
         steered: list[Flow] = []
         unpack_ports = sock_diag.PORTS.unpack_from
         unpack_addresses = sock_diag.ADDRESSES.unpack_from
@@ -56,16 +59,16 @@ class ConnectionCounter:
                 for _, _, data, start, _ in self._dump(sock, family, bytecode,
                                                        1 << TCP_ESTABLISHED):
                     sport, dport = unpack_ports(data, start + 4)
-                    name = by_port.get(sport)
-                    if name is not None and dport not in excluded:
-                        counts[name] += 1
-                    elif sport == listen_port:
+                    mine = by_port.get(sport)
+                    if mine is not None and dport not in excluded:
+                        counts[mine] += 1
+                    elif sport in listening:
                         src, dst = unpack_addresses(data, start + 8)
                         steered.append(as_flow(family, src, sport, dst, dport))
         if steered and self.attribute is not None:
-            for name in self.attribute(steered):
-                if name in counts:
-                    counts[name] += 1
+            for key in self.attribute(steered):
+                if key in counts:
+                    counts[key] += 1  # type: ignore[index]  # a key of `ports`, as checked
         return counts
 
     # The one place a count reads the kernel (a test counts the rows that reach Python here).

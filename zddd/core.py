@@ -1,14 +1,21 @@
-"""The state machine: which target the kernel steers to, switches, drains, adoption and repair.
+"""The state machine: which target the kernel steers each service to, switches, drains,
+adoption and repair.
 
-The core owns all state and knows nothing of D-Bus, HTTP or systemd. Adapters call its methods,
-read it through one immutable `Snapshot`, and subscribe to its events through `Observer`
-(`state_changed(old, new)` with two snapshots, so each adapter derives what it shows; no event
-speaks an adapter's vocabulary). Everything runs in one asyncio event loop, and
-every kernel change (switch, drain end, reload, repair) happens in a synchronous method with no
-await inside, so changes are serialized without a lock and each one is a single transaction.
-Observers see one snapshot per transition, published once all of its state is updated (never
-`ActiveTarget=off` while `Draining` still names a target): the helpers that change part of the
-state (`_commit`, `_begin_drain`, `_cancel_drain`) leave publishing to the transition.
+The core owns all state and knows nothing of D-Bus, HTTP or systemd. `Steering` is the host:
+the config, the one backend (one data plane for every service), the state file, adoption,
+reload and repair. Each service is a `ServiceSteering`: its switches and drains. A switch of
+one service commits a desired layout in which only that service's weight differs, so the
+backend's plan is that one element or store.
+
+Adapters call the core's methods, read it through immutable `Snapshot`s (one per service),
+and subscribe to its events through `Observer` (`state_changed(old, new)` with two snapshots
+of one service, so each adapter derives what it shows; no event speaks an adapter's
+vocabulary). Everything runs in one asyncio event loop, and every kernel change (switch, drain
+end, reload, repair) happens in a synchronous method with no await inside, so changes are
+serialized without a lock and each one is a single transaction. Observers see one snapshot per
+transition, published once all of its state is updated (never `ActiveTarget=off` while
+`Draining` still names a target): the helpers that change part of the state (`_commit`,
+`_begin_drain`, `_cancel_drain`) leave publishing to the transition.
 """
 
 from __future__ import annotations
@@ -19,9 +26,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
-from .backends import ApplyError, Backend, Desired, KernelState, NewerLayout
 from .api import MAX_SECONDS
-from .config import ALL_TARGETS, OFF, TARGET_NAMES, Config
+from .backends import (ApplyError, Backend, Desired, KernelState, NewerLayout, target_weight,
+                       weight_target)
+from .config import ALL_TARGETS, OFF, TARGET_NAMES, Config, Service
 from .errors import BackendFailure, InvalidArgument, InvalidConfig, InvalidTarget, TargetUnhealthy
 from .logfmt import quote
 from .state import SavedState, StateFile
@@ -36,11 +44,13 @@ RECONCILE_INTERVAL = 0.25
 # A repair that does not stick (someone keeps changing zddd's objects back, or the kernel shows
 # them differently than zddd writes them) is retried less and less often, up to this.
 MAX_REPAIR_BACKOFF = 60.0
+SERVICE_PATH = "/org/zddd/Steering1/service/"
 
 
 @dataclass(frozen=True)
 class Snapshot:
-    """What the core holds at one moment; what every adapter shows is derived from this."""
+    """What the core holds for one service at one moment; what every adapter shows is derived
+    from this."""
 
     active: str  # the target the kernel steers new connections to ("off": none)
     draining: str  # the target being drained towards off, or ""
@@ -51,39 +61,47 @@ class Snapshot:
     last_switch_usec: int = 0  # the last data-plane commit, apply step alone
     drain_timeout: float = 0.0
     last_switch_timestamp: int = 0  # when the last switch was committed, µs since the epoch
-    last_switch_caller: str = ""  # who asked for it (see Steering.switch), "" if never
+    last_switch_caller: str = ""  # who asked for it (see ServiceSteering.switch), "" if never
+    service: str = "default"
+    weights: dict[str, int] = field(default_factory=dict)  # percent of new connections; 0s: off
+    agent_weights: bool = False  # the agent says main's weight: "ready up N%"
 
 
 class Observer:
     """Events of the core; adapters override what they need. Called in the event loop."""
 
-    def state_changed(self, old: Snapshot, new: Snapshot) -> None: ...
+    def state_changed(self, old: Snapshot, new: Snapshot) -> None:
+        """One service's state changed (old.service == new.service)."""
 
-    def switched(self, old: str, new: str, duration_usec: int) -> None: ...
+    def switched(self, service: str, old: str, new: str, duration_usec: int) -> None: ...
 
-    def switch_result(self, target: str, result: str, seconds: float | None) -> None:
+    def switch_result(self, service: str, target: str, result: str,
+                      seconds: float | None) -> None:
         """result is ok, refused or failed; target is "invalid" for an unknown name; seconds is
         request → commit, for ok results."""
 
     def drift_repaired(self) -> None: ...
 
+    def services_changed(self, added: list[str], removed: list[str]) -> None:
+        """A reload added or removed services (the added ones are in Steering.services)."""
+
 
 class Health(Protocol):
-    def is_up(self, target: str) -> bool: ...
+    def is_up(self, service: str, target: str) -> bool: ...
 
-    def reason(self, target: str) -> str:
+    def reason(self, service: str, target: str) -> str:
         """Why the last probe gave its result, for refusals."""
 
 
 class Connections(Protocol):
-    def count(self, ports: dict[str, int]) -> dict[str, int]: ...
+    def count(self, ports: dict, listen_ports: frozenset[int] = frozenset()) -> dict: ...
 
 
 class AlwaysUp:
-    def is_up(self, target: str) -> bool:
+    def is_up(self, service: str, target: str) -> bool:
         return True
 
-    def reason(self, target: str) -> str:
+    def reason(self, service: str, target: str) -> str:
         return "not probed"
 
 
@@ -100,33 +118,31 @@ def _usec(seconds: float) -> int:
     return max(0, int(round(seconds * 1e6)))
 
 
-class Steering:
-    def __init__(self, config: Config, backend: Backend, store: StateFile, *,
-                 health: Health | None = None, connections: Connections | None = None,
-                 clock: Callable[[], float] = time.monotonic,
-                 wall: Callable[[], float] = time.time):
-        self.config = config
-        self.backend = backend
-        self.store = store
-        self.health: Health = health or AlwaysUp()
-        self.connections = connections
-        self.clock = clock
-        self.wall = wall
-        self.active = OFF
+class ServiceSteering:
+    """One service: where the kernel steers its new connections, its switches and drains."""
+
+    def __init__(self, host: "Steering", service: Service):
+        self.host = host
+        self.service = service
+        self.name = service.name
+        self.weight: int | None = None  # main's percent in the kernel; None: off
         self.last_switch_usec = 0
         self.last_switch_timestamp = 0
         self.last_switch_caller = ""
-        self.observers: list[Observer] = []
         self._drain: _Drain | None = None
         self._last_agent_poll = float("-inf")
         self._drain_answers = 0  # "drain" answers the agent gave during the current drain
         self._published = self.snapshot()
-        self._repair_backoff = 0.0  # seconds; 0 while repairs stick
-        self._next_repair = float("-inf")
-        self._failed_problems: tuple[str, ...] | None = None
-        self._read_error: str | None = None
 
     # ---- read-only view -------------------------------------------------------------------
+
+    @property
+    def listen_port(self) -> int:
+        return self.service.listen_port
+
+    @property
+    def active(self) -> str:
+        return weight_target(self.weight) or OFF
 
     @property
     def draining(self) -> str:
@@ -134,94 +150,46 @@ class Steering:
 
     @property
     def targets(self) -> dict[str, int]:
-        return {name: t.port for name, t in self.config.targets.items()}
+        return {name: t.port for name, t in self.service.targets.items()}
+
+    @property
+    def kernel_weight(self) -> int | None:
+        """What the kernel should hold for this service now (a drain keeps steering)."""
+        return self.weight
 
     def snapshot(self) -> Snapshot:
-        return Snapshot(self.active, self.draining, self.backend.name, self.config.listen_port,
-                        self.targets, {n: bool(self.health.is_up(n)) for n in self.targets},
-                        self.last_switch_usec, self.config.drain_timeout,
-                        self.last_switch_timestamp, self.last_switch_caller)
+        weights = ({"main": 0, "backup": 0} if self.weight is None
+                   else {"main": self.weight, "backup": 100 - self.weight})
+        return Snapshot(self.active, self.draining, self.host.backend.name, self.listen_port,
+                        self.targets, {n: bool(self.host.is_up(self.name, n))
+                                       for n in self.targets},
+                        self.last_switch_usec, self.service.drain_timeout,
+                        self.last_switch_timestamp, self.last_switch_caller, self.name, weights,
+                        self.service.agent_weights)
 
     def agent_polled(self) -> Snapshot:
-        """HAProxy asked the agent; the state to answer from. While draining, the answer tells
-        HAProxy to drain: the first one of each drain is saved, so a restarted zddd knows."""
-        self._last_agent_poll = self.clock()
+        """HAProxy asked this service's agent; the state to answer from. While draining, the
+        answer tells HAProxy to drain: the first one of each drain is saved, so a restarted zddd
+        knows."""
+        self._last_agent_poll = self.host.clock()
         snap = self.snapshot()
         if self._drain:
             self._drain_answers += 1
             if self._drain_answers == 1:
                 try:
-                    self._save(self._saved_state())
+                    self.host._save()
                 except BackendFailure as e:
                     log.warning("event=state_save_failed error=%s", quote(str(e)))
         return snap
 
     def connection_counts(self) -> dict[str, int]:
         """Established connections per target, read from the kernel now (raises OSError)."""
-        if self.connections is None:
-            return {}
-        return self.connections.count(self.targets)
+        return self.host._count([self]).get(self.name, {})
 
-    def flows_steered(self) -> dict[str, int]:
-        """New connections the data plane steered, per target, read from the kernel now."""
-        return self.backend.flows_steered()
-
-    def flow_table(self) -> tuple[int, int] | None:
-        """(entries, capacity) of the backend's flow map, where it has one."""
-        return self.backend.flow_table()
-
-    # ---- start: adopt what the kernel has ---------------------------------------------------
-
-    def start(self) -> None:
-        """Adopt the kernel's state, or program the saved or initial one. Resumes a saved drain.
-        Raises BackendUnavailable or NewerLayout (both with the kernel untouched: no restart
-        helps) or BackendFailure."""
-        self.backend.probe()  # BackendUnavailable: the config asks for what cannot run here
-        try:
-            kernel = self.backend.read(self._desired(None))
-        except NewerLayout:
-            raise
-        except ApplyError as e:
-            raise BackendFailure(f"cannot read the kernel's state: {e}") from None
-        saved = self.store.load()
-        if saved is not None:
-            self.last_switch_timestamp = saved.last_switch_timestamp
-            self.last_switch_caller = saved.last_switch_caller
-        if kernel is not None and (kernel.intact or kernel.active is not None):
-            active = kernel.active or OFF
-            how = "adopted"
-        elif saved is not None:
-            active = saved.draining or saved.target
-            how = "restored"
-        else:
-            active = self.config.initial
-            how = "initial"
-        resume = saved is not None and saved.target == OFF and saved.draining == active
-        if not resume:
-            # Saved before the kernel changes, as for every switch: a crash in between must
-            # not leave a restart to undo what the kernel was just given.
-            self._save(self._saved_as(active))
-        if kernel is None or not kernel.intact:
-            if kernel is not None:
-                log.warning("event=layout_rebuilt problems=%s", quote("; ".join(kernel.problems)))
-            try:
-                self._commit(active, kernel)
-            except ApplyError as e:
-                raise BackendFailure(f"the kernel refused zddd's data plane: {e}") from None
-        self.active = active
-        if resume:
-            assert saved is not None  # resume comes from a saved drain
-            remaining = max(0.0, saved.drain_deadline - self.wall())
-            self._begin_drain(active, remaining, save=False, caller=saved.drain_caller)
-            self._drain_answers = int(saved.drain_answered)
-            if not saved.drain_answered and self.config.agent_listen is not None:
-                # HAProxy may have polled just before zddd went down and may poll again any
-                # moment: treat it as polled, so the drain waits (up to AGENT_POLL_WINDOW) until
-                # it has been told "drain" before the steering goes.
-                self._last_agent_poll = self.clock()
-        self._publish()
-        log.info("event=start how=%s target=%s backend=%s%s", how, active, self.backend.name,
-                 f" resumed_drain={active}" if resume else "")
+    def _log(self, event: str, text: str = "") -> str:
+        """A log line's start: the event and, with several services, the service."""
+        where = "" if self.host.config.single else f" service={self.name}"
+        return f"event={event}{where}{' ' + text if text else ''}"
 
     # ---- switches -------------------------------------------------------------------------
 
@@ -230,11 +198,12 @@ class Steering:
         """Steer new connections to `target`. Returns the commit time in µs (0 if nothing
         changed or a drain started). Raises InvalidTarget, TargetUnhealthy, BackendFailure.
         `caller` says who asked (e.g. "uid=1000"): logged, and kept as LastSwitchCaller."""
-        received = self.clock()
+        host = self.host
+        received = host.clock()
         caller = caller or "-"
         if target not in ALL_TARGETS:
             self._result("invalid", "refused", None)
-            log.info("event=switch_refused to=%s reason=invalid_target caller=%s",
+            log.info(self._log("switch_refused", "to=%s reason=invalid_target caller=%s"),
                      quote(target), quote(caller))
             raise InvalidTarget(f"unknown target {target!r}; valid targets: "
                                 f"{', '.join(ALL_TARGETS)}")
@@ -244,109 +213,82 @@ class Steering:
                                   f"0-{MAX_SECONDS}")
         old = self.active
         if target != OFF:
-            if not force and not self.health.is_up(target):
+            if not force and not host.is_up(self.name, target):
                 self._result(target, "refused", None)
-                log.info("event=switch_refused to=%s reason=unhealthy caller=%s", target,
-                         quote(caller))
+                log.info(self._log("switch_refused", "to=%s reason=unhealthy caller=%s"),
+                         target, quote(caller))
                 raise TargetUnhealthy(f"target {target!r} failed its last health probe "
-                                      f"({self.health.reason(target)}); use force to switch "
-                                      "anyway")
-            usec = self._switch_kernel(target, caller)
+                                      f"({host.reason(self.name, target)}); use force to "
+                                      "switch anyway")
+            usec = self._switch_kernel(target_weight(target), caller)
             self._cancel_drain()
             self._publish()
-            self._result(target, "ok", self.clock() - received)
-            log.info("event=switch from=%s to=%s duration_usec=%d caller=%s",
+            self._result(target, "ok", host.clock() - received)
+            log.info(self._log("switch", "from=%s to=%s duration_usec=%d caller=%s"),
                      old, target, usec, quote(caller))
             if old != target:
                 self._emit_switched(old, target, usec)
             return usec
         # Towards off: drain the active target first, unless told not to.
-        timeout = self.config.drain_timeout if drain_timeout is None else drain_timeout
+        timeout = self.service.drain_timeout if drain_timeout is None else drain_timeout
         if old == OFF:
-            self._result(target, "ok", self.clock() - received)
+            self._result(target, "ok", host.clock() - received)
             return 0
         if force or timeout == 0:
-            usec = self._switch_kernel(OFF, caller)
+            usec = self._switch_kernel(None, caller)
             self._cancel_drain()
             self._publish()
-            self._result(target, "ok", self.clock() - received)
-            log.info("event=switch from=%s to=off duration_usec=%d forced=yes caller=%s",
+            self._result(target, "ok", host.clock() - received)
+            log.info(self._log("switch", "from=%s to=off duration_usec=%d forced=yes caller=%s"),
                      old, usec, quote(caller))
             self._emit_switched(old, OFF, usec)
             return usec
         if self._drain is None:
             self._begin_drain(old, timeout, received=received, caller=caller)
             self._publish()
-            log.info("event=drain_start target=%s timeout=%s caller=%s", old, timeout,
+            log.info(self._log("drain_start", "target=%s timeout=%s caller=%s"), old, timeout,
                      quote(caller))
         elif drain_timeout is not None:
             # Asked again with a timeout of its own: the operator moves the drain's deadline.
-            self._drain.deadline = self.clock() + drain_timeout
-            self._drain.wall_deadline = self.wall() + drain_timeout
-            self._save(self._saved_state())
-            log.info("event=drain_deadline target=%s timeout=%s caller=%s", old,
+            self._drain.deadline = host.clock() + drain_timeout
+            self._drain.wall_deadline = host.wall() + drain_timeout
+            host._save()
+            log.info(self._log("drain_deadline", "target=%s timeout=%s caller=%s"), old,
                      drain_timeout, quote(caller))
         return 0
 
-    def _switch_kernel(self, target: str, caller: str) -> int:
-        """Save `target` as the desired state, then commit it to the kernel; a change of target
-        becomes the last switch (its time and `caller`). On failure the saved state is put
-        back and BackendFailure is raised; the kernel is as it was, or (ApplyError.changed)
-        half rebuilt for the reconciler to finish."""
-        changes = target != self.active
-        stamp = _usec(self.wall()) if changes else self.last_switch_timestamp
+    def _switch_kernel(self, weight: int | None, caller: str) -> int:
+        """Save `weight` as this service's desired state, then commit it to the kernel; a
+        change becomes the last switch (its time and `caller`). On failure the saved state is
+        put back and BackendFailure is raised; the kernel is as it was, or
+        (ApplyError.changed) half rebuilt for the reconciler to finish."""
+        host = self.host
+        changes = weight != self.weight
+        stamp = _usec(host.wall()) if changes else self.last_switch_timestamp
         who = caller if changes else self.last_switch_caller
+        target = weight_target(weight) or OFF
         try:
-            self._save(SavedState(target, last_switch_timestamp=stamp, last_switch_caller=who))
-            current = self.backend.read(self._desired(None))
-            usec = self._commit(target, current)
+            host._save({self.name: SavedState(target, last_switch_timestamp=stamp,
+                                              last_switch_caller=who)})
+            current = host.backend.read(host._desired())
+            usec = host._commit({self.name: weight}, current)
         except (ApplyError, BackendFailure) as e:
             self._result(target, "failed", None)
-            log.error("event=switch_failed to=%s error=%s", target, quote(str(e)))
+            log.error(self._log("switch_failed", "to=%s error=%s"), target, quote(str(e)))
             try:
-                self._save(self._saved_state())
+                host._save()
             except BackendFailure:
                 pass
             if isinstance(e, BackendFailure):
                 raise
             if e.changed:
                 # The layout was half rebuilt; the reconciler reads it back and finishes.
-                self._next_repair = float("-inf")
+                host._next_repair = float("-inf")
             raise BackendFailure(f"the kernel refused the change: {e}") from None
         self.last_switch_timestamp, self.last_switch_caller = stamp, who
         return usec
 
-    def _commit(self, target: str, current: KernelState | None) -> int:
-        desired = self._desired(None if target == OFF else target)
-        plan = self.backend.plan(current, desired)
-        started = time.perf_counter()
-        self.backend.apply(plan)
-        usec = _usec(time.perf_counter() - started)
-        if plan:
-            self.last_switch_usec = usec
-        self.active = target
-        if plan.layout:
-            self._read_back(desired)
-        return usec
-
-    def _read_back(self, desired: Desired) -> None:
-        """After layout steps, let the backend see what it built (what it reports about the
-        kernel, e.g. sk_lookup's listener problems, follows its reads). Best-effort: the
-        change is committed, and a read that fails now is the reconciler's to retry."""
-        try:
-            self.backend.read(desired)
-        except ApplyError as e:
-            log.warning("event=read_back_failed error=%s", quote(str(e)))
-
-    def _save(self, state: SavedState) -> None:
-        try:
-            self.store.save(state)
-        except OSError as e:
-            # Saving comes before the kernel changes; without it a restart could undo the switch.
-            raise BackendFailure(f"cannot save the state to {self.store.path}: "
-                                 f"{e.strerror or e}") from None
-
-    def _saved_state(self) -> SavedState:
+    def saved_state(self) -> SavedState:
         if self._drain:
             return self._saved_as(OFF, self._drain, answered=self._drain_answers > 0)
         return self._saved_as(self.active)
@@ -360,21 +302,19 @@ class Steering:
                           last_switch_timestamp=self.last_switch_timestamp,
                           last_switch_caller=self.last_switch_caller)
 
-    def _desired(self, active: str | None) -> Desired:
-        return Desired.from_config(self.config, active)
-
     # ---- drains ---------------------------------------------------------------------------
 
     def _begin_drain(self, target: str, timeout: float, *, save: bool = True,
                      received: float | None = None, caller: str = "") -> None:
         """Start draining `target` towards off (the caller publishes)."""
-        drain = _Drain(target, self.clock() + timeout, self.wall() + timeout, caller=caller)
+        host = self.host
+        drain = _Drain(target, host.clock() + timeout, host.wall() + timeout, caller=caller)
         if save:
-            self._save(self._saved_as(OFF, drain))
+            host._save({self.name: self._saved_as(OFF, drain)})
         self._drain = drain
         self._drain_answers = 0
         self._drain.task = asyncio.get_running_loop().create_task(
-            self._run_drain(self._drain, received if received is not None else self.clock()))
+            self._run_drain(self._drain, received if received is not None else host.clock()))
 
     def _cancel_drain(self) -> None:
         """Forget the drain in progress, if any (the caller publishes)."""
@@ -383,41 +323,44 @@ class Steering:
         drain, self._drain = self._drain, None
         if drain.task is not None and drain.task is not asyncio.current_task():
             drain.task.cancel()
-        log.info("event=drain_cancelled target=%s", drain.target)
+        log.info(self._log("drain_cancelled", "target=%s"), drain.target)
 
     def _drain_done(self, drain: _Drain) -> str | None:
         """Why the drain may end now, or None to keep waiting."""
-        if self.clock() >= drain.deadline:
+        clock = self.host.clock
+        if clock() >= drain.deadline:
             return "timeout"
         try:
             if self.connection_counts().get(drain.target, 0) > 0:
                 return None
         except Exception as e:  # unknown is not zero: keep waiting (the deadline still holds)
-            log.warning("event=count_failed target=%s error=%s", drain.target, quote(str(e)))
+            log.warning(self._log("count_failed", "target=%s error=%s"), drain.target,
+                        quote(str(e)))
             return None
-        polled = self.clock() - self._last_agent_poll <= AGENT_POLL_WINDOW
+        polled = clock() - self._last_agent_poll <= AGENT_POLL_WINDOW
         if polled and self._drain_answers == 0:
             return None
         return "drained"
 
     async def _run_drain(self, drain: _Drain, received: float) -> None:
+        clock = self.host.clock
         while self._drain is drain:
             reason = self._drain_done(drain)
             if reason is None:
                 await asyncio.sleep(DRAIN_POLL_INTERVAL)
                 continue
             try:
-                usec = self._switch_kernel(OFF, drain.caller or "-")
+                usec = self._switch_kernel(None, drain.caller or "-")
             except BackendFailure:
                 # Keep steering and retry: giving up would leave the host half-off.
                 await asyncio.sleep(1.0)
                 continue
             self._drain = None
             self._publish()
-            self._result(OFF, "ok", self.clock() - received)
-            log.info("event=switch from=%s to=off duration_usec=%d drain=%s drain_sec=%.3f "
-                     "caller=%s", drain.target, usec, reason, self.clock() - received,
-                     quote(drain.caller or "-"))
+            self._result(OFF, "ok", clock() - received)
+            log.info(self._log("switch", "from=%s to=off duration_usec=%d drain=%s "
+                               "drain_sec=%.3f caller=%s"), drain.target, usec, reason,
+                     clock() - received, quote(drain.caller or "-"))
             self._emit_switched(drain.target, OFF, usec)
 
     async def wait_drained(self, target: str, timeout: float) -> bool:
@@ -428,48 +371,297 @@ class Steering:
                                 f"{', '.join(TARGET_NAMES)}")
         if not 0 <= timeout <= MAX_SECONDS:
             raise InvalidArgument(f"timeout {timeout} s is out of range 0-{MAX_SECONDS}")
-        deadline = self.clock() + timeout
+        clock = self.host.clock
+        deadline = clock() + timeout
         while True:
             pending = self.draining == target
             if not pending and self.connection_counts().get(target, 0) == 0:
                 return True
-            if self.clock() >= deadline:
+            if clock() >= deadline:
                 return False
-            await asyncio.sleep(min(DRAIN_POLL_INTERVAL, max(0.0, deadline - self.clock())))
+            await asyncio.sleep(min(DRAIN_POLL_INTERVAL, max(0.0, deadline - clock())))
+
+    def close(self) -> None:
+        if self._drain and self._drain.task:
+            self._drain.task.cancel()
+
+    # ---- events ---------------------------------------------------------------------------
+
+    def _publish(self) -> None:
+        new = self.snapshot()
+        old, self._published = self._published, new
+        if new != old:
+            for o in self.host.observers:
+                o.state_changed(old, new)
+
+    def _emit_switched(self, old: str, new: str, usec: int) -> None:
+        for o in self.host.observers:
+            o.switched(self.name, old, new, usec)
+
+    def _result(self, target: str, result: str, seconds: float | None) -> None:
+        for o in self.host.observers:
+            o.switch_result(self.name, target, result, seconds)
+
+
+class Steering:
+    """The host: every service of one network namespace, in one data plane."""
+
+    def __init__(self, config: Config, backend: Backend, store: StateFile, *,
+                 health: Health | None = None, connections: Connections | None = None,
+                 clock: Callable[[], float] = time.monotonic,
+                 wall: Callable[[], float] = time.time):
+        self.config = config
+        self.backend = backend
+        self.store = store
+        self.health: Health = health or AlwaysUp()
+        self.connections = connections
+        self.clock = clock
+        self.wall = wall
+        self.observers: list[Observer] = []
+        self.services: dict[str, ServiceSteering] = {
+            name: ServiceSteering(self, service) for name, service in config.services.items()}
+        self._repair_backoff = 0.0  # seconds; 0 while repairs stick
+        self._next_repair = float("-inf")
+        self._failed_problems: tuple[str, ...] | None = None
+        self._read_error: str | None = None
+
+    # ---- services -------------------------------------------------------------------------
+
+    def service(self, name: str | None = None) -> ServiceSteering:
+        """The service named, or with None the only one (InvalidArgument with several)."""
+        if name is None:
+            if len(self.services) == 1:
+                return next(iter(self.services.values()))
+            objects = ", ".join(SERVICE_PATH + n for n in self.services)
+            raise InvalidArgument(f"this zddd steers {len(self.services)} services: name one "
+                                  f"(objects {objects})")
+        try:
+            return self.services[name]
+        except KeyError:
+            raise InvalidArgument(f"no service {name!r}; services: "
+                                  f"{', '.join(self.services)}") from None
+
+    @property
+    def single(self) -> bool:
+        return self.config.single
+
+    # The single-service view, for one service (InvalidArgument with several).
+
+    def switch(self, target: str, **kw) -> int:
+        return self.service().switch(target, **kw)
+
+    async def wait_drained(self, target: str, timeout: float) -> bool:
+        return await self.service().wait_drained(target, timeout)
+
+    def snapshot(self) -> Snapshot:
+        return self.service().snapshot()
+
+    def agent_polled(self) -> Snapshot:
+        return self.service().agent_polled()
+
+    @property
+    def active(self) -> str:
+        return self.service().active
+
+    @property
+    def draining(self) -> str:
+        return self.service().draining
+
+    @property
+    def last_switch_usec(self) -> int:
+        return self.service().last_switch_usec
+
+    @property
+    def last_switch_timestamp(self) -> int:
+        return self.service().last_switch_timestamp
+
+    @property
+    def targets(self) -> dict[str, int]:
+        return self.service().targets
+
+    # ---- reads ----------------------------------------------------------------------------
+
+    def is_up(self, service: str, target: str) -> bool:
+        return self.health.is_up(service, target)
+
+    def reason(self, service: str, target: str) -> str:
+        return self.health.reason(service, target)
+
+    def connection_counts(self) -> dict[str, dict[str, int]]:
+        """Established connections per target of every service, in one read of the kernel
+        (raises OSError)."""
+        return self._count(list(self.services.values()))
+
+    def _count(self, services: list[ServiceSteering]) -> dict[str, dict[str, int]]:
+        if self.connections is None:
+            return {s.name: {} for s in services}
+        ports = {(s.name, t): port for s in services for t, port in s.targets.items()}
+        found = self.connections.count(ports, frozenset(s.listen_port for s in services))
+        counts: dict[str, dict[str, int]] = {s.name: {} for s in services}
+        for (name, target), n in found.items():
+            counts[name][target] = n
+        return counts
+
+    def flows_steered(self) -> dict[tuple[str, str], int]:
+        """New connections the data plane steered, per (service, target), read now."""
+        return self.backend.flows_steered()
+
+    def flow_table(self) -> tuple[int, int] | None:
+        """(entries, capacity) of the backend's flow map, where it has one."""
+        return self.backend.flow_table()
+
+    # ---- start: adopt what the kernel has ---------------------------------------------------
+
+    def start(self) -> None:
+        """Adopt the kernel's state, or program the saved or initial one, service by service.
+        Resumes saved drains. Raises BackendUnavailable or NewerLayout (both with the kernel
+        untouched: no restart helps) or BackendFailure."""
+        self.backend.probe()  # BackendUnavailable: the config asks for what cannot run here
+        try:
+            kernel = self.backend.read(self._desired())
+        except NewerLayout:
+            raise
+        except ApplyError as e:
+            raise BackendFailure(f"cannot read the kernel's state: {e}") from None
+        saved = self.store.load() or {}
+        hows, resumes = {}, {}
+        for name, svc in self.services.items():
+            mine = saved.get(name)
+            if mine is not None:
+                svc.last_switch_timestamp = mine.last_switch_timestamp
+                svc.last_switch_caller = mine.last_switch_caller
+            if (kernel is not None and name in kernel.weights
+                    and (kernel.intact or kernel.weights[name] is not None)):
+                svc.weight = kernel.weights[name]
+                hows[name] = "adopted"
+            elif mine is not None:
+                svc.weight = target_weight(mine.draining or mine.target)
+                hows[name] = "restored"
+            else:
+                svc.weight = target_weight(svc.service.initial)
+                hows[name] = "initial"
+            resumes[name] = (mine is not None and mine.target == OFF
+                             and bool(mine.draining) and mine.draining == svc.active)
+        # Saved before the kernel changes, as for every switch: a crash in between must not
+        # leave a restart to undo what the kernel was just given. A saved drain stays saved.
+        self._save({name: saved[name] for name, resume in resumes.items() if resume})
+        if kernel is None or not kernel.intact:
+            if kernel is not None:
+                log.warning("event=layout_rebuilt problems=%s", quote("; ".join(kernel.problems)))
+            try:
+                self._commit({}, kernel)
+            except ApplyError as e:
+                raise BackendFailure(f"the kernel refused zddd's data plane: {e}") from None
+        for name, svc in self.services.items():
+            if resumes[name]:
+                mine = saved[name]
+                remaining = max(0.0, mine.drain_deadline - self.wall())
+                svc._begin_drain(svc.active, remaining, save=False, caller=mine.drain_caller)
+                svc._drain_answers = int(mine.drain_answered)
+                if not mine.drain_answered and svc.service.agent_listen is not None:
+                    # HAProxy may have polled just before zddd went down and may poll again
+                    # any moment: treat it as polled, so the drain waits (up to
+                    # AGENT_POLL_WINDOW) until it has been told "drain" before the steering goes.
+                    svc._last_agent_poll = self.clock()
+            svc._publish()
+            log.info(svc._log("start", "how=%s target=%s backend=%s%s"), hows[name], svc.active,
+                     self.backend.name, f" resumed_drain={svc.active}" if resumes[name] else "")
+
+    # ---- the kernel -----------------------------------------------------------------------
+
+    def _desired(self, weights: dict[str, int | None] | None = None) -> Desired:
+        """The layout with every service's current weight, or the ones `weights` gives."""
+        now = {name: svc.kernel_weight for name, svc in self.services.items()}
+        return Desired.from_config(self.config, {**now, **(weights or {})})
+
+    def _commit(self, weights: dict[str, int | None], current: KernelState | None) -> int:
+        """Plan and apply the layout with `weights` changed; the services take the weights."""
+        desired = self._desired(weights)
+        plan = self.backend.plan(current, desired)
+        started = time.perf_counter()
+        self.backend.apply(plan)
+        usec = _usec(time.perf_counter() - started)
+        for name, weight in weights.items():
+            self.services[name].weight = weight
+        if plan:
+            # The last commit's time: the services switched, or all after a layout change.
+            for name in weights or (self.services if self.single else ()):
+                self.services[name].last_switch_usec = usec
+        if plan.layout:
+            self._read_back(desired)
+        return usec if plan else 0
+
+    def _read_back(self, desired: Desired) -> None:
+        """After layout steps, let the backend see what it built (what it reports about the
+        kernel, e.g. sk_lookup's listener problems, follows its reads). Best-effort: the
+        change is committed, and a read that fails now is the reconciler's to retry."""
+        try:
+            self.backend.read(desired)
+        except ApplyError as e:
+            log.warning("event=read_back_failed error=%s", quote(str(e)))
+
+    def _save(self, changes: dict[str, SavedState] | None = None) -> None:
+        """Save every service's state, with `changes` in place of theirs."""
+        states = {name: svc.saved_state() for name, svc in self.services.items()}
+        states.update(changes or {})
+        try:
+            self.store.save(states)
+        except OSError as e:
+            # Saving comes before the kernel changes; without it a restart could undo the switch.
+            raise BackendFailure(f"cannot save the state to {self.store.path}: "
+                                 f"{e.strerror or e}") from None
 
     # ---- reload and repair ----------------------------------------------------------------
 
     def check_reload(self, new: Config) -> None:
-        """Raise InvalidConfig if `new` changes what only a restart can change."""
+        """Raise InvalidConfig if `new` changes what only a restart can change, or removes a
+        service that is not off."""
         blocked = self.config.restart_changes(new)
         if blocked:
             raise InvalidConfig(f"changing {', '.join(blocked)} needs a restart of zddd")
+        for name, svc in self.services.items():
+            if name not in new.services and (svc.active != OFF or svc.draining):
+                raise InvalidConfig(f"service {name!r} is removed but steers {svc.active}: "
+                                    f"switch it off first (zddctl -s {name} switch off "
+                                    "--wait-drained)")
 
     def reload(self, new: Config) -> None:
         """Take over a new config, all or nothing: InvalidConfig if it changes what only a
         restart can change, BackendFailure if the state cannot be saved where it now goes or
-        the kernel refuses the new layout; in both cases the running config stays."""
+        the kernel refuses the new layout; in both cases the running config stays. Services
+        added start at their `initial`; removed ones (off) leave the data plane."""
         self.check_reload(new)
-        old, old_store = self.config, self.store
-        if new.state_file != old.state_file:
-            store = StateFile(new.state_file)
-            try:
-                store.save(self._saved_state())
-            except OSError as e:
-                raise BackendFailure(f"cannot save the state to {store.path}: "
-                                     f"{e.strerror or e}") from None
-            self.store = store
-        self.config = new
+        old, old_store, old_services = self.config, self.store, self.services
+        added = [n for n in new.services if n not in old_services]
+        removed = [n for n in old_services if n not in new.services]
+        services = {}
+        for name, service in new.services.items():
+            svc = old_services.get(name) or ServiceSteering(self, service)
+            if name in added:
+                svc.weight = target_weight(service.initial)
+            services[name] = svc
+        self.config, self.services = new, services
         try:
-            kernel_target = self._drain.target if self._drain else self.active
-            current = self.backend.read(self._desired(None))
-            self._commit(kernel_target, current)
-        except ApplyError as e:
-            self.config, self.store = old, old_store
+            if new.state_file != old.state_file:
+                self.store = StateFile(new.state_file)
+            self._save()
+            current = self.backend.read(self._desired())
+            self._commit({}, current)
+        except (ApplyError, BackendFailure) as e:
+            self.config, self.store, self.services = old, old_store, old_services
             self._next_repair = float("-inf")  # put the old layout back if half changed
+            if isinstance(e, BackendFailure):
+                raise
             raise BackendFailure(f"the kernel refused the new layout: {e}") from None
-        self._publish()
-        log.info("event=reload")
+        for name, svc in services.items():
+            svc.service = new.services[name]
+        if added or removed:
+            for o in self.observers:
+                o.services_changed(added, removed)
+        for svc in services.values():
+            svc._publish()
+        log.info("event=reload%s%s", f" added={','.join(added)}" if added else "",
+                 f" removed={','.join(removed)}" if removed else "")
 
     def reconcile(self) -> bool:
         """Restore the kernel state if someone else changed it. True if a repair was made.
@@ -477,23 +669,37 @@ class Steering:
         back-off, said once; a different drift found meanwhile is repaired at once: the kernel
         is read on every call, back-off or not."""
         now = self.clock()
-        expected = self._drain.target if self._drain else self.active
+        desired = self._desired()
         try:
-            current = self.backend.read(self._desired(None))
+            current = self.backend.read(desired)
         except ApplyError as e:
             if str(e) != self._read_error:  # said once, not four times a second
                 log.warning("event=read_failed error=%s", quote(str(e)))
             self._read_error = str(e)
             return False
         self._read_error = None
-        if current is not None and current.intact and (current.active or OFF) == expected:
+        expected = {s.name: s.weight for s in desired.services}
+        if current is not None and current.intact and current.weights == expected:
             if self._repair_backoff:
                 log.info("event=repair_holds")
             self._repair_backoff, self._failed_problems = 0.0, None
             return False
-        found = "nothing" if current is None else (current.active or OFF)
-        problems = (("nothing of zddd's",) if current is None
-                    else current.problems or (f"steering {found}",))
+        def state(weights: dict[str, int | None]) -> str:
+            """Services' targets for the log: "main" alone, or "web:main,api:off"."""
+            shown = {n: weight_target(weights.get(n)) or OFF for n in expected}
+            if len(shown) == 1:
+                return next(iter(shown.values()))
+            return ",".join(f"{n}:{t}" for n, t in shown.items())
+
+        if current is None:
+            problems: tuple[str, ...] = ("nothing of zddd's",)
+            found = "nothing"
+        else:
+            differ = [n for n in expected if current.weights.get(n, -1) != expected[n]]
+            found = state(current.weights)
+            problems = current.problems or tuple(
+                f"{'' if len(expected) == 1 else n + ' '}steering "
+                f"{weight_target(current.weights.get(n)) or OFF}" for n in differ)
         if problems != self._failed_problems:
             self._repair_backoff = 0.0  # a new drift, not the last repair failing to hold
         elif now < self._next_repair:
@@ -507,15 +713,16 @@ class Steering:
         self._failed_problems = problems
         self._next_repair = now + self._repair_backoff
         try:
-            self._commit(expected, current)
+            self._commit({}, current)
         except ApplyError as e:
             if not self._repair_backoff:  # a refusal that repeats is said once, with the back-off
                 log.error("event=repair_failed error=%s", quote(str(e)))
             return False
-        self._publish()
+        for svc in self.services.values():
+            svc._publish()
         if not self._repair_backoff:
-            log.warning("event=drift_repaired target=%s found=%s problems=%s", expected, found,
-                        quote("; ".join(problems)))
+            log.warning("event=drift_repaired target=%s found=%s problems=%s", state(expected),
+                        found, quote("; ".join(problems)))
         for o in self.observers:
             o.drift_repaired()
         return True
@@ -527,26 +734,11 @@ class Steering:
 
     def close(self) -> None:
         """Stop background work. The kernel state stays exactly as it is."""
-        if self._drain and self._drain.task:
-            self._drain.task.cancel()
+        for svc in self.services.values():
+            svc.close()
 
-    def health_changed(self, target: str, up: bool) -> None:
+    def health_changed(self, service: str, target: str, up: bool) -> None:
         """Called by the health monitor when a target's probe result flips."""
-        self._publish()
-
-    # ---- events ---------------------------------------------------------------------------
-
-    def _publish(self) -> None:
-        new = self.snapshot()
-        old, self._published = self._published, new
-        if new != old:
-            for o in self.observers:
-                o.state_changed(old, new)
-
-    def _emit_switched(self, old: str, new: str, usec: int) -> None:
-        for o in self.observers:
-            o.switched(old, new, usec)
-
-    def _result(self, target: str, result: str, seconds: float | None) -> None:
-        for o in self.observers:
-            o.switch_result(target, result, seconds)
+        svc = self.services.get(service)
+        if svc is not None:
+            svc._publish()

@@ -114,29 +114,40 @@ class Listeners:
     that move are bound anew (binding an unchanged port again would find it taken)."""
 
     def __init__(self, core: Steering, config: Config, current: "Listeners | None" = None):
-        self.endpoints: dict[str, Endpoint | None] = {"agent": config.agent_listen,
-                                                      "metrics": config.metrics_listen}
+        # A role is "metrics", or "agent" and a service's name ("agent" alone in the
+        # single-service form): one agent per service that has one.
+        self.endpoints = self.wanted(config)
         self.servers: dict[str, Listener] = {}
         self._fresh: list[str] = []  # the roles bound here, not taken over
         try:
             for role, endpoint in self.endpoints.items():
                 if endpoint is None:
                     continue
-                if current is not None and current.endpoints[role] == endpoint:
+                if current is not None and current.endpoints.get(role) == endpoint:
                     self.servers[role] = current.servers[role]
                     continue
-                server = (AgentResponder(core.agent_polled) if role == "agent"
-                          else MetricsServer(core))
+                server = (MetricsServer(core) if role == "metrics"
+                          else AgentResponder(_polled(core, role)))
                 self.servers[role] = server
                 self._fresh.append(role)
                 try:
                     server.bind(endpoint)
                 except OSError as e:
-                    raise InvalidConfig(f"{role}.listen: cannot listen on {endpoint}: "
+                    key = ("metrics.listen" if role == "metrics" else
+                           config.service_key(role.partition(":")[2] or "default",
+                                              "agent.listen"))
+                    raise InvalidConfig(f"{key}: cannot listen on {endpoint}: "
                                         f"{e.strerror or e}") from None
         except BaseException:
             self.discard(core)
             raise
+
+    @staticmethod
+    def wanted(config: Config) -> dict[str, Endpoint | None]:
+        """The endpoints a config asks for, by role."""
+        wanted = {_agent_role(config, s.name): s.agent_listen for s in config.services.values()}
+        wanted["metrics"] = config.metrics_listen
+        return wanted
 
     def discard(self, core: Steering) -> None:
         """Close the sockets bound here that never served (a failed start or reload)."""
@@ -155,6 +166,17 @@ class Listeners:
         for role, server in self.servers.items():
             if successor is None or successor.servers.get(role) is not server:
                 await server.stop()
+
+
+def _agent_role(config: Config, service: str) -> str:
+    return "agent" if config.single else f"agent:{service}"
+
+
+def _polled(core: Steering, role: str) -> Callable[[], Snapshot]:
+    """The agent of the service `role` names asks the core (looked up at each poll: the
+    service of a reload's new listener exists only once the reload is taken over)."""
+    name = role.partition(":")[2] or None
+    return lambda: core.service(name).agent_polled()
 
 
 class Coalesced:
@@ -194,7 +216,7 @@ class Daemon(Observer):
         self.notifier = Notifier()
         backend = make_backend(config)
         self.health = HealthMonitor(config, gate=backend.target_problem)
-        connections = ConnectionCounter(self.health.probe_ports, listen_port=config.listen_port,
+        connections = ConnectionCounter(self.health.probe_ports,
                                         attribute=backend.flow_attribution())
         self.core = Steering(config, backend, StateFile(config.state_file), health=self.health,
                              connections=connections)
@@ -209,9 +231,13 @@ class Daemon(Observer):
         self._tasks: list[asyncio.Task] = []
 
     def status(self) -> str:
-        snap = self.core.snapshot()
-        draining = f", draining {snap.draining}" if snap.draining else ""
-        return f"steering {snap.active}{draining} ({snap.backend})"
+        """systemd's STATUS: "steering main (nftables)", or each service's with several."""
+        shown = []
+        for name, svc in self.core.services.items():
+            draining = f", draining {svc.draining}" if svc.draining else ""
+            where = "" if self.config.single else f"{name} "
+            shown.append(f"{where}{svc.active}{draining}")
+        return f"steering {'; '.join(shown)} ({self.core.backend.name})"
 
     # ---- Observer: keep systemd's STATUS in step with the core ----
 
@@ -238,7 +264,7 @@ class Daemon(Observer):
             raise InvalidConfig(f"invalid config: {e}" if isinstance(e, ConfigError)
                                 else str(e)) from None
         old = self.config
-        moved = (old.agent_listen, old.metrics_listen) != (new.agent_listen, new.metrics_listen)
+        moved = Listeners.wanted(old) != Listeners.wanted(new)
         fresh = None
         if moved:
             # The old listeners keep their ports until the new ones are bound, so a reload may
@@ -257,6 +283,8 @@ class Daemon(Observer):
             raise
         self.config = new
         self.health.reconfigure(new)
+        if set(new.services) - set(old.services):
+            await self.health.probe_all()  # the services added get their first probe now
         if fresh is not None:
             old_listeners, self.listeners = self.listeners, fresh
             await fresh.serve()
@@ -275,7 +303,7 @@ class Daemon(Observer):
     def _refuse_other_data_planes(self) -> None:
         """Another backend's data plane steering beside this one would fight it; zddd does
         not guess which connections may break, the operator decides."""
-        desired = Desired.from_config(self.config, None)
+        desired = Desired.from_config(self.config, {})
         for name in BACKENDS:
             if name == self.config.backend:
                 continue
@@ -336,12 +364,18 @@ class Daemon(Observer):
             self._watch_bus())]
         self.notifier.ready(self.status())
         log.info("event=ready version=%s backend=%s target=%s bus=%s", __version__,
-                 self.core.snapshot().backend, self.core.active, quote(self.args.bus))
+                 self.core.backend.name, self._targets(), quote(self.args.bus))
         await self._stop.wait()
         self.notifier.stopping()
-        log.info("event=stop target=%s data_plane=unchanged", self.core.active)
+        log.info("event=stop target=%s data_plane=unchanged", self._targets())
         await self._shutdown()
         return EXIT_FAILURE if self._bus_lost else 0
+
+    def _targets(self) -> str:
+        """Where each service steers, for the log: "main", or "web:main,api:off"."""
+        if self.config.single:
+            return self.core.service().active
+        return ",".join(f"{n}:{s.active}" for n, s in self.core.services.items())
 
     async def _watch_bus(self) -> None:
         # dbus-fast raises the error that broke the connection (EOFError when the bus daemon
@@ -375,7 +409,7 @@ def remove_data_plane(config: Config) -> int:
     except RuntimeError as e:
         print(f"zddd: {e}; stop it first (systemctl stop zddd)", file=sys.stderr)
         return EXIT_FAILURE
-    desired = Desired.from_config(config, None)
+    desired = Desired.from_config(config, {})
     failed = False
     try:
         for name in BACKENDS:

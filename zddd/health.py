@@ -54,26 +54,32 @@ class RiseFall:
                f"{'down' if self.up else 'up'}"
 
 
+Key = tuple[str, str]  # (service, target)
+
+
 class HealthMonitor:
-    def __init__(self, config: Config, on_change: Callable[[str, bool], None] = lambda t, u: None,
-                 gate: Callable[[str], str | None] = lambda target: None):
+    """Every target of every service, probed concurrently on the one event loop."""
+
+    def __init__(self, config: Config,
+                 on_change: Callable[[str, str, bool], None] = lambda s, t, u: None,
+                 gate: Callable[[str, str], str | None] = lambda service, target: None):
         self.config = config
         self.on_change = on_change
         # The data plane's word on a target (the backend's target_problem): a vhost that answers
         # but cannot be steered to is down all the same.
         self.gate = gate
-        self._up: dict[str, bool] = {}
-        self._reasons: dict[str, str] = {}
-        self._counts: dict[str, RiseFall] = {}
+        self._up: dict[Key, bool] = {}
+        self._reasons: dict[Key, str] = {}
+        self._counts: dict[Key, RiseFall] = {}
         # Replaced, never mutated: the metrics thread reads it while probes run in the loop.
         self._probe_ports: frozenset[int] = frozenset()
         self._task: asyncio.Task | None = None
 
-    def is_up(self, target: str) -> bool:
-        return self._up.get(target, False)
+    def is_up(self, service: str, target: str) -> bool:
+        return self._up.get((service, target), False)
 
-    def reason(self, target: str) -> str:
-        return self._reasons.get(target, "not probed yet")
+    def reason(self, service: str, target: str) -> str:
+        return self._reasons.get((service, target), "not probed yet")
 
     def probe_ports(self) -> frozenset[int]:
         """Client ports of probe connections now open. Safe to call from any thread."""
@@ -81,29 +87,37 @@ class HealthMonitor:
 
     async def probe_all(self) -> None:
         """Probe every target once, concurrently, and record the results."""
-        targets = list(self.config.targets.values())
-        results = await asyncio.gather(*(self._probe(t) for t in targets))
-        for target, (passed, reason) in zip(targets, results, strict=True):
-            counts = self._counts.setdefault(target.name, RiseFall())
+        targets = [(s.name, t) for s in self.config.services.values()
+                   for t in s.targets.values()]
+        results = await asyncio.gather(*(self._probe(t) for _, t in targets))
+        for (service, target), (passed, reason) in zip(targets, results, strict=True):
+            key = (service, target.name)
+            counts = self._counts.setdefault(key, RiseFall())
             counts.rise, counts.fall = target.health.rise, target.health.fall
             up = counts.feed(passed)
             if counts.pending():
                 reason = f"{reason} ({counts.pending()})"
             # The data plane's word is not a probe: it counts at once, not towards fall.
-            problem = self.gate(target.name) if up else None
+            problem = self.gate(service, target.name) if up else None
             if problem:
                 up, reason = False, problem
-            self._record(target.name, up, reason)
+            self._record(key, up, reason)
+        known = {(s, t.name) for s, t in targets}
+        for key in set(self._up) - known:  # a service a reload removed
+            del self._up[key], self._reasons[key]
+            self._counts.pop(key, None)
 
-    def _record(self, name: str, up: bool, reason: str) -> None:
-        before = self._up.get(name)
-        self._up[name] = up
-        self._reasons[name] = reason
+    def _record(self, key: Key, up: bool, reason: str) -> None:
+        before = self._up.get(key)
+        self._up[key] = up
+        self._reasons[key] = reason
+        service, name = key
         if before is not None and before != up:
-            log.info("event=health target=%s up=%s reason=%s", name, "yes" if up else "no",
-                     quote(reason))
+            where = "" if self.config.single else f" service={service}"
+            log.info("event=health%s target=%s up=%s reason=%s", where, name,
+                     "yes" if up else "no", quote(reason))
         if before != up:
-            self.on_change(name, up)
+            self.on_change(service, name, up)
 
     async def _probe(self, target: Target) -> tuple[bool, str]:
         if target.health.kind == "none":

@@ -16,12 +16,13 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .config import ALL_TARGETS, TARGET_NAMES
+from .config import ALL_TARGETS, DEFAULT_SERVICE, TARGET_NAMES
 from .logfmt import quote
 
 log = logging.getLogger("zddd")
-# A real state file is under 200 bytes; anything far bigger is not one (and is not read whole).
-MAX_BYTES = 64 * 1024
+# A real state file is under 300 bytes a service (at most 256 services); anything far bigger is
+# not one (and is not read whole).
+MAX_BYTES = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -46,54 +47,58 @@ class StateFile:
     def __init__(self, path: str):
         self.path = Path(path)
 
-    def load(self) -> SavedState | None:
-        """The saved state, or None when there is none or it cannot be trusted (then with a
-        warning in the log)."""
+    def load(self) -> dict[str, SavedState] | None:
+        """The saved state of every service by name, or None when there is none or it cannot
+        be trusted (then with a warning in the log)."""
         try:
             with open(self.path, "rb") as f:
                 raw = f.read(MAX_BYTES + 1)
         except FileNotFoundError:
             return None
         except OSError as e:
-            return self._untrusted(e.strerror or str(e))
+            self._untrusted(e.strerror or str(e))
+            return None
         if len(raw) > MAX_BYTES:
-            return self._untrusted(f"larger than {MAX_BYTES} bytes")
+            self._untrusted(f"larger than {MAX_BYTES} bytes")
+            return None
         try:
             data = json.loads(raw.decode("utf-8"))
-            state = SavedState(
-                target=data["target"],
-                draining=data.get("draining", ""),
-                drain_deadline=float(data.get("drain_deadline", 0.0)),
-                drain_answered=data.get("drain_answered", False),
-                drain_caller=data.get("drain_caller", ""),
-                last_switch_timestamp=data.get("last_switch_timestamp", 0),
-                last_switch_caller=data.get("last_switch_caller", ""),
-            )
+            if isinstance(data, dict) and "services" in data:
+                services = data["services"]
+                if not isinstance(services, dict) or len(data) != 1:
+                    raise TypeError("services")
+                states = {name: _state(one) for name, one in services.items()}
+            else:
+                states = {DEFAULT_SERVICE: _state(data)}
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
-            return self._untrusted(f"not a state file ({type(e).__name__})")
-        if (state.target not in ALL_TARGETS or state.draining not in ("",) + TARGET_NAMES
-                or not isinstance(state.drain_answered, bool)
-                or not isinstance(state.drain_caller, str)
-                or not isinstance(state.last_switch_caller, str)
-                or type(state.last_switch_timestamp) is not int
-                or not 0 <= state.last_switch_timestamp < 1 << 64
-                or (state.draining and state.target != "off")
-                or not math.isfinite(state.drain_deadline)):
-            return self._untrusted("its content is not a valid state")
-        return state
+            self._untrusted(f"not a state file ({type(e).__name__})")
+            return None
+        for name, state in states.items():
+            if not isinstance(name, str) or not _valid(state):
+                self._untrusted("its content is not a valid state")
+                return None
+        return states
 
-    def _untrusted(self, why: str) -> "SavedState | None":
+    def _untrusted(self, why: str) -> None:
         log.warning("event=state_file_ignored path=%s reason=%s", quote(str(self.path)),
                     quote(why))
         return None
 
-    def save(self, state: SavedState) -> None:
-        """Replace the file atomically: a crash leaves either the old or the new state."""
+    def save(self, states: dict[str, SavedState] | SavedState) -> None:
+        """Replace the file atomically: a crash leaves either the old or the new state. Service
+        "default" alone (or one SavedState) is written in the single-service format, which an
+        older zddd reads."""
+        if isinstance(states, SavedState):
+            states = {DEFAULT_SERVICE: states}
+        if set(states) == {DEFAULT_SERVICE}:
+            data: dict = asdict(states[DEFAULT_SERVICE])
+        else:
+            data = {"services": {name: asdict(state) for name, state in sorted(states.items())}}
         _make_dirs(self.path.parent)
         fd, tmp = tempfile.mkstemp(prefix=".state.", dir=self.path.parent)
         try:
             with os.fdopen(fd, "w") as f:
-                json.dump(asdict(state), f)
+                json.dump(data, f)
                 f.write("\n")
                 f.flush()
                 os.fsync(f.fileno())
@@ -115,6 +120,29 @@ class StateFile:
             pass
         finally:
             os.close(dir_fd)
+
+
+def _state(data: dict) -> SavedState:
+    return SavedState(
+        target=data["target"],
+        draining=data.get("draining", ""),
+        drain_deadline=float(data.get("drain_deadline", 0.0)),
+        drain_answered=data.get("drain_answered", False),
+        drain_caller=data.get("drain_caller", ""),
+        last_switch_timestamp=data.get("last_switch_timestamp", 0),
+        last_switch_caller=data.get("last_switch_caller", ""),
+    )
+
+
+def _valid(state: SavedState) -> bool:
+    return not (state.target not in ALL_TARGETS or state.draining not in ("",) + TARGET_NAMES
+                or not isinstance(state.drain_answered, bool)
+                or not isinstance(state.drain_caller, str)
+                or not isinstance(state.last_switch_caller, str)
+                or type(state.last_switch_timestamp) is not int
+                or not 0 <= state.last_switch_timestamp < 1 << 64
+                or (bool(state.draining) and state.target != "off")
+                or not math.isfinite(state.drain_deadline))
 
 
 def _make_dirs(directory: Path) -> None:

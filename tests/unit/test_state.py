@@ -36,7 +36,7 @@ CORRUPT = {
     "caller-not-a-string": b'{"target": "main", "last_switch_caller": 0}',
     "drain-caller-not-a-string": b'{"target": "off", "draining": "main", "drain_caller": []}',
     "deep": b"[" * 100000,
-    "huge": b'{"target": "main", "pad": "' + b"x" * 200000 + b'"}',
+    "huge": b'{"target": "main", "pad": "' + b"x" * 2_000_000 + b'"}',
 }
 
 
@@ -69,7 +69,7 @@ def test_a_missing_file_is_silent(tmp_path, caplog):
 def test_what_is_saved_loads_back(tmp_path, state):
     store = StateFile(str(tmp_path / "sub" / "state.json"))
     store.save(state)
-    assert store.load() == state
+    assert store.load() == {"default": state}
 
 
 def test_a_failed_save_keeps_the_old_file_and_leaves_no_temporary_file(tmp_path):
@@ -84,7 +84,7 @@ def test_a_failed_save_keeps_the_old_file_and_leaves_no_temporary_file(tmp_path)
     target.rmdir()
     assert sorted(p.name for p in tmp_path.iterdir()) == []
     target.write_bytes(before)
-    assert store.load() == SavedState("main")
+    assert store.load() == {"default": SavedState("main")}
 
 
 def test_the_saved_file_is_not_writable_by_others(tmp_path):
@@ -109,8 +109,8 @@ def test_the_saved_file_is_not_writable_by_others(tmp_path):
 def test_any_file_loads_as_a_valid_state_or_none(tmp_path_factory, raw):
     path = tmp_path_factory.mktemp("st") / "state.json"
     path.write_bytes(raw)
-    state = StateFile(str(path)).load()
-    if state is not None:
+    states = StateFile(str(path)).load()
+    for state in (states or {}).values():
         assert state.target in ("main", "backup", "off")
         assert state.draining in ("", "main", "backup")
         assert not state.draining or state.target == "off"
@@ -121,7 +121,7 @@ def test_a_file_from_before_the_last_switch_fields_still_reads(tmp_path):
     path = tmp_path / "state.json"
     path.write_text('{"target": "off", "draining": "main", "drain_deadline": 5.0, '
                     '"drain_answered": true}\n')
-    assert StateFile(str(path)).load() == SavedState("off", "main", 5.0, drain_answered=True)
+    assert StateFile(str(path)).load() == {"default": SavedState("off", "main", 5.0, drain_answered=True)}
 
 
 def test_the_last_switch_round_trips(tmp_path):
@@ -129,4 +129,4 @@ def test_the_last_switch_round_trips(tmp_path):
     state = SavedState("backup", last_switch_timestamp=1_765_000_000_123_456,
                        last_switch_caller="uid=1000 ssh=alice@198.51.100.7")
     store.save(state)
-    assert store.load() == state
+    assert store.load() == {"default": state}
