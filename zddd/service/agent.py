@@ -39,9 +39,9 @@ def _weights(snap: Snapshot) -> dict[str, int]:
     return {name: 100 if name == snap.active else 0 for name in snap.targets}
 
 
-def agent_word(snap: Snapshot, *, weights: bool = False) -> str:
+def agent_word(snap: Snapshot, *, weights: bool | None = None) -> str:
     """HAProxy's agent-check answer for one service's state. `weights` is the service's
-    `[agent] weights`: then, while main has N < 100 percent of the new connections, the answer
+    `[agent] weights` (None: as the snapshot says, `agent_weights`): then, while main has N < 100 percent of the new connections, the answer
     is `ready up N%`, so HAProxy gives this host N % of its normal share (HAProxy reads the
     words in any order: `ready`, `up` and a percentage each set one thing)."""
     if snap.draining:
@@ -55,6 +55,8 @@ def agent_word(snap: Snapshot, *, weights: bool = False) -> str:
     if not all(snap.up.get(name) for name in steered):
         return "down"
     main = shares.get(MAIN, 100)
+    if weights is None:
+        weights = bool(getattr(snap, "agent_weights", False))
     if weights and main < 100:
         return f"ready up {main}%"
     return "ready up"
@@ -66,10 +68,11 @@ class AgentResponder(Listener):
 
     backlog = 1024
 
-    def __init__(self, polled, *, weights: bool = False):
+    def __init__(self, polled, *, weights: bool | None = None):
         super().__init__()
         self.polled = polled  # () -> Snapshot: its service's agent_polled
-        # The service's `[agent] weights`; the daemon sets it again when a reload changes it.
+        # The service's `[agent] weights`; None (the daemon's way): what each snapshot says,
+        # so a reload that changes it takes effect at the next poll.
         self.weights = weights
         self.active = 0
 
