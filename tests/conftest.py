@@ -9,6 +9,9 @@ vhosts main (8080) and backup (80), a private bus, and lab.start_zddd(config, wa
 The behaviour suite runs for every backend: a module marked `pytestmark = pytest.mark.backends`
 runs each of its tests that use `lab` once per backend; a test marked
 `@pytest.mark.backends("nftables")` (e.g. one that reads nft's own listing) only for those named.
+A module also marked `pytest.mark.beside` runs each of those a second time with the lab's
+service beside another in one zddd ("nftables+beside": zdddlab.AppLab(beside=True)): the same
+tests, unchanged, must pass when zddd steers two services.
 """
 
 from __future__ import annotations
@@ -31,7 +34,10 @@ ALL_BACKENDS = ("nftables", "tc", "xdp", "sk_lookup")
 def pytest_generate_tests(metafunc):
     marker = metafunc.definition.get_closest_marker("backends")
     if marker is not None and "lab" in metafunc.fixturenames:
-        metafunc.parametrize("lab", marker.args or ALL_BACKENDS, indirect=True)
+        backends = list(marker.args or ALL_BACKENDS)
+        if metafunc.definition.get_closest_marker("beside") is not None:
+            backends += [f"{b}+beside" for b in backends]
+        metafunc.parametrize("lab", backends, indirect=True)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -50,7 +56,8 @@ def need_root():
 
 @contextmanager
 def _lab_in(tmp: Path, backend: str = "nftables"):
-    lab = AppLab(tmp, backend=backend)
+    backend, _, beside = backend.partition("+")
+    lab = AppLab(tmp, backend=backend, beside=bool(beside))
     try:
         yield lab
     finally:

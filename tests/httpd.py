@@ -4,7 +4,8 @@
 
 Listens on [::] (IPv4 too). GET /slow?s=N answers after N seconds (a connection held open on
 purpose); GET /sockname answers NAME and the connection's local port as the server sees it
-(e.g. "main 8888" for a connection steered without rewriting); any other path answers NAME at
+(e.g. "main 8888" for a connection steered without rewriting); GET /bytes?n=N answers N dots
+and then NAME (a bulk transfer that still says who sent it); any other path answers NAME at
 once, with status 200 unless a PATH=STATUS argument gives another for that path (e.g.
 /health=404). Prints "ready" on stdout once listening.
 """
@@ -26,10 +27,15 @@ class Handler(BaseHTTPRequestHandler):
         body = f"{self.server.name}\n".encode()
         if url.path == "/sockname":
             body = f"{self.server.name} {self.connection.getsockname()[1]}\n".encode()
+        bulk = int(parse_qs(url.query).get("n", ["0"])[0]) if url.path == "/bytes" else 0
         self.send_response(self.server.statuses.get(url.path, 200))
         self.send_header("Content-Type", "text/plain")
-        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Content-Length", str(bulk + len(body)))
         self.end_headers()
+        chunk = b"." * 65536
+        while bulk > 0:
+            self.wfile.write(chunk[:bulk])
+            bulk -= len(chunk)
         self.wfile.write(body)
 
     def log_message(self, *args):

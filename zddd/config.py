@@ -19,6 +19,7 @@ from .api import MAX_SECONDS
 DEFAULT_PATH = "/etc/zddd/zddd.toml"
 TARGET_NAMES = ("main", "backup")
 OFF = "off"
+SPLIT = "split"  # ActiveTarget while both targets get new connections (weights)
 ALL_TARGETS = TARGET_NAMES + (OFF,)
 BACKENDS = ("nftables", "tc", "xdp", "sk_lookup")
 # Keys whose change a running daemon cannot take over: they name what it owns in the kernel.

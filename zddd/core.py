@@ -29,7 +29,7 @@ from typing import Callable, Protocol
 from .api import MAX_SECONDS
 from .backends import (ApplyError, Backend, Desired, KernelState, NewerLayout, target_weight,
                        weight_target)
-from .config import ALL_TARGETS, OFF, TARGET_NAMES, Config, Service
+from .config import ALL_TARGETS, OFF, SPLIT, TARGET_NAMES, Config, Service
 from .errors import BackendFailure, InvalidArgument, InvalidConfig, InvalidTarget, TargetUnhealthy
 from .logfmt import quote
 from .state import SavedState, StateFile
@@ -45,6 +45,7 @@ RECONCILE_INTERVAL = 0.25
 # them differently than zddd writes them) is retried less and less often, up to this.
 MAX_REPAIR_BACKOFF = 60.0
 SERVICE_PATH = "/org/zddd/Steering1/service/"
+RAMP_MAX_STEP = 1.0  # a ramp moves at least once a second
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,9 @@ class Snapshot:
     service: str = "default"
     weights: dict[str, int] = field(default_factory=dict)  # percent of new connections; 0s: off
     agent_weights: bool = False  # the agent says main's weight: "ready up N%"
+    # A ramp in progress: main's weight from and to, its start (µs since the epoch) and its
+    # length (µs); None when none.
+    ramp: tuple[int, int, int, int] | None = None
 
 
 class Observer:
@@ -114,6 +118,33 @@ class _Drain:
     caller: str = ""  # who asked for it: the caller of the switch that ends it
 
 
+@dataclass
+class _Ramp:
+    """Main's weight moving from `start` to `end` over `seconds` from `wall_start` (wall clock,
+    so a restart finds its place)."""
+
+    start: int
+    end: int
+    wall_start: float
+    seconds: float
+    task: asyncio.Task | None = None
+    caller: str = ""
+    was: str = ""  # the active target before it began, for Switched
+    received: float = 0.0  # monotonic: when it was asked for
+
+    def at(self, wall: float) -> int:
+        done = min(1.0, max(0.0, (wall - self.wall_start) / self.seconds))
+        return round(self.start + (self.end - self.start) * done)
+
+    def done(self, wall: float) -> bool:
+        return wall - self.wall_start >= self.seconds
+
+    def interval(self) -> float:
+        """Seconds between steps: one per point of weight, at least one a second."""
+        points = max(1, abs(self.end - self.start))
+        return max(0.01, min(RAMP_MAX_STEP, self.seconds / points))
+
+
 def _usec(seconds: float) -> int:
     return max(0, int(round(seconds * 1e6)))
 
@@ -130,6 +161,7 @@ class ServiceSteering:
         self.last_switch_timestamp = 0
         self.last_switch_caller = ""
         self._drain: _Drain | None = None
+        self._ramp: _Ramp | None = None
         self._last_agent_poll = float("-inf")
         self._drain_answers = 0  # "drain" answers the agent gave during the current drain
         self._published = self.snapshot()
@@ -165,7 +197,10 @@ class ServiceSteering:
                                        for n in self.targets},
                         self.last_switch_usec, self.service.drain_timeout,
                         self.last_switch_timestamp, self.last_switch_caller, self.name, weights,
-                        self.service.agent_weights)
+                        self.service.agent_weights,
+                        None if self._ramp is None else (
+                            self._ramp.start, self._ramp.end, _usec(self._ramp.wall_start),
+                            _usec(self._ramp.seconds)))
 
     def agent_polled(self) -> Snapshot:
         """HAProxy asked this service's agent; the state to answer from. While draining, the
@@ -194,10 +229,13 @@ class ServiceSteering:
     # ---- switches -------------------------------------------------------------------------
 
     def switch(self, target: str, *, force: bool = False,
-               drain_timeout: float | None = None, caller: str = "") -> int:
-        """Steer new connections to `target`. Returns the commit time in µs (0 if nothing
-        changed or a drain started). Raises InvalidTarget, TargetUnhealthy, BackendFailure.
-        `caller` says who asked (e.g. "uid=1000"): logged, and kept as LastSwitchCaller."""
+               drain_timeout: float | None = None, ramp: float | None = None,
+               caller: str = "") -> int:
+        """Steer new connections to `target` (with `ramp` seconds: its weight moves to 100 in
+        steps, see set_weights). Returns the commit time in µs (0 if nothing changed or a
+        drain or ramp started). Raises InvalidTarget, InvalidArgument, TargetUnhealthy,
+        BackendFailure. `caller` says who asked (e.g. "uid=1000"): logged, and kept as
+        LastSwitchCaller."""
         host = self.host
         received = host.clock()
         caller = caller or "-"
@@ -211,25 +249,16 @@ class ServiceSteering:
             self._result(target, "refused", None)
             raise InvalidArgument(f"drain timeout {drain_timeout} s is out of range "
                                   f"0-{MAX_SECONDS}")
+        if ramp is not None and (target == OFF or not 0 <= ramp <= MAX_SECONDS):
+            self._result(target, "refused", None)
+            raise InvalidArgument(f"ramp {ramp} s is out of range 0-{MAX_SECONDS}"
+                                  if target != OFF else "a switch to off cannot ramp: it drains")
         old = self.active
         if target != OFF:
-            if not force and not host.is_up(self.name, target):
-                self._result(target, "refused", None)
-                log.info(self._log("switch_refused", "to=%s reason=unhealthy caller=%s"),
-                         target, quote(caller))
-                raise TargetUnhealthy(f"target {target!r} failed its last health probe "
-                                      f"({host.reason(self.name, target)}); use force to "
-                                      "switch anyway")
-            usec = self._switch_kernel(target_weight(target), caller)
-            self._cancel_drain()
-            self._publish()
-            self._result(target, "ok", host.clock() - received)
-            log.info(self._log("switch", "from=%s to=%s duration_usec=%d caller=%s"),
-                     old, target, usec, quote(caller))
-            if old != target:
-                self._emit_switched(old, target, usec)
-            return usec
+            self._check_health({target: 100}, force, target, caller)
+            return self._steer(100 if target == "main" else 0, ramp, caller, received)
         # Towards off: drain the active target first, unless told not to.
+        self._cancel_ramp()
         timeout = self.service.drain_timeout if drain_timeout is None else drain_timeout
         if old == OFF:
             self._result(target, "ok", host.clock() - received)
@@ -257,6 +286,118 @@ class ServiceSteering:
                      drain_timeout, quote(caller))
         return 0
 
+    def set_weights(self, weights: dict[str, int], *, force: bool = False,
+                    ramp: float | None = None, caller: str = "") -> int:
+        """Split new connections between main and backup by percent (`weights` names both,
+        integers summing to 100). Every target given more than 0 must have passed its last
+        probe, unless `force`. With `ramp` seconds, the weights move there from the current
+        ones in linear steps, at least one a second (from off, from all-backup or all-main:
+        the other end); a switch or another set_weights replaces the ramp. Returns the commit
+        time in µs (0 when nothing changed or a ramp started). Raises InvalidArgument,
+        TargetUnhealthy, BackendFailure."""
+        received = self.host.clock()
+        caller = caller or "-"
+        if (not isinstance(weights, dict) or set(weights) != set(TARGET_NAMES)
+                or any(type(w) is not int or not 0 <= w <= 100 for w in weights.values())
+                or sum(weights.values()) != 100):
+            self._result("weights", "refused", None)
+            raise InvalidArgument(f"weights must give main and backup integers 0-100 that "
+                                  f"sum to 100, not {weights!r}")
+        if ramp is not None and not 0 <= ramp <= MAX_SECONDS:
+            self._result("weights", "refused", None)
+            raise InvalidArgument(f"ramp {ramp} s is out of range 0-{MAX_SECONDS}")
+        main = weights["main"]
+        label = weight_target(main) or OFF
+        self._check_health(weights, force, label, caller)
+        return self._steer(main, ramp, caller, received)
+
+    def _check_health(self, weights: dict[str, int], force: bool, label: str,
+                      caller: str) -> None:
+        if force:
+            return
+        for target, weight in weights.items():
+            if weight > 0 and not self.host.is_up(self.name, target):
+                self._result(label, "refused", None)
+                log.info(self._log("switch_refused", "to=%s reason=unhealthy caller=%s"),
+                         target, quote(caller))
+                raise TargetUnhealthy(f"target {target!r} failed its last health probe "
+                                      f"({self.host.reason(self.name, target)}); use force "
+                                      "to switch anyway")
+
+    def _steer(self, main: int, ramp: float | None, caller: str, received: float) -> int:
+        """Commit main's weight `main` now, or start a ramp there (the caller checked it)."""
+        old = self.active
+        label = weight_target(main) or OFF
+        self._cancel_ramp()
+        if ramp:
+            start = self.weight if self.weight is not None else (0 if main > 0 else 100)
+            self._begin_ramp(_Ramp(start, main, self.host.wall(), ramp, caller=caller,
+                                   was=old, received=received))
+            return 0
+        usec = self._switch_kernel(main, caller)
+        self._cancel_drain()
+        self._publish()
+        self._result(label, "ok", self.host.clock() - received)
+        log.info(self._log("switch", "from=%s to=%s duration_usec=%d caller=%s%s"),
+                 old, label, usec, quote(caller),
+                 f" weight_main={main}" if label == SPLIT else "")
+        if old != label or label == SPLIT:
+            self._emit_switched(old, label, usec)
+        return usec
+
+    # ---- ramps ----------------------------------------------------------------------------
+
+    def _begin_ramp(self, ramp: _Ramp) -> None:
+        """Take the ramp's first step now and the rest in a task (the state is saved with it,
+        so a restart resumes it where it would have been)."""
+        self._cancel_drain()
+        self._ramp = ramp
+        try:
+            self.host._save()
+        except BackendFailure:
+            self._ramp = None
+            raise
+        log.info(self._log("ramp_start", "from=%d to=%d seconds=%g caller=%s"), ramp.start,
+                 ramp.end, ramp.seconds, quote(ramp.caller))
+        self._ramp_step(ramp)
+        if self._ramp is ramp:
+            ramp.task = asyncio.get_running_loop().create_task(self._run_ramp(ramp))
+
+    def _ramp_step(self, ramp: _Ramp) -> None:
+        """Commit the weight the ramp has now; at its end, finish it."""
+        weight = ramp.at(self.host.wall())
+        if weight != self.weight:
+            self._switch_kernel(weight, ramp.caller)
+        if weight == ramp.end and ramp.done(self.host.wall()):
+            self._ramp = None
+            self.host._save()
+            label = weight_target(weight) or OFF
+            self._result(label, "ok", self.host.clock() - ramp.received)
+            log.info(self._log("switch", "from=%s to=%s duration_usec=%d caller=%s ramp_sec=%g"),
+                     ramp.was, label, self.last_switch_usec, quote(ramp.caller), ramp.seconds)
+            self._publish()
+            self._emit_switched(ramp.was, label, self.last_switch_usec)
+            return
+        self._publish()
+
+    async def _run_ramp(self, ramp: _Ramp) -> None:
+        while self._ramp is ramp:
+            await asyncio.sleep(ramp.interval())
+            if self._ramp is not ramp:
+                return
+            try:
+                self._ramp_step(ramp)
+            except BackendFailure:
+                continue  # logged; the next step tries again
+
+    def _cancel_ramp(self) -> None:
+        if self._ramp is None:
+            return
+        ramp, self._ramp = self._ramp, None
+        if ramp.task is not None and ramp.task is not asyncio.current_task():
+            ramp.task.cancel()
+        log.info(self._log("ramp_replaced", "at=%s to=%d"), self.weight, ramp.end)
+
     def _switch_kernel(self, weight: int | None, caller: str) -> int:
         """Save `weight` as this service's desired state, then commit it to the kernel; a
         change becomes the last switch (its time and `caller`). On failure the saved state is
@@ -268,8 +409,7 @@ class ServiceSteering:
         who = caller if changes else self.last_switch_caller
         target = weight_target(weight) or OFF
         try:
-            host._save({self.name: SavedState(target, last_switch_timestamp=stamp,
-                                              last_switch_caller=who)})
+            host._save({self.name: self._saved_as(weight, stamp=stamp, caller=who)})
             current = host.backend.read(host._desired())
             usec = host._commit({self.name: weight}, current)
         except (ApplyError, BackendFailure) as e:
@@ -290,17 +430,26 @@ class ServiceSteering:
 
     def saved_state(self) -> SavedState:
         if self._drain:
-            return self._saved_as(OFF, self._drain, answered=self._drain_answers > 0)
-        return self._saved_as(self.active)
+            return self._saved_as(None, self._drain, answered=self._drain_answers > 0)
+        return self._saved_as(self.weight)
 
-    def _saved_as(self, target: str, drain: _Drain | None = None, *,
-                  answered: bool = False) -> SavedState:
-        """`target` (and `drain`) as saved state, with the last switch as it stands."""
+    def _saved_as(self, weight: int | None, drain: _Drain | None = None, *,
+                  answered: bool = False, stamp: int | None = None,
+                  caller: str | None = None) -> SavedState:
+        """Main's `weight` (and `drain`) as saved state, with the ramp in progress and the
+        last switch as it stands (or as `stamp` and `caller` say)."""
+        target = weight_target(weight) or OFF
+        ramp = self._ramp
         return SavedState(target, drain.target if drain else "",
                           drain.wall_deadline if drain else 0.0, drain_answered=answered,
                           drain_caller=drain.caller if drain else "",
-                          last_switch_timestamp=self.last_switch_timestamp,
-                          last_switch_caller=self.last_switch_caller)
+                          last_switch_timestamp=(self.last_switch_timestamp if stamp is None
+                                                 else stamp),
+                          last_switch_caller=self.last_switch_caller if caller is None else caller,
+                          weight=weight if target == SPLIT and weight is not None else -1,
+                          ramp_from=ramp.start if ramp else -1, ramp_to=ramp.end if ramp else -1,
+                          ramp_start=ramp.wall_start if ramp else 0.0,
+                          ramp_seconds=ramp.seconds if ramp else 0.0)
 
     # ---- drains ---------------------------------------------------------------------------
 
@@ -310,7 +459,7 @@ class ServiceSteering:
         host = self.host
         drain = _Drain(target, host.clock() + timeout, host.wall() + timeout, caller=caller)
         if save:
-            host._save({self.name: self._saved_as(OFF, drain)})
+            host._save({self.name: self._saved_as(None, drain)})
         self._drain = drain
         self._drain_answers = 0
         self._drain.task = asyncio.get_running_loop().create_task(
@@ -331,7 +480,10 @@ class ServiceSteering:
         if clock() >= drain.deadline:
             return "timeout"
         try:
-            if self.connection_counts().get(drain.target, 0) > 0:
+            counts = self.connection_counts()
+            # A split drains both targets.
+            drained = TARGET_NAMES if drain.target == SPLIT else (drain.target,)
+            if any(counts.get(t, 0) > 0 for t in drained):
                 return None
         except Exception as e:  # unknown is not zero: keep waiting (the deadline still holds)
             log.warning(self._log("count_failed", "target=%s error=%s"), drain.target,
@@ -374,7 +526,7 @@ class ServiceSteering:
         clock = self.host.clock
         deadline = clock() + timeout
         while True:
-            pending = self.draining == target
+            pending = self.draining in (target, SPLIT)
             if not pending and self.connection_counts().get(target, 0) == 0:
                 return True
             if clock() >= deadline:
@@ -382,8 +534,9 @@ class ServiceSteering:
             await asyncio.sleep(min(DRAIN_POLL_INTERVAL, max(0.0, deadline - clock())))
 
     def close(self) -> None:
-        if self._drain and self._drain.task:
-            self._drain.task.cancel()
+        for task in (self._drain and self._drain.task, self._ramp and self._ramp.task):
+            if task:
+                task.cancel()
 
     # ---- events ---------------------------------------------------------------------------
 
@@ -535,16 +688,25 @@ class Steering:
                 svc.weight = kernel.weights[name]
                 hows[name] = "adopted"
             elif mine is not None:
-                svc.weight = target_weight(mine.draining or mine.target)
+                svc.weight = (mine.weight if mine.target == SPLIT
+                              else target_weight(mine.draining or mine.target))
                 hows[name] = "restored"
             else:
                 svc.weight = target_weight(svc.service.initial)
                 hows[name] = "initial"
             resumes[name] = (mine is not None and mine.target == OFF
                              and bool(mine.draining) and mine.draining == svc.active)
+            if mine is not None and mine.ramp_to >= 0:
+                # Where the ramp would be now; the task takes it on from there.
+                svc._ramp = _Ramp(mine.ramp_from, mine.ramp_to, mine.ramp_start,
+                                  mine.ramp_seconds, caller=mine.last_switch_caller,
+                                  was=weight_target(mine.ramp_from) or OFF,
+                                  received=self.clock())
+                svc.weight = svc._ramp.at(self.wall())
         # Saved before the kernel changes, as for every switch: a crash in between must not
         # leave a restart to undo what the kernel was just given. A saved drain stays saved.
         self._save({name: saved[name] for name, resume in resumes.items() if resume})
+        # (a resumed ramp is saved as it stands now, with its start and end)
         if kernel is None or not kernel.intact:
             if kernel is not None:
                 log.warning("event=layout_rebuilt problems=%s", quote("; ".join(kernel.problems)))
@@ -563,9 +725,15 @@ class Steering:
                     # any moment: treat it as polled, so the drain waits (up to
                     # AGENT_POLL_WINDOW) until it has been told "drain" before the steering goes.
                     svc._last_agent_poll = self.clock()
+            ramp = svc._ramp
+            if ramp is not None:
+                svc._ramp = None
+                svc._begin_ramp(ramp)
             svc._publish()
-            log.info(svc._log("start", "how=%s target=%s backend=%s%s"), hows[name], svc.active,
-                     self.backend.name, f" resumed_drain={svc.active}" if resumes[name] else "")
+            log.info(svc._log("start", "how=%s target=%s backend=%s%s%s"), hows[name],
+                     svc.active, self.backend.name,
+                     f" resumed_drain={svc.active}" if resumes[name] else "",
+                     f" resumed_ramp={ramp.end}" if ramp is not None else "")
 
     # ---- the kernel -----------------------------------------------------------------------
 

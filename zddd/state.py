@@ -16,7 +16,8 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .config import ALL_TARGETS, DEFAULT_SERVICE, TARGET_NAMES
+from .api import MAX_SECONDS
+from .config import ALL_TARGETS, DEFAULT_SERVICE, SPLIT, TARGET_NAMES
 from .logfmt import quote
 
 log = logging.getLogger("zddd")
@@ -41,6 +42,13 @@ class SavedState:
     drain_caller: str = ""
     last_switch_timestamp: int = 0
     last_switch_caller: str = ""
+    # target "split": main's weight (1-99). A ramp in progress: main's weight from and to, its
+    # wall-clock start and its length in seconds (ramp_to -1: none).
+    weight: int = -1
+    ramp_from: int = -1
+    ramp_to: int = -1
+    ramp_start: float = 0.0
+    ramp_seconds: float = 0.0
 
 
 class StateFile:
@@ -91,9 +99,9 @@ class StateFile:
         if isinstance(states, SavedState):
             states = {DEFAULT_SERVICE: states}
         if set(states) == {DEFAULT_SERVICE}:
-            data: dict = asdict(states[DEFAULT_SERVICE])
+            data: dict = _record(states[DEFAULT_SERVICE])
         else:
-            data = {"services": {name: asdict(state) for name, state in sorted(states.items())}}
+            data = {"services": {name: _record(state) for name, state in sorted(states.items())}}
         _make_dirs(self.path.parent)
         fd, tmp = tempfile.mkstemp(prefix=".state.", dir=self.path.parent)
         try:
@@ -122,6 +130,14 @@ class StateFile:
             os.close(dir_fd)
 
 
+# Fields written only when they say something (no split, no ramp: the file as before them).
+_OPTIONAL = {"weight": -1, "ramp_from": -1, "ramp_to": -1, "ramp_start": 0.0, "ramp_seconds": 0.0}
+
+
+def _record(state: SavedState) -> dict:
+    return {k: v for k, v in asdict(state).items() if _OPTIONAL.get(k, object()) != v}
+
+
 def _state(data: dict) -> SavedState:
     return SavedState(
         target=data["target"],
@@ -131,11 +147,29 @@ def _state(data: dict) -> SavedState:
         drain_caller=data.get("drain_caller", ""),
         last_switch_timestamp=data.get("last_switch_timestamp", 0),
         last_switch_caller=data.get("last_switch_caller", ""),
+        weight=data.get("weight", -1),
+        ramp_from=data.get("ramp_from", -1),
+        ramp_to=data.get("ramp_to", -1),
+        ramp_start=float(data.get("ramp_start", 0.0)),
+        ramp_seconds=float(data.get("ramp_seconds", 0.0)),
     )
 
 
+def _weight(value: object, allowed: range) -> bool:
+    return type(value) is int and value in allowed
+
+
 def _valid(state: SavedState) -> bool:
-    return not (state.target not in ALL_TARGETS or state.draining not in ("",) + TARGET_NAMES
+    split = state.target == SPLIT
+    if not _weight(state.weight, range(1, 100) if split else range(-1, 0)):
+        return False
+    if state.ramp_to != -1 and not (_weight(state.ramp_to, range(0, 101))
+                                    and _weight(state.ramp_from, range(0, 101))
+                                    and math.isfinite(state.ramp_start)
+                                    and 0 < state.ramp_seconds <= MAX_SECONDS):
+        return False
+    return not ((state.target not in ALL_TARGETS and not split)
+                or state.draining not in ("", SPLIT) + TARGET_NAMES
                 or not isinstance(state.drain_answered, bool)
                 or not isinstance(state.drain_caller, str)
                 or not isinstance(state.last_switch_caller, str)

@@ -26,6 +26,10 @@ from pathlib import Path
 from .base import PYTHON, REPO, VENV_BIN, LabError, Proc, wait_for
 from .bus import INTERFACE, PROPERTIES, Bus, dbus_call, name_has_owner
 from .net import NetNS
+
+SERVICE_PATH = "/org/zddd/Steering1/service/"
+SERVICE_INTERFACE = "org.zddd.Steering1.Service"
+SERVICE_METHODS = ("Switch", "SwitchWithOptions", "WaitDrained", "SetWeights")
 from .probes import without_counters
 
 
@@ -52,14 +56,37 @@ def to_toml(config: dict) -> str:
     return "\n".join(lines + tables) + "\n"
 
 
+# The keys of one service in the single-service form (SPEC "Services").
+SERVICE_KEYS = ("listen_port", "initial", "drain_timeout", "targets", "agent")
+# The second service of a lab run with two (`beside`): its vhosts are the lab's to start.
+BESIDE = {"listen_port": 9888, "targets": {"main": {"port": 9080}, "backup": {"port": 90}}}
+
+
+def as_services(config: dict, name: str) -> dict:
+    """A single-service config as the many-service form: its service is `name`, with the
+    single form's defaults written out, beside service "api" (BESIDE)."""
+    one = {k: v for k, v in config.items() if k in SERVICE_KEYS}
+    rest = {k: v for k, v in config.items() if k not in SERVICE_KEYS}
+    targets = one.get("targets", {})
+    one["targets"] = {t: {"port": port, **targets.get(t, {})}
+                      for t, port in (("main", 8080), ("backup", 80))}
+    one.setdefault("listen_port", 8888)
+    one.setdefault("agent", {"listen": "[::]:8889"})
+    beside = {**BESIDE, "drain_timeout": one.get("drain_timeout", 30)}
+    return {**rest, "services": {name: one, "api": beside}}
+
+
 class Zddd:
     """A real zddd process in `ns` on `bus`, its files (config, log, state) in `tmp`. `config`
     holds overrides of the lab defaults; `backend` is the configured one ("nftables" unless
-    the config says otherwise)."""
+    the config says otherwise). With `service`, the config (still written by tests in the
+    single-service form) is run as that service beside a second one, and zddctl, calls and
+    properties go to that service."""
 
     def __init__(self, ns: NetNS, bus: Bus, tmp: Path, config: dict | None = None, *,
-                 name: str = "zddd"):
+                 name: str = "zddd", service: str | None = None):
         self.name, self.ns, self.bus, self.tmp = name, ns, bus, tmp
+        self.service = service
         self.config_path = tmp / "zddd.toml"
         self.log_path = tmp / "zddd.log"
         self.state_path = tmp / "state.json"
@@ -75,7 +102,10 @@ class Zddd:
         return self.config.get("backend", "nftables")
 
     def write_config(self, text: str | None = None) -> None:
-        self.config_path.write_text(text if text is not None else to_toml(self.config))
+        config = self.config
+        if self.service and "services" not in config:
+            config = as_services(config, self.service)
+        self.config_path.write_text(text if text is not None else to_toml(config))
 
     # ---- lifetime ----
 
@@ -127,7 +157,8 @@ class Zddd:
     def zddctl(self, *args: str, user: str | None = None, timeout: float = 60):
         """zddctl against this zddd (from the root namespace: the bus is a unix socket), as
         `user` if given; the CompletedProcess, whatever the exit status."""
-        argv = [str(VENV_BIN / "zddctl"), "--bus", self.bus.address, *args]
+        argv = [str(VENV_BIN / "zddctl"), "--bus", self.bus.address,
+                *(("-s", self.service) if self.service else ()), *args]
         kw = {}
         if user:
             # Another user may not be able to reach the checkout (a clone in /root is 0700):
@@ -152,10 +183,19 @@ class Zddd:
         return json.loads(self.ctl("status", "--json").stdout)
 
     def call(self, member: str, signature: str = "", *body, timeout: float = 60):
-        """Call a Manager method; returns (error_name or None, reply body)."""
+        """Call a Manager method (the service's, for a switch method of a lab's service);
+        returns (error_name or None, reply body)."""
+        if self.service and member in SERVICE_METHODS:
+            return dbus_call(self.bus.address, member, signature, list(body), timeout,
+                             SERVICE_INTERFACE, path=SERVICE_PATH + self.service)
         return dbus_call(self.bus.address, member, signature, list(body), timeout)
 
     def prop(self, name: str):
+        if self.service:
+            err, body = dbus_call(self.bus.address, "Get", "ss", [SERVICE_INTERFACE, name], 10,
+                                  interface=PROPERTIES, path=SERVICE_PATH + self.service)
+            if err is None:
+                return body[0].value
         err, body = dbus_call(self.bus.address, "Get", "ss", [INTERFACE, name], 10,
                               interface=PROPERTIES)
         if err is not None:
@@ -229,11 +269,12 @@ def read_nftables(zddd: Zddd) -> str | None:
 
 READ_WITH_ZDDD = r"""
 import json, sys
-from zddd.backends import Desired, backend_class
+from zddd.backends import Desired, backend_class, weight_target
 from zddd.config import load
 config = load(sys.argv[1])
-state = backend_class(config.backend)().read(Desired.from_config(config, None))
-print(json.dumps(None if state is None else state.active or "off"))
+service = sys.argv[2] if len(sys.argv) > 2 else next(iter(config.services))
+state = backend_class(config.backend)().read(Desired.from_config(config, {}))
+print(json.dumps(None if state is None else weight_target(state.weights.get(service)) or "off"))
 """
 
 

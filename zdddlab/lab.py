@@ -260,12 +260,16 @@ class AppLab(Lab):
     whose config names `backend` and a bpf_pin_dir of this lab's. `tmp` given: the caller's,
     kept at close; None: a new one, removed at close."""
 
-    def __init__(self, tmp: Path | None = None, *, backend: str = "nftables", prefix: str = ""):
+    def __init__(self, tmp: Path | None = None, *, backend: str = "nftables", prefix: str = "",
+                 beside: bool = False):
         if tmp is None:
             super().__init__(prefix=prefix)
         else:
             super().__init__(prefix=prefix, keep_tmp=True, tmp=tmp)
         self.backend = backend
+        # Run zddd's one service as service "web" beside a second, "api" (BESIDE), with vhosts
+        # of its own ("api-main", "api-backup"): what tests see must not change.
+        self.beside = beside
         self.zddd: Zddd | None = None
         try:
             self.client = self.netns("cli")
@@ -275,6 +279,10 @@ class AppLab(Lab):
             self.closers.append(self.main.stop)
             self.backup = Vhost(self.app, 80, "backup")
             self.closers.append(self.backup.stop)
+            if beside:
+                for port, name in ((9080, "api-main"), (90, "api-backup")):
+                    vhost = Vhost(self.app, port, name)
+                    self.closers.append(vhost.stop)
             self.bus = self.own(Bus(self.tmp))
             self.pin_dir = self.bpf_pin_dir(mount=backend != "nftables")
         except BaseException:
@@ -285,7 +293,8 @@ class AppLab(Lab):
         """A zddd in the app namespace on the lab's bus; `config` overrides the lab's
         defaults (Zddd's, plus this lab's backend and bpf_pin_dir)."""
         config = {"backend": self.backend, "bpf_pin_dir": self.pin_dir, **(config or {})}
-        self.zddd = self.own(Zddd(self.app, self.bus, self.tmp, config))
+        self.zddd = self.own(Zddd(self.app, self.bus, self.tmp, config,
+                                  service="web" if self.beside else None))
         return self.zddd.start(wait=wait)
 
 

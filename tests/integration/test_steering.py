@@ -6,7 +6,7 @@ import time
 import pytest
 from zdddlab import (APP_V4, APP_V6, KeepAlive, connect_error, http_get, scrape_metrics, wait_for)
 
-pytestmark = pytest.mark.backends
+pytestmark = [pytest.mark.backends, pytest.mark.beside]
 
 
 def assert_serves(lab, target: str) -> None:

@@ -258,3 +258,62 @@ def test_invalid_utf8_is_a_config_error(tmp_path):
     p.write_bytes(b'initial = "main"\n# caf\xe9\n')
     with pytest.raises(ConfigError, match="not valid UTF-8 at byte 22"):
         load(p)
+
+
+# ---- the many-service form ----------------------------------------------------------------
+
+def _svc(listen, main, backup, **extra):
+    return {"listen_port": listen, "targets": {"main": {"port": main}, "backup": {"port": backup}},
+            **extra}
+
+
+def test_the_single_form_is_service_default():
+    config = from_dict({"listen_port": 7777, "initial": "backup", "agent": {"weights": True}})
+    assert config.single and list(config.services) == ["default"]
+    one = config.services["default"]
+    assert (one.listen_port, one.initial, one.agent_weights) == (7777, "backup", True)
+    assert one.agent_listen == config.agent_listen and one.targets["main"].port == 8080
+
+
+def test_services_tables_give_one_service_each():
+    config = from_dict({"services": {
+        "web": _svc(8888, 8080, 80, drain_timeout=5, agent={"listen": "[::]:8889"}),
+        "api": _svc(9888, 9080, 90, initial="off", agent={"weights": True}),
+    }})
+    assert not config.single and list(config.services) == ["api", "web"]
+    web, api = config.services["web"], config.services["api"]
+    assert (web.listen_port, web.drain_timeout, str(web.agent_listen)) == (8888, 5.0, "[::]:8889")
+    assert (api.initial, api.agent_listen, api.agent_weights) == ("off", None, True)
+    assert api.targets["backup"].port == 90
+
+
+@pytest.mark.parametrize("data, key", [
+    ({"listen_port": 1, "services": {"a": _svc(8888, 8080, 80)}}, "listen_port"),
+    ({"targets": {}, "services": {"a": _svc(8888, 8080, 80)}}, "targets"),
+    ({"services": {"Web": _svc(8888, 8080, 80)}}, "services.Web"),
+    ({"services": {"a" * 33: _svc(8888, 8080, 80)}}, "services." + "a" * 33),
+    ({"services": {"a": {"targets": {}}}}, "services.a.listen_port"),
+    ({"services": {"a": {"listen_port": 8888, "targets": {"main": {"port": 1}}}}},
+     "services.a.targets.backup.port"),
+    ({"services": {"a": _svc(8888, 8080, 80, health={})}}, "services.a.health"),
+    ({"services": {"a": _svc(8888, 8080, 80, agent={"weights": 1})}}, "services.a.agent.weights"),
+    ({"services": {}}, "services"),
+])
+def test_a_bad_services_table_names_its_key(data, key):
+    with pytest.raises(ConfigError) as e:
+        from_dict(data)
+    assert e.value.key == key
+
+
+def test_ports_are_distinct_across_services_and_both_keys_are_named():
+    with pytest.raises(ConfigError) as e:
+        from_dict({"services": {"a": _svc(8888, 8080, 80), "b": _svc(9888, 8080, 90)}})
+    assert e.value.key == "services.b.targets.main.port"
+    assert "services.a.targets.main.port" in str(e.value)
+
+
+def test_a_live_service_keeps_its_ports_but_services_come_and_go():
+    two = from_dict({"services": {"a": _svc(8888, 8080, 80), "b": _svc(9888, 9080, 90)}})
+    moved = from_dict({"services": {"a": _svc(8888, 8081, 80), "c": _svc(7888, 7080, 70)}})
+    assert two.restart_changes(moved) == ["services.a.targets.main.port"]
+    assert two.restart_changes(from_dict({"services": {"a": _svc(8888, 8080, 80)}})) == []

@@ -102,9 +102,9 @@ def test_sockets_on_the_listen_port_are_attributed_by_the_backend(listeners):
         seen.append(list(flows))
         return ["backup" if flow.remote_port % 2 else "main" for flow in flows]
 
-    counter = ConnectionCounter(listen_port=listen.getsockname()[1], attribute=attribute)
+    counter = ConnectionCounter(attribute=attribute)
     ports = {"main": main.getsockname()[1], "backup": backup.getsockname()[1]}
-    counts = counter.count(ports)
+    counts = counter.count(ports, {listen.getsockname()[1]})
     assert len(seen) == 1
     flows = seen[0]
     on_listen = [s for s in held[0::2] if s.getpeername()[1] == listen.getsockname()[1]]

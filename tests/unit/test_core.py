@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 
 import pytest
 
@@ -832,3 +833,118 @@ def test_reload_refuses_a_new_port_for_a_live_service(tmp_path):
     with pytest.raises(InvalidConfig, match="services.api.targets.main.port"):
         core.reload(from_dict({"state_file": rig.config.state_file, **moved}))
     assert core.services["api"].targets["main"] == 9080
+
+
+# ---- weights and ramps --------------------------------------------------------------------
+
+@pytest.mark.parametrize("weights", [
+    {"main": 10}, {"main": 10, "backup": 80}, {"main": True, "backup": 0},
+    {"main": -10, "backup": 110}, {"main": 50, "backup": 50, "x": 0}, {"main": 50.0, "backup": 50}])
+def test_bad_weights_are_refused_and_change_nothing(rig, weights):
+    core = rig.start()
+    before = rig.backend.table["weights"].copy()
+    with pytest.raises(InvalidArgument, match="sum to 100"):
+        core.service().set_weights(weights)
+    assert rig.backend.table["weights"] == before and core.active == "main"
+
+
+def test_weights_split_new_connections_and_show_as_split(rig):
+    core = rig.start()
+    core.service().set_weights({"main": 10, "backup": 90})
+    assert rig.backend.table["weights"] == {"default": 10}
+    snap = core.snapshot()
+    assert (snap.active, snap.weights) == ("split", {"main": 10, "backup": 90})
+    assert rig.rec.switches == [("main", "split")]
+    assert rig.saved()["target"] == "split" and rig.saved()["weight"] == 10
+    core.service().set_weights({"main": 0, "backup": 100})
+    assert core.active == "backup" and rig.backend.table["weights"] == {"default": 0}
+
+
+def test_a_weight_on_an_unhealthy_target_is_refused_unless_forced(tmp_path):
+    rig = Rig(tmp_path, backup=False)
+    core = rig.start()
+    with pytest.raises(TargetUnhealthy, match="backup"):
+        core.service().set_weights({"main": 90, "backup": 10})
+    core.service().set_weights({"main": 100, "backup": 0})  # backup gets nothing: no probe needed
+    core.service().set_weights({"main": 90, "backup": 10}, force=True)
+    assert rig.backend.table["weights"] == {"default": 90}
+
+
+def test_a_split_restarts_where_it_was(rig):
+    core = rig.start()
+    core.service().set_weights({"main": 30, "backup": 70})
+    rig.backend.table = None  # the kernel lost it: the saved split comes back
+    again = rig.make()
+    again.start()
+    assert again.snapshot().weights == {"main": 30, "backup": 70}
+
+
+def test_a_ramp_moves_in_steps_and_switches_at_the_end(rig):
+    seen = []
+
+    async def scenario():
+        core = rig.make()
+        core.wall = time.time
+        core.start()
+        core.switch("backup")
+        rig.rec.switches.clear()
+        rig.rec.state_changed = lambda old, new: seen.append(new.weights["main"])
+        core.switch("main", ramp=0.5)
+        assert core.snapshot().ramp is not None and rig.saved()["ramp_to"] == 100
+        await asyncio.sleep(0.8)
+        assert core.snapshot().ramp is None and "ramp_to" not in rig.saved()
+        core.close()
+
+    run(scenario())
+    assert seen == sorted(seen) and seen[-1] == 100 and len(set(seen)) >= 10, seen
+    assert rig.rec.switches == [("backup", "main")]  # Switched once, at the end
+
+
+def test_a_switch_during_a_ramp_replaces_it(rig):
+    async def scenario():
+        core = rig.make()
+        core.wall = time.time
+        core.start()
+        core.service().set_weights({"main": 0, "backup": 100})
+        core.switch("main", ramp=30)
+        await asyncio.sleep(0.1)
+        core.switch("backup")
+        assert core.snapshot().ramp is None and rig.backend.table["weights"] == {"default": 0}
+        await asyncio.sleep(0.2)
+        assert rig.backend.table["weights"] == {"default": 0}
+        core.close()
+
+    run(scenario())
+
+
+def test_a_saved_ramp_resumes_where_it_would_have_been(rig):
+    now = time.time()
+    rig.store.save(SavedState("split", weight=5, ramp_from=0, ramp_to=100,
+                              ramp_start=now - 10, ramp_seconds=20))
+
+    async def scenario():
+        core = rig.make()
+        core.wall = time.time
+        core.start()
+        assert 45 <= rig.backend.table["weights"]["default"] <= 55
+        assert core.snapshot().ramp[:2] == (0, 100)
+        core.close()
+
+    run(scenario())
+
+
+def test_off_from_a_split_drains_both_targets(rig):
+    async def scenario():
+        core = rig.start()
+        core.service().set_weights({"main": 50, "backup": 50})
+        rig.conns.counts = {"backup": 1}
+        core.switch("off")
+        assert core.draining == "split"
+        await asyncio.sleep(0.2)
+        assert core.active == "split", "backup still has a connection"
+        rig.conns.counts = {}
+        await asyncio.sleep(0.2)
+        assert core.active == "off" and rig.backend.table["weights"] == {"default": None}
+        core.close()
+
+    run(scenario())

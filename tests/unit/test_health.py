@@ -69,7 +69,7 @@ def test_http_2xx_and_3xx_pass_4xx_5xx_fail():
         results = {}
         for code in (200, 204, 302, 404, 500):
             m = await probe_pair(f"HTTP/1.1 {code} X\r\n\r\n".encode(), "closed")
-            results[code] = (m.is_up("main"), m.reason("main"))
+            results[code] = (m.is_up("default", "main"), m.reason("default", "main"))
         return results
 
     results = run(go())
@@ -84,8 +84,8 @@ def test_tcp_refused_and_connected():
         return await probe_pair(b"", "closed", main="tcp", backup="tcp")
 
     m = run(go())
-    assert (m.is_up("main"), m.reason("main")) == (True, "connected")
-    assert (m.is_up("backup"), m.reason("backup")) == (False, "Connection refused")
+    assert (m.is_up("default", "main"), m.reason("default", "main")) == (True, "connected")
+    assert (m.is_up("default", "backup"), m.reason("default", "backup")) == (False, "Connection refused")
 
 
 def test_none_is_up_without_any_server():
@@ -93,7 +93,7 @@ def test_none_is_up_without_any_server():
         return await probe_pair("closed", "closed", main="none", backup="tcp")
 
     m = run(go())
-    assert m.is_up("main") and not m.is_up("backup")
+    assert m.is_up("default", "main") and not m.is_up("default", "backup")
 
 
 def test_odd_answers_are_down_not_crashes():
@@ -102,7 +102,7 @@ def test_odd_answers_are_down_not_crashes():
         for name, answer in (("garbage", b"\x00\xffnot http\r\n"), ("empty", b""),
                              ("huge line", b"HTTP/1.1 200 " + b"x" * 200_000 + b"\r\n\r\n")):
             m = await probe_pair(answer, "closed")
-            got[name] = (m.is_up("main"), m.reason("main"))
+            got[name] = (m.is_up("default", "main"), m.reason("default", "main"))
         return got
 
     got = run(go())
@@ -124,7 +124,7 @@ def test_a_silent_server_times_out_without_blocking_the_loop():
         return monitor, took, count
 
     monitor, took, ticks = run(go())
-    assert not monitor.is_up("main") and "no answer within 0.3 s" in monitor.reason("main")
+    assert not monitor.is_up("default", "main") and "no answer within 0.3 s" in monitor.reason("default", "main")
     assert 0.3 <= took < 0.6
     assert ticks >= 15  # the loop kept running during the probe
 
@@ -150,7 +150,7 @@ def test_probe_ports_are_listed_while_probing_and_cleared_after():
     (client_port, listed), = seen
     assert client_port in listed
     assert monitor.probe_ports() == frozenset()
-    assert monitor.is_up("main")
+    assert monitor.is_up("default", "main")
 
 
 def test_on_change_fires_on_first_result_and_flips_only():
@@ -159,7 +159,7 @@ def test_on_change_fires_on_first_result_and_flips_only():
     async def go():
         port = free_port()
         monitor = HealthMonitor(config("tcp", "none", port, free_port()),
-                                on_change=lambda t, up: changes.append((t, up)))
+                                on_change=lambda s, t, up: changes.append((t, up)))
         await monitor.probe_all()
         await monitor.probe_all()
         server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", port)
@@ -232,21 +232,21 @@ def test_a_monitor_turns_down_after_fall_failures_and_up_after_rise_passes():
                                      "backup": {"port": free_port(), "health": "none"}},
                          "health": {"interval": 0.05, "timeout": 0.3, "rise": 2, "fall": 3},
                          "agent": {"listen": ""}, "metrics": {"listen": ""}})
-        monitor = HealthMonitor(cfg, on_change=lambda t, up: changes.append((t, up)))
+        monitor = HealthMonitor(cfg, on_change=lambda s, t, up: changes.append((t, up)))
         server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", port)
         seen = []
         await monitor.probe_all()
-        seen.append(monitor.is_up("main"))
+        seen.append(monitor.is_up("default", "main"))
         server.close()
         await server.wait_closed()
         for _ in range(3):
             await monitor.probe_all()
-            seen.append(monitor.is_up("main"))
-        reason = monitor.reason("main")
+            seen.append(monitor.is_up("default", "main"))
+        reason = monitor.reason("default", "main")
         server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", port)
         for _ in range(2):
             await monitor.probe_all()
-            seen.append(monitor.is_up("main"))
+            seen.append(monitor.is_up("default", "main"))
         server.close()
         return seen, reason
 
@@ -283,7 +283,7 @@ def test_the_host_header_and_the_address_are_the_configured_ones():
         return monitor, ports
 
     monitor, (main_port, backup_port) = run(go())
-    assert monitor.is_up("main") and monitor.is_up("backup")
+    assert monitor.is_up("default", "main") and monitor.is_up("default", "backup")
     address, request = requests[main_port]
     assert address == "127.0.0.2"
     assert request.startswith(b"GET /healthz HTTP/1.0\r\nHost: main.example:8080\r\n"), request
@@ -307,4 +307,4 @@ def test_an_address_where_nothing_listens_is_down():
 
     monitor = run(go())
     # 127.0.0.1 answers on that port; the configured address alone is probed.
-    assert (monitor.is_up("main"), monitor.reason("main")) == (False, "Connection refused")
+    assert (monitor.is_up("default", "main"), monitor.reason("default", "main")) == (False, "Connection refused")
