@@ -190,6 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="SECONDS",
                    help="then wait until the previously active target has no connection "
                         "and, for off, the drain has ended (default wait: drain_timeout + 10 s)")
+    s.add_argument("--ramp", type=_seconds, default=None, metavar="SECONDS",
+                   help="move the target's weight to 100 %% in steps over this long (main or "
+                        "backup)")
     s = command("wait-drained", help="wait until a target has no connection",
                 description="Wait until TARGET has no established connection and no "
                             "drain of it is pending.")
@@ -347,7 +350,18 @@ def service_dict(props: dict) -> dict:
     del st["backend"]
     weights = props.get("Weights")
     st["weights"] = None if weights is None else {t: weights.get(t, 0) for t in TARGETS}
+    st["ramp"] = ramp_dict(props.get("Ramp"))
     return st
+
+
+def ramp_dict(ramp) -> dict | None:
+    """A ramp in progress from the Ramp property (main from, to, start µs, length µs), or
+    None (none, or a zddd before ramps)."""
+    if not ramp or not ramp[3]:
+        return None
+    start, to, started, length = ramp
+    return {"main_from": start, "main_to": to, "started_usec": started,
+            "seconds": length / 1e6}
 
 
 def status_of(client: Client, service: str | None) -> dict:
@@ -402,6 +416,11 @@ def format_service(st: dict, now: float, indent: str = "") -> list[str]:
     lines.append(f"listen port:   {st['listen_port']}")
     if st.get("weights") is not None:
         lines.append(f"weights:       {format_weights(st['weights'])}")
+    ramp = st.get("ramp")
+    if ramp:
+        left = max(0.0, ramp["started_usec"] / 1e6 + ramp["seconds"] - now)
+        lines.append(f"ramp:          main {ramp['main_from']} % \u2192 {ramp['main_to']} % over "
+                     f"{ramp['seconds']:g} s, {left:.0f} s left")
     lines += [f"last switch:   {format_last_switch(st, now)}", "targets:"]
     for name, t in st["targets"].items():
         n = t["connections"]
@@ -418,7 +437,8 @@ def format_status(st: dict, now: float | None = None) -> str:
     if "active_target" in st:  # one service
         (name, one), = services.items() if len(services) == 1 else ((None, {}),)
         lines = [f"service:       {name}"] if name not in (None, "default") else []
-        return "\n".join(lines + format_service({**st, "weights": one.get("weights")}, now))
+        return "\n".join(lines + format_service(
+            {**st, "weights": one.get("weights"), "ramp": one.get("ramp")}, now))
     lines = [f"backend:       {st['backend']}"]
     for name, one in services.items():
         lines += ["", f"service {name}:"] + format_service(one, now, "  ")
@@ -467,8 +487,13 @@ def say(args: argparse.Namespace, text: str | None, data: dict | None = None) ->
 def switch(client: Client, args: argparse.Namespace) -> None:
     props = client.properties()
     previous = props.get("ActiveTarget", "")
+    options: dict = {}
     if args.force:
-        client.call("SwitchWithOptions", "sa{sv}", [args.target, {"force": ("b", True)}])
+        options["force"] = ("b", True)
+    if args.ramp is not None:
+        options["ramp_usec"] = ("t", int(round(args.ramp * 1e6)))
+    if options:
+        client.call("SwitchWithOptions", "sa{sv}", [args.target, options])
     else:
         client.call("Switch", "s", [args.target])
     result = {"target": args.target, "previous": previous, "result": "switched",
@@ -478,6 +503,8 @@ def switch(client: Client, args: argparse.Namespace) -> None:
     elif args.target == "off" and not args.force:
         text, result["result"] = f"draining {previous or 'the active target'} towards off", \
             "draining"
+    elif args.ramp:
+        text, result["result"] = f"ramping to {args.target} over {args.ramp:g} s", "ramping"
     else:
         text = f"switched to {args.target}"
     say(args, text)
@@ -519,6 +546,8 @@ def remote_argv(args: argparse.Namespace) -> list[str]:
     if args.command == "switch":
         if args.force:
             argv.append("--force")
+        if args.ramp is not None:
+            argv.append(f"--ramp={args.ramp!r}")
         if args.wait_drained is not None:
             argv.append("--wait-drained" if args.wait_drained < 0
                         else f"--wait-drained={args.wait_drained!r}")

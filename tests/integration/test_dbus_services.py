@@ -354,6 +354,9 @@ def test_zddctl_needs_a_service_when_there_are_several(two):
     assert (r.returncode, r.stdout) == (0, "switched to backup\n"), r
     assert two.core.services["web"].calls[0][:2] == ("switch", "backup")
     assert not two.core.services["api"].calls
+    r = zddctl(two, "-s", "web", "switch", "main", "--ramp", "30")
+    assert (r.returncode, r.stdout) == (0, "ramping to main over 30 s\n"), r
+    assert two.core.services["web"].calls[1] == ("switch", "main", False, None, "uid=0", 30.0)
     r = zddctl(two, "-s", "api", "wait-drained", "main", "--timeout", "1")
     assert r.returncode == 0, r.stderr
     ((what, target, timeout),) = two.core.services["api"].calls
@@ -373,7 +376,7 @@ def test_zddctl_status_of_several_services(two):
     api = st["services"]["api"]
     assert set(api) == {"active_target", "draining", "listen_port", "last_switch_usec",
                         "last_switch_timestamp_usec", "last_switch_caller", "targets",
-                        "weights"}
+                        "weights", "ramp"}
     assert api["weights"] == {"main": 30, "backup": 70} and api["active_target"] == "split"
     assert api["listen_port"] == 8890
     assert api["targets"]["main"] == {"port": 8080, "up": True, "connections": 0}
@@ -420,7 +423,7 @@ def test_zddctl_with_one_service_is_as_before_plus_services(one):
         "last_switch_timestamp_usec": 0, "last_switch_caller": "",
         "targets": {"backup": {"port": 80, "up": True, "connections": 0},
                     "main": {"port": 8080, "up": True, "connections": 0}},
-        "weights": {"main": 100, "backup": 0}}}
+        "weights": {"main": 100, "backup": 0}, "ramp": None}}
     text = zddctl(one, "status").stdout
     assert text.startswith("active target: main\n") and "weights:       main 100 %" in text
     assert zddctl(one, "switch", "backup").returncode == 0

@@ -60,8 +60,9 @@ class FakeService:
         for o in list(self.host.observers):
             o.state_changed(old, self.snap)
 
-    def switch(self, target, *, force=False, drain_timeout=None, caller=""):
-        self.calls.append(("switch", target, force, drain_timeout, caller))
+    def switch(self, target, *, force=False, drain_timeout=None, ramp=None, caller=""):
+        self.calls.append(("switch", target, force, drain_timeout, caller) +
+                          ((ramp,) if ramp is not None else ()))
         if target not in ("main", "backup", "off"):
             raise errors.InvalidTarget(f"no target {target!r}")
         old = self.snap.active

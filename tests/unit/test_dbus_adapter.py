@@ -215,8 +215,9 @@ def test_set_weights_options():
         "ramp": 5.0, "force": True}
     with pytest.raises(errors.InvalidArgument):
         dbus.parse_options({"drain_timeout_usec": Variant("t", 1)}, dbus._WEIGHT_OPTIONS)
+    assert dbus.parse_options({"ramp_usec": Variant("t", 1)}) == {"ramp": 1e-6}  # a switch's
     with pytest.raises(errors.InvalidArgument):
-        dbus.parse_options({"ramp_usec": Variant("t", 1)})  # not a switch option (yet)
+        dbus.parse_options({"ramp_usec": Variant("u", 1)})
 
 
 def test_a_core_before_services_is_its_one_service_named_default():

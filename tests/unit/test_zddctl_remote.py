@@ -42,6 +42,7 @@ def test_version():
     (["switch", "--wait-drained=5", "--force", "main"],
      ["zddctl", "switch", "--force", "--wait-drained=5.0", "--", "main"]),
     (["switch", "--", "-x"], ["zddctl", "switch", "--", "-x"]),
+    (["switch", "main", "--ramp", "300"], ["zddctl", "switch", "--ramp=300.0", "--", "main"]),
     (["switch", "été"], ["zddctl", "switch", "--", "été"]),
     (["wait-drained", "main"], ["zddctl", "wait-drained", "--timeout=30.0", "--", "main"]),
     (["wait-drained", "--timeout", "0.5", "main"],

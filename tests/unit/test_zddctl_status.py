@@ -94,6 +94,18 @@ def test_several_services_each_under_its_name():
     assert text.endswith("  main    port 8080  up   3 connections")
 
 
+def test_a_ramp_in_progress():
+    props = {**NEW_ZDDD, "ActiveTarget": "split", "Weights": {"main": 40, "backup": 60},
+             "Ramp": [10, 100, int((NOW - 100) * 1e6), 300_000_000]}
+    one = service_dict(props)
+    assert one["ramp"] == {"main_from": 10, "main_to": 100,
+                           "started_usec": int((NOW - 100) * 1e6), "seconds": 300.0}
+    text = format_status({**status_dict(props), "services": {"default": one}}, NOW)
+    assert "ramp:          main 10 % \u2192 100 % over 300 s, 200 s left\n" in text
+    assert service_dict({**props, "Ramp": [0, 0, 0, 0]})["ramp"] is None
+    assert service_dict(OLD_ZDDD)["ramp"] is None and service_dict(OLD_ZDDD)["weights"] is None
+
+
 @pytest.mark.parametrize("pairs, weights", [
     ([("main", 10)], {"main": 10, "backup": 90}),
     ([("backup", 100)], {"main": 0, "backup": 100}),

@@ -236,7 +236,7 @@ class Method:
 
 
 NOT_SUPPORTED = "org.freedesktop.DBus.Error.NotSupported"
-_SWITCH_OPTIONS = {"force": "b", "drain_timeout_usec": "t"}
+_SWITCH_OPTIONS = {"force": "b", "drain_timeout_usec": "t", "ramp_usec": "t"}
 _WEIGHT_OPTIONS = {"force": "b", "ramp_usec": "t"}
 
 
@@ -324,6 +324,9 @@ SERVICE_PROPERTIES = (
     Property("Draining", "s", lambda s: s.draining),
     Property("Targets", "a{sq}", lambda s: s.targets),
     Property("Weights", "a{su}", _weights),
+    # A ramp in progress: main's weight from and to, its start (µs since the epoch) and its
+    # length (µs); all 0 when none.
+    Property("Ramp", "(uutt)", lambda s: list(getattr(s, "ramp", None) or (0, 0, 0, 0))),
     Property("LastSwitchUSec", "t", lambda s: s.last_switch_usec),
     Property("LastSwitchTimestamp", "t", lambda s: s.last_switch_timestamp),
     Property("LastSwitchCaller", "s", lambda s: s.last_switch_caller),
