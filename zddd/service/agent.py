@@ -41,9 +41,10 @@ def _weights(snap: Snapshot) -> dict[str, int]:
 
 def agent_word(snap: Snapshot, *, weights: bool | None = None) -> str:
     """HAProxy's agent-check answer for one service's state. `weights` is the service's
-    `[agent] weights` (None: as the snapshot says, `agent_weights`): then, while main has N < 100 percent of the new connections, the answer
-    is `ready up N%`, so HAProxy gives this host N % of its normal share (HAProxy reads the
-    words in any order: `ready`, `up` and a percentage each set one thing)."""
+    `[agent] weights` (None: as the snapshot says, `agent_weights`): then, while main has
+    N < 100 percent of the new connections, the answer is `ready up N%`, so HAProxy gives this
+    host N % of its normal share (HAProxy reads the words in any order: `ready`, `up` and a
+    percentage each set one thing)."""
     if snap.draining:
         return "drain"
     if snap.active == OFF:

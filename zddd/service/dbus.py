@@ -1,10 +1,14 @@
 """The D-Bus adapter: org.zddd.Steering1 over the core. The only module that imports a bus library.
 
-Every method and property is declared once, in `METHODS` and `PROPERTIES`; the introspection
-data, the signature checks, the property getters and PropertiesChanged are all made from those
-declarations. Calls are run by `_dispatch`, a message handler that runs before dbus-fast's own:
-it lets a method wait (WaitDrained) without blocking the loop, and it asks the bus who the
-caller is, for the log and LastSwitchCaller.
+Each service is an object, /org/zddd/Steering1/service/NAME with interface
+org.zddd.Steering1.Service; /org/zddd/Steering1 is their ObjectManager and has the Manager
+interface: what is global (Backend, Services, Reload) and, while there is exactly one service,
+that service's methods and properties, so a zddd of one service is driven as before services
+existed. Every method and property is declared once, in `SERVICE_METHODS`, `METHODS` and the
+`*_PROPERTIES` tuples; the introspection data, the signature checks, the property getters and
+PropertiesChanged are all made from those declarations. Calls are run by `_dispatch`, a message
+handler that runs before dbus-fast's own: it lets a method wait (WaitDrained) without blocking
+the loop, and it asks the bus who the caller is, for the log and LastSwitchCaller.
 """
 
 from __future__ import annotations

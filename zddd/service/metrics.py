@@ -3,7 +3,8 @@
 Event counters (switches, repairs, durations) are updated from core events. Every per-service
 metric has the label `service` (`default` in the single-service config form). Values that live in
 the kernel (connections, flows steered, the flow map's fill) are read at scrape time by a custom
-collector, in one pass for all services; a failed read counts in zddd_collection_errors_total instead of failing the scrape.
+collector, in one pass for all services; a failed read counts in zddd_collection_errors_total
+instead of failing the scrape.
 The endpoint is served from the event loop like the agent: every client is read with a deadline
 and a size limit, so a slow or idle client cannot hold the endpoint for anyone else.
 """
