@@ -431,3 +431,24 @@ def test_zddctl_with_one_service_is_as_before_plus_services(one):
     assert [c[0] for c in one.core.services["default"].calls] == ["switch", "set_weights"]
     r = zddctl(one, "-s", "web", "switch", "main")
     assert r.returncode == 2 and "default" in r.stderr
+
+
+def test_non_ascii_from_callers_still_answers_on_the_service_objects(two):
+    """dbus-fast 1.84 measures strings in characters: the wire fix must cover the new objects'
+    replies too, or the bus drops zddd's connection on the first error that echoes one."""
+    web = f"{ROOT}/service/web"
+    for body in (["mäin"], ["\u2603" * 50]):
+        err, reply = call(two, "Switch", "s", body, path=web, interface=SERVICE)
+        assert err == E + "InvalidTarget" and body[0] in reply[0], (err, reply)
+    err, reply = call(two, "Get", "ss", [SERVICE, "Nämé"], path=web, interface=PROPS)
+    assert err is not None
+    err, reply = call(two, "SetWeights", "a{su}a{sv}", [{"mäin": 100}, {}], path=web,
+                      interface=SERVICE)
+    assert err == E + "InvalidArgument"
+    # Still connected and answering.
+    assert prop(two, "Name", path=web, interface=SERVICE) == "web"
+    err, body = call(two, "GetManagedObjects", interface=OM, path="/")
+    assert set(unwrap(body[0])) == {ROOT, f"{ROOT}/service/api", web}
+    err, _ = call(two, "Set", "ssv", [SERVICE, "ActiveTarget", Variant("s", "backup")],
+                  path=web, interface=PROPS)
+    assert err == "org.freedesktop.DBus.Error.PropertyReadOnly"
