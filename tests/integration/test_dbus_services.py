@@ -452,3 +452,44 @@ def test_non_ascii_from_callers_still_answers_on_the_service_objects(two):
     err, _ = call(two, "Set", "ssv", [SERVICE, "ActiveTarget", Variant("s", "backup")],
                   path=web, interface=PROPS)
     assert err == "org.freedesktop.DBus.Error.PropertyReadOnly"
+
+
+# ---- the real core behind the bus (its in-memory backend: no kernel) --------------------------
+
+def test_zddctl_and_the_objects_over_the_real_core(public_tmp):
+    from unit.test_core import Rig
+
+    web = {"listen_port": 8888, "targets": {"main": {"port": 8080}, "backup": {"port": 80}}}
+    api = {"listen_port": 9888, "targets": {"main": {"port": 9080}, "backup": {"port": 90}}}
+    rig = Rig(public_tmp, {"services": {"web": web, "api": api}})
+    rig.start()
+    served = Served(rig.core, public_tmp)
+    try:
+        r = zddctl(served, "-s", "api", "weights", "main=30", "--ramp", "2")
+        assert r.returncode == 0, r.stderr
+        st = json.loads(zddctl(served, "status", "--json").stdout)
+        assert st["backend"] == "fake" and set(st["services"]) == {"api", "web"}
+        ramp = st["services"]["api"]["ramp"]
+        assert ramp is not None and (ramp["main_from"], ramp["main_to"]) == (100, 30)
+        assert ramp["seconds"] == 2.0
+        assert "ramp:          main 100 % \u2192 30 % over 2 s" in zddctl(served, "status").stdout
+        # (The rig's wall clock stands still: the ramp does not move on its own.) Weights
+        # without a ramp replace it.
+        assert zddctl(served, "-s", "api", "weights", "main=30").returncode == 0
+        st = json.loads(zddctl(served, "-s", "api", "status", "--json").stdout)
+        assert st["active_target"] == "split" and st["services"]["api"]["ramp"] is None, st
+        assert st["services"]["api"]["weights"] == {"main": 30, "backup": 70}
+        assert rig.backend.table["weights"] == {"web": 100, "api": 30}
+        r = zddctl(served, "-s", "web", "switch", "backup")
+        assert r.returncode == 0, r.stderr
+        assert rig.backend.table["weights"] == {"web": 0, "api": 30}
+        r = zddctl(served, "-s", "web", "switch", "Main")
+        assert r.returncode == 1 and "InvalidTarget" in r.stderr
+        r = zddctl(served, "switch", "main")
+        assert r.returncode == 2 and "api, web" in r.stderr
+        err, body = call(served, "Switch", "s", ["main"])  # the Manager, several services
+        assert err == E + "InvalidArgument"
+        assert prop(served, "LastSwitchCaller", path=f"{ROOT}/service/web",
+                    interface=SERVICE) == "uid=0"
+    finally:
+        served.close()
