@@ -109,7 +109,7 @@ def test_names_follow_prometheus_conventions(served):
         for s in family.samples:
             for key, value in s.labels.items():
                 if key == "target":
-                    assert value in ("main", "backup", "off", "invalid")
+                    assert value in ("main", "backup", "off", "split", "invalid", "weights")
                 if key == "result":
                     assert value in ("ok", "refused", "failed")
                 if key == "service":

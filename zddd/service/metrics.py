@@ -32,6 +32,9 @@ log = logging.getLogger("zddd")
 DURATION_BUCKETS = (10e-6, 25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3,
                     25e-3, 50e-3, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 RESULTS = ("ok", "refused", "failed")
+# The core's target labels of switch results: the targets, "split" (weights between them),
+# "invalid" (an unknown target) and "weights" (weights that cannot be).
+SWITCH_TARGETS = ALL_TARGETS + ("split", "invalid", "weights")
 # A client has this long to send its request and take the answer.
 CLIENT_TIMEOUT = 10.0
 MAX_REQUEST_BYTES = 8192
@@ -248,14 +251,14 @@ class MetricsServer(Listener, Observer):
                 return first
 
     def _add_service(self, service: str) -> None:
-        for target in ALL_TARGETS + ("invalid",):
+        for target in SWITCH_TARGETS:
             for result in RESULTS:
                 self.switches.labels(service, target, result)
 
     def services_changed(self, added: list[str], removed: list[str]) -> None:
         """A reload added or removed services: their counters start at 0 or go away."""
         for service in removed:
-            for target in ALL_TARGETS + ("invalid",):
+            for target in SWITCH_TARGETS:
                 for result in RESULTS:
                     try:
                         self.switches.remove(service, target, result)
