@@ -107,6 +107,7 @@ def _seconds(text: str) -> float:
 
 SERVICE_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
 TARGETS = ("main", "backup")
+SPLIT = "split"  # ActiveTarget while both targets get new connections
 
 
 def _service(text: str) -> str:
@@ -508,14 +509,20 @@ def switch(client: Client, args: argparse.Namespace) -> None:
     else:
         text = f"switched to {args.target}"
     say(args, text)
-    if args.wait_drained is not None and previous not in ("", "off", args.target):
+    # From a split both targets had new connections: each one that is not the new target is
+    # drained (for off, both).
+    drain = [t for t in TARGETS if t != args.target] if previous == SPLIT else [previous]
+    drain = [t for t in drain if t not in ("", "off", args.target)]
+    if args.wait_drained is not None and drain:
         wait = args.wait_drained
         if wait < 0:
             wait = props["DrainTimeoutUSec"] / 1e6 + 10
-        if not client.wait_drained(previous, wait):
-            raise client.not_drained(previous, wait)
-        say(args, f"{previous} is drained")
-        result["drained"] = previous
+        deadline = time.monotonic() + wait
+        for target in drain:
+            if not client.wait_drained(target, max(0.0, deadline - time.monotonic())):
+                raise client.not_drained(target, wait)
+            say(args, f"{target} is drained")
+        result["drained"] = drain[0] if len(drain) == 1 else drain
     say(args, None, result)
 
 

@@ -493,3 +493,22 @@ def test_zddctl_and_the_objects_over_the_real_core(public_tmp):
                     interface=SERVICE) == "uid=0"
     finally:
         served.close()
+
+
+def test_switch_wait_drained_from_a_split_waits_for_what_lost_its_share(public_tmp):
+    from unit.test_core import Rig
+
+    rig = Rig(public_tmp)
+    rig.start()
+    served = Served(rig.core, public_tmp)
+    try:
+        assert zddctl(served, "weights", "main=50").returncode == 0
+        r = zddctl(served, "--json", "switch", "main", "--wait-drained=5")
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["drained"] == "backup"  # not main, the new target
+        assert zddctl(served, "weights", "main=50").returncode == 0
+        r = zddctl(served, "switch", "off", "--force", "--wait-drained=5")
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.splitlines()[-2:] == ["main is drained", "backup is drained"]
+    finally:
+        served.close()
