@@ -258,12 +258,14 @@ def public_package() -> Path:
 
 
 def read_nftables(zddd: Zddd) -> str | None:
-    """The chain the steer map's element points at, read straight from the kernel."""
+    """The chain the steer map's element for zddd's listen port points at ("split_N" for a
+    split), read straight from the kernel; the map holds one element per service."""
+    port = zddd.config.get("listen_port", 8888)
     for item in zddd.nft().get("nftables", []):
         m = item.get("map")
         if m and m["name"] == "steer":
-            elems = m.get("elem", [])
-            return elems[0][1]["goto"]["target"].removeprefix("steer_") if elems else "off"
+            targets = [e[1]["goto"]["target"] for e in m.get("elem", []) if e[0] == port]
+            return targets[0].removeprefix("steer_") if targets else "off"
     return None
 
 

@@ -3,6 +3,7 @@ policy (anyone reads, only root switches), reloads, exit codes, signals."""
 
 import asyncio
 import json
+import re
 import signal
 
 import pytest
@@ -159,7 +160,8 @@ def test_reload_changing_a_target_port_moves_the_redirect(lab):
     assert z.prop("ActiveTarget") == "backup"
     assert http_get(lab.client, APP_V4, 8888) == "backup8081"
     assert http_get(lab.app, "::1", 8888) == "backup8081"
-    assert '"port": 8081' in json.dumps(z.nft())
+    # The kernel's table redirects to the new port (nftables: the backup_port map's element).
+    assert re.search(r": 8081\b", lab.app.run("nft", "list", "table", "inet", "zddd").stdout)
     # And switching back and forth uses the new port.
     assert z.zddctl("switch", "main").returncode == 0
     assert z.zddctl("switch", "backup").returncode == 0
