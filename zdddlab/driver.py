@@ -2,8 +2,12 @@
 
     ip netns exec NS .venv/bin/python -m zdddlab.driver BACKEND JSON_DESIRED
 
-JSON_DESIRED holds the fields of zddd.backends.Desired but `active` (`ports` as a mapping or as
-[name, port] pairs; pin_dir and flow_entries default to /sys/fs/bpf/zddd and 4096). Reads one
+JSON_DESIRED holds the fields of zddd.backends.Desired, the services either as `services`, a
+list of {name, listen_port, ports} mappings, or (one service, "default") as top-level
+`listen_port` and `ports` (`ports` as a mapping or as [name, port] pairs); every service starts
+off; pin_dir and flow_entries default to /sys/fs/bpf/zddd and 4096. With one service, states
+are described as before ({active, intact, problems}); with several as {weights, intact,
+problems}, and `flows` keys its counts "service/target". Reads one
 JSON command per line on stdin and answers one JSON line on stdout ({"error": ..., "changed":
 ...} when the command raised; `changed` is ApplyError's). The backend runs in this process, so
 it sees the namespace the way zddd would. Commands (key "op"); those marked [desired] take an
@@ -13,17 +17,23 @@ optional "desired" mapping of fields that differ from JSON_DESIRED for that comm
     new {source_suffix}      a fresh backend instance (as a restarted zddd); a BPF backend's
                              program source gets `source_suffix` appended (an upgraded package)
     read [desired]           the backend's read: active, intact, problems (None: nothing there)
-    switch {target} [desired]  read, plan, apply, as zddd's core does: the state before and
+    switch {target} [service] [desired]  read, plan, apply, as zddd's core does (`service`:
+                             the one to switch, default the first): the state before and
                              after, the number of layout steps and their names ("steps"),
-                             whether there was a flip, the apply time in µs
+                             whether there was a flip and how many stores it is ("flips"),
+                             the apply time in µs
     reconcile {target}       repair as the core's reconciler does; whether it repaired
     reconciler {target, interval}  keep reconciling in a thread (until "stop")
     stop                     stop the reconciler thread
     leftover [desired] | remove [desired]
     flows                    flows_steered and flow_table
-    count                    established connections per target (ConnectionCounter)
-    listener {target}        the backend's listener_problem(target), if it has one
-    flips {n}                n switches main/backup; the apply time of each, µs
+    count                    established connections per target (by "service/target" with
+                             several): on its port, or on a listen port as the backend's
+                             flow_attribution says
+    listener {target} [service]  the backend's target_problem(service, target)
+    weights {weights} [desired]  as switch, with service name -> main weight (null: off) for
+                             every service named
+    flips {n} [service]      n switches main/backup; the apply time of each, µs
 
 Tests (tests/integration/test_sk_lookup.py, test_bpf_dataplane.py) and the bench use it.
 """
@@ -36,8 +46,8 @@ import sys
 import threading
 import time
 
-from zddd.backends import Desired, backend_class
-from zddd.connections import ConnectionCounter
+from zddd.backends import Desired, ServiceLayout, backend_class, target_weight, weight_target
+from zddd.kernel.sock_diag import TCP_ESTABLISHED, as_flow, dump_sockets
 
 from .base import VENV_BIN
 
@@ -83,13 +93,22 @@ class DriverClient:
         self.proc.close()
 
 
-def desired_of(fields: dict) -> Desired:
-    """A Desired (active None) from JSON_DESIRED's fields."""
+def desired_of(fields: dict, weights: dict | None = None) -> Desired:
+    """A Desired from JSON_DESIRED's fields, every service off but those in `weights`."""
     fields = {"pin_dir": "/sys/fs/bpf/zddd", "flow_entries": 4096, **fields}
-    fields["ports"] = tuple(sorted(dict(fields["ports"]).items()))
+    listed = fields.pop("services", None)
+    one = {"name": "default", "listen_port": fields.pop("listen_port", None),
+           "ports": fields.pop("ports", None)}
+    if listed is None:
+        listed = [one]
+    weights = weights or {}
+    fields["services"] = tuple(sorted(
+        (ServiceLayout(s["name"], s["listen_port"], tuple(sorted(dict(s["ports"]).items())),
+                       weights.get(s["name"])) for s in listed),
+        key=lambda s: s.listen_port))
     if fields.get("interfaces") is not None:
         fields["interfaces"] = tuple(fields["interfaces"])
-    return Desired(active=None, **fields)
+    return Desired(**fields)
 
 
 def _step_name(step) -> str:
@@ -113,11 +132,23 @@ class Driver:
     def _state(self, desired: Desired | None = None):
         return self.backend.read(desired or self.desired)
 
-    @staticmethod
-    def _describe(state) -> dict | None:
+    def _describe(self, state) -> dict | None:
         if state is None:
             return None
-        return {"active": state.active, "intact": state.intact, "problems": list(state.problems)}
+        if len(self.desired.services) == 1:
+            weight = state.weights.get(self.desired.services[0].name)
+            return {"active": weight_target(weight), "intact": state.intact,
+                    "problems": list(state.problems)}
+        return {"weights": state.weights, "intact": state.intact,
+                "problems": list(state.problems)}
+
+    def _service(self, service: str | None) -> str:
+        return service or self.desired.services[0].name
+
+    def _wanted(self, desired: Desired, weights: dict) -> Desired:
+        for name, weight in weights.items():
+            desired = desired.with_weight(name, weight)
+        return desired
 
     def op_probe(self) -> dict:
         started = time.perf_counter()
@@ -135,22 +166,35 @@ class Driver:
     def op_read(self, desired: dict | None = None) -> dict:
         return {"state": self._describe(self._state(self._desired(desired)))}
 
-    def op_switch(self, target: str | None, desired: dict | None = None) -> dict:
+    def op_switch(self, target: str | None, desired: dict | None = None,
+                  service: str | None = None) -> dict:
+        return self.op_weights({self._service(service): target_weight(target)}, desired)
+
+    def op_weights(self, weights: dict, desired: dict | None = None) -> dict:
         wanted = self._desired(desired)
         current = self._state(wanted)
-        plan = self.backend.plan(current, wanted.steering(target))
+        # Services not named keep what the kernel holds (the core's saved state).
+        held = dict(current.weights) if current is not None else {}
+        plan = self.backend.plan(current, self._wanted(wanted, {**held, **weights}))
         started = time.perf_counter()
         self.backend.apply(plan)
         usec = (time.perf_counter() - started) * 1e6
+        # sk_lookup's flip is a tuple of stores, one per service that changes.
+        flips = (len(plan.flip) if isinstance(plan.flip, tuple)
+                 else int(plan.flip is not None))
         return {"layout": len(plan.layout), "steps": [_step_name(s) for s in plan.layout],
-                "flip": plan.flip is not None, "usec": usec, "before": self._describe(current),
-                "after": self._describe(self._state(wanted))}
+                "flip": plan.flip is not None, "flips": flips, "usec": usec,
+                "before": self._describe(current), "after": self._describe(self._state(wanted))}
 
     def op_reconcile(self, target: str | None) -> dict:
         current = self._state()
-        if current is not None and current.intact and current.active == target:
+        name = self._service(None)
+        if current is not None and current.intact and \
+                current.weights.get(name) == target_weight(target):
             return {"repaired": False}
-        plan = self.backend.plan(current, self.desired.steering(target))
+        held = dict(current.weights) if current is not None else {}
+        plan = self.backend.plan(current, self._wanted(
+            self.desired, {**held, name: target_weight(target)}))
         self.backend.apply(plan)
         self.repairs += 1
         if plan.layout:
@@ -191,22 +235,47 @@ class Driver:
 
     def op_flows(self) -> dict:
         table = self.backend.flow_table()
-        return {"steered": self.backend.flows_steered(), "table": list(table) if table else None}
+        steered = self.backend.flows_steered()
+        one = len(self.desired.services) == 1
+        return {"steered": {target if one else f"{service}/{target}": n
+                            for (service, target), n in steered.items()},
+                "table": list(table) if table else None}
 
     def op_count(self) -> dict:
-        counter = ConnectionCounter(listen_port=self.desired.listen_port,
-                                    attribute=self.backend.flow_attribution())
-        return {"counts": counter.count(dict(self.desired.ports))}
+        desired = self.desired
+        one = len(desired.services) == 1
 
-    def op_listener(self, target: str) -> dict:
-        problem = getattr(self.backend, "listener_problem", None)
-        return {"problem": problem(target) if problem else None}
+        def key(service: str, target: str) -> str:
+            return target if one else f"{service}/{target}"
 
-    def op_flips(self, n: int) -> dict:
+        counts = {key(s.name, t): 0 for s in desired.services for t, _ in s.ports}
+        targets, listens = desired.by_target_port(), desired.by_listen_port()
+        attribute = self.backend.flow_attribution()
+        steered = []
+        for sock in dump_sockets(sorted(set(targets) | set(listens)), 1 << TCP_ESTABLISHED):
+            if sock.local_port in targets:
+                service, target = targets[sock.local_port]
+                counts[key(service.name, target)] += 1
+            elif sock.local_port in listens and attribute is not None:
+                steered.append(as_flow(sock.family, sock.local_addr.ljust(16, b"\0"),
+                                       sock.local_port, sock.remote_addr.ljust(16, b"\0"),
+                                       sock.remote_port))
+        for found in attribute(steered) if steered else ():
+            if found is not None and key(*found) in counts:
+                counts[key(*found)] += 1
+        return {"counts": counts}
+
+    def op_listener(self, target: str, service: str | None = None) -> dict:
+        return {"problem": self.backend.target_problem(self._service(service), target)}
+
+    def op_flips(self, n: int, service: str | None = None) -> dict:
+        name = self._service(service)
         times = []
         for i in range(n):
-            plan = self.backend.plan(self._state(),
-                                     self.desired.steering("main" if i % 2 else "backup"))
+            current = self._state()
+            held = dict(current.weights) if current is not None else {}
+            plan = self.backend.plan(current, self._wanted(
+                self.desired, {**held, name: 100 if i % 2 else 0}))
             started = time.perf_counter()
             self.backend.apply(plan)
             times.append((time.perf_counter() - started) * 1e6)
