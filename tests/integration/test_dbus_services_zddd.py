@@ -9,7 +9,6 @@ import json
 
 import pytest
 from zdddlab import APP_V4, Vhost, agent_ask, dbus_call, http_get, scrape_metrics, wait_for
-from zdddlab.daemons import Zddd
 
 from zddd.service.dbus import Message, MessageBus, MessageType
 
@@ -32,17 +31,7 @@ def two(lab):
     for port, name in ((9080, "api-main"), (90, "api-backup")):
         vhost = Vhost(lab.app, port, name)
         lab.closers.append(vhost.stop)
-    return lab, start_services(lab, {"web": WEB, "api": API})
-
-
-def start_services(lab, services: dict) -> Zddd:
-    """lab.start_zddd with a config of the many-service form alone (the lab's defaults have a
-    top-level drain_timeout, which that form does not allow)."""
-    config = {"backend": lab.backend, "bpf_pin_dir": lab.pin_dir, "services": services}
-    lab.zddd = z = lab.own(Zddd(lab.app, lab.bus, lab.tmp, config))
-    z.config.pop("drain_timeout", None)
-    z.write_config()
-    return z.start()
+    return lab, lab.start_zddd({"services": {"web": WEB, "api": API}})
 
 
 def values(body):
