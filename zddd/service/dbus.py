@@ -365,10 +365,13 @@ def _variants(obj, props) -> dict:
 def _introspection(data, methods) -> Any:
     # dbus-fast knows the properties and the signal; the methods, run by `_dispatch`, are
     # added from their declarations.
+    # (dbus-fast 1.84 annotates Arg's direction as a list; it takes one ArgDirection)
+    inward, outward = intr.ArgDirection.IN, intr.ArgDirection.OUT
     for m in methods.values():
         data.methods.append(intr.Method(
-            m.name, [intr.Arg(sig, intr.ArgDirection.IN, name) for name, sig in m.args],
-            [intr.Arg(m.returns, intr.ArgDirection.OUT)] if m.returns else []))
+            m.name, [intr.Arg(sig, inward, name)  # type: ignore[arg-type]
+                     for name, sig in m.args],
+            [intr.Arg(m.returns, outward)] if m.returns else []))  # type: ignore[arg-type]
     return data
 
 
@@ -540,13 +543,13 @@ class ManagerInterface(ServiceInterface, Observer):
                                                  [self.managed_objects(msg.path or "/")])
             return None
         if msg.path == OBJECT_PATH and msg.interface == INTERFACE:
-            declared, target = METHODS.get(msg.member), None
+            declared, target = METHODS.get(msg.member or ""), None
         elif (msg.interface == SERVICE_INTERFACE and msg.path is not None
               and msg.path.startswith(SERVICE_PATH + "/")):
             target = self.objects.get(msg.path[len(SERVICE_PATH) + 1:])
             if target is None:
                 return None  # dbus-fast answers: no such object
-            declared = SERVICE_METHODS.get(msg.member)
+            declared = SERVICE_METHODS.get(msg.member or "")
         else:
             return None
         if declared is None:
