@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The tc/xdp backends' own figures, measured on the real kernel in a throwaway namespace.
 
-- flip: `apply` of a flip-only plan (one store through zddd's mapping of the `active` map), the
+- flip: `apply` of a flip-only plan (one store through zddd's mapping of the `active` array), the
   step zddd reports as LastSwitchUSec; p50/p99 over N flips main<->backup (goal: p50 <= 20 us)
 - read: one `read` (what the reconciler does every 0.25 s), p50 over 200
 - compile: `probe` (a cold bcc compile in a fresh process) and the first build (compile, load,
@@ -54,23 +54,23 @@ def memlock(path: str) -> int:
 def measure(backend_name: str, pin_dir: str, flips: int = 1000,
             flow_entries: int = 1048576) -> dict:
     """Build the data plane on lo of the current namespace under `pin_dir`, measure, remove."""
-    from zddd.backends import Desired, Plan, backend_class
-    from zddd.backends.pinned import Flip
+    from zddd.backends import Desired, Plan, ServiceLayout, backend_class
+    from zddd.backends.rewrite import Stores
 
     backend = backend_class(backend_name)()
     started = time.perf_counter()
     backend.probe()
     probe_s = time.perf_counter() - started
-    desired = Desired(8888, (("backup", 80), ("main", 8080)), "main", ("lo",), pin_dir,
-                      flow_entries, "generic")
+    desired = Desired((ServiceLayout("default", 8888, (("backup", 80), ("main", 8080)), 100),),
+                      ("lo",), pin_dir, flow_entries, "generic")
     started = time.perf_counter()
     backend.apply(backend.plan(backend.read(desired), desired))
     build_s = time.perf_counter() - started
     try:
         state = backend.read(desired)
-        assert state is not None and state.intact and state.active == "main", state
+        assert state is not None and state.intact and state.weights == {"default": 100}, state
         active = os.path.join(pin_dir, backend_name, "active")
-        plans = [Plan((), Flip(active, 80)), Plan((), Flip(active, 8080))]
+        plans = [Plan((), Stores(active, ((0, 1),))), Plan((), Stores(active, ((0, 101),)))]
         flip_usec = []
         for i in range(flips):
             plan = plans[i % 2]
@@ -84,7 +84,7 @@ def measure(backend_name: str, pin_dir: str, flips: int = 1000,
             read_usec.append((time.perf_counter_ns() - t) / 1000)
         directory = f"{pin_dir}/{backend_name}"
         memory = {name: memlock(f"{directory}/{name}")
-                  for name in ("flows", "active", "counts", "stamp")}
+                  for name in ("flows", "active", "services", "targets", "counts", "stamp")}
     finally:
         backend.remove(desired)
     return {
@@ -148,7 +148,8 @@ def main() -> int:
               f"{result['probe_compile_s']} s; first build {result['first_build_s']} s")
         print(f"  kernel memory: flows ({result['flow_entries']} entries) "
               f"{mem['flows'] / 2**20:.1f} MiB, counts {mem['counts'] / 1024:.1f} KiB, "
-              f"active {mem['active']} B, stamp {mem['stamp']} B")
+              f"active {mem['active']} B, services {mem['services']} B, "
+              f"targets {mem['targets']} B, stamp {mem['stamp']} B")
     return 0 if result["flip_p50_usec"] <= GOAL_FLIP_P50_USEC else 1
 
 

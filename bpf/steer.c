@@ -1,25 +1,34 @@
 // zddd's rewriting data plane, for the `tc` and `xdp` backends (compiled by bcc at start).
 //
-// Ingress (tc clsact ingress, or XDP): a TCP segment for LISTEN_PORT gets its destination port
-// rewritten to the target its flow was pinned to at its first SYN. Egress (tc clsact egress):
-// a reply from a target port gets its source port rewritten back to LISTEN_PORT, but only for
-// flows ingress steered, so clients that talk to a target port directly are never touched.
-// Everything else passes untouched: not TCP, not IPv4/IPv6, IPv6 with extension headers other
-// than up to two Hop-by-Hop/Destination/Routing headers, IP fragments, other ports.
+// Every steered service is runtime data in maps, so adding, removing or switching one is map
+// writes, never a rebuild: `services` (listen port -> its slot and target ports), `targets`
+// (target port -> its service's listen port) and `active` (one u32 per slot: 0 off, 1 + the
+// percent of new connections that go to main). The cost per packet is a few hash lookups,
+// whatever the number of services.
 //
-// Flows are pinned at their first SYN: a SYN without ACK to a local address takes the port in
-// `active` (0: off) and overwrites any entry of the same addresses and ports, so a client that
-// reuses its port never inherits an old target; in off the old entry is deleted and the SYN
-// passes unchanged (nothing listens on LISTEN_PORT: refused). A retransmission of the first SYN
-// (same sequence number) keeps the entry it made. Every later segment follows its
-// entry, whatever `active` says by then. Entries are never deleted on FIN or RST (a blind or
-// out-of-window RST must not cut a live flow loose); the LRU map evicts the least recently
-// used entry when full, and live flows refresh theirs with every segment.
+// Ingress (tc clsact ingress, or XDP): a TCP segment for a listen port gets its destination
+// port rewritten to the target its flow was pinned to at its first SYN. Egress (tc clsact
+// egress): a reply from a target port gets its source port rewritten back to its service's
+// listen port, but only for flows ingress steered, so clients that talk to a target port
+// directly are never touched. A flow is its addresses, its client port and its listen port:
+// one client port may carry connections to two services at once (Linux picks ephemeral ports
+// per destination), and after the rewrite they differ by their target port. Everything else passes untouched: not TCP, not IPv4/IPv6,
+// IPv6 with extension headers other than up to two Hop-by-Hop/Destination/Routing headers, IP
+// fragments, other ports.
 //
-// Set by zddd: LISTEN_PORT, FLOW_ENTRIES, IS_TARGET_PORT(p) (the target ports), and PIN_DIR
-// (maps are created there, or reused if already pinned; without it they are private, for the
-// probe build). One build holds the tc ingress, XDP ingress and egress programs; each backend
-// loads the ones it uses.
+// Flows are pinned at their first SYN: a SYN without ACK to a local address picks main with
+// the service's weight (bpf_get_prandom_u32() % 100 < weight), else backup, and overwrites any
+// entry of the same addresses and ports, so a client that reuses its port never inherits an
+// old target; in off the old entry is deleted and the SYN passes unchanged (nothing listens on
+// the listen port: refused). A retransmission of the first SYN (same sequence number) keeps
+// the entry it made, and its choice. Every later segment follows its entry, whatever `active`
+// says by then. Entries are never deleted on FIN or RST (a blind or out-of-window RST must not
+// cut a live flow loose); the LRU map evicts the least recently used entry when full, and live
+// flows refresh theirs with every segment.
+//
+// Set by zddd: FLOW_ENTRIES, MAX_SERVICES, and PIN_DIR (maps are created there, or reused if
+// already pinned; without it they are private, for the probe build). One build holds the tc
+// ingress, XDP ingress and egress programs; each backend loads the ones it uses.
 
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/if_ether.h>
@@ -41,21 +50,31 @@
 // entries added and deleted, from which zddd estimates how full `flows` is without walking it.
 #define COUNT_ADDED 65536
 #define COUNT_DELETED 65537
+#define COUNT_ENTRIES (2 * MAX_SERVICES + 2)
 
 struct flow_key {
     __u32 client[4];  // IPv4 uses [0]; the rest stays 0
     __u32 local[4];
     __u16 client_port;  // network order
     __u16 family;
+    __u16 listen_port;  // host order: the service's
+    __u16 pad;
 };
 
 struct flow_value {
-    __u16 port;  // the target port, host order
-    __u16 reserved;
+    __u16 port;         // the target port, host order
+    __u16 listen_port;  // the service's listen port, host order (as in the key)
     __u32 syn_seq;  // sequence number of the SYN that chose it: a retransmission is no new flow
 };
 
-// The layout stamp zddd writes after building (never read by the programs).
+struct service {
+    __u32 slot;  // its element of `active`
+    __u16 main_port;
+    __u16 backup_port;
+};
+
+// The layout stamp zddd writes after building (never read by the programs). Same size as
+// layout v1's, whose `listen_port` and `ports` named its one service (0 from v2 on).
 struct stamp {
     __u32 magic;
     __u32 version;
@@ -68,13 +87,18 @@ struct stamp {
 #ifdef PIN_DIR
 BPF_TABLE_PINNED("lru_hash", struct flow_key, struct flow_value, flows, FLOW_ENTRIES,
                  PIN_DIR "/flows");
-BPF_TABLE_PINNED("array", __u32, __u32, active, 1, PIN_DIR "/active", BPF_F_MMAPABLE);
-BPF_TABLE_PINNED("percpu_hash", __u32, __u64, counts, 64, PIN_DIR "/counts");
+BPF_TABLE_PINNED("array", __u32, __u32, active, MAX_SERVICES, PIN_DIR "/active",
+                 BPF_F_MMAPABLE);
+BPF_TABLE_PINNED("hash", __u32, struct service, services, MAX_SERVICES, PIN_DIR "/services");
+BPF_TABLE_PINNED("hash", __u32, __u32, targets, 2 * MAX_SERVICES, PIN_DIR "/targets");
+BPF_TABLE_PINNED("percpu_hash", __u32, __u64, counts, COUNT_ENTRIES, PIN_DIR "/counts");
 BPF_TABLE_PINNED("array", __u32, struct stamp, stamp, 1, PIN_DIR "/stamp");
 #else
 BPF_TABLE("lru_hash", struct flow_key, struct flow_value, flows, FLOW_ENTRIES);
-BPF_F_TABLE("array", __u32, __u32, active, 1, BPF_F_MMAPABLE);
-BPF_TABLE("percpu_hash", __u32, __u64, counts, 64);
+BPF_F_TABLE("array", __u32, __u32, active, MAX_SERVICES, BPF_F_MMAPABLE);
+BPF_TABLE("hash", __u32, struct service, services, MAX_SERVICES);
+BPF_TABLE("hash", __u32, __u32, targets, 2 * MAX_SERVICES);
+BPF_TABLE("percpu_hash", __u32, __u64, counts, COUNT_ENTRIES);
 BPF_TABLE("array", __u32, struct stamp, stamp, 1);
 #endif
 
@@ -181,16 +205,21 @@ static __always_inline int for_this_host(void *ctx, struct packet *p, __u32 ifin
 // The ingress decision: the new destination port (host order), or 0 to leave the packet.
 static __always_inline __u16 ingress_port(void *ctx, struct packet *p, __u32 ifindex)
 {
-    if (p->dport != LISTEN_PORT) {
+    __u32 dport = p->dport;
+    struct service *svc = services.lookup(&dport);
+    if (!svc) {
         // A new connection straight to a target port from addresses and a port that a steered
         // flow used before: forget that flow, or egress would rewrite this one's replies.
-        if (p->syn_only && IS_TARGET_PORT(p->dport)) {
+        __u32 *listen = p->syn_only ? targets.lookup(&dport) : 0;
+        if (listen) {
+            p->key.listen_port = *listen;
             struct flow_value *old = flows.lookup(&p->key);
             if (old && old->port == p->dport && flows.delete(&p->key) == 0)
                 count(COUNT_DELETED);
         }
         return 0;
     }
+    p->key.listen_port = p->dport;
     if (!p->syn_only) {
         struct flow_value *v = flows.lookup(&p->key);
         return v ? v->port : 0;
@@ -202,22 +231,28 @@ static __always_inline __u16 ingress_port(void *ctx, struct packet *p, __u32 ifi
     struct flow_value *pinned = flows.lookup(&p->key);
     if (pinned && pinned->syn_seq == p->seq)
         return pinned->port;
-    __u32 zero = 0;
-    __u32 *target = active.lookup(&zero);
+    __u32 slot = svc->slot;
+    __u32 *state = active.lookup(&slot);
     // Read once: zddd stores a new value through its mapping of the map at any moment.
-    __u32 port = target ? *(volatile __u32 *)target : 0;
-    if (port == 0) {
+    __u32 value = state ? *(volatile __u32 *)state : 0;
+    if (value == 0) {
         if (flows.delete(&p->key) == 0)
             count(COUNT_DELETED);
         return 0;
     }
-    struct flow_value v = {.port = port, .syn_seq = p->seq};
+    __u32 weight = value - 1;
+    __u16 port = svc->backup_port;
+    if (weight >= 100 || (weight > 0 && bpf_get_prandom_u32() % 100 < weight))
+        port = svc->main_port;
+    if (port == 0)
+        return 0;
+    struct flow_value v = {.port = port, .listen_port = p->dport, .syn_seq = p->seq};
     if (flows.insert(&p->key, &v) == 0)
         count(COUNT_ADDED);
     else
         flows.update(&p->key, &v);
-    count(v.port);
-    return v.port;
+    count(port);
+    return port;
 }
 
 // RFC 1624 incremental update of a 16-bit one's-complement checksum (XDP has no helper).
@@ -273,11 +308,14 @@ int zddd_egress(struct __sk_buff *skb)
     struct packet p = {};
     if (tc_parse(skb, &p, 0) != PARSED)
         return TC_ACT_UNSPEC;
-    if (!IS_TARGET_PORT(p.sport))
+    __u32 sport = p.sport;
+    __u32 *listen = targets.lookup(&sport);
+    if (!listen)
         return TC_ACT_UNSPEC;
+    p.key.listen_port = *listen;
     struct flow_value *v = flows.lookup(&p.key);
-    if (v && v->port == p.sport)
-        tc_rewrite(skb, &p, offsetof(struct tcphdr, source), p.sport, LISTEN_PORT);
+    if (v && v->port == p.sport && v->listen_port)
+        tc_rewrite(skb, &p, offsetof(struct tcphdr, source), p.sport, v->listen_port);
     return TC_ACT_UNSPEC;
 }
 

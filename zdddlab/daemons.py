@@ -103,7 +103,13 @@ class Zddd:
 
     def write_config(self, text: str | None = None) -> None:
         config = self.config
-        if self.service and "services" not in config:
+        if "services" in config:
+            # A test's own services: the lab's default drain_timeout goes into each of them.
+            default = {k: v for k, v in config.items() if k in SERVICE_KEYS}
+            config = {k: v for k, v in config.items() if k not in SERVICE_KEYS}
+            config["services"] = {name: {**default, **svc}
+                                  for name, svc in self.config["services"].items()}
+        elif self.service:
             config = as_services(config, self.service)
         self.config_path.write_text(text if text is not None else to_toml(config))
 
@@ -258,12 +264,14 @@ def public_package() -> Path:
 
 
 def read_nftables(zddd: Zddd) -> str | None:
-    """The chain the steer map's element points at, read straight from the kernel."""
+    """The chain the steer map's element for zddd's listen port points at ("split_N" for a
+    split), read straight from the kernel; the map holds one element per service."""
+    port = zddd.config.get("listen_port", 8888)
     for item in zddd.nft().get("nftables", []):
         m = item.get("map")
         if m and m["name"] == "steer":
-            elems = m.get("elem", [])
-            return elems[0][1]["goto"]["target"].removeprefix("steer_") if elems else "off"
+            targets = [e[1]["goto"]["target"] for e in m.get("elem", []) if e[0] == port]
+            return targets[0].removeprefix("steer_") if targets else "off"
     return None
 
 
@@ -289,11 +297,12 @@ def read_with_zddd(zddd: Zddd) -> str | None:
     return json.loads(r.stdout)
 
 
-def _pinned_u32(path: str) -> int | None:
-    """Key 0 of a pinned array map of u32, read with bpftool (not zddd's code); None when
-    nothing is pinned there."""
-    r = subprocess.run(["bpftool", "-j", "map", "lookup", "pinned", path, "key", "0", "0", "0",
-                        "0"], capture_output=True, text=True)
+def _pinned_u32(path: str, key: int = 0) -> int | None:
+    """Element `key` of a pinned array (or u32-keyed hash) map of u32, read with bpftool (not
+    zddd's code); None when nothing is pinned there or the key has no element."""
+    r = subprocess.run(["bpftool", "-j", "map", "lookup", "pinned", path, "key",
+                        *(str(b) for b in key.to_bytes(4, "little"))],
+                       capture_output=True, text=True)
     if r.returncode != 0:
         return None
     value = json.loads(r.stdout)["value"]
@@ -319,11 +328,19 @@ def _pinned_bytes(path: str, key: int) -> bytes | None:
 
 
 def read_rewriting_bpf(zddd: Zddd) -> str | None:
-    """tc and xdp: the port in the pinned `active` array (0: off)."""
-    port = _pinned_u32(f"{zddd.config['bpf_pin_dir']}/{zddd.backend}/active")
-    if port is None:
+    """tc and xdp: the lab service's entry in the pinned `services` hash (listen port -> slot,
+    main port, backup port), then that slot of the `active` array: 0 off, else 1 + main's
+    weight (100: main, 0: backup, between: split)."""
+    directory = f"{zddd.config['bpf_pin_dir']}/{zddd.backend}"
+    if not Path(directory, "services").exists():
         return None
-    return "off" if port == 0 else {p: t for t, p in _target_ports(zddd).items()}.get(port, "?")
+    slot = _pinned_u32(f"{directory}/services", zddd.config.get("listen_port", 8888))
+    if slot is None:
+        return "off"  # the data plane is there, this service is not steered
+    value = _pinned_u32(f"{directory}/active", slot)
+    if value is None:
+        return "?"
+    return {0: "off", 1: "backup", 101: "main"}.get(value, "split" if value < 101 else "?")
 
 
 def read_sk_lookup(zddd: Zddd) -> str | None:

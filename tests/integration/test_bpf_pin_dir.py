@@ -7,10 +7,12 @@ established flows."""
 from __future__ import annotations
 
 import secrets
+import subprocess
 import time
 
 import pytest
-from zdddlab import APP_V4, AppLab, KeepAlive, http_get, to_toml
+from zdddlab import (APP_V4, APP_V6, REPO, AppLab, KeepAlive, LabError, Zddd, http_get, to_toml,
+                     wait_for)
 
 pytestmark = pytest.mark.backends("tc", "xdp", "sk_lookup")
 EXIT_CONFIG = 78
@@ -168,3 +170,81 @@ def test_a_stamp_whose_inode_now_names_another_namespace_is_taken_over(lab):
     switch(z, "backup")
     assert http_get(lab.client, APP_V4, 8888) == "backup"
     assert "start_refused" not in z.log()
+
+
+# The one-service layout (v1) is what cd0a822 builds; cd0a822 itself changed only the backend
+# contract (its backends do not run on it), so its parent runs that layout's code.
+OLD_COMMIT = "cd0a822~1"
+OLD_MAIN = "import sys; from zddd.daemon import main; sys.exit(main())"
+
+
+def _old_tree(tmp) -> str:
+    same = subprocess.run(["git", "-C", str(REPO), "diff", "--quiet", OLD_COMMIT, "cd0a822",
+                           "--", "bpf", "zddd/backends/rewrite.py", "zddd/backends/pinned.py"])
+    assert same.returncode == 0, "the old tree must build cd0a822's layout"
+    tree = tmp / "old-zddd"
+    tree.mkdir()
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", OLD_COMMIT, "zddd", "bpf"],
+                             check=True, capture_output=True)
+    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive.stdout, check=True)
+    return str(tree)
+
+
+@pytest.mark.backends("tc", "xdp")
+def test_a_zddd_upgraded_from_the_one_service_layout_keeps_every_flow(lab):
+    """The zddd of cd0a822 (one service compiled into its programs) runs the data plane and is
+    stopped; this zddd starts on it and adopts it as service "default": connections held
+    through the listen port keep answering from the vhost they started on, new connections go
+    where they went before, and a switch afterwards works."""
+    old = _old_tree(lab.tmp)
+    z = lab.own(Zddd(lab.app, lab.bus, lab.tmp, {"backend": lab.backend,
+                                                 "bpf_pin_dir": lab.pin_dir}))
+    lab.zddd = z
+    # Debian's python3 (bcc, pyroute2, dbus-fast are Debian's): the venv's would import this
+    # tree's zddd through its editable install whatever PYTHONPATH says.
+    with open(z.log_path, "a") as log:
+        old_zddd = lab.app.popen("env", "-C", old, f"PYTHONPATH={old}", "/usr/bin/python3",
+                                 "-c", OLD_MAIN, "--config", str(z.config_path), "--bus",
+                                 lab.bus.address, stdout=log, stderr=subprocess.STDOUT)
+    held = []
+    try:
+        wait_for(lambda: old_zddd.poll() is not None or z.owns_name(), 60, "the old zddd")
+        if old_zddd.poll() is not None:
+            raise LabError(f"the old zddd exited: {z.log()}")
+        held = [KeepAlive(lab.client, host, 8888) for host in (APP_V4, APP_V6)]
+        assert [k.get() for k in held] == ["main", "main"]
+        switch(z, "backup")
+        held.append(KeepAlive(lab.client, APP_V4, 8888))
+        assert held[-1].get() == "backup"
+    finally:
+        old_zddd.terminate()
+        old_zddd.wait(timeout=10)
+    wait_for(lambda: not z.owns_name(), 5, "the old zddd's bus name to be released")
+    assert http_get(lab.client, APP_V4, 8888) == "backup"
+    assert _layout_version(lab) == 1
+    try:
+        z.start()
+        assert _layout_version(lab) == 2
+        assert [k.get() for k in held] == ["main", "main", "backup"]
+        assert http_get(lab.client, APP_V6, 8888) == "backup"
+        assert z.steered_to() == "backup"
+        assert "drift_repaired" not in z.log()
+        switch(z, "main")
+        assert http_get(lab.client, APP_V4, 8888) == "main"
+        assert [k.get() for k in held] == ["main", "main", "backup"]
+    finally:
+        for k in held:
+            k.close()
+
+
+def _layout_version(lab) -> int:
+    import os
+    import struct
+
+    from zddd.kernel import bpf as kbpf
+
+    fd = kbpf.obj_get(f"{lab.pin_dir}/{lab.backend}/stamp")
+    try:
+        return struct.unpack_from("=I", kbpf.map_lookup(fd, b"\0\0\0\0", 56), 4)[0]
+    finally:
+        os.close(fd)

@@ -102,12 +102,15 @@ def test_a_table_of_an_older_layout_is_rewritten_without_a_flip(lab):
     assert z.call("Switch", "s", "backup")[0] is None
     z.kill()
     # What zddd 0.1 wrote: the same objects, no layout marker.
-    lab.app.run("nft", "delete counter inet zddd layout_v1")
+    from zddd.backends.nftables import LAYOUT_VERSION
+
+    marker = f"layout_v{LAYOUT_VERSION}"
+    lab.app.run("nft", f"delete counter inet zddd {marker}")
     held = socket_held(lab)
     z.start()
     assert z.prop("ActiveTarget") == "backup"
     assert "event=start how=adopted target=backup" in z.log()
-    assert any(next(iter(i.values())).get("name") == "layout_v1" for i in z.nft()["nftables"])
+    assert any(next(iter(i.values())).get("name") == marker for i in z.nft()["nftables"])
     assert held() == "backup"
 
 

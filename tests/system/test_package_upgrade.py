@@ -88,7 +88,7 @@ def debs(tmp_path_factory) -> dict[str, Path | None]:
     started = time.monotonic()
     built: dict[str, Path | None] = {"single": build_single_package(tmp)}
     built.update({f"test{n}": build(tmp, f"{base}+test{n}") for n in (1, 2, 3)})
-    built["test4"] = build(tmp, f"{base}+test4", layout=2)
+    built["test4"] = build(tmp, f"{base}+test4", layout=3)
     print(f"{len(built)} versions built in {time.monotonic() - started:.1f} s", file=sys.stderr)
     return built
 
@@ -209,14 +209,14 @@ def test_upgrade_during_a_drain_resumes_it(machine, debs):
 
 
 def test_upgrade_to_a_newer_layout_then_downgrade_leaves_traffic_alone(machine, debs):
-    """+test4 writes layout v2. Going back to +test3 (which writes v1) must not touch the v2
+    """+test4 writes layout v3. Going back to +test3 (which writes v2) must not touch the v3
     table: 8888 keeps reaching main, and the old zddd does not start over it."""
     m = machine
     base = _version()
     upgrade(m, debs["test4"])
     assert installed_version(m) == (f"{base}+test4", f"{base}+test4")
     assert m.sh("systemctl is-active zddd").out == "active"
-    assert "layout_v2" in m.sh("nft list table inet zddd", check=True).stdout
+    assert "layout_v3" in m.sh("nft list table inet zddd", check=True).stdout
     assert through_8888(m) == "main v1"
 
     mark = cursor(m)
@@ -226,7 +226,7 @@ def test_upgrade_to_a_newer_layout_then_downgrade_leaves_traffic_alone(machine, 
     # next test's question).
     m.wait(f"journalctl -u zddd --no-pager -o cat --after-cursor='{mark}' | grep -q 'newer zddd'",
            30, "the older zddd to read the newer table")
-    assert "layout_v2" in m.sh("nft list table inet zddd", check=True).stdout
+    assert "layout_v3" in m.sh("nft list table inet zddd", check=True).stdout
     assert through_8888(m) == "main v1"
     # apt completed (the maintainer scripts ignore a failed restart) and said so.
     assert "zddd.service is not running" in printed, printed[-2000:]

@@ -1,20 +1,30 @@
 """What the rewriting eBPF backends share: `tc` (tc.py: clsact ingress + egress) and `xdp`
 (xdp.py: XDP ingress, clsact egress). Both run bpf/steer.c, compiled with bcc; see its header
 for the packet semantics. The pinned layout's common parts (owner stamp, staged pins, the
-`active` writer, the probe, step types) are pinned.py's.
+probe, step types) are pinned.py's.
 
 Kernel layout, per backend, under `<bpf_pin_dir>/<backend>/` (tc/ or xdp/):
 
-    flows    LRU hash: (client addr, local addr, client port) -> (target port, SYN seq),
-             set at the first SYN
-    active   array[1]: the port new connections go to, 0 for off. Created mmapable: a switch is
-             one 4-byte store into zddd's mapping of it (pinned.ActiveWriter).
+    flows    LRU hash: (client addr, local addr, client port, listen port) -> (target port,
+             listen port, SYN seq), set at the first SYN
+    services hash: listen port -> (slot, main port, backup port), one entry per service
+    targets  hash: target port -> its service's listen port (egress, and the rule that a SYN
+             straight to a target port forgets a steered flow of the same addresses)
+    active   array[MAX_SERVICES]: per slot 0 for off, else 1 + main's weight (percent of new
+             connections to main). Created mmapable: a switch of one service is one 4-byte
+             store into zddd's mapping of it (SlotWriter).
     counts   per-CPU hash: target port -> new flows steered; 65536/65537 -> entries added/deleted
-    stamp    array[1]: magic, LAYOUT_VERSION, listen port, target ports, digest of the build
+    stamp    array[1]: magic, LAYOUT_VERSION, digest of the build
     ingress  the ingress program (tc classifier or XDP), pinned
     egress   the egress tc classifier, pinned
 
-and on every configured interface a clsact qdisc with zddd's filters (priority TC_PRIORITY[name],
+Services are data, not code: adding one is a write of its `active` slot, its `targets` and
+`counts` entries, then its `services` entry (what makes the programs see it); removing one
+deletes them (its established flows end with it: the core removes only services that are off).
+No build and no attachment changes for either. A switch of a service's weight is one store
+into its `active` slot.
+
+On every configured interface a clsact qdisc with zddd's filters (priority TC_PRIORITY[name],
 handle 1, named "zddd-<backend>-<hook>") and, for `xdp`, the XDP program (generic on lo and
 whenever `xdp_mode = "generic"`). Programs stay attached and maps pinned when zddd exits.
 
@@ -30,10 +40,12 @@ What callers may rely on:
   resolved at every read.
 - `plan` works from what `read` found alone: maps whose layout still fits are kept (an upgrade
   or repair keeps every established flow), a flow map of another size is rebuilt with the flows
-  copied over, programs are rebuilt when the source, ports or anything else in the stamp
-  differ, and only missing or wrong attachments are redone. A pin removed by hand is re-pinned
-  from the map the attached programs still use. Where `read` found nothing, the plan builds
-  everything and attaches to the interfaces as they are when it is carried out.
+  copied over, programs are rebuilt when the source, the flow map's size or the layout in the
+  stamp differ, and only missing or wrong attachments are redone. A service's elements that
+  differ from `desired` are written again (or deleted) alone, keeping its slot and weight
+  where its entry is whole; other services' elements are not touched. A pin removed by hand
+  is re-pinned from the map the attached programs still use. Where `read` found nothing, the
+  plan builds everything and attaches to the interfaces as they are when it is carried out.
 - `apply` never leaves two programs of zddd's on one hook: filters are replaced in place, XDP
   programs swapped atomically. ApplyError(changed=True) when a layout step had begun.
 - `flows_steered` and `flow_table` read the counters through the handle the last read opened.
@@ -48,13 +60,25 @@ What callers may rely on:
   built or flipped until it exists.
 - Capabilities: CAP_BPF + CAP_NET_ADMIN to load and attach, CAP_SYS_ADMIN to mount bpffs and to
   re-pin maps by id (BPF_MAP_GET_FD_BY_ID) after a pin was removed by hand.
-- `pinned_active_port(pin_dir, backend)` reads the steering from the pins alone (for labs).
+- At most MAX_SERVICES services (a plan for more is one failing step).
+- Upgrade from layout v1 (one service compiled in, `active` holding its port, flows keyed
+  without the listen port): `read` reports that service (the desired one of the stamp's listen
+  port) with the weight of the old `active`; `plan` rebuilds: the old flow map is kept pinned
+  as `flows-v1` and its entries copied into the new one with the listen port added, the
+  build writes the current steering into the new maps, only then are the programs replaced
+  in place (tc filter replace, XDP swap), and last the entries the old programs made
+  meanwhile are copied too and `flows-v1` dropped (`CarryLegacy`; a later plan does it if
+  that was cut short). No flip; no established flow lost.
+- `pinned_weights(pin_dir, backend)` reads the steering from the pins alone (for labs).
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import hashlib
 import logging
+import mmap
 import os
 import secrets
 import shutil
@@ -64,14 +88,16 @@ from pathlib import Path
 
 from ..kernel import bpf as kbpf
 from ..kernel import bpffs, rtnetlink
-from . import ApplyError, Backend, Desired, KernelState, NewerLayout, Plan, pinned
-from .pinned import Claim, Flip, Step
+from . import (ApplyError, Backend, Desired, KernelState, NewerLayout, Plan, pinned,
+               target_weight)
+from .pinned import Claim, Step
 
 log = logging.getLogger("zddd.bpf")
 
-LAYOUT_VERSION = 1  # of the maps' key/value layout: a change means flows cannot be kept
+LAYOUT_VERSION = 2  # of the maps' key/value layout: a change means flows cannot be kept
+LEGACY_VERSION = 1  # one service compiled in; adopted (its flows kept) by a rebuild
 STAMP_MAGIC = 0x7A646464  # "zddd"
-MAX_TARGETS = 8
+MAX_SERVICES = 256
 COUNT_ADDED, COUNT_DELETED = 65536, 65537
 
 TC_PRIORITY = {"tc": 0x2DD, "xdp": 0x2DE}  # distinct, so neither backend replaces the other's
@@ -81,7 +107,11 @@ XDP_FLAGS_SKB_MODE, XDP_FLAGS_DRV_MODE = 2, 4
 ARPHRD_ETHER, ARPHRD_LOOPBACK = 1, 772
 IFF_UP = 1
 
-FLOW_KEY_SIZE, FLOW_VALUE_SIZE = 36, 8
+FLOW_KEY_SIZE, FLOW_VALUE_SIZE = 40, 8
+V1_FLOW_KEY_SIZE = 36  # layout v1's flow key: no listen port
+LEGACY_FLOWS = "flows-v1"  # layout v1's flow map, kept under this pin until carried over
+BPF_MAP_TYPE_HASH, BPF_NOEXIST = 1, 1  # not in kernel/bpf.py, which the others share
+SERVICE = struct.Struct("=IHH")  # slot, main port, backup port
 STAMP_FORMAT = "=4I8IQ"
 STAMP_SIZE = struct.calcsize(STAMP_FORMAT)
 ZERO = b"\0\0\0\0"
@@ -89,12 +119,31 @@ ZERO = b"\0\0\0\0"
 # name -> (map type, key size, value size, max entries or None for desired.flow_entries)
 MAPS = {
     "flows": (kbpf.BPF_MAP_TYPE_LRU_HASH, FLOW_KEY_SIZE, FLOW_VALUE_SIZE, None),
-    "active": (kbpf.BPF_MAP_TYPE_ARRAY, 4, 4, 1),
-    "counts": (kbpf.BPF_MAP_TYPE_PERCPU_HASH, 4, 8, 64),
+    "active": (kbpf.BPF_MAP_TYPE_ARRAY, 4, 4, MAX_SERVICES),
+    "services": (BPF_MAP_TYPE_HASH, 4, SERVICE.size, MAX_SERVICES),
+    "targets": (BPF_MAP_TYPE_HASH, 4, 4, 2 * MAX_SERVICES),
+    "counts": (kbpf.BPF_MAP_TYPE_PERCPU_HASH, 4, 8, 2 * MAX_SERVICES + 2),
     "stamp": (kbpf.BPF_MAP_TYPE_ARRAY, 4, STAMP_SIZE, 1),
 }
+# Maps whose entries a rebuild may copy into a map of another size (same meaning per entry).
+CARRIABLE = ("flows",)
 # Maps each pinned program must be using (checked against the pins by id).
-PROG_MAPS = {"ingress": ("flows", "active", "counts"), "egress": ("flows",)}
+PROG_MAPS = {"ingress": ("flows", "active", "services", "targets", "counts"),
+             "egress": ("flows", "targets")}
+
+
+def encode(weight: int | None) -> int:
+    """A service's `active` value: 0 off, else 1 + main's weight (0..100)."""
+    return 0 if weight is None else 1 + max(0, min(100, weight))
+
+
+def decode(value: int) -> int | None:
+    """The weight an `active` value stands for (None: off); ValueError if it is none."""
+    if value == 0:
+        return None
+    if 1 <= value <= 101:
+        return value - 1
+    raise ValueError(value)
 
 
 def source_path() -> Path:
@@ -112,34 +161,43 @@ def _valid_pin_dir(path: str) -> str:
 
 @dataclass(frozen=True)
 class Flavour:
-    """Everything a build of steer.c depends on besides the source."""
+    """Everything a build of steer.c depends on besides the source (the services are data)."""
 
-    listen_port: int
-    ports: tuple[int, ...]
     flow_entries: int
 
     @classmethod
     def of(cls, desired: Desired) -> "Flavour":
-        return cls(desired.listen_port, tuple(sorted({p for _, p in desired.ports})),
-                   desired.flow_entries)
+        return cls(desired.flow_entries)
 
     def cflags(self, pin_dir: str | None) -> list[str]:
-        check = "||".join(f"(p)=={port}" for port in self.ports) or "0"
-        flags = [f"-DLISTEN_PORT={self.listen_port}", f"-DFLOW_ENTRIES={self.flow_entries}",
-                 f"-DIS_TARGET_PORT(p)=({check})"]
+        flags = [f"-DFLOW_ENTRIES={self.flow_entries}", f"-DMAX_SERVICES={MAX_SERVICES}"]
         if pin_dir is not None:
             flags.append(f'-DPIN_DIR="{pin_dir}"')
         return flags
 
     def digest(self, source: bytes) -> int:
         h = hashlib.sha256(source)
-        h.update(repr((self.listen_port, self.ports, self.flow_entries)).encode())
+        h.update(repr((self.flow_entries, MAX_SERVICES)).encode())
         return int.from_bytes(h.digest()[:8], "little")
 
     def stamp(self, source: bytes) -> bytes:
-        ports = list(self.ports[:MAX_TARGETS]) + [0] * (MAX_TARGETS - len(self.ports))
-        return struct.pack(STAMP_FORMAT, STAMP_MAGIC, LAYOUT_VERSION, self.listen_port,
-                           len(self.ports), *ports, self.digest(source))
+        return struct.pack(STAMP_FORMAT, STAMP_MAGIC, LAYOUT_VERSION, 0, 0, *[0] * 8,
+                           self.digest(source))
+
+
+@dataclass(frozen=True)
+class Row:
+    """One service as the maps hold it."""
+
+    listen_port: int
+    slot: int
+    main_port: int
+    backup_port: int
+
+
+def rows_of(desired: Desired, slots: dict[int, int]) -> dict[int, Row]:
+    return {s.listen_port: Row(s.listen_port, slots[s.listen_port], dict(s.ports).get("main", 0),
+                               dict(s.ports).get("backup", 0)) for s in desired.services}
 
 
 # ---- the plan's steps -------------------------------------------------------------------------
@@ -171,13 +229,66 @@ class Repin(Step):
 class Build(Step):
     """Compile and load with the maps pinned in `pin_dir`/<backend>, keeping the maps in
     `keep`, copying the entries of the maps in `carry` (same layout, another size) into their
-    new maps. `targets` (name, port) say what the counters it opens mean."""
+    new maps, and writing every service's `rows` with its `active` value from `values` (slot ->
+    value: the steering as it is now, so the new programs steer as the old ones did) before the
+    programs are pinned. `targets` ((service, target), port) say what the counters mean."""
 
     pin_dir: str
     flavour: Flavour
-    targets: tuple[tuple[str, int], ...]
+    targets: tuple[tuple[tuple[str, str], int], ...]
     keep: tuple[str, ...] = ()
     carry: tuple[str, ...] = ()
+    rows: tuple[Row, ...] = ()
+    values: tuple[tuple[int, int], ...] = ()
+    legacy_flows: bool = False  # layout v1's flow map: kept as LEGACY_FLOWS, entries copied
+
+
+@dataclass(frozen=True)
+class CarryLegacy(Step):
+    """After the new programs are attached: copy the entries layout v1's programs added to
+    its flow map (LEGACY_FLOWS) while the build was being attached, then drop that map."""
+
+    directory: str
+
+
+@dataclass(frozen=True)
+class SetService(Step):
+    """Write one service's elements: (if `reset`) its `active` slot to off, its `targets` and
+    `counts` entries, then its `services` entry, which is what makes the programs steer it."""
+
+    directory: str
+    row: Row
+    reset: bool
+
+    def __str__(self) -> str:
+        return f"setservice {self.row.listen_port} slot {self.row.slot}"
+
+
+@dataclass(frozen=True)
+class DropService(Step):
+    """Delete a service's `services` entry (`listen_port` None: none), the `targets` and
+    `counts` entries of `ports`, and (`slot` not None) set its `active` slot to off."""
+
+    directory: str
+    listen_port: int | None
+    slot: int | None
+    ports: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Refuse(Step):
+    """A plan this data plane cannot hold: fails before anything changes."""
+
+    message: str
+
+
+@dataclass(frozen=True)
+class Stores(Step):
+    """The flip: per service whose weight changes, one store of its `active` value into the
+    `active` array pinned at `path` ((slot, value) pairs)."""
+
+    path: str
+    stores: tuple[tuple[int, int], ...]
 
 
 @dataclass(frozen=True)
@@ -219,7 +330,7 @@ class Detach(Step):
 @dataclass
 class Found:
     """What `read` saw, for `plan`: pinned objects by name (id, ok?), what the attached
-    programs use, and zddd's attachments by interface."""
+    programs use, the services the maps hold, and zddd's attachments by interface."""
 
     directory: str
     pins: dict[str, int] = field(default_factory=dict)  # pin name -> object id
@@ -234,6 +345,11 @@ class Found:
     clsact: set[str] = field(default_factory=set)
     foreign_xdp: set[str] = field(default_factory=set)  # someone else's XDP program there
     missing_interfaces: tuple[str, ...] = ()
+    services: dict[int, Row] = field(default_factory=dict)  # listen port -> its entry
+    targets: dict[int, int] = field(default_factory=dict)  # target port -> listen port
+    values: dict[int, int] = field(default_factory=dict)  # slot -> `active` value, of `services`
+    v1_flows: bool = False  # `flows` is layout v1's (its key has no listen port)
+    legacy_flows: bool = False  # LEGACY_FLOWS is still pinned (an upgrade cut short)
 
 
 @dataclass
@@ -242,13 +358,77 @@ class _Counters:
 
     handle: kbpf.MapHandle
     map_id: int
-    ports: tuple[tuple[str, int], ...]
+    ports: tuple[tuple[tuple[str, str], int], ...]  # ((service, target), port)
     capacity: int
 
     def totals(self) -> dict[int, int]:
         keys = {p for _, p in self.ports} | {COUNT_ADDED, COUNT_DELETED}
         return {key: pinned.percpu_total(self.handle.lookup(struct.pack("=I", key)))
                 for key in keys}
+
+
+def counter_ports(desired: Desired) -> tuple[tuple[tuple[str, str], int], ...]:
+    return tuple(((s.name, name), port) for s in desired.services for name, port in s.ports)
+
+
+# An array map's elements are 8-byte aligned: the mapping holds a u32 value every 2 words.
+ELEMENT_WORDS = 2
+
+
+class SlotWriter:
+    """The `active` array a flip writes, open and mapped once: a store of one service's value
+    is one aligned 4-byte store into the mapping, which the programs' next lookup sees (no
+    syscall, no reader sees half of it). A map without BPF_F_MMAPABLE (not zddd's making) is
+    written with BPF_MAP_UPDATE_ELEM. A rebuilt map is a new map: `forget` drops the old one,
+    `adopt` takes the one a read opened."""
+
+    def __init__(self) -> None:
+        self._fd = -1
+        self._id = 0
+        self._mmap: mmap.mmap | None = None
+        self._slots: memoryview | None = None
+
+    def adopt(self, fd: int) -> None:
+        map_id = kbpf.map_info(fd).id
+        if self._fd >= 0 and map_id == self._id:
+            return
+        self.forget()
+        self._fd = os.dup(fd)
+        self._id = map_id
+        try:
+            self._mmap = mmap.mmap(self._fd, mmap.PAGESIZE, mmap.MAP_SHARED,
+                                   mmap.PROT_READ | mmap.PROT_WRITE)
+        except OSError:  # EINVAL: not mmapable
+            self._mmap = None
+        else:
+            self._slots = memoryview(self._mmap).cast("I")
+
+    def read(self, slot: int) -> int:
+        if self._slots is not None:
+            return self._slots[slot * ELEMENT_WORDS]
+        raw = kbpf.map_lookup(self._fd, struct.pack("=I", slot), 4)
+        return struct.unpack("=I", raw)[0] if raw else 0
+
+    def write(self, path: str, stores: tuple[tuple[int, int], ...]) -> None:
+        if self._fd < 0:
+            with pinned.Pinned(path) as fd:
+                self.adopt(fd)
+        for slot, value in stores:
+            if self._slots is not None:
+                self._slots[slot * ELEMENT_WORDS] = value
+            else:
+                kbpf.map_update(self._fd, struct.pack("=I", slot), struct.pack("=I", value))
+
+    def forget(self) -> None:
+        if self._slots is not None:
+            self._slots.release()
+            self._slots = None
+        if self._mmap is not None:
+            self._mmap.close()
+            self._mmap = None
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
 
 class RewriteBackend(Backend):
@@ -261,7 +441,7 @@ class RewriteBackend(Backend):
 
     def __init__(self) -> None:
         self._ipr = None
-        self._active = pinned.ActiveWriter()
+        self._active = SlotWriter()
         self._counters: _Counters | None = None
         self._known_prog_ids: set[int] = set()  # programs this instance saw pinned as its own
         self.compile_seconds: float | None = None
@@ -271,7 +451,7 @@ class RewriteBackend(Backend):
 
     def probe(self) -> None:
         def compile_test() -> None:
-            self._compile(Flavour(8888, (80, 8080), 1024), None).cleanup()
+            self._compile(Flavour(1024), None).cleanup()
 
         self.compile_seconds = pinned.probe(self.name, source_path(), compile_test)
         log.info("event=bpf_compiled seconds=%.2f", self.compile_seconds)
@@ -378,8 +558,11 @@ class RewriteBackend(Backend):
         flavour = Flavour.of(desired)
         fds: dict[str, int] = {}
         try:
-            self._read_pins(found, flavour, fds, problems)
-            active_port = self._read_active(found, fds)
+            stamp = self._read_pins(found, flavour, fds, problems)
+            if stamp is not None and stamp[1] == LEGACY_VERSION:
+                weights = self._read_legacy(stamp, fds, desired, problems)
+            else:
+                weights = self._read_services(found, fds, desired, problems)
             self._open_counters(found, fds, desired)
             self._read_attachments(found, desired, problems)
         finally:
@@ -392,15 +575,12 @@ class RewriteBackend(Backend):
             if unclaimed:
                 found.unclaimed = True
                 problems.append(unclaimed)
-        by_port = {port: name for name, port in desired.ports}
-        active = by_port.get(active_port)
-        if active_port and active is None:
-            problems.append(f"active map steers to port {active_port}, which is no target")
-        return KernelState(active=active, intact=not problems, found=found,
+        return KernelState(weights=weights, intact=not problems, found=found,
                            problems=tuple(problems))
 
     def _read_pins(self, found: Found, flavour: Flavour, fds: dict[str, int],
-                   problems: list[str]) -> None:
+                   problems: list[str]):
+        """The pinned objects, judged; returns the stamp (None if there is none)."""
         directory = found.directory
         infos: dict[str, kbpf.MapInfo | kbpf.ProgInfo | None] = {}
         for name in (*MAPS, "ingress", "egress"):
@@ -427,13 +607,14 @@ class RewriteBackend(Backend):
                     kind, key, value, want_entries):
                 found.bad_pins.add(name)
                 problems.append(f"map {name} has another layout")
-                if isinstance(info, kbpf.MapInfo) and (info.type, info.key_size,
-                                                       info.value_size) == (kind, key, value):
+                if name in CARRIABLE and isinstance(info, kbpf.MapInfo) and (
+                        info.type, info.key_size, info.value_size) == (kind, key, value):
                     found.carriable.add(name)
         stamp = self._read_stamp(fds, found)
         stamp_version = stamp[1] if stamp else None
         if stamp is None or stamp[0] != STAMP_MAGIC:
             problems.append("stamp missing")
+            stamp = None
         elif stamp_version != LAYOUT_VERSION:
             NewerLayout.check(f"the {self.name} data plane in {found.directory}",
                               stamp[1], LAYOUT_VERSION)
@@ -442,12 +623,17 @@ class RewriteBackend(Backend):
             problems.append("programs built from another source or configuration")
         # Keep a map through a rebuild (or copy its entries) when its layout fits and no other
         # layout version wrote it (a stamp of another version means the flows' key layout may
-        # differ).
-        if stamp_version not in (None, LAYOUT_VERSION):
+        # differ). Layout v1's flows are copied with their listen port added to the key.
+        kept_versions = (None, LAYOUT_VERSION)
+        if stamp_version not in kept_versions:
             found.carriable.clear()
+        flows = infos.get("flows")
+        found.v1_flows = stamp_version == LEGACY_VERSION and isinstance(flows, kbpf.MapInfo) \
+            and (flows.type, flows.key_size, flows.value_size) == (
+                kbpf.BPF_MAP_TYPE_LRU_HASH, V1_FLOW_KEY_SIZE, FLOW_VALUE_SIZE)
         for name in MAPS:
             if name in found.pins and name not in found.bad_pins and name != "stamp" and (
-                    stamp_version in (None, LAYOUT_VERSION)):
+                    stamp_version in kept_versions):
                 found.keepable.add(name)
         # Programs: pinned, of the right type, using exactly the pinned maps.
         for hook in ("ingress", "egress"):
@@ -464,6 +650,86 @@ class RewriteBackend(Backend):
                     problems.append(f"program {hook} does not use the pinned map {map_name}")
         # Every problem so far is one of the pinned objects: only a build repairs those.
         found.rebuild = bool(problems)
+        if os.path.exists(os.path.join(directory, LEGACY_FLOWS)):
+            found.legacy_flows = True
+            problems.append("flows of layout v1 not carried over yet")
+        return stamp
+
+    def _read_legacy(self, stamp, fds: dict[str, int], desired: Desired,
+                     problems: list[str]) -> dict[str, int | None]:
+        """Layout v1: one service (its listen port and ports in the stamp), `active` holding
+        the port new connections go to (0: off). Its weight, as the desired service of that
+        listen port (the adopted one) has it."""
+        listen_port = stamp[2]
+        service = desired.by_listen_port().get(listen_port)
+        if service is None:
+            problems.append(f"layout v1 steers listen port {listen_port}, which no service has")
+            return {}
+        port = 0
+        if "active" in fds:
+            raw = kbpf.map_lookup(fds["active"], ZERO, 4)
+            port = struct.unpack("=I", raw)[0] if raw else 0
+        by_port = {p: name for name, p in service.ports}
+        if port and port not in by_port:
+            problems.append(f"layout v1 steers to port {port}, which is no target")
+            return {}
+        return {service.name: None if not port else target_weight(by_port[port])}
+
+    def _read_services(self, found: Found, fds: dict[str, int], desired: Desired,
+                       problems: list[str]) -> dict[str, int | None]:
+        """The services the maps hold (and for `plan`, every entry), judged against `desired`:
+        each service's weight from its `active` slot. The writer keeps `active` open and mapped
+        for the flip."""
+        usable = {name for name in ("services", "targets", "active")
+                  if name in fds and name not in found.bad_pins}
+        if "services" in usable:
+            for key, raw in _entries(fds["services"], 4, SERVICE.size, MAX_SERVICES):
+                (listen_port,) = struct.unpack("=I", key)
+                found.services[listen_port] = Row(listen_port, *SERVICE.unpack(raw))
+        if "targets" in usable:
+            for key, raw in _entries(fds["targets"], 4, 4, 2 * MAX_SERVICES):
+                found.targets[struct.unpack("=I", key)[0]] = struct.unpack("=I", raw)[0]
+        if "active" in usable:
+            self._active.adopt(fds["active"])
+            for row in found.services.values():
+                if row.slot < MAX_SERVICES:
+                    found.values[row.slot] = self._active.read(row.slot)
+        weights: dict[str, int | None] = {}
+        wanted = rows_of(desired, {s.listen_port: 0 for s in desired.services})
+        slots_seen: dict[int, int] = {}
+        for service in desired.services:
+            held = found.services.get(service.listen_port)
+            if held is None:
+                problems.append(f"service {service.name} missing")
+                continue
+            row = held
+            want = wanted[service.listen_port]
+            if (row.main_port, row.backup_port) != (want.main_port, want.backup_port):
+                problems.append(f"service {service.name} steers to other ports")
+            if row.slot >= MAX_SERVICES or row.slot in slots_seen:
+                problems.append(f"service {service.name} has a bad slot {row.slot}")
+                continue
+            slots_seen[row.slot] = row.listen_port
+            for port in (want.main_port, want.backup_port):
+                if found.targets.get(port) != service.listen_port:
+                    problems.append(f"target port {port} of service {service.name} missing")
+            if row.slot not in found.values:
+                continue  # `active` could not be read: its weight is not known
+            try:
+                weights[service.name] = decode(found.values[row.slot])
+            except ValueError:
+                problems.append(f"service {service.name} has a bad weight "
+                                f"{found.values.get(row.slot)}")
+                weights[service.name] = None
+        listen_ports = {s.listen_port for s in desired.services}
+        for listen_port in sorted(set(found.services) - listen_ports):
+            problems.append(f"listen port {listen_port} steered, but no service has it")
+        target_ports = desired.by_target_port()
+        for port, listen_port in sorted(found.targets.items()):
+            if port not in target_ports:
+                problems.append(f"target port {port} (of listen port {listen_port}) is no "
+                                "service's")
+        return weights
 
     def _prog_type(self, hook: str) -> int:
         if hook == "ingress" and self.ingress_hook == "xdp":
@@ -477,14 +743,6 @@ class RewriteBackend(Backend):
         raw = kbpf.map_lookup(fds["stamp"], ZERO, STAMP_SIZE)
         return struct.unpack(STAMP_FORMAT, raw) if raw else None
 
-    def _read_active(self, found: Found, fds: dict[str, int]) -> int:
-        """The active port; the writer keeps this map open (and mapped) for the flip."""
-        if "active" not in fds or "active" in found.bad_pins:
-            return 0
-        self._active.adopt(fds["active"])
-        raw = kbpf.map_lookup(fds["active"], ZERO, 4)
-        return struct.unpack("=I", raw)[0] if raw else 0
-
     def _open_counters(self, found: Found, fds: dict[str, int], desired: Desired) -> None:
         """Keep the counts map open for the metrics, with what its keys mean now."""
         if "counts" not in fds or "counts" in found.bad_pins:
@@ -492,9 +750,11 @@ class RewriteBackend(Backend):
         capacity = desired.flow_entries
         if "flows" in fds:
             capacity = kbpf.map_info(fds["flows"]).max_entries
-        self._keep_counters(fds["counts"], found.pins["counts"], desired.ports, capacity)
+        self._keep_counters(fds["counts"], found.pins["counts"], counter_ports(desired),
+                            capacity)
 
-    def _keep_counters(self, fd: int, map_id: int, ports: tuple[tuple[str, int], ...],
+    def _keep_counters(self, fd: int, map_id: int,
+                       ports: tuple[tuple[tuple[str, str], int], ...],
                        capacity: int) -> None:
         if self._counters is not None and self._counters.map_id == map_id:
             self._counters.ports, self._counters.capacity = ports, capacity
@@ -599,29 +859,80 @@ class RewriteBackend(Backend):
     def plan(self, current: KernelState | None, desired: Desired) -> Plan:
         pin_dir = _valid_pin_dir(desired.pin_dir)
         directory = os.path.join(pin_dir, self.name)
-        port = desired.port_of(desired.active) if desired.active is not None else 0
-        flip = Flip(os.path.join(directory, "active"), port)
+        active_path = os.path.join(directory, "active")
+        if len(desired.services) > MAX_SERVICES:
+            return Plan((Refuse(f"{len(desired.services)} services, the {self.name} data plane "
+                                f"holds at most {MAX_SERVICES}"),))
         if current is not None and current.intact:
-            return Plan((), None if current.active == desired.active else flip)
+            # Every service's elements are right: a flip alone, of the services whose value
+            # differs.
+            found: Found = current.found
+            stores = tuple((found.services[s.listen_port].slot, encode(s.weight))
+                           for s in desired.services
+                           if found.values.get(found.services[s.listen_port].slot)
+                           != encode(s.weight))
+            return Plan((), Stores(active_path, stores) if stores else None)
+        targets = counter_ports(desired)
         if current is None:
-            # Nothing of zddd's: build it all, attach where the interfaces are then.
+            # Nothing of zddd's: build it all (every service off), attach where the interfaces
+            # are then, and flip the services that are not off.
+            fresh = tuple(rows_of(desired, self._slots(desired, {})).values())
             first = () if desired.interfaces is None else (RequireInterfaces(desired.interfaces),)
-            return Plan((*first, Build(pin_dir, Flavour.of(desired), desired.ports),
-                         AttachEverywhere(directory, desired.interfaces, desired.xdp_mode)),
-                        flip)
-        found: Found = current.found
+            build = Build(pin_dir, Flavour.of(desired), targets, rows=fresh,
+                          values=tuple((row.slot, 0) for row in fresh))
+            return Plan((*first, build, AttachEverywhere(directory, desired.interfaces,
+                                                         desired.xdp_mode)),
+                        self._stores(active_path, desired, fresh, {}))
+        found = current.found
         if found.missing_interfaces:
             # Nothing to attach to: fail before building anything.
-            return Plan((Missing(found.missing_interfaces),), flip)
+            return Plan((Missing(found.missing_interfaces),))
         steps: list[Step] = []
         for name, map_id in sorted(found.orphans.items()):
             steps.append(Repin(found.directory, name, map_id))
         if found.unclaimed and not found.rebuild:
             steps.append(Claim(pin_dir))
+        keep = tuple(sorted(found.keepable | set(found.orphans)))
+        # Entries of the maps that stay (all of them, unless a rebuild replaces a map).
+        services = found.services if not found.rebuild or "services" in keep else {}
+        target_entries = found.targets if not found.rebuild or "targets" in keep else {}
+        values = found.values if not found.rebuild or "active" in keep else {}
+        slots = self._slots(desired, services)
+        rows = rows_of(desired, slots)
+        starts: dict[int, int] = {}  # listen port -> its `active` value once the layout is done
+        for service in desired.services:
+            row = rows[service.listen_port]
+            held = services.get(service.listen_port)
+            if held is not None and held.slot == row.slot and row.slot in values:
+                starts[row.listen_port] = values[row.slot]
+            elif found.rebuild and service.name in current.weights:
+                # The steering the old maps hold (layout v1's `active`, or a map replaced).
+                starts[row.listen_port] = encode(current.weights[service.name])
+            elif found.rebuild:
+                # Not known (its `active` unreadable): the build writes the desired steering
+                # before the programs see it, never a moment of "off".
+                starts[row.listen_port] = encode(service.weight)
+            else:
+                starts[row.listen_port] = 0
         if found.rebuild:
-            keep = tuple(sorted(found.keepable | set(found.orphans)))
             carry = tuple(sorted(found.carriable - set(keep)))
-            steps.append(Build(pin_dir, Flavour.of(desired), desired.ports, keep, carry))
+            steps.append(Build(pin_dir, Flavour.of(desired), targets, keep, carry,
+                               tuple(rows.values()),
+                               tuple((rows[p].slot, v if _valid(v) else 0)
+                                     for p, v in starts.items()), found.v1_flows))
+            starts = {p: v if _valid(v) else 0 for p, v in starts.items()}
+        steps.extend(self._drops(found.directory, desired, services, target_entries, slots))
+        if not found.rebuild:
+            for service in desired.services:
+                row = rows[service.listen_port]
+                held = services.get(service.listen_port)
+                targets_ok = all(target_entries.get(port) == row.listen_port
+                                 for port in (row.main_port, row.backup_port))
+                if held != row or not targets_ok:
+                    reset = held is None or held.slot != row.slot
+                    steps.append(SetService(found.directory, row, reset))
+                    if reset:
+                        starts[row.listen_port] = 0
         want = {"ingress": found.pins.get("ingress"), "egress": found.pins.get("egress")}
         for ifname, index in sorted(found.interfaces.items()):
             attached = found.attached.get(ifname, {})
@@ -637,19 +948,114 @@ class RewriteBackend(Backend):
             for hook in sorted(hooks):
                 if ifname not in found.interfaces or hook not in ("egress", self.ingress_hook):
                     steps.append(Detach(ifname, hooks[hook][1], hook))
-        return Plan(tuple(steps), flip)
+        if (found.rebuild and found.v1_flows) or found.legacy_flows:
+            steps.append(CarryLegacy(found.directory))
+        return Plan(tuple(steps), self._stores(active_path, desired, rows.values(), starts))
+
+    @staticmethod
+    def _slots(desired: Desired, services: dict[int, Row]) -> dict[int, int]:
+        """listen port -> slot: a service keeps the slot its entry has (the first of two that
+        share one), a new one takes the lowest free slot."""
+        slots: dict[int, int] = {}
+        taken: set[int] = set()
+        for service in desired.services:
+            held = services.get(service.listen_port)
+            if held is not None and held.slot < MAX_SERVICES and held.slot not in taken:
+                slots[service.listen_port] = held.slot
+                taken.add(held.slot)
+        free = (slot for slot in range(MAX_SERVICES) if slot not in taken)
+        for service in desired.services:
+            if service.listen_port not in slots:
+                slot = next(free)
+                slots[service.listen_port] = slot
+                taken.add(slot)
+        return slots
+
+    @staticmethod
+    def _drops(directory: str, desired: Desired, services: dict[int, Row],
+               target_entries: dict[int, int], slots: dict[int, int]) -> list[Step]:
+        """Delete what the maps hold of services not desired, and target entries of no
+        desired service's ports; never a slot a desired service uses."""
+        listen_ports = set(slots)
+        target_ports = desired.by_target_port()
+        stale: dict[int | None, list[int]] = {}
+        for port, listen_port in sorted(target_entries.items()):
+            if port not in target_ports:
+                owner = listen_port if listen_port in services and \
+                    listen_port not in listen_ports else None
+                stale.setdefault(owner, []).append(port)
+        steps: list[Step] = []
+        used = set(slots.values())
+        for listen_port, row in sorted(services.items()):
+            if listen_port not in listen_ports:
+                slot = row.slot if row.slot < MAX_SERVICES and row.slot not in used else None
+                steps.append(DropService(directory, listen_port, slot,
+                                         tuple(stale.pop(listen_port, ()))))
+        if stale.get(None):
+            steps.append(DropService(directory, None, None, tuple(stale[None])))
+        return steps
+
+    @staticmethod
+    def _stores(path: str, desired: Desired, rows, starts: dict[int, int]) -> Stores | None:
+        by_listen = {row.listen_port: row for row in rows}
+        stores = tuple((by_listen[s.listen_port].slot, encode(s.weight))
+                       for s in desired.services
+                       if starts.get(s.listen_port, 0) != encode(s.weight))
+        return Stores(path, stores) if stores else None
 
     # ---- apply ------------------------------------------------------------------------------
 
     def apply(self, plan: Plan) -> None:
         pinned.carry_out(plan, {
             Missing: self._missing, RequireInterfaces: self._require_interfaces,
-            Repin: self._repin, Claim: self._claim, Build: self._build, Clsact: self._clsact,
-            Attach: self._attach, AttachEverywhere: self._attach_everywhere,
+            Refuse: self._refuse, Repin: self._repin, Claim: self._claim, Build: self._build,
+            SetService: self._set_service, DropService: self._drop_service,
+            CarryLegacy: self._carry_legacy,
+            Clsact: self._clsact, Attach: self._attach, AttachEverywhere: self._attach_everywhere,
             Detach: self._detach_step}, self._flip)
 
-    def _flip(self, flip: Flip) -> None:
-        self._active.write(flip.path, flip.value)
+    def _flip(self, flip) -> None:  # a Stores (pinned.carry_out is typed for Flip)
+        self._active.write(flip.path, flip.stores)
+
+    @staticmethod
+    def _refuse(step: Refuse) -> None:
+        raise ApplyError(step.message, changed=False)
+
+    @staticmethod
+    def _carry_legacy(step: CarryLegacy) -> None:
+        path = os.path.join(step.directory, LEGACY_FLOWS)
+        with pinned.Pinned(path) as old_fd, \
+                pinned.Pinned(os.path.join(step.directory, "flows")) as new_fd, \
+                pinned.Pinned(os.path.join(step.directory, "targets")) as targets_fd:
+            targets = kbpf.MapHandle(targets_fd, 4, 4)
+            listen = {struct.unpack("=I", key)[0]: struct.unpack("=I", raw)[0]
+                      for key in targets.keys() if (raw := targets.lookup(key)) is not None}
+            count = _copy_v1_flows(old_fd, new_fd, listen)
+        os.unlink(path)
+        log.info("event=flows_carried_over map=%s entries=%d late=1", LEGACY_FLOWS, count)
+
+    def _set_service(self, step: SetService) -> None:
+        row = step.row
+        directory = step.directory
+        if step.reset:
+            self._active.write(os.path.join(directory, "active"), ((row.slot, 0),))
+        _write_targets(directory, (row,))
+        with pinned.Pinned(os.path.join(directory, "services")) as fd:
+            kbpf.map_update(fd, struct.pack("=I", row.listen_port),
+                            SERVICE.pack(row.slot, row.main_port, row.backup_port))
+
+    def _drop_service(self, step: DropService) -> None:
+        directory = step.directory
+        if step.listen_port is not None:
+            with pinned.Pinned(os.path.join(directory, "services")) as fd:
+                kbpf.map_delete(fd, struct.pack("=I", step.listen_port))
+        with pinned.Pinned(os.path.join(directory, "targets")) as targets, \
+                pinned.Pinned(os.path.join(directory, "counts")) as counts:
+            for port in step.ports:
+                kbpf.map_delete(targets, struct.pack("=I", port))
+                kbpf.map_delete(counts, struct.pack("=I", port))
+        if step.slot is not None:
+            self._active.write(os.path.join(directory, "active"), ((step.slot, 0),))
 
     @staticmethod
     def _missing(step: Missing) -> None:
@@ -695,6 +1101,11 @@ class RewriteBackend(Backend):
                     continue
                 if name in step.carry:
                     carried[name] = kbpf.obj_get(path)
+                if name == "flows" and step.legacy_flows:
+                    # Layout v1's programs keep adding flows to it until they are replaced:
+                    # CarryLegacy copies those after the attachments.
+                    os.rename(path, os.path.join(work, LEGACY_FLOWS))
+                    continue
                 os.unlink(path)
             bpf = self._compile(step.flavour, work)
             try:
@@ -702,12 +1113,22 @@ class RewriteBackend(Backend):
                     key, value = MAPS[name][1:3]
                     count = pinned.copy_entries(old_fd, bpf[name].get_fd(), key, value)
                     log.info("event=flows_carried_over map=%s entries=%d", name, count)
+                if step.legacy_flows:
+                    listen = {port: row.listen_port for row in step.rows
+                              for port in (row.main_port, row.backup_port)}
+                    with pinned.Pinned(os.path.join(work, LEGACY_FLOWS)) as old_fd:
+                        count = _copy_v1_flows(old_fd, bpf["flows"].get_fd(), listen)
+                    log.info("event=flows_carried_over map=%s entries=%d", LEGACY_FLOWS, count)
+                # The steering as it is now, before any program of this build is pinned or
+                # attached: the new programs steer every flow as the old ones did.
+                active_fd = bpf["active"].get_fd()
+                for slot, value in step.values:
+                    kbpf.map_update(active_fd, struct.pack("=I", slot), struct.pack("=I", value))
+                _fill_counts(bpf["counts"].get_fd(), (COUNT_ADDED, COUNT_DELETED))
+                _write_rows(bpf["services"].get_fd(), bpf["targets"].get_fd(),
+                            bpf["counts"].get_fd(), step.rows)
                 for hook, function in bpf.zddd_programs.items():
                     os.rename(*pinned.stage(function.fd, os.path.join(work, hook)))
-                counts = bpf["counts"]
-                for key in (*step.flavour.ports, COUNT_ADDED, COUNT_DELETED):
-                    if counts.get(counts.Key(key)) is None:
-                        counts[counts.Key(key)] = counts.Leaf(*([0] * kbpf.possible_cpus()))
                 kbpf.map_update(bpf["stamp"].get_fd(), ZERO,
                                 step.flavour.stamp(self._source_text()))
             finally:
@@ -721,6 +1142,8 @@ class RewriteBackend(Backend):
         with pinned.Pinned(os.path.join(final, "counts")) as fd:  # for the metrics from now
             self._keep_counters(fd, kbpf.map_info(fd).id, step.targets,
                                 step.flavour.flow_entries)
+
+
 
     def _clsact(self, step: Clsact) -> None:
         try:
@@ -809,9 +1232,10 @@ class RewriteBackend(Backend):
         if not pins and not attached:
             return None
         where = sorted({ifname for ifname, *_ in attached})
-        port = pinned_active_port(os.path.dirname(directory), self.name)
-        steering = "" if port is None else (
-            f" steering to port {port}" if port else " steering nothing")
+        weights = pinned_weights(os.path.dirname(directory), self.name)
+        steering = "" if weights is None else " steering " + (", ".join(
+            f"{port} {_describe(weight)}" for port, weight in sorted(weights.items()))
+            or "nothing")
         return (f"{self.name} programs on {', '.join(where) or 'no interface'}, "
                 f"{len(pins)} pins in {directory}{steering}")
 
@@ -831,7 +1255,7 @@ class RewriteBackend(Backend):
 
     # ---- counters ---------------------------------------------------------------------------
 
-    def flows_steered(self) -> dict[str, int]:
+    def flows_steered(self) -> dict[tuple[str, str], int]:
         if self._counters is None:
             return {}
         try:
@@ -856,17 +1280,168 @@ class RewriteBackend(Backend):
         return max(0, min(used, capacity)), capacity
 
 
-def pinned_active_port(pin_dir: str, backend: str) -> int | None:
-    """The port new connections are steered to according to the pinned `active` map of
-    `backend` ("tc" or "xdp") under `pin_dir`: 0 for off, None if nothing is pinned. Pins do
-    not belong to a network namespace, so a test can read this from outside the namespace
-    (given the same bpffs mount). Needs no bcc."""
+BPF_MAP_LOOKUP_BATCH = 24
+ENOTSUPP = 524  # the kernel's own errno for an operation a map type lacks
+
+
+def _entries(fd: int, key_size: int, value_size: int, capacity: int) -> list[tuple[bytes, bytes]]:
+    """Every (key, value) of a hash map of at most `capacity` entries: one
+    BPF_MAP_LOOKUP_BATCH (Linux 5.6+; a read's cost stays flat with the number of services),
+    key by key where the kernel has no batch lookup."""
+    keys = ctypes.create_string_buffer(key_size * capacity)
+    values = ctypes.create_string_buffer(value_size * capacity)
+    token = ctypes.create_string_buffer(8)
+    attr = ctypes.create_string_buffer(struct.pack(
+        "=QQQQIIQQ", 0, ctypes.addressof(token), ctypes.addressof(keys),
+        ctypes.addressof(values), capacity, fd, 0, 0), 56)
     try:
-        with pinned.Pinned(os.path.join(pin_dir, backend, "active")) as fd:
-            raw = kbpf.map_lookup(fd, ZERO, 4)
+        kbpf._bpf(BPF_MAP_LOOKUP_BATCH, attr)
+    except FileNotFoundError:  # ENOENT: the end of the map was reached (the usual answer)
+        pass
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP, ENOTSUPP):
+            raise
+        handle = kbpf.MapHandle(fd, key_size, value_size)
+        return [(key, raw) for key in handle.keys() if (raw := handle.lookup(key)) is not None]
+    count = struct.unpack_from("=I", attr, 32)[0]
+    return [(keys.raw[i * key_size:(i + 1) * key_size],
+             values.raw[i * value_size:(i + 1) * value_size]) for i in range(count)]
+
+
+def _copy_v1_flows(old_fd: int, new_fd: int, listen: dict[int, int]) -> int:
+    """Copy layout v1's flow entries into a v2 flow map: the key gains the listen port of the
+    entry's target's service (`listen`: target port -> listen port), and so does the value.
+    An entry already in the new map (made by the new programs) is left as it is. Returns how
+    many were copied."""
+    old = kbpf.MapHandle(old_fd, V1_FLOW_KEY_SIZE, FLOW_VALUE_SIZE)
+    copied = 0
+    for key in old.keys():
+        value = old.lookup(key)
+        if value is None:  # evicted meanwhile
+            continue
+        port, _, seq = struct.unpack("=HHI", value)
+        listen_port = listen.get(port)
+        if listen_port is None:  # no service has that target any more
+            continue
+        try:
+            kbpf.map_update(new_fd, key + struct.pack("=HH", listen_port, 0),
+                            struct.pack("=HHI", port, listen_port, seq), BPF_NOEXIST)
+        except FileExistsError:
+            continue
+        except OSError:  # E2BIG: the new map is full
+            break
+        copied += 1
+    return copied
+
+
+def _fill_counts(counts_fd: int, keys) -> None:
+    """Zeroed per-CPU counters for `keys` that have none (the programs only add to one)."""
+    zero = bytes(8 * kbpf.possible_cpus())
+    for key in keys:
+        try:
+            kbpf.map_update(counts_fd, struct.pack("=I", key), zero, BPF_NOEXIST)
+        except FileExistsError:
+            pass
+
+
+def _write_rows(services_fd: int, targets_fd: int, counts_fd: int, rows) -> None:
+    """Services' elements, each one's `services` entry last (what makes the programs see it)."""
+    for row in rows:
+        _fill_counts(counts_fd, (row.main_port, row.backup_port))
+        for port in (row.main_port, row.backup_port):
+            kbpf.map_update(targets_fd, struct.pack("=I", port),
+                            struct.pack("=I", row.listen_port))
+        kbpf.map_update(services_fd, struct.pack("=I", row.listen_port),
+                        SERVICE.pack(row.slot, row.main_port, row.backup_port))
+
+
+def _write_targets(directory: str, rows) -> None:
+    with pinned.Pinned(os.path.join(directory, "targets")) as targets, \
+            pinned.Pinned(os.path.join(directory, "counts")) as counts:
+        for row in rows:
+            _fill_counts(counts, (row.main_port, row.backup_port))
+            for port in (row.main_port, row.backup_port):
+                kbpf.map_update(targets, struct.pack("=I", port),
+                                struct.pack("=I", row.listen_port))
+
+
+def _valid(value: int) -> bool:
+    return 0 <= value <= 101
+
+
+def _describe(weight: int | None | str) -> str:
+    if weight is None:
+        return "off"
+    if isinstance(weight, str):
+        return weight
+    return {100: "main", 0: "backup"}.get(weight, f"main {weight}%")
+
+
+def pinned_services(pin_dir: str, backend: str) -> dict[int, tuple[Row, int]] | None:
+    """listen port -> (its `services` entry, its `active` value), from the pins of `backend`
+    ("tc" or "xdp") under `pin_dir`; None if nothing is pinned. Pins do not belong to a network
+    namespace, so a test can read this from outside the namespace (given the same bpffs mount).
+    Needs no bcc."""
+    directory = os.path.join(pin_dir, backend)
+    try:
+        with pinned.Pinned(os.path.join(directory, "services")) as services, \
+                pinned.Pinned(os.path.join(directory, "active")) as active:
+            handle = kbpf.MapHandle(services, 4, SERVICE.size)
+            found = {}
+            for key in handle.keys():
+                raw = handle.lookup(key)
+                if raw is None:
+                    continue
+                row = Row(struct.unpack("=I", key)[0], *SERVICE.unpack(raw))
+                value = kbpf.map_lookup(active, struct.pack("=I", row.slot), 4)
+                found[row.listen_port] = (row, struct.unpack("=I", value)[0] if value else 0)
+            return found
     except OSError:
         return None
-    return struct.unpack("=I", raw)[0] if raw else None
+
+
+def pinned_weights(pin_dir: str, backend: str) -> dict[int, int | None | str] | None:
+    """listen port -> main weight (None: off; "bad" for a value that is none) of every service
+    pinned for `backend` under `pin_dir`; a layout v1 gives its one service. None if nothing
+    is pinned."""
+    found = pinned_services(pin_dir, backend)
+    if found is not None:
+        weights: dict[int, int | None | str] = {}
+        for listen_port, (_, held) in found.items():
+            try:
+                weights[listen_port] = decode(held)
+            except ValueError:
+                weights[listen_port] = "bad"
+        return weights
+    directory = os.path.join(pin_dir, backend)
+    try:  # layout v1: the stamp names the one service, `active` the port it steers to
+        with pinned.Pinned(os.path.join(directory, "stamp")) as stamp, \
+                pinned.Pinned(os.path.join(directory, "active")) as active:
+            raw = kbpf.map_lookup(stamp, ZERO, STAMP_SIZE)
+            value = kbpf.map_lookup(active, ZERO, 4)
+    except OSError:
+        return None
+    if not raw or not value:
+        return None
+    fields = struct.unpack(STAMP_FORMAT, raw)
+    (port,) = struct.unpack("=I", value)
+    return {fields[2]: None if port == 0 else f"port {port}"}
+
+
+def pinned_active_port(pin_dir: str, backend: str, listen_port: int = 8888) -> int | None:
+    """The target port new connections to `listen_port` are steered to, per the pins: 0 for
+    off, None if nothing is pinned for it (a split has no one port: -1)."""
+    found = pinned_services(pin_dir, backend)
+    if found is None or listen_port not in found:
+        return None
+    row, value = found[listen_port]
+    try:
+        weight = decode(value)
+    except ValueError:
+        return -1
+    if weight is None:
+        return 0
+    return row.main_port if weight >= 100 else row.backup_port if weight <= 0 else -1
 
 
 def _xdp_of(link: rtnetlink.Link) -> tuple[int, int]:
