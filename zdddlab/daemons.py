@@ -316,17 +316,6 @@ def _target_ports(zddd: Zddd) -> dict[str, int]:
     return ports
 
 
-def _pinned_bytes(path: str, key: int) -> bytes | None:
-    """The value of u32 `key` in the map pinned at `path`, read with bpftool (not zddd's code);
-    None when nothing is pinned there or the key has no element."""
-    r = subprocess.run(["bpftool", "-j", "map", "lookup", "pinned", path, "key",
-                        *(str(b) for b in key.to_bytes(4, "little"))],
-                       capture_output=True, text=True)
-    if r.returncode != 0:
-        return None
-    return bytes(int(b, 16) for b in json.loads(r.stdout)["value"])
-
-
 def read_rewriting_bpf(zddd: Zddd) -> str | None:
     """tc and xdp: the lab service's entry in the pinned `services` hash (listen port -> slot,
     main port, backup port), then that slot of the `active` array: 0 off, else 1 + main's
@@ -354,17 +343,13 @@ def read_sk_lookup(zddd: Zddd) -> str | None:
             return None
         names = sorted(_target_ports(zddd))
         return "off" if index == 0 else names[index - 1] if index <= len(names) else "?"
-    slot = _pinned_bytes(f"{pin_dir}/sk_lookup_services", zddd.config.get("listen_port", 8888))
+    slot = _pinned_u32(f"{pin_dir}/sk_lookup_services", zddd.config.get("listen_port", 8888))
     if slot is None:
         return "off"  # the data plane is there, this service is not steered
-    value = _pinned_bytes(f"{pin_dir}/sk_lookup_active", int.from_bytes(slot[:4], "little"))
+    value = _pinned_u32(f"{pin_dir}/sk_lookup_active", slot)
     if value is None:
         return "?"
-    weight = int.from_bytes(value[:4], "little") - 1
-    if weight < 0:
-        return "off"
-    return "main" if weight == 100 else "backup" if weight == 0 else \
-        "split" if weight < 100 else "?"
+    return {0: "off", 1: "backup", 101: "main"}.get(value, "split" if value < 101 else "?")
 
 
 # Backend name -> a reader of where that backend steers, independent of zddd's code.
