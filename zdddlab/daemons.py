@@ -26,11 +26,11 @@ from pathlib import Path
 from .base import PYTHON, REPO, VENV_BIN, LabError, Proc, wait_for
 from .bus import INTERFACE, PROPERTIES, Bus, dbus_call, name_has_owner
 from .net import NetNS
+from .probes import without_counters
 
 SERVICE_PATH = "/org/zddd/Steering1/service/"
 SERVICE_INTERFACE = "org.zddd.Steering1.Service"
 SERVICE_METHODS = ("Switch", "SwitchWithOptions", "WaitDrained", "SetWeights")
-from .probes import without_counters
 
 
 def _toml_value(value) -> str:
