@@ -26,11 +26,11 @@ from pathlib import Path
 from .base import PYTHON, REPO, VENV_BIN, LabError, Proc, wait_for
 from .bus import INTERFACE, PROPERTIES, Bus, dbus_call, name_has_owner
 from .net import NetNS
+from .probes import without_counters
 
 SERVICE_PATH = "/org/zddd/Steering1/service/"
 SERVICE_INTERFACE = "org.zddd.Steering1.Service"
 SERVICE_METHODS = ("Switch", "SwitchWithOptions", "WaitDrained", "SetWeights")
-from .probes import without_counters
 
 
 def _toml_value(value) -> str:
@@ -333,13 +333,23 @@ def read_rewriting_bpf(zddd: Zddd) -> str | None:
 
 
 def read_sk_lookup(zddd: Zddd) -> str | None:
-    """sk_lookup: the pinned `active` array holds 0 for off, else 1 + the target's index in
-    name order."""
-    index = _pinned_u32(f"{zddd.config['bpf_pin_dir']}/sk_lookup_active")
-    if index is None:
-        return None
-    names = sorted(_target_ports(zddd))
-    return "off" if index == 0 else names[index - 1] if index <= len(names) else "?"
+    """sk_lookup: the pinned `services` hash gives the listen port's slot, and that element of
+    the pinned `active` array holds 0 for off, else 1 + main's weight (a layout without
+    `services`, zddd <= cd0a822: element 0 holds 1 + the target's index in name order)."""
+    pin_dir = zddd.config["bpf_pin_dir"]
+    if not Path(f"{pin_dir}/sk_lookup_services").exists():
+        index = _pinned_u32(f"{pin_dir}/sk_lookup_active")
+        if index is None:
+            return None
+        names = sorted(_target_ports(zddd))
+        return "off" if index == 0 else names[index - 1] if index <= len(names) else "?"
+    slot = _pinned_u32(f"{pin_dir}/sk_lookup_services", zddd.config.get("listen_port", 8888))
+    if slot is None:
+        return "off"  # the data plane is there, this service is not steered
+    value = _pinned_u32(f"{pin_dir}/sk_lookup_active", slot)
+    if value is None:
+        return "?"
+    return {0: "off", 1: "backup", 101: "main"}.get(value, "split" if value < 101 else "?")
 
 
 # Backend name -> a reader of where that backend steers, independent of zddd's code.

@@ -76,8 +76,9 @@ def test_bad_input_is_refused_with_its_error_and_changes_nothing(lab):
     metrics = scrape_metrics(lab.app)
     invalid_targets = sum(1 for m, _, b, w in BAD_CALLS
                           if w == E + "InvalidTarget" and m.startswith("Switch"))
-    assert metrics['zddd_switches_total{result="refused",target="invalid"}'] == invalid_targets
-    assert metrics['zddd_switches_total{result="ok",target="off"}'] == 0
+    assert metrics['zddd_switches_total{result="refused",service="default",target="invalid"}'] \
+        == invalid_targets
+    assert metrics['zddd_switches_total{result="ok",service="default",target="off"}'] == 0
     assert "Traceback" not in z.log() and "internal_error" not in z.log()
 
 
@@ -203,9 +204,11 @@ def test_zddctl_exit_codes(lab):
     r = z.zddctl("status")
     assert r.returncode == 0 and "active target: backup" in r.stdout
     st = json.loads(z.zddctl("status", "--json").stdout)
+    # SPEC "Services": one service's status has today's keys plus `services`.
     assert set(st) == {"active_target", "draining", "backend", "listen_port",
                        "last_switch_usec", "last_switch_timestamp_usec", "last_switch_caller",
-                       "targets"}
+                       "targets", "services"}
+    assert st["services"]["default"]["active_target"] == "backup"
     assert st["active_target"] == "backup" and st["backend"] == "nftables"
     assert st["listen_port"] == 8888 and st["last_switch_usec"] > 0
     assert st["targets"]["main"]["port"] == 8080 and st["targets"]["backup"]["up"] is True
@@ -361,7 +364,8 @@ def test_reload_moves_the_metrics_and_agent_listeners(lab):
     assert z.zddctl("reload").returncode == 0
     wait_for(lambda: connect_error(lab.app, "127.0.0.1", 9499)[0] == "ok", 3,
              "metrics on the new port")
-    assert "zddd_active_target{target=\"main\"}" in scrape_metrics(lab.app, "127.0.0.1:9499")
+    assert 'zddd_active_target{service="default",target="main"}' in scrape_metrics(
+        lab.app, "127.0.0.1:9499")
     assert connect_error(lab.app, "127.0.0.1", 9488)[0] == "ECONNREFUSED"
     wait_for(lambda: connect_error(lab.client, APP_V4, 8899)[0] == "ok", 3, "agent moved")
     assert agent_ask(lab.client, APP_V4, 8899) == "ready up"
@@ -440,8 +444,8 @@ def test_concurrent_switches_leave_kernel_property_and_state_file_in_agreement(l
     assert json.loads(z.state_path.read_text())["target"] == active
     assert http_get(lab.client, APP_V4, 8888) == active
     m = scrape_metrics(lab.app)
-    assert m['zddd_switches_total{result="ok",target="main"}'] == 20
-    assert m['zddd_switches_total{result="ok",target="backup"}'] == 20
+    assert m['zddd_switches_total{result="ok",service="default",target="main"}'] == 20
+    assert m['zddd_switches_total{result="ok",service="default",target="backup"}'] == 20
 
 
 # ---- when and by whom ---------------------------------------------------------------------
@@ -476,7 +480,8 @@ def test_last_switch_timestamp_and_caller(lab):
     assert z.prop("LastSwitchTimestamp") == stamp
     assert z.prop("LastSwitchCaller") == "uid=0 ssh=deploy@198.51.100.7"
     m = scrape_metrics(lab.app)
-    assert m["zddd_last_switch_timestamp_seconds"] == pytest.approx(stamp / 1e6, abs=1e-6)
+    assert m['zddd_last_switch_timestamp_seconds{service="default"}'] == pytest.approx(
+        stamp / 1e6, abs=1e-6)
 
 
 # ---- the adapter on a real bus, over a stand-in core ------------------------------------------

@@ -149,8 +149,8 @@ def test_every_method_and_property_refuses_bad_calls_promptly_and_changes_nothin
     assert_unharmed(lab, z, before)
     # The refusals were counted as refusals, not as failures of zddd's own.
     metrics = scrape_metrics(lab.app)
-    assert metrics['zddd_switches_total{result="failed",target="off"}'] == 0
-    assert metrics['zddd_switches_total{result="ok",target="off"}'] == 0
+    assert metrics['zddd_switches_total{result="failed",service="default",target="off"}'] == 0
+    assert metrics['zddd_switches_total{result="ok",service="default",target="off"}'] == 0
 
 
 def test_wait_drained_with_absurd_timeouts(lab):

@@ -29,7 +29,12 @@ class Scrape:
                 self.samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
 
     def __call__(self, name: str, **labels) -> float:
-        return self.samples[(name, tuple(sorted(labels.items())))]
+        key = (name, tuple(sorted(labels.items())))
+        if key not in self.samples and "service" not in labels:
+            # A per-service metric, of the lab's one service (SPEC "Services": label service,
+            # "default" in the single-service form).
+            key = (name, tuple(sorted({**labels, "service": "default"}.items())))
+        return self.samples[key]
 
 
 def scrape(lab) -> Scrape:

@@ -6,6 +6,7 @@ and per-target connection counts. Each test has its own namespaces and its own b
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import struct
@@ -13,6 +14,7 @@ import subprocess
 import time
 from contextlib import suppress
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from zdddlab.driver import DriverClient
@@ -323,7 +325,7 @@ def test_drift_is_repaired(skl):
     finally:
         os.close(fd)
     assert skl.refused(APP_V4)
-    _repair(skl, "socket map for main")
+    _repair(skl, "socket map for default main")
 
     fd = kbpf.obj_get(str(skl.pin_dir / "sk_lookup_active"))
     try:
@@ -355,8 +357,8 @@ def test_remove_leaves_nothing(skl):
     skl.driver("switch", target="main")
     assert "steering main" in skl.driver("leftover")["leftover"]
     assert {p for p in skl.pins() if p.startswith("sk_lookup_")} == {
-        "sk_lookup_" + n for n in ("link", "prog", "active", "meta", "sockets", "flows",
-                                   "steered")}
+        "sk_lookup_" + n for n in ("link", "prog", "services", "active", "meta", "sockets",
+                                   "flows", "steered")}
     skl.driver("remove")
     assert skl.pins() == set()
     assert _netns_links(skl.app) == []
@@ -437,3 +439,535 @@ def test_without_headers_probe_says_so_and_leftover_and_remove_still_work(skl):
     blind("remove")
     assert skl.pins() == set() and _netns_links(skl.app) == []
     assert skl.refused(APP_V4)
+
+
+# ---- many services in one program ---------------------------------------------------------
+
+BIG_VHOST = r"""
+import socket, sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+port, name = int(sys.argv[1]), sys.argv[2]
+BIG = (name + "\n").encode() * (10 * 1024 * 1024 // (len(name) + 1))
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        body = BIG if self.path == "/big" else (name + "\n").encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+
+class Server(ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+    daemon_threads = True
+    def server_bind(self):
+        self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        super().server_bind()
+
+server = Server(("::", port), Handler)
+print("ready", flush=True)
+server.serve_forever()
+"""
+
+# One connection kept alive, downloading 10 MB again and again until told to stop; each body
+# must come from the vhost the first one came from. Prints a line per transfer, and one JSON
+# line at the end.
+TRANSFERS = r"""
+import http.client, json, select, sys
+c = http.client.HTTPConnection(sys.argv[1], int(sys.argv[2]), timeout=20)
+names, done, size, error = set(), 0, 0, None
+print("started", flush=True)
+while not select.select([sys.stdin], [], [], 0)[0]:
+    try:
+        c.request("GET", "/big")
+        body = c.getresponse().read()
+    except Exception as e:
+        error = repr(e)
+        break
+    lines = set(body.split(b"\n")) - {b""}
+    names |= {l.decode() for l in lines}
+    size = len(body)
+    done += 1
+    print("transfer", done, flush=True)
+print(json.dumps({"transfers": done, "size": size, "names": sorted(names), "error": error}),
+      flush=True)
+"""
+
+B_LISTEN = 9888
+A = {"name": "a", "listen_port": LISTEN, "ports": {"main": 8080, "backup": 80}}
+B = {"name": "b", "listen_port": B_LISTEN, "ports": {"main": 9080, "backup": 90}}
+
+
+class ServicesLab(SkLab):
+    """SkLab with a second service b (9888 -> main 9080 / backup 90, vhosts that can send 10
+    MB), and a driver in the services form (every service starts off)."""
+
+    def __init__(self):
+        super().__init__()
+        for port, name in ((9080, "bmain"), (90, "bbackup")):
+            proc = self.app.popen("python3", "-c", BIG_VHOST, str(port), name,
+                                  stdout=subprocess.PIPE, text=True)
+            self.closers.append(proc.close)
+            assert proc.stdout.readline().strip() == "ready"
+        self.driver.close()
+        self.desired = {"services": [A, B], "pin_dir": str(self.pin_dir),
+                        "flow_entries": 4096}
+        self.driver = self.new_driver()
+
+    def get_b(self, host: str = APP_V4) -> str:
+        return http_get(self.client, host, B_LISTEN)
+
+
+@pytest.fixture
+def svl():
+    lab = ServicesLab()
+    try:
+        yield lab
+    finally:
+        lab.close()
+
+
+def _element(skl, pin: str, key: int) -> int | None:
+    fd = kbpf.obj_get(str(skl.pin_dir / f"sk_lookup_{pin}"))
+    try:
+        raw = kbpf.map_lookup(fd, struct.pack("=I", key), 4)
+        return struct.unpack("=I", raw)[0] if raw else None
+    finally:
+        os.close(fd)
+
+
+def _prog_id(skl) -> int:
+    fd = kbpf.obj_get(str(skl.pin_dir / "sk_lookup_prog"))
+    try:
+        return kbpf.prog_info(fd).id
+    finally:
+        os.close(fd)
+
+
+def test_switching_one_service_50_times_leaves_the_other_untouched(svl):
+    """Two services in one program. 50 switches of a (main <-> backup) while b holds a
+    keep-alive connection and a connection that downloads 10 MB after 10 MB: every switch is
+    one store, a's new connections follow it, and b's connections keep answering from the vhost
+    they started on, with no new connection of b's steered meanwhile."""
+    svl.driver("switch", service="a", target="main")
+    svl.driver("switch", service="b", target="main")
+    assert svl.get(APP_V4) == "main" and svl.get_b() == "bmain"
+    link, prog = _link_id(svl), _prog_id(svl)
+    kept = KeepAlive(svl.client, APP_V6, B_LISTEN)
+    transfers = svl.client.popen("python3", "-c", TRANSFERS, APP_V4, str(B_LISTEN),
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert transfers.stdout.readline().strip() == "started"
+        assert kept.get() == "bmain"
+        svl.driver("switch", service="b", target="backup")  # b's new connections: backup
+        b_before = svl.driver("flows")["steered"]
+        b_slot = _element(svl, "services", B_LISTEN)
+        b_value = _element(svl, "active", b_slot)
+        for i in range(50):
+            target = "backup" if i % 2 == 0 else "main"
+            change = svl.driver("switch", service="a", target=target)
+            assert change["layout"] == 0 and change["flips"] == 1, change
+            assert svl.get(APP_V4 if i % 3 else APP_V6) == target
+            if i % 10 == 0:
+                assert kept.get() == "bmain"
+        assert kept.get() == "bmain"
+        assert _element(svl, "active", b_slot) == b_value
+        after = svl.driver("flows")["steered"]
+        assert {k: v for k, v in after.items() if k.startswith("b/")} == \
+            {k: v for k, v in b_before.items() if k.startswith("b/")}
+        # (A SYN the kernel retransmits under load is looked up, and counted, again.)
+        assert 25 <= after["a/main"] - b_before["a/main"] <= 27
+        assert 25 <= after["a/backup"] - b_before["a/backup"] <= 27
+        line = transfers.stdout.readline()  # at least two transfers (slow under load)
+        while line.startswith("transfer") and line.split() != ["transfer", "2"]:
+            line = transfers.stdout.readline()
+        if line.startswith("transfer"):
+            transfers.stdin.write("stop\n")
+            transfers.stdin.flush()
+            line = transfers.stdout.readline()
+            while line.startswith("transfer"):
+                line = transfers.stdout.readline()
+        result = json.loads(line)  # its summary (at once, if it stopped on an error)
+        assert result["error"] is None and result["transfers"] >= 2, result
+        assert result["names"] == ["bmain"] and result["size"] >= 10 * 1024 * 1024 - 16
+        # The established ones are counted where they started; b's new ones go to backup.
+        counts = svl.driver("count")["counts"]
+        assert counts["b/main"] == 2 and counts["b/backup"] == 0, counts
+        assert svl.get_b() == "bbackup"
+    finally:
+        kept.close()
+        transfers.close()
+    assert (_link_id(svl), _prog_id(svl)) == (link, prog), "nothing re-linked or rebuilt"
+
+
+def test_a_service_added_or_removed_is_inserts_and_deletes(svl):
+    """Adding a service to the running program is its inserts (same program, same link);
+    removing one deletes its entry (its listen port is refused) and touches no other."""
+    one = {"services": [A]}
+    svl.driver("switch", service="a", target="main", desired=one)
+    link, prog = _link_id(svl), _prog_id(svl)
+    held = KeepAlive(svl.client, APP_V4, LISTEN)
+    assert held.get() == "main"
+    assert connect_error(svl.client, APP_V4, B_LISTEN)[0] == "ECONNREFUSED"
+    added = svl.driver("switch", service="b", target="backup")
+    assert added["steps"] == ["addservice"] and added["flips"] == 1, added
+    assert added["after"] == {"weights": {"a": 100, "b": 0}, "intact": True, "problems": []}
+    assert svl.get_b() == "bbackup" and svl.get(APP_V4) == "main"
+    kept_b = KeepAlive(svl.client, APP_V4, B_LISTEN)
+    assert kept_b.get() == "bbackup"
+    # a goes (the core removes only services that are off: switch it off first).
+    svl.driver("switch", service="a", target=None)
+    removed = svl.driver("switch", service="b", target="backup",
+                         desired={"services": [B]})
+    assert removed["steps"] == ["removeservice"] and removed["flips"] == 0, removed
+    assert removed["after"]["intact"]
+    assert svl.refused(APP_V4)
+    assert held.get() == "main", "an established connection of a removed service stays"
+    assert kept_b.get() == "bbackup" and svl.get_b() == "bbackup"
+    assert (_link_id(svl), _prog_id(svl)) == (link, prog)
+    held.close()
+    kept_b.close()
+
+
+def test_drift_of_one_service_is_reported_and_repaired_alone(svl):
+    svl.driver("weights", weights={"a": 100, "b": 100})
+    assert svl.get(APP_V4) == "main" and svl.get_b() == "bmain"
+    a_slot, b_slot = _element(svl, "services", LISTEN), _element(svl, "services", B_LISTEN)
+    # Someone flips b to backup: b's weight is reported wrong, a's is not; one store repairs.
+    fd = kbpf.obj_get(str(svl.pin_dir / "sk_lookup_active"))
+    try:
+        kbpf.map_update(fd, struct.pack("=I", b_slot), struct.pack("=I", 1))
+    finally:
+        os.close(fd)
+    assert svl.get_b() == "bbackup"
+    state = svl.driver("read")["state"]
+    assert state == {"weights": {"a": 100, "b": 0}, "intact": True, "problems": []}
+    repair = svl.driver("switch", service="b", target="main")
+    assert repair["layout"] == 0 and repair["flips"] == 1
+    assert svl.get_b() == "bmain"
+    # Someone deletes a's entry: a is refused and reported missing; b is not touched.
+    fd = kbpf.obj_get(str(svl.pin_dir / "sk_lookup_services"))
+    try:
+        kbpf.map_delete(fd, struct.pack("=I", LISTEN))
+    finally:
+        os.close(fd)
+    assert svl.refused(APP_V4) and svl.get_b() == "bmain"
+    state = svl.driver("read")["state"]
+    assert not state["intact"] and state["weights"] == {"b": 100}
+    assert any("service a" in p for p in state["problems"]), state
+    repair = svl.driver("switch", service="a", target="main")
+    assert repair["steps"] == ["addservice"] and repair["flips"] == 1, repair
+    assert svl.get(APP_V4) == "main" and svl.get_b() == "bmain"
+    assert _element(svl, "services", B_LISTEN) == b_slot
+    assert _element(svl, "services", LISTEN) != b_slot and a_slot is not None
+    # Someone empties b's main sockets: only those are refilled.
+    fd = kbpf.obj_get(str(svl.pin_dir / "sk_lookup_sockets"))
+    try:
+        for i in range(8):
+            with suppress(OSError):
+                kbpf.map_delete(fd, struct.pack("=I", (b_slot * 2 + 1) * 8 + i))
+    finally:
+        os.close(fd)
+    state = svl.driver("read")["state"]
+    assert [p for p in state["problems"] if "socket map" in p] == [
+        "socket map for b main: holds 0 socket(s), 1 current listener(s) on port 9080"], state
+    repair = svl.driver("switch", service="b", target="main")
+    assert repair["steps"] == ["fillsockets"] and repair["flips"] == 0
+    assert svl.get_b() == "bmain"
+
+
+SHARE_CLIENT = r"""
+import socket, sys
+host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+failed = 0
+for _ in range(n):
+    try:
+        s = socket.create_connection((host, port), timeout=5)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
+        s.close()  # a reset: no TIME_WAIT left to collide with a later connection
+    except OSError:
+        failed += 1
+print(failed, flush=True)
+"""
+
+
+ACCEPTOR = r"""
+import socket, sys
+s = socket.socket(socket.AF_INET6)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+s.bind(("::", int(sys.argv[1])))
+s.listen(4096)
+print("ready", flush=True)
+while True:
+    s.accept()[0].close()
+"""
+
+
+def test_a_split_assigns_each_new_connection_once_by_weight(svl):
+    """main 10 %, backup 90 %: over 10,000 new connections the share of main is within 1.5
+    points of 10 (the counters add up to the connections made)."""
+    svl.main.stop()
+    svl.backup.stop()
+    for port in (8080, 80):  # listeners that keep up with 10,000 connections
+        proc = svl.app.popen("python3", "-c", ACCEPTOR, str(port), stdout=subprocess.PIPE,
+                             text=True)
+        svl.closers.append(proc.close)
+        assert proc.stdout.readline().strip() == "ready"
+    svl.driver("weights", weights={"a": 10, "b": None})
+    assert svl.driver("read")["state"]["weights"] == {"a": 10, "b": None}
+    before = svl.driver("flows")["steered"]
+    run = svl.client.run("python3", "-c", SHARE_CLIENT, APP_V4, str(LISTEN), "10000",
+                         timeout=300)
+    assert run.stdout.strip() == "0"
+    after = svl.driver("flows")["steered"]
+    main = after["a/main"] - before["a/main"]
+    backup = after["a/backup"] - before["a/backup"]
+    # A SYN the kernel retransmits under load is looked up (and counted) again.
+    assert 10000 <= main + backup <= 10020
+    assert abs(100 * main / (main + backup) - 10) <= 1.5, (main, backup)
+    # A switch to 100 is one store again: every new connection to main.
+    change = svl.driver("weights", weights={"a": 100})
+    assert change["layout"] == 0 and change["flips"] == 1
+    svl.client.run("python3", "-c", SHARE_CLIENT, APP_V4, str(LISTEN), "100")
+    last = svl.driver("flows")["steered"]
+    assert last["a/main"] - after["a/main"] == 100 and last["a/backup"] == after["a/backup"]
+
+
+# ---- the upgrade from the single-service layout of cd0a822 ----------------------------------
+
+OLD = "cd0a822^"  # the layout cd0a822 builds: its backends are the last before the contract
+
+
+@pytest.fixture
+def old_code(tmp_path):
+    """The zddd and zdddlab of the single-service layout, from git, in a directory of its
+    own (run from there, so its modules are the ones imported)."""
+    repo = Path(__file__).resolve().parents[2]
+    tree = tmp_path / "old-zddd"
+    tree.mkdir()
+    archive = subprocess.run(["git", "-C", str(repo), "archive", OLD, "zddd", "zdddlab", "bpf"],
+                             capture_output=True)
+    if archive.returncode != 0:
+        pytest.skip(f"no git history for {OLD}: {archive.stderr.decode().strip()}")
+    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive.stdout, check=True)
+    return tree
+
+
+def test_the_single_service_layout_is_adopted_without_a_flip_or_a_lost_flow(skl, old_code):
+    old = skl.new_driver(prefix=("env", "-C", str(old_code), f"PYTHONPATH={old_code}"))
+    old("switch", target="main")
+    assert "steering main" in old("leftover")["leftover"]
+    old.close()
+    assert "sk_lookup_services" not in skl.pins()
+    link = _link_id(skl)
+    kept = KeepAlive(skl.client, APP_V4, LISTEN)
+    kept6 = KeepAlive(skl.client, APP_V6, LISTEN)
+    # New connections all through the upgrade: none refused, all to main.
+    steady = skl.client.popen("python3", "-c", STEADY_CLIENT, APP_V4, str(LISTEN),
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert kept.get() == "main" and kept6.get() == "main"
+        assert steady.stdout.readline().strip() == "started"
+        new = skl.new_driver()
+        state = new("read")["state"]
+        assert state["active"] == "main" and not state["intact"], state
+        assert any("layout v1" in p for p in state["problems"]), state
+        upgrade = new("switch", target="main")
+        assert upgrade["steps"] == ["build"] and not upgrade["flip"], upgrade
+        assert upgrade["after"] == {"active": "main", "intact": True, "problems": []}
+        assert _link_id(skl) == link, "the program is replaced through the same link"
+        assert len(_netns_links(skl.app)) == 1
+        assert "sk_lookup_services" in skl.pins()
+        assert kept.get() == "main" and kept6.get() == "main"
+        assert skl.get(APP_V4) == "main"
+        steady.stdin.write("stop\n")
+        steady.stdin.flush()
+        result = json.loads(steady.stdout.readline())
+        assert result["failed"] == 0 and result["answers"] == ["main"], result
+        assert result["made"] > 0
+        # The connections made before the upgrade are still counted for main (the steady
+        # client's are closed by now).
+        assert new("count")["counts"] == {"main": 2, "backup": 0}
+        assert new("flows")["steered"]["main"] >= 2
+        # And it switches as any v2 layout: one store.
+        flip = new("switch", target="backup")
+        assert flip["layout"] == 0 and flip["flip"]
+        assert skl.get(APP_V6) == "backup"
+        assert kept.get() == "main" and kept6.get() == "main"
+    finally:
+        kept.close()
+        kept6.close()
+        steady.close()
+
+
+STEADY_CLIENT = r"""
+import http.client, json, select, sys
+host, port = sys.argv[1], int(sys.argv[2])
+made, failed, answers = 0, 0, set()
+print("started", flush=True)
+while not select.select([sys.stdin], [], [], 0.005)[0]:
+    try:
+        c = http.client.HTTPConnection(host, port, timeout=5)
+        c.request("GET", "/")
+        answers.add(c.getresponse().read().decode().strip())
+        c.close()
+        made += 1
+    except OSError:
+        failed += 1
+print(json.dumps({"made": made, "failed": failed, "answers": sorted(answers)}), flush=True)
+"""
+
+
+OLD_ZDDD = "import sys; from zddd.daemon import main; sys.exit(main())"
+
+
+@pytest.mark.parametrize("lab", ["sk_lookup"], indirect=True)
+def test_zddd_started_on_the_single_service_layout_adopts_it(lab, old_code):
+    """The same through the daemons: the zddd of cd0a822's layout steers backup and holds a
+    keep-alive connection; it stops, and this zddd starts on its data plane: adopted (no
+    flip, the same link), the held connection answered by backup and counted for it, new ones
+    to backup; then a switch to main moves new connections only."""
+    from zdddlab import VENV_BIN, Zddd, wait_for
+
+    z = lab.own(Zddd(lab.app, lab.bus, lab.tmp, {"backend": "sk_lookup",
+                                                  "bpf_pin_dir": lab.pin_dir,
+                                                  "initial": "backup"}))
+    lab.zddd = z
+    with open(z.log_path, "a") as log:
+        old = lab.app.popen("env", "-C", str(old_code), f"PYTHONPATH={old_code}",
+                            str(VENV_BIN / "python"), "-c", OLD_ZDDD, "--config",
+                            str(z.config_path), "--bus", lab.bus.address, stdout=log,
+                            stderr=subprocess.STDOUT)
+    lab.closers.append(old.close)
+    wait_for(lambda: old.poll() is not None or z.owns_name(), 60, "the old zddd to start")
+    assert old.poll() is None, z.log()
+    assert http_get(lab.client, APP_V4, LISTEN) == "backup"
+    pin_dir = Path(lab.pin_dir)
+    assert not (pin_dir / "sk_lookup_services").exists(), "not the old layout"
+    link = _link_id(SimpleNamespace(pin_dir=pin_dir))
+    kept = KeepAlive(lab.client, APP_V4, LISTEN)
+    try:
+        assert kept.get() == "backup"
+        old.terminate()
+        assert old.wait(timeout=10) == 0, z.log()
+        wait_for(lambda: not z.owns_name(), 10, "the old zddd's bus name to go")
+        z.start()
+        starts = [line for line in z.log().splitlines() if "event=start " in line]
+        assert "how=adopted" in starts[-1] and "target=backup" in starts[-1], starts
+        assert "event=flows_carried_over backend=sk_lookup from_layout=1 flows=1" in z.log()
+        assert (pin_dir / "sk_lookup_services").exists()
+        assert _link_id(SimpleNamespace(pin_dir=pin_dir)) == link
+        assert z.prop("ActiveTarget") == "backup"
+        assert kept.get() == "backup"
+        assert http_get(lab.client, APP_V6, LISTEN) == "backup"
+        status = json.loads(z.zddctl("status", "--json").stdout)
+        assert status["targets"]["backup"]["connections"] == 1, status
+        r = z.zddctl("switch", "main")
+        assert r.returncode == 0, r.stderr
+        assert http_get(lab.client, APP_V4, LISTEN) == "main"
+        assert kept.get() == "backup"
+    finally:
+        kept.close()
+
+
+@pytest.mark.parametrize("lab", ["sk_lookup"], indirect=True)
+def test_zddd_with_two_services_and_a_third_added_at_reload(lab):
+    """zddd with [services.a] and [services.b] on sk_lookup: one program steers both, each to
+    its own initial target; a reload that adds c inserts it (same program, same link, b's
+    held connection untouched) and c starts at its initial target."""
+    from zdddlab import Vhost, Zddd
+
+    for port, name in ((9080, "bmain"), (90, "bbackup"), (7080, "cmain"), (70, "cbackup")):
+        vhost = Vhost(lab.app, port, name)
+        lab.closers.append(vhost.stop)
+
+    def spec(listen: int, main: int, backup: int, initial: str) -> dict:
+        return {"listen_port": listen, "initial": initial,
+                "targets": {"main": {"port": main}, "backup": {"port": backup}}}
+
+    services = {"a": spec(LISTEN, 8080, 80, "main"), "b": spec(B_LISTEN, 9080, 90, "backup")}
+    z = lab.own(Zddd(lab.app, lab.bus, lab.tmp, {
+        "backend": "sk_lookup", "bpf_pin_dir": lab.pin_dir, "services": services,
+        "metrics": {"listen": ""}}))  # the metrics adapter does not know services yet
+    del z.config["drain_timeout"]  # a service key: per service in this form
+    z.write_config()
+    lab.zddd = z
+    z.start()
+    assert http_get(lab.client, APP_V4, LISTEN) == "main"
+    assert http_get(lab.client, APP_V6, B_LISTEN) == "bbackup"
+    pins = SimpleNamespace(pin_dir=Path(lab.pin_dir))
+    link, prog = _link_id(pins), _prog_id(pins)
+    kept = KeepAlive(lab.client, APP_V4, B_LISTEN)
+    try:
+        assert kept.get() == "bbackup"
+        z.config["services"]["c"] = spec(7888, 7080, 70, "backup")
+        z.write_config()
+        r = z.zddctl("reload")
+        assert r.returncode == 0, r.stderr
+        wait_for(lambda: connect_error(lab.client, APP_V4, 7888)[0] == "ok", 5,
+                 "service c to be steered")
+        assert http_get(lab.client, APP_V4, 7888) == "cbackup"
+        assert (_link_id(pins), _prog_id(pins)) == (link, prog)
+        assert kept.get() == "bbackup"
+        assert http_get(lab.client, APP_V4, LISTEN) == "main"
+    finally:
+        kept.close()
+
+
+SAME_TUPLE = r"""
+import http.client, json, socket, sys
+host, port = sys.argv[1], int(sys.argv[2])
+seen = {}
+for source in range(41000, 41030):
+    for _ in range(3):
+        c = http.client.HTTPConnection(host, port, timeout=5, source_address=("", source))
+        c.request("GET", "/")
+        seen.setdefault(source, set()).add(c.getresponse().read().decode().strip())
+        # A reset: no TIME_WAIT keeps the next connection from the same port.
+        c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
+        c.close()
+print(json.dumps({str(k): sorted(v) for k, v in seen.items()}))
+"""
+
+
+def test_a_split_sends_the_same_addresses_and_ports_to_the_same_target(svl):
+    """The split is a hash of the connection's addresses and ports, not a fresh random number:
+    a connection made again from the same client port (as a retransmitted SYN is looked up
+    again) goes where the first went; different client ports go to both targets."""
+    svl.driver("weights", weights={"a": 50, "b": None})
+    run = svl.client.run("python3", "-c", SAME_TUPLE, APP_V4, str(LISTEN))
+    seen = json.loads(run.stdout)
+    assert all(len(targets) == 1 for targets in seen.values()), seen
+    assert {t for targets in seen.values() for t in targets} == {"main", "backup"}, seen
+
+
+def test_a_link_given_another_program_gets_zddds_back_in_one_step(skl):
+    """Someone replaces the program of zddd's link (BPF_LINK_UPDATE with a program that steers
+    nothing): read says so, and the repair gives the same link zddd's program back, without a
+    second link running beside it."""
+    from bcc import BPF
+
+    skl.driver("switch", target="main")
+    link = _link_id(skl)
+    other = BPF(text=b"int nothing(struct bpf_sk_lookup *ctx) { return SK_PASS; }")
+    try:
+        prog = other.load_func(b"nothing", kbpf.BPF_PROG_TYPE_SK_LOOKUP,
+                               attach_type=kbpf.BPF_SK_LOOKUP)
+        fd = kbpf.obj_get(str(skl.pin_dir / "sk_lookup_link"))
+        try:
+            kbpf.link_update(fd, prog.fd)
+        finally:
+            os.close(fd)
+    finally:
+        other.cleanup()
+    assert skl.refused(APP_V4)
+    state = skl.driver("read")["state"]
+    assert state["problems"] == ["the pinned link is not of the pinned program"], state
+    repair = skl.driver("switch", target="main")
+    assert repair["steps"] == ["relink"] and not repair["flip"], repair
+    assert _link_id(skl) == link and _netns_links(skl.app) == [link]
+    assert skl.get(APP_V4) == "main"

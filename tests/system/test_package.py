@@ -322,8 +322,8 @@ def test_metrics_are_served(machine):
     m = machine
     m.sh("zddctl switch backup && zddctl switch main", check=True)
     out = m.sh("curl -sSf 127.0.0.1:9488/metrics", check=True).stdout
-    assert 'zddd_active_target{target="main"} 1.0' in out
-    assert 'zddd_target_up{target="main"} 1.0' in out
+    assert 'zddd_active_target{service="default",target="main"} 1.0' in out
+    assert 'zddd_target_up{service="default",target="main"} 1.0' in out
     assert 'zddd_build_info{backend="nftables",version="' in out
     assert _switch_results(m)["backup"] >= 1, out
     # The sandbox lets the scrape-time kernel reads (sock_diag, nft counters) through.

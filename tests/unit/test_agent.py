@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
+import types
 
 import pytest
 
@@ -19,22 +21,60 @@ def run(coro):
     return asyncio.run(asyncio.wait_for(coro, 30))
 
 
+def snap(active: str, draining: str = "", up=None, weights=None) -> Snapshot:
+    """A snapshot of one service; `weights` only where the core's Snapshot has them."""
+    kw = dict(active=active, draining=draining, backend="nftables", listen_port=8888,
+              targets={"main": 8080, "backup": 80},
+              up={"main": True, "backup": True} if up is None else up)
+    names = {f.name for f in dataclasses.fields(Snapshot)}
+    if "service" in names:
+        kw["service"] = "default"
+    if weights is not None:
+        kw["weights"] = weights
+        if "weights" not in names:  # a core before weights: the same fields, duck-typed
+            return types.SimpleNamespace(**kw)
+    return Snapshot(**kw)
+
+
 SNAPSHOTS = {
-    "ready up": Snapshot("main", "", "nftables", 8888, {"main": 8080}, {"main": True}),
-    "down": Snapshot("main", "", "nftables", 8888, {"main": 8080}, {"main": False}),
-    "drain": Snapshot("main", "main", "nftables", 8888, {"main": 8080}, {"main": True}),
-    "maint": Snapshot("off", "", "nftables", 8888, {"main": 8080}, {"main": True}),
+    "ready up": snap("main"),
+    "down": snap("main", up={"main": False, "backup": True}),
+    "drain": snap("main", "main"),
+    "maint": snap("off"),
 }
 
 
 @pytest.mark.parametrize("word", SNAPSHOTS)
 def test_agent_words_follow_the_core_state(word):
     assert agent_word(SNAPSHOTS[word]) == word
+    assert agent_word(SNAPSHOTS[word], weights=True) == word  # all to one target: no percent
 
 
-async def started(answer) -> tuple[AgentResponder, int]:
+@pytest.mark.parametrize("weights, agent_weights, word", [
+    ({"main": 30, "backup": 70}, True, "ready up 30%"),
+    ({"main": 30, "backup": 70}, False, "ready up"),
+    ({"main": 99, "backup": 1}, True, "ready up 99%"),
+    ({"main": 100, "backup": 0}, True, "ready up"),
+    ({"main": 0, "backup": 100}, True, "ready up 0%"),
+])
+def test_agent_weights_give_haproxy_mains_share(weights, agent_weights, word):
+    active = {100: "main", 0: "backup"}.get(weights["main"], "split")
+    assert agent_word(snap(active, weights=weights), weights=agent_weights) == word
+
+
+def test_a_split_is_up_only_while_both_targets_pass_their_probes():
+    split = {"main": 30, "backup": 70}
+    assert agent_word(snap("split", up={"main": True, "backup": False}, weights=split),
+                      weights=True) == "down"
+    assert agent_word(snap("split", up={"main": False, "backup": True}, weights=split)) == "down"
+    # Draining (a switch to off from a split) and off win over weights.
+    assert agent_word(snap("split", "split", weights=split), weights=True) == "drain"
+    assert agent_word(snap("off", weights={"main": 0, "backup": 0}), weights=True) == "maint"
+
+
+async def started(answer, **kw) -> tuple[AgentResponder, int]:
     """A responder whose core answers with the snapshot for the word `answer()` names."""
-    responder = AgentResponder(lambda: SNAPSHOTS[answer()])
+    responder = AgentResponder(lambda: SNAPSHOTS[answer()], **kw)
     responder.bind(Endpoint("127.0.0.1", 0))
     await responder.serve()
     return responder, responder._server.sockets[0].getsockname()[1]
@@ -193,3 +233,37 @@ def test_the_loop_stays_free_while_clients_linger():
         return count
 
     assert run(go()) >= 25
+
+
+def test_the_responder_answers_for_its_service_with_its_weights_setting():
+    polled = []
+    half = snap("split", weights={"main": 50, "backup": 50})
+
+    def service_polled():
+        polled.append(1)
+        return half
+
+    async def go():
+        responder = AgentResponder(service_polled, weights=True)
+        responder.bind(Endpoint("127.0.0.1", 0))
+        await responder.serve()
+        try:
+            first = (await ask(responder.port))[0]
+            responder.weights = False  # a reload turned [agent] weights off
+            second = (await ask(responder.port))[0]
+        finally:
+            await responder.stop()
+        return first, second
+
+    assert run(go()) == (b"ready up 50%\n", b"ready up\n")
+    assert len(polled) == 2  # each answer told the service it was polled
+
+
+def test_without_a_setting_the_snapshot_says_whether_the_agent_gives_weights():
+    names = {f.name for f in dataclasses.fields(Snapshot)}
+    if "agent_weights" not in names:
+        pytest.skip("this core's Snapshot has no agent_weights")
+    split = snap("split", weights={"main": 25, "backup": 75})
+    assert agent_word(split) == "ready up"
+    assert agent_word(dataclasses.replace(split, agent_weights=True)) == "ready up 25%"
+    assert agent_word(dataclasses.replace(split, agent_weights=True), weights=False) == "ready up"

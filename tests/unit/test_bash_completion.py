@@ -27,7 +27,7 @@ def readline_words(line: str) -> list[str]:
     return words
 
 
-def complete(line: str, home: str = "/nonexistent") -> list[str]:
+def complete(line: str, home: str = "/nonexistent", path: str = "/usr/bin:/bin") -> list[str]:
     """COMPREPLY for `line` with the cursor at its end."""
     assert BASH_COMPLETION.exists(), "bash-completion is not installed (make setup installs it)"
     words = readline_words(line)
@@ -42,7 +42,7 @@ _zddctl zddctl "${{COMP_WORDS[COMP_CWORD]}}" "${{COMP_WORDS[COMP_CWORD-1]}}"
 printf '%s\\n' "${{COMPREPLY[@]}}"
 """
     r = subprocess.run(["bash", "--norc", "--noprofile", "-c", script], capture_output=True,
-                       text=True, timeout=30, env={"PATH": "/usr/bin:/bin", "HOME": home})
+                       text=True, timeout=30, env={"PATH": path, "HOME": home})
     assert r.returncode == 0 and not r.stderr, r
     return sorted(w for w in r.stdout.splitlines() if w)
 
@@ -63,7 +63,8 @@ def test_commands_and_global_options_are_zddctls():
     assert complete("zddctl sw") == ["switch"]
 
 
-@pytest.mark.parametrize("command", ["status", "switch", "wait-drained", "reload"])
+@pytest.mark.parametrize("command", ["status", "services", "switch", "wait-drained",
+                                     "weights", "reload"])
 def test_each_commands_options_are_its_own(command):
     expected = option_strings(subparsers(build_parser())[command])
     assert complete(f"zddctl {command} -") == expected
@@ -102,3 +103,48 @@ def test_host_completion_offers_the_hosts_ssh_knows(tmp_path):
                                               "Host lb\n  HostName 198.51.100.1\n")
     assert complete("zddctl -H ap", home=str(tmp_path)) == ["app1"]
     assert complete("zddctl --host root@ap", home=str(tmp_path)) == ["root@app1"]
+
+
+def test_weights_offer_the_targets_not_given_yet():
+    assert complete("zddctl weights ") == ["backup=", "main="]
+    assert complete("zddctl weights m") == ["main="]
+    assert complete("zddctl -s web weights main=30 ") == ["backup="]
+    assert complete("zddctl weights --ramp ") == []  # seconds
+    assert complete("zddctl weights --ramp 60 ") == ["backup=", "main="]
+
+
+@pytest.fixture
+def fake_zddctl(tmp_path):
+    """A `zddctl` first on PATH that records its arguments and answers `services` with two
+    names, as zddd's would."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    script = bin_dir / "zddctl"
+    log = tmp_path / "argv"
+    script.write_text(f"""#!/bin/sh
+echo "$* ZDDCTL_SSH=$ZDDCTL_SSH" >> {log}
+[ "$(eval echo \\${{$#}})" = services ] && printf 'api\\nweb\\n'
+""")
+    script.chmod(0o755)
+    return f"{bin_dir}:/usr/bin:/bin", log
+
+
+def test_service_names_come_from_zddd(fake_zddctl):
+    path, log = fake_zddctl
+    assert complete("zddctl -s ", path=path) == ["api", "web"]
+    assert complete("zddctl --service w", path=path) == ["web"]
+    assert complete("zddctl --bus session -s a", path=path) == ["api"]
+    assert complete("zddctl -s web sw", path=path) == ["switch"]
+    assert complete("zddctl -s web switch ", path=path) == ["backup", "main", "off"]
+    calls = log.read_text().splitlines()
+    assert calls[0].startswith("services ")
+    assert calls[2].startswith("--bus session services ")
+
+
+def test_service_names_after_h_are_the_remote_hosts(fake_zddctl):
+    path, log = fake_zddctl
+    assert complete("zddctl -H root@app1 -s ", path=path) == ["api", "web"]
+    (call,) = log.read_text().splitlines()
+    # zddctl -H asks the remote zddctl; ssh must not prompt in the middle of a completion.
+    assert call.startswith("-H root@app1 services ")
+    assert "BatchMode=yes" in call

@@ -14,6 +14,9 @@ import pytest
 from zddd import errors
 from zddd.core import Snapshot
 from zddd.service import dbus
+from zddd.service.dbus import Variant
+
+from .fakecore import FakeCore
 
 
 class NewRefusal(errors.InvalidArgument):
@@ -64,12 +67,13 @@ def test_the_introspection_data_shows_every_declared_method_and_property():
         "Switch": [("target", "s", "in")],
         "SwitchWithOptions": [("target", "s", "in"), ("options", "a{sv}", "in")],
         "WaitDrained": [("target", "s", "in"), ("timeout_usec", "t", "in"), (None, "b", "out")],
+        "SetWeights": [("weights", "a{su}", "in"), ("options", "a{sv}", "in")],
         "Reload": [],
     }
     props = {p.get("name"): (p.get("type"), p.get("access")) for p in xml.findall("property")}
     assert props == {p.name: (p.signature, "read") for p in dbus.PROPERTIES}
     assert {"ActiveTarget", "Draining", "Backend", "Targets", "LastSwitchUSec",
-            "LastSwitchTimestamp", "LastSwitchCaller"} <= set(props)
+            "LastSwitchTimestamp", "LastSwitchCaller", "Services", "Weights"} <= set(props)
     assert [s.get("name") for s in xml.findall("signal")] == ["Switched"]
 
 
@@ -141,3 +145,84 @@ def test_the_real_proc_of_this_process(monkeypatch):
         child.wait()
     assert got == f"uid={os.getuid()} ssh=tester@198.51.100.7"
 
+
+
+# ---- many services ----------------------------------------------------------------------------
+
+class Recorder:
+    """Stands in for the bus side of a ServiceInterface: what it would signal."""
+
+    def __init__(self, iface):
+        self.changed = []
+        self.switched = []
+        iface.emit_properties_changed = lambda changed, invalidated=(): self.changed.append(
+            (dict(changed), list(invalidated)))
+        iface.Switched = lambda *a: self.switched.append(a)
+
+
+def manager_of(*services):
+    core = FakeCore(*services)
+    manager = dbus.ManagerInterface(core, None)
+    return core, manager
+
+
+def test_the_service_interface_is_declared_once_too():
+    _, manager = manager_of(("web", 8888), ("api", 8890))
+    obj = manager.objects["web"]
+    assert obj.name == dbus.SERVICE_INTERFACE and obj.path == "/org/zddd/Steering1/service/web"
+    xml = ET.fromstring(ET.tostring(obj.introspect().to_xml()))
+    assert {m.get("name") for m in xml.findall("method")} == {
+        "Switch", "SwitchWithOptions", "WaitDrained", "SetWeights"}
+    props = {p.get("name"): p.get("type") for p in xml.findall("property")}
+    assert props == {p.name: p.signature for p in dbus.SERVICE_PROPERTIES}
+    assert props["Name"] == "s" and props["Weights"] == "a{su}" and props["ListenPort"] == "q"
+    assert obj.Name == "web" and obj.ListenPort == 8888
+    assert manager.objects["api"].ListenPort == 8890
+    assert list(manager.objects) == ["api", "web"]
+
+
+def test_with_several_services_the_manager_is_global_only():
+    _, manager = manager_of(("web", 8888), ("api", 8890))
+    assert {k: v.value for k, v in manager.values().items()} == {
+        "Backend": "nftables", "Services": ["api", "web"]}
+    with pytest.raises(errors.InvalidArgument) as e:
+        manager.only()
+    assert "/org/zddd/Steering1/service/api" in str(e.value)
+    assert "/org/zddd/Steering1/service/web" in str(e.value)
+    with pytest.raises(dbus.DBusError) as e:
+        manager.ActiveTarget  # noqa: B018
+    assert e.value.type == dbus.ERROR_PREFIX + "InvalidArgument"
+
+
+def test_events_go_to_their_service_and_to_the_manager_only_while_it_is_the_one():
+    core, manager = manager_of(("web", 8888), ("api", 8890))
+    web, api, mgr = (Recorder(manager.objects["web"]), Recorder(manager.objects["api"]),
+                     Recorder(manager))
+    core.services["web"].switch("backup")
+    assert web.switched == [("main", "backup", 42)] and not api.switched and not mgr.switched
+    assert web.changed[0][0]["ActiveTarget"] == "backup" and not api.changed and not mgr.changed
+    core.remove("api")  # without a bus: the objects follow, nothing is sent
+    assert list(manager.objects) == ["web"]
+    core.services["web"].switch("main")
+    assert mgr.switched == [("backup", "main", 42)]
+    assert mgr.changed[-1][0]["ActiveTarget"] == "main"
+    assert manager.ActiveTarget == "main" and manager.Weights == {"main": 100, "backup": 0}
+
+
+def test_set_weights_options():
+    assert dbus.parse_options({"ramp_usec": Variant("t", 5_000_000),
+                               "force": Variant("b", True)}, dbus._WEIGHT_OPTIONS) == {
+        "ramp": 5.0, "force": True}
+    with pytest.raises(errors.InvalidArgument):
+        dbus.parse_options({"drain_timeout_usec": Variant("t", 1)}, dbus._WEIGHT_OPTIONS)
+    assert dbus.parse_options({"ramp_usec": Variant("t", 1)}) == {"ramp": 1e-6}  # a switch's
+    with pytest.raises(errors.InvalidArgument):
+        dbus.parse_options({"ramp_usec": Variant("u", 1)})
+
+
+def test_a_core_before_services_is_its_one_service_named_default():
+    manager = dbus.ManagerInterface(StubCore(), None)
+    assert list(manager.objects) == ["default"]
+    assert manager.Services == ["default"] and manager.Backend == "nftables"
+    assert manager.objects["default"].ActiveTarget == "main"
+    assert manager.Weights == {"main": 100, "backup": 0}  # from the active target

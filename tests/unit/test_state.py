@@ -121,7 +121,8 @@ def test_a_file_from_before_the_last_switch_fields_still_reads(tmp_path):
     path = tmp_path / "state.json"
     path.write_text('{"target": "off", "draining": "main", "drain_deadline": 5.0, '
                     '"drain_answered": true}\n')
-    assert StateFile(str(path)).load() == {"default": SavedState("off", "main", 5.0, drain_answered=True)}
+    assert StateFile(str(path)).load() == {
+        "default": SavedState("off", "main", 5.0, drain_answered=True)}
 
 
 def test_the_last_switch_round_trips(tmp_path):

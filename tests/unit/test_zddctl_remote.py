@@ -42,10 +42,17 @@ def test_version():
     (["switch", "--wait-drained=5", "--force", "main"],
      ["zddctl", "switch", "--force", "--wait-drained=5.0", "--", "main"]),
     (["switch", "--", "-x"], ["zddctl", "switch", "--", "-x"]),
+    (["switch", "main", "--ramp", "300"], ["zddctl", "switch", "--ramp=300.0", "--", "main"]),
     (["switch", "été"], ["zddctl", "switch", "--", "été"]),
     (["wait-drained", "main"], ["zddctl", "wait-drained", "--timeout=30.0", "--", "main"]),
     (["wait-drained", "--timeout", "0.5", "main"],
      ["zddctl", "wait-drained", "--timeout=0.5", "--", "main"]),
+    (["-s", "web", "switch", "off"], ["zddctl", "--service", "web", "switch", "--", "off"]),
+    (["--service", "web", "status"], ["zddctl", "--service", "web", "status"]),
+    (["services"], ["zddctl", "services"]),
+    (["-s", "api", "weights", "main=10", "--ramp", "60", "--force"],
+     ["zddctl", "--service", "api", "weights", "--force", "--ramp=60.0", "--", "main=10"]),
+    (["weights", "backup=5", "main=95"], ["zddctl", "weights", "--", "backup=5", "main=95"]),
 ])
 def test_remote_command_line_is_the_same_command(argv, remote):
     parser = build_parser()
@@ -111,6 +118,12 @@ def test_ssh_missing_is_exit_1():
     ["-H", "app 1", "status"],
     ["-H", "", "status"],
     ["-H", "app1", "wait-drained", "main", "--timeout", "-1"],
+    ["-H", "app1", "-s", "Web", "status"],       # not a service name
+    ["-H", "app1", "-s", "-x", "status"],
+    ["-H", "app1", "weights"],
+    ["-H", "app1", "weights", "main=60", "backup=60"],
+    ["-H", "app1", "weights", "main=-1"],
+    ["-H", "app1", "weights", "off=100"],
 ])
 def test_usage_errors_are_exit_2_before_any_ssh(argv):
     r = zddctl(*argv, ssh=ECHO_ARGS)

@@ -62,3 +62,60 @@ def test_a_count_zddd_could_not_read_is_unknown(connections):
     lines = format_status(st, NOW).splitlines()
     assert lines[-2].startswith("  backup ") and lines[-2].endswith(" connections unknown")
     assert lines[-1].endswith(" 3 connections")
+
+
+# ---- services and weights -----------------------------------------------------------------------
+
+from zddd.cli import service_dict, weights_of  # noqa: E402
+
+NEW_ZDDD = {**OLD_ZDDD, "LastSwitchTimestamp": 0, "LastSwitchCaller": "",
+            "Weights": {"main": 100, "backup": 0}, "Services": ["default"]}
+
+
+def test_one_service_shows_its_weights_before_the_last_switch():
+    st = {**status_dict(NEW_ZDDD), "services": {"default": service_dict(NEW_ZDDD)}}
+    lines = format_status(st, NOW).splitlines()
+    assert lines[0] == "active target: main"  # no service line for the single form
+    assert lines.index("weights:       main 100 %, backup 0 %") == \
+        lines.index("listen port:   8888") + 1
+    assert st["services"]["default"]["weights"] == {"main": 100, "backup": 0}
+    assert "backend" not in st["services"]["default"]
+
+
+def test_several_services_each_under_its_name():
+    web = {**NEW_ZDDD, "ListenPort": 8888, "Name": "web"}
+    api = {**NEW_ZDDD, "ListenPort": 8890, "ActiveTarget": "split",
+           "Weights": {"main": 10, "backup": 90}, "Name": "api"}
+    st = {"backend": "nftables", "services": {"api": service_dict(api), "web": service_dict(web)}}
+    text = format_status(st, NOW)
+    assert text.startswith("backend:       nftables\n\nservice api:\n  active target: split\n")
+    assert "  weights:       main 10 %, backup 90 %\n" in text
+    assert "\n\nservice web:\n  active target: main\n" in text
+    assert text.endswith("  main    port 8080  up   3 connections")
+
+
+def test_a_ramp_in_progress():
+    props = {**NEW_ZDDD, "ActiveTarget": "split", "Weights": {"main": 40, "backup": 60},
+             "Ramp": [10, 100, int((NOW - 100) * 1e6), 300_000_000]}
+    one = service_dict(props)
+    assert one["ramp"] == {"main_from": 10, "main_to": 100,
+                           "started_usec": int((NOW - 100) * 1e6), "seconds": 300.0}
+    text = format_status({**status_dict(props), "services": {"default": one}}, NOW)
+    assert "ramp:          main 10 % \u2192 100 % over 300 s, 200 s left\n" in text
+    assert service_dict({**props, "Ramp": [0, 0, 0, 0]})["ramp"] is None
+    assert service_dict(OLD_ZDDD)["ramp"] is None and service_dict(OLD_ZDDD)["weights"] is None
+
+
+@pytest.mark.parametrize("pairs, weights", [
+    ([("main", 10)], {"main": 10, "backup": 90}),
+    ([("backup", 100)], {"main": 0, "backup": 100}),
+    ([("backup", 30), ("main", 70)], {"main": 70, "backup": 30}),
+])
+def test_weights_a_target_left_out_gets_the_rest(pairs, weights):
+    assert weights_of(pairs) == weights
+
+
+@pytest.mark.parametrize("pairs", [[("main", 10), ("backup", 10)], [("main", 1), ("main", 99)]])
+def test_weights_that_cannot_be(pairs):
+    with pytest.raises(ValueError):
+        weights_of(pairs)

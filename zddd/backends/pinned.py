@@ -341,12 +341,12 @@ class ActiveWriter:
         self._id = map_id
         self._slot = kbpf.ActiveSlot(self._fd)
 
-    def write(self, path: str, value: int) -> None:
+    def write(self, path: str, value: int, index: int = 0) -> None:
         if self._slot is None:
             with Pinned(path) as fd:
                 self.adopt(fd)
         assert self._slot is not None
-        self._slot.write(value)
+        self._slot.write(value, index)
 
     def forget(self) -> None:
         if self._slot is not None:

@@ -40,6 +40,7 @@ BPF_MAP_GET_FD_BY_ID = 14
 BPF_OBJ_GET_INFO_BY_FD = 15
 BPF_LINK_CREATE = 28
 BPF_LINK_GET_FD_BY_ID = 30
+BPF_LINK_UPDATE = 29
 BPF_LINK_GET_NEXT_ID = 31
 BPF_LINK_DETACH = 34
 
@@ -116,7 +117,7 @@ def map_delete(map_fd: int, key: bytes) -> bool:
 
 
 class ActiveSlot:
-    """The one u32 of a one-element array map (zddd's `active`), written again and again with
+    """A u32 of a small array map (zddd's `active`), written again and again with
     the least work per call. A map created with BPF_F_MMAPABLE is written through a shared
     mapping: a switch is one aligned 4-byte store, which the programs' next lookup sees (no
     syscall, and no reader can see half of it). A map without the flag (pinned by an older
@@ -124,9 +125,14 @@ class ActiveSlot:
 
     def __init__(self, map_fd: int):
         self.mapped = False
+        # An array map's elements are 8-byte aligned in its memory: element i of u32s is the
+        # (2 * i)th u32 of the mapping.
+        info = map_info(map_fd)
+        self._stride = (info.value_size + 7) // 8 * 2
+        size = -(-info.max_entries * self._stride * 4 // mmap.PAGESIZE) * mmap.PAGESIZE
         try:
             # mmap keeps its own duplicate of the descriptor: the map lives while this does.
-            self._mmap = mmap.mmap(map_fd, mmap.PAGESIZE, mmap.MAP_SHARED,
+            self._mmap = mmap.mmap(map_fd, max(size, mmap.PAGESIZE), mmap.MAP_SHARED,
                                    mmap.PROT_READ | mmap.PROT_WRITE)
         except OSError:  # EINVAL: the map was created without BPF_F_MMAPABLE
             self._key = ctypes.create_string_buffer(4)
@@ -140,10 +146,12 @@ class ActiveSlot:
             self._slot = memoryview(self._mmap).cast("I")
             self.mapped = True
 
-    def write(self, value: int) -> None:
+    def write(self, value: int, index: int = 0) -> None:
+        """Store `value` in element `index` (0 for a one-element map)."""
         if self.mapped:
-            self._slot[0] = value
+            self._slot[index * self._stride] = value
         else:
+            struct.pack_into("=I", self._key, 0, index)
             struct.pack_into("=I", self._value, 0, value)
             _bpf(BPF_MAP_UPDATE_ELEM, self._attr)
 
@@ -323,6 +331,12 @@ def link_info(fd: int) -> LinkInfo:
 
 def link_create_netns(prog_fd: int, netns_fd: int, attach_type: int = BPF_SK_LOOKUP) -> int:
     return _bpf(BPF_LINK_CREATE, struct.pack("=IIII", prog_fd, netns_fd, attach_type, 0))
+
+
+def link_update(link_fd: int, prog_fd: int) -> None:
+    """Replace the program of a link in one step (BPF_LINK_UPDATE): no moment in which
+    neither or both run."""
+    _bpf(BPF_LINK_UPDATE, struct.pack("=IIII", link_fd, prog_fd, 0, 0))
 
 
 def link_detach(link_fd: int) -> None:

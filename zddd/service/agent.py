@@ -2,8 +2,10 @@
 
 HAProxy connects to `[agent] listen`, optionally sends its `agent-send` string, and reads one line:
 `ready up` while steering to a target whose probe passes, `down` while its probe fails, `drain`
-while draining, `maint` when off (the words are HAProxy's, so they live here; the core is told of
-each poll and answers with its snapshot). The responder never parses
+while draining, `maint` when off; with `[agent] weights = true`, `ready up N%` while main's weight
+N is below 100 (the words are HAProxy's, so they live here; the core is told of each poll and
+answers with its snapshot). One responder serves one service: the daemon starts one per service
+that has an agent endpoint, polling that service. The responder never parses
 input; it only discards what the client sent so that closing does not reset the connection before
 HAProxy has read the answer. That wait is bounded in time and bytes, and at most `MAX_LINGERING`
 connections wait at once: beyond that a connection still gets its line but is closed right away.
@@ -17,6 +19,7 @@ import logging
 import socket
 
 from ..config import OFF, Endpoint
+from ..backends import MAIN
 from ..core import Snapshot
 from .listener import Listener
 
@@ -27,13 +30,37 @@ LINGER_SECONDS = 1.0
 DISCARD_BYTES = 4096
 
 
-def agent_word(snap: Snapshot) -> str:
-    """HAProxy's agent-check answer for a state of the core."""
+def _weights(snap: Snapshot) -> dict[str, int]:
+    """Percent of new connections per target; a snapshot without weights (a core before
+    weights) steers all of them to its active target."""
+    weights = getattr(snap, "weights", None)
+    if weights:
+        return dict(weights)
+    return {name: 100 if name == snap.active else 0 for name in snap.targets}
+
+
+def agent_word(snap: Snapshot, *, weights: bool | None = None) -> str:
+    """HAProxy's agent-check answer for one service's state. `weights` is the service's
+    `[agent] weights` (None: as the snapshot says, `agent_weights`): then, while main has
+    N < 100 percent of the new connections, the answer is `ready up N%`, so HAProxy gives this
+    host N % of its normal share (HAProxy reads the words in any order: `ready`, `up` and a
+    percentage each set one thing)."""
     if snap.draining:
         return "drain"
     if snap.active == OFF:
         return "maint"
-    return "ready up" if snap.up.get(snap.active) else "down"
+    shares = _weights(snap)
+    # Every target given new connections must pass its probe (one while steering all to one,
+    # both while split).
+    steered = [name for name, share in shares.items() if share > 0] or [snap.active]
+    if not all(snap.up.get(name) for name in steered):
+        return "down"
+    main = shares.get(MAIN, 100)
+    if weights is None:
+        weights = bool(getattr(snap, "agent_weights", False))
+    if weights and main < 100:
+        return f"ready up {main}%"
+    return "ready up"
 
 
 class AgentResponder(Listener):
@@ -42,9 +69,12 @@ class AgentResponder(Listener):
 
     backlog = 1024
 
-    def __init__(self, polled):
+    def __init__(self, polled, *, weights: bool | None = None):
         super().__init__()
-        self.polled = polled  # () -> Snapshot: the core's agent_polled
+        self.polled = polled  # () -> Snapshot: its service's agent_polled
+        # The service's `[agent] weights`; None (the daemon's way): what each snapshot says,
+        # so a reload that changes it takes effect at the next poll.
+        self.weights = weights
         self.active = 0
 
     def bind(self, endpoint: Endpoint) -> None:
@@ -66,7 +96,7 @@ class AgentResponder(Listener):
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            writer.write((agent_word(self.polled()) + "\n").encode())
+            writer.write((agent_word(self.polled(), weights=self.weights) + "\n").encode())
             if self.active >= MAX_LINGERING:
                 writer.close()  # answered; only the clean-FIN courtesy is skipped
                 return

@@ -1,10 +1,14 @@
 """The D-Bus adapter: org.zddd.Steering1 over the core. The only module that imports a bus library.
 
-Every method and property is declared once, in `METHODS` and `PROPERTIES`; the introspection
-data, the signature checks, the property getters and PropertiesChanged are all made from those
-declarations. Calls are run by `_dispatch`, a message handler that runs before dbus-fast's own:
-it lets a method wait (WaitDrained) without blocking the loop, and it asks the bus who the
-caller is, for the log and LastSwitchCaller.
+Each service is an object, /org/zddd/Steering1/service/NAME with interface
+org.zddd.Steering1.Service; /org/zddd/Steering1 is their ObjectManager and has the Manager
+interface: what is global (Backend, Services, Reload) and, while there is exactly one service,
+that service's methods and properties, so a zddd of one service is driven as before services
+existed. Every method and property is declared once, in `SERVICE_METHODS`, `METHODS` and the
+`*_PROPERTIES` tuples; the introspection data, the signature checks, the property getters and
+PropertiesChanged are all made from those declarations. Calls are run by `_dispatch`, a message
+handler that runs before dbus-fast's own: it lets a method wait (WaitDrained) without blocking
+the loop, and it asks the bus who the caller is, for the log and LastSwitchCaller.
 """
 
 from __future__ import annotations
@@ -31,9 +35,12 @@ except ImportError:  # Debian may carry only the original dbus-next; the API is 
     from dbus_next.service import ServiceInterface, dbus_property, signal  # type: ignore
 
 from .. import errors
-from ..api import BUS_NAME, ERROR_PREFIX, INTERFACE, MAX_SECONDS, OBJECT_PATH
+from ..api import (BUS_NAME, ERROR_PREFIX, INTERFACE, MAX_SECONDS, OBJECT_MANAGER, OBJECT_PATH,
+                   SERVICE_INTERFACE, SERVICE_PATH, service_path)
+from ..api import PROPERTIES as PROPERTIES_INTERFACE
 from ..core import Observer, Snapshot, Steering
 from ..logfmt import quote
+from .view import DEFAULT, CoreView
 
 log = logging.getLogger("zddd")
 
@@ -197,35 +204,44 @@ def describe_caller(uid: int, pid: int | None, *, proc: Path = Path("/proc"),
     return f"{who} ssh={user or _user_name(uid)}@{host}"
 
 
-# ---- the interface, declared once -------------------------------------------------------------
+# ---- the interfaces, declared once ------------------------------------------------------------
+# Two interfaces: org.zddd.Steering1.Service on each service's object, and the Manager on
+# /org/zddd/Steering1, which holds what is global (Backend, Services, Reload) and, while zddd
+# steers exactly one service, that service's methods and properties too (a zddd of one service
+# is driven as before services existed).
 
 @dataclass(frozen=True)
 class Property:
     """A read-only property: its D-Bus type, and how it is read. `of_snapshot` properties follow
-    the core's snapshot and are announced with PropertiesChanged; the others are read fresh on
-    every Get."""
+    the service's snapshot and are announced with PropertiesChanged; the others are read fresh
+    on every Get from the object (a ServiceObject, or the Manager for the Manager's own)."""
 
     name: str
     signature: str
-    read: Callable[[Any], Any]  # Snapshot -> value, or ManagerInterface -> value
+    read: Callable[[Any], Any]
     of_snapshot: bool = True
 
 
 @dataclass(frozen=True)
 class Method:
-    """A method: its arguments (name, D-Bus type), its reply type, and what runs it."""
+    """A method: its arguments (name, D-Bus type), its reply type, and what runs it. A
+    `per_service` method runs on a service's steering (the Manager's resolves the only one);
+    the others on the Manager."""
 
     name: str
     args: tuple[tuple[str, str], ...]
     returns: str
-    run: Callable[["ManagerInterface", str, list], Awaitable[list]]  # (caller, body) -> reply
+    run: Callable[[Any, str, list], Awaitable[list]]  # (service or Manager, caller, body)
+    per_service: bool = True
 
     @property
     def signature(self) -> str:
         return "".join(sig for _, sig in self.args)
 
 
-_OPTION_TYPES = {"force": "b", "drain_timeout_usec": "t"}
+NOT_SUPPORTED = "org.freedesktop.DBus.Error.NotSupported"
+_SWITCH_OPTIONS = {"force": "b", "drain_timeout_usec": "t", "ramp_usec": "t"}
+_WEIGHT_OPTIONS = {"force": "b", "ramp_usec": "t"}
 
 
 def _usec_in_range(value: int, what: str) -> float:
@@ -236,60 +252,85 @@ def _usec_in_range(value: int, what: str) -> float:
     return value / 1e6
 
 
-def parse_options(options: dict) -> dict:
-    """SwitchWithOptions' a{sv} → keyword arguments of Steering.switch; InvalidArgument on any
-    unknown option or wrong type."""
+def parse_options(options: dict, types: dict[str, str] = _SWITCH_OPTIONS) -> dict:
+    """An a{sv} of options → keyword arguments of the core (force, drain_timeout, ramp);
+    InvalidArgument on any unknown option or wrong type. `types`: the method's options."""
     kwargs: dict[str, Any] = {}
     for key, value in options.items():
-        want = _OPTION_TYPES.get(key)
+        want = types.get(key)
         if want is None:
             raise errors.InvalidArgument(
                 f"unknown option {key!r}; valid options: "
-                + ", ".join(f"{k} ({t})" for k, t in _OPTION_TYPES.items()))
+                + ", ".join(f"{k} ({t})" for k, t in types.items()))
         if value.signature != want:
             raise errors.InvalidArgument(
                 f"option {key!r} must have type {want!r}, not {value.signature!r}")
         if key == "force":
             kwargs["force"] = bool(value.value)
         else:
-            kwargs["drain_timeout"] = _usec_in_range(value.value, "drain_timeout_usec")
+            kwargs[key.removesuffix("_usec")] = _usec_in_range(value.value, key)
     return kwargs
 
 
-async def _switch(iface: "ManagerInterface", caller: str, body: list) -> list:
-    iface.core.switch(body[0], caller=caller)
+async def _switch(svc, caller: str, body: list) -> list:
+    svc.switch(body[0], caller=caller)
     return []
 
 
-async def _switch_with_options(iface: "ManagerInterface", caller: str, body: list) -> list:
+async def _switch_with_options(svc, caller: str, body: list) -> list:
     target, options = body
-    iface.core.switch(target, caller=caller, **parse_options(options))
+    svc.switch(target, caller=caller, **parse_options(options))
     return []
 
 
-async def _wait_drained(iface: "ManagerInterface", caller: str, body: list) -> list:
+async def _wait_drained(svc, caller: str, body: list) -> list:
     target, timeout_usec = body
-    return [await iface.core.wait_drained(target, _usec_in_range(timeout_usec, "timeout_usec"))]
+    return [await svc.wait_drained(target, _usec_in_range(timeout_usec, "timeout_usec"))]
 
 
-async def _reload(iface: "ManagerInterface", caller: str, body: list) -> list:
-    log.info("event=reload_requested caller=%s", quote(caller))
-    await iface.reload()
+async def _set_weights(svc, caller: str, body: list) -> list:
+    weights, options = body
+    kwargs = parse_options(options, _WEIGHT_OPTIONS)
+    set_weights = getattr(svc, "set_weights", None)
+    if set_weights is None:  # a core before weights (issue #17)
+        raise DBusError(NOT_SUPPORTED, "this zddd cannot split a service between targets "
+                                       "yet: use Switch")
+    set_weights(dict(weights), caller=caller, **kwargs)
     return []
 
 
-METHODS = {m.name: m for m in (
+async def _reload(manager: "ManagerInterface", caller: str, body: list) -> list:
+    log.info("event=reload_requested caller=%s", quote(caller))
+    await manager.reload()
+    return []
+
+
+SERVICE_METHODS = {m.name: m for m in (
     Method("Switch", (("target", "s"),), "", _switch),
     Method("SwitchWithOptions", (("target", "s"), ("options", "a{sv}")), "", _switch_with_options),
     Method("WaitDrained", (("target", "s"), ("timeout_usec", "t")), "b", _wait_drained),
-    Method("Reload", (), "", _reload),
+    Method("SetWeights", (("weights", "a{su}"), ("options", "a{sv}")), "", _set_weights),
 )}
+METHODS = {**SERVICE_METHODS, "Reload": Method("Reload", (), "", _reload, per_service=False)}
 
-PROPERTIES = (
+
+def _weights(snap: Snapshot) -> dict[str, int]:
+    """Percent of new connections per target (a core before weights: all to the active one)."""
+    weights = getattr(snap, "weights", None)
+    if weights:
+        return dict(weights)
+    return {name: 100 if name == snap.active else 0 for name in snap.targets}
+
+
+SERVICE_PROPERTIES = (
+    Property("Name", "s", lambda obj: obj.service, of_snapshot=False),
     Property("ActiveTarget", "s", lambda s: s.active),
     Property("Draining", "s", lambda s: s.draining),
-    Property("Backend", "s", lambda s: s.backend),
     Property("Targets", "a{sq}", lambda s: s.targets),
+    Property("Weights", "a{su}", _weights),
+    # A ramp in progress: main's weight from and to, its start (µs since the epoch) and its
+    # length (µs); all 0 when none.
+    Property("Ramp", "(uutt)", lambda s: list(getattr(s, "ramp", None) or (0, 0, 0, 0))),
     Property("LastSwitchUSec", "t", lambda s: s.last_switch_usec),
     Property("LastSwitchTimestamp", "t", lambda s: s.last_switch_timestamp),
     Property("LastSwitchCaller", "s", lambda s: s.last_switch_caller),
@@ -298,34 +339,120 @@ PROPERTIES = (
     Property("TargetsUp", "a{sb}", lambda s: s.up),
     # Read from the kernel on every Get; it changes too often for PropertiesChanged. A target
     # whose count cannot be read is absent (unknown), so a failed read never fails a GetAll.
-    Property("Connections", "a{su}", lambda iface: iface.connections(), of_snapshot=False),
+    Property("Connections", "a{su}", lambda obj: obj.connections(), of_snapshot=False),
 )
+# The Manager's own; never changed but by a reload (Services), announced then.
+GLOBAL_PROPERTIES = (
+    Property("Backend", "s", lambda m: m.view.backend_name(), of_snapshot=False),
+    Property("Services", "as", lambda m: list(m.objects), of_snapshot=False),
+)
+# The Manager's properties of its one service: all of the service's but its name.
+SHARED_PROPERTIES = tuple(p for p in SERVICE_PROPERTIES if p.name != "Name")
+PROPERTIES = GLOBAL_PROPERTIES + SHARED_PROPERTIES  # the Manager's
 
 
-class ManagerInterface(ServiceInterface, Observer):
-    def __init__(self, core: Steering, reload: Callable[[], Awaitable[None]]):
-        super().__init__(INTERFACE)
-        self.core = core
-        self.reload = reload
-        self.bus: MessageBus | None = None
-        core.observers.append(self)
+def _changes(props, old: Snapshot, new: Snapshot) -> dict:
+    return {p.name: p.read(new) for p in props if p.of_snapshot and p.read(new) != p.read(old)}
+
+
+def _variants(obj, props) -> dict:
+    out = {}
+    for p in props:
+        out[p.name] = Variant(p.signature, getattr(obj, p.name))
+    return out
+
+
+def _introspection(data, methods) -> Any:
+    # dbus-fast knows the properties and the signal; the methods, run by `_dispatch`, are
+    # added from their declarations.
+    # (dbus-fast 1.84 annotates Arg's direction as a list; it takes one ArgDirection)
+    inward, outward = intr.ArgDirection.IN, intr.ArgDirection.OUT
+    for m in methods.values():
+        data.methods.append(intr.Method(
+            m.name, [intr.Arg(sig, inward, name)  # type: ignore[arg-type]
+                     for name, sig in m.args],
+            [intr.Arg(m.returns, outward)] if m.returns else []))  # type: ignore[arg-type]
+    return data
+
+
+class ServiceObject(ServiceInterface):
+    """org.zddd.Steering1.Service of one service, at /org/zddd/Steering1/service/NAME."""
+
+    def __init__(self, manager: "ManagerInterface", name: str):
+        super().__init__(SERVICE_INTERFACE)
+        self.manager = manager
+        self.service = name  # (self.name is dbus-fast's: the interface's name)
+        self.path = service_path(name)
+
+    def steering(self):
+        """The core's steering of this service (looked up by name: a reload may replace it)."""
+        try:
+            return self.manager.view.services()[self.service]
+        except KeyError:
+            raise errors.InvalidArgument(f"no service {self.service}") from None
+
+    def snapshot(self) -> Snapshot:
+        return self.steering().snapshot()
 
     def connections(self) -> dict[str, int]:
         try:
-            return self.core.service().connection_counts()
+            return self.steering().connection_counts()
         except Exception as e:
-            log.warning("event=count_failed error=%s", quote(str(e)))
+            log.warning("event=count_failed service=%s error=%s", self.service, quote(str(e)))
             return {}
 
+    def values(self) -> dict:
+        return _variants(self, SERVICE_PROPERTIES)
+
     def introspect(self):
-        # dbus-fast knows the properties and the signal; the methods, run by `_dispatch`, are
-        # added from METHODS.
-        data = super().introspect()
-        for m in METHODS.values():
-            data.methods.append(intr.Method(
-                m.name, [intr.Arg(sig, intr.ArgDirection.IN, name) for name, sig in m.args],
-                [intr.Arg(m.returns, intr.ArgDirection.OUT)] if m.returns else []))
-        return data
+        return _introspection(super().introspect(), SERVICE_METHODS)
+
+    @signal()
+    def Switched(self, old: str, new: str, duration_usec: int) -> "sst":
+        return [old, new, duration_usec]
+
+
+class ManagerInterface(ServiceInterface, Observer):
+    """org.zddd.Steering1.Manager, the ObjectManager of the services' objects, the observer of
+    the core that keeps them and their signals up to date, and the dispatcher of every call."""
+
+    def __init__(self, core: Steering, reload: Callable[[], Awaitable[None]]):
+        super().__init__(INTERFACE)
+        self.core = core
+        self.view = CoreView(core)
+        self.reload = reload
+        self.bus: MessageBus | None = None
+        self.objects: dict[str, ServiceObject] = {
+            name: ServiceObject(self, name) for name in self.view.services()}
+        core.observers.append(self)
+
+    # ---- the one service -----------------------------------------------------------------
+
+    def several(self) -> str:
+        """Why the Manager does not act on one service (several, or none), naming the objects
+        to call instead."""
+        paths = ", ".join(o.path for o in self.objects.values())
+        if not paths:
+            return "zddd steers no service"
+        return (f"zddd steers {len(self.objects)} services: call {SERVICE_INTERFACE} on their "
+                f"objects: {paths}")
+
+    def only(self) -> ServiceObject:
+        """The service the Manager acts on; InvalidArgument unless there is exactly one."""
+        if len(self.objects) != 1:
+            raise errors.InvalidArgument(self.several())
+        return next(iter(self.objects.values()))
+
+    def connections(self) -> dict[str, int]:
+        return self.only().connections()
+
+    def values(self) -> dict:
+        """GetAll: the global properties, and the service's while there is one."""
+        props = PROPERTIES if len(self.objects) == 1 else GLOBAL_PROPERTIES
+        return _variants(self, props)
+
+    def introspect(self):
+        return _introspection(super().introspect(), METHODS)
 
     @signal()
     def Switched(self, old: str, new: str, duration_usec: int) -> "sst":
@@ -334,31 +461,104 @@ class ManagerInterface(ServiceInterface, Observer):
     # ---- Observer ----
 
     def state_changed(self, old: Snapshot, new: Snapshot) -> None:
-        changes = {p.name: p.read(new) for p in PROPERTIES
-                   if p.of_snapshot and p.read(new) != p.read(old)}
+        obj = self.objects.get(getattr(new, "service", DEFAULT))
+        if obj is None:
+            return
+        changes = _changes(SHARED_PROPERTIES, old, new)
         if changes:
-            self.emit_properties_changed(changes)
+            obj.emit_properties_changed(changes)
+            if len(self.objects) == 1:
+                self.emit_properties_changed(changes)
 
-    def switched(self, service: str, old: str, new: str, duration_usec: int) -> None:
-        self.Switched(old, new, duration_usec)
+    def switched(self, *event) -> None:
+        # (service, old, new, duration_usec); a core of one service leaves the service out.
+        service, old, new, usec = event if len(event) == 4 else (DEFAULT, *event)
+        obj = self.objects.get(service)
+        if obj is None:
+            return
+        obj.Switched(old, new, usec)
+        if len(self.objects) == 1:
+            self.Switched(old, new, usec)
+
+    def services_changed(self, added: list[str], removed: list[str]) -> None:
+        """A reload added or removed services: their objects follow, announced by the
+        ObjectManager, and so does the Manager's view of the one service."""
+        was_single = len(self.objects) == 1
+        for name in removed:
+            obj = self.objects.pop(name, None)
+            if obj is not None and self.bus is not None:
+                self.bus.unexport(obj.path, obj)
+                self._send_signal("InterfacesRemoved", "oas", [obj.path, [SERVICE_INTERFACE]])
+        for name in added:
+            if name in self.objects:
+                continue
+            obj = self.objects[name] = ServiceObject(self, name)
+            if self.bus is not None:
+                self.bus.export(obj.path, obj)
+                self._send_signal("InterfacesAdded", "oa{sa{sv}}",
+                                  [obj.path, {SERVICE_INTERFACE: obj.values()}])
+        self.objects = dict(sorted(self.objects.items()))
+        changed = {"Services": list(self.objects)}
+        invalidated: list[str] = []
+        if len(self.objects) == 1 and (not was_single or added or removed):
+            changed.update({p.name: getattr(self, p.name) for p in SHARED_PROPERTIES
+                            if p.of_snapshot})
+        elif was_single and len(self.objects) != 1:
+            invalidated = [p.name for p in SHARED_PROPERTIES if p.of_snapshot]
+        if self.bus is not None:
+            self.emit_properties_changed(changed, invalidated)
+
+    def _send_signal(self, member: str, signature: str, body: list) -> None:
+        assert self.bus is not None
+        self.bus.send(Message.new_signal(OBJECT_PATH, OBJECT_MANAGER, member, signature, body))
 
     # ---- dispatch ----
 
     def attach(self, bus: MessageBus) -> None:
         self.bus = bus
         bus.export(OBJECT_PATH, self)
+        for obj in self.objects.values():
+            bus.export(obj.path, obj)
         bus.add_message_handler(self._dispatch)
 
+    def managed_objects(self, path: str) -> dict:
+        """GetManagedObjects on `path`: zddd's objects below it."""
+        objects = {OBJECT_PATH: {INTERFACE: self.values()}}
+        objects.update({o.path: {SERVICE_INTERFACE: o.values()} for o in self.objects.values()})
+        return {p: v for p, v in objects.items() if path == "/" or p.startswith(path + "/")}
+
     def _dispatch(self, msg: Message):
-        if (msg.message_type != MessageType.METHOD_CALL or msg.path != OBJECT_PATH
-                or msg.interface != INTERFACE or msg.member not in METHODS):
+        if msg.message_type != MessageType.METHOD_CALL:
             return None
-        declared = METHODS[msg.member]
+        if msg.interface == PROPERTIES_INTERFACE:
+            # GetAll of the Manager leaves out the one service's properties while there are
+            # several, rather than failing; the rest is dbus-fast's.
+            if (msg.member == "GetAll" and msg.signature == "s" and msg.path == OBJECT_PATH
+                    and msg.body[0] == INTERFACE):
+                return Message.new_method_return(msg, "a{sv}", [self.values()])
+            return None
+        if msg.interface == OBJECT_MANAGER:
+            if msg.member == "GetManagedObjects" and msg.signature == "":
+                return Message.new_method_return(msg, "a{oa{sa{sv}}}",
+                                                 [self.managed_objects(msg.path or "/")])
+            return None
+        if msg.path == OBJECT_PATH and msg.interface == INTERFACE:
+            declared, target = METHODS.get(msg.member or ""), None
+        elif (msg.interface == SERVICE_INTERFACE and msg.path is not None
+              and msg.path.startswith(SERVICE_PATH + "/")):
+            target = self.objects.get(msg.path[len(SERVICE_PATH) + 1:])
+            if target is None:
+                return None  # dbus-fast answers: no such object
+            declared = SERVICE_METHODS.get(msg.member or "")
+        else:
+            return None
+        if declared is None:
+            return None
         if msg.signature != declared.signature:
             return Message.new_error(
                 msg, "org.freedesktop.DBus.Error.InvalidArgs",
                 f"{msg.member} takes signature {declared.signature!r}, not {msg.signature!r}")
-        asyncio.get_running_loop().create_task(self._call(declared, msg))
+        asyncio.get_running_loop().create_task(self._call(declared, target, msg))
         return True
 
     async def _caller(self, sender: str) -> str:
@@ -378,43 +578,85 @@ class ManagerInterface(ServiceInterface, Observer):
         pid = creds.get("ProcessID")
         return describe_caller(uid, int(pid.value) if pid is not None else None)
 
-    async def _call(self, declared: Method, msg: Message) -> None:
+    async def _call(self, declared: Method, target: ServiceObject | None, msg: Message) -> None:
         assert self.bus is not None
         try:
             caller = await self._caller(msg.sender or "")
-            body = await declared.run(self, caller, msg.body)
+            if not declared.per_service:
+                subject: Any = self
+            else:
+                subject = (target or self.only()).steering()
+            body = await declared.run(subject, caller, msg.body)
             reply = Message.new_method_return(msg, declared.returns, body)
         except errors.ZdddError as e:
             reply = Message.new_error(msg, error_name(e), str(e))
+        except DBusError as e:
+            reply = Message.new_error(msg, e.type, e.text)
         except Exception as e:  # a bug must answer the caller, not leave it hanging
             log.exception("event=internal_error method=%s", msg.member)
             reply = Message.new_error(msg, FAILED, str(e))
         self.bus.send(reply)
 
 
-def _getter(p: Property):
+def _service_getter(p: Property):
     def get(self):
-        return p.read(self.core.snapshot() if p.of_snapshot else self)
+        return p.read(self.snapshot() if p.of_snapshot else self)
 
+    return _named(get, p)
+
+
+def _shared_getter(p: Property):
+    def get(self):
+        try:
+            obj = self.only()
+        except errors.InvalidArgument as e:
+            raise DBusError(error_name(e), str(e)) from None
+        return p.read(obj.snapshot() if p.of_snapshot else obj)
+
+    return _named(get, p)
+
+
+def _global_getter(p: Property):
+    def get(self):
+        return p.read(self)
+
+    return _named(get, p)
+
+
+def _named(get, p: Property):
     get.__name__ = get.__qualname__ = p.name  # dbus-fast reads a property by this name
     get.__annotations__ = {"return": p.signature}
     return get
 
 
 def _declare_properties() -> None:
-    """Put every property of PROPERTIES on ManagerInterface as a dbus-fast property (dbus-fast
-    finds them on the class)."""
-    for p in PROPERTIES:
-        setattr(ManagerInterface, p.name, dbus_property(access=PropertyAccess.READ)(_getter(p)))
+    """Put every declared property on its class as a dbus-fast property (dbus-fast finds them
+    on the class)."""
+    for cls, props, getter in ((ServiceObject, SERVICE_PROPERTIES, _service_getter),
+                               (ManagerInterface, GLOBAL_PROPERTIES, _global_getter),
+                               (ManagerInterface, SHARED_PROPERTIES, _shared_getter)):
+        for p in props:
+            setattr(cls, p.name, dbus_property(access=PropertyAccess.READ)(getter(p)))
 
 
 _declare_properties()
 
 
+class _Bus(MessageBus):
+    """dbus-fast's bus, without its own ObjectManager signals: it sends them from the exported
+    object's path, where no ObjectManager client listens; the Manager sends them from its own."""
+
+    def _emit_interface_added(self, path, interface) -> None:
+        pass
+
+    def _emit_interface_removed(self, path, removed_interfaces) -> None:
+        pass
+
+
 async def serve(core: Steering, bus_spec: str, reload: Callable[[], Awaitable[None]]) -> MessageBus:
-    """Connect, export the interface and own the bus name. Raises RuntimeError if the name is
-    taken (another zddd runs) or the bus refuses it (policy)."""
-    bus = await connect(bus_spec)
+    """Connect, export the Manager and the services' objects, and own the bus name. Raises
+    RuntimeError if the name is taken (another zddd runs) or the bus refuses it (policy)."""
+    bus = await _Bus(**bus_address(bus_spec)).connect()
     iface = ManagerInterface(core, reload)
     iface.attach(bus)
     try:
@@ -429,5 +671,5 @@ async def serve(core: Steering, bus_spec: str, reload: Callable[[], Awaitable[No
 
 
 __all__ = ["serve", "connect", "install_wire_fix", "bus_address", "error_name",
-           "describe_caller", "BUS_NAME", "OBJECT_PATH", "INTERFACE", "ERROR_PREFIX", "Message",
-           "MessageBus", "MessageType", "Variant", "DBusError"]
+           "describe_caller", "BUS_NAME", "OBJECT_PATH", "INTERFACE", "SERVICE_INTERFACE",
+           "ERROR_PREFIX", "Message", "MessageBus", "MessageType", "Variant", "DBusError"]

@@ -1,8 +1,10 @@
 """Prometheus metrics on `[metrics] listen`, with prometheus-client's registry and text format.
 
-Event counters (switches, repairs, durations) are updated from core events. Values that live in
+Event counters (switches, repairs, durations) are updated from core events. Every per-service
+metric has the label `service` (`default` in the single-service config form). Values that live in
 the kernel (connections, flows steered, the flow map's fill) are read at scrape time by a custom
-collector; a failed read counts in zddd_collection_errors_total instead of failing the scrape.
+collector, in one pass for all services; a failed read counts in zddd_collection_errors_total
+instead of failing the scrape.
 The endpoint is served from the event loop like the agent: every client is read with a deadline
 and a size limit, so a slow or idle client cannot hold the endpoint for anyone else.
 """
@@ -19,9 +21,10 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from .. import __version__
 from ..config import ALL_TARGETS, TARGET_NAMES
-from ..core import Observer, Steering
+from ..core import Observer, Snapshot, Steering
 from ..logfmt import quote
 from .listener import Listener
+from .view import DEFAULT, CoreView
 
 log = logging.getLogger("zddd")
 
@@ -29,6 +32,9 @@ log = logging.getLogger("zddd")
 DURATION_BUCKETS = (10e-6, 25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3,
                     25e-3, 50e-3, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 RESULTS = ("ok", "refused", "failed")
+# The core's target labels of switch results: the targets, "split" (weights between them),
+# "invalid" (an unknown target) and "weights" (weights that cannot be).
+SWITCH_TARGETS = ALL_TARGETS + ("split", "invalid", "weights")
 # A client has this long to send its request and take the answer.
 CLIENT_TIMEOUT = 10.0
 MAX_REQUEST_BYTES = 8192
@@ -37,47 +43,67 @@ MAX_REQUEST_BYTES = 8192
 MAX_PENDING = 2048
 
 
+def _weights(snap: Snapshot) -> dict[str, int]:
+    """Percent of new connections per target (a core before weights: all to the active one)."""
+    weights = getattr(snap, "weights", None)
+    if weights:
+        return dict(weights)
+    return {name: 100 if name == snap.active else 0 for name in TARGET_NAMES}
+
+
 class _KernelCollector:
-    def __init__(self, core: Steering, errors: Counter):
+    """Every service's state, read at scrape time in one pass: a snapshot per service, and one
+    kernel read each for the connection counts and the flows steered of all services."""
+
+    def __init__(self, core: CoreView, errors: Counter):
         self.core = core
         self.errors = errors
 
     def collect(self):
         core = self.core
-        snap = core.snapshot()
+        snaps = {name: svc.snapshot() for name, svc in core.services().items()}
+        per_service = ["service", "target"]
         active = GaugeMetricFamily("zddd_active_target",
                                    "1 for the target the kernel steers new connections to",
-                                   labels=["target"])
-        for name in ALL_TARGETS:
-            active.add_metric([name], 1.0 if snap.active == name else 0.0)
+                                   labels=per_service)
         draining = GaugeMetricFamily("zddd_draining", "1 while a drain of the target runs",
-                                     labels=["target"])
+                                     labels=per_service)
         up = GaugeMetricFamily("zddd_target_up", "Last health probe result (1 up, 0 down)",
-                               labels=["target"])
-        for name in TARGET_NAMES:
-            draining.add_metric([name], 1.0 if snap.draining == name else 0.0)
-            up.add_metric([name], 1.0 if snap.up.get(name) else 0.0)
-        yield from (active, draining, up)
-        yield GaugeMetricFamily("zddd_last_switch_timestamp_seconds",
-                                "When the last switch was committed, seconds since the epoch "
-                                "(0: never)", value=snap.last_switch_timestamp / 1e6)
+                               labels=per_service)
+        weight = GaugeMetricFamily("zddd_target_weight",
+                                   "Percent of the service's new connections the target gets "
+                                   "(0-100; 0 for both when off)", labels=per_service)
+        stamp = GaugeMetricFamily("zddd_last_switch_timestamp_seconds",
+                                  "When the service's last switch was committed, seconds since "
+                                  "the epoch (0: never)", labels=["service"])
+        for service, snap in snaps.items():
+            for name in ALL_TARGETS:
+                active.add_metric([service, name], 1.0 if snap.active == name else 0.0)
+            shares = _weights(snap)
+            for name in TARGET_NAMES:
+                draining.add_metric([service, name], 1.0 if snap.draining == name else 0.0)
+                up.add_metric([service, name], 1.0 if snap.up.get(name) else 0.0)
+                weight.add_metric([service, name], float(shares.get(name, 0)))
+            stamp.add_metric([service], snap.last_switch_timestamp / 1e6)
+        yield from (active, draining, up, weight, stamp)
 
         conns = GaugeMetricFamily("zddd_target_connections",
                                   "Established TCP connections on the target's port",
-                                  labels=["target"])
+                                  labels=per_service)
         try:
-            for name, n in core.service().connection_counts().items():
-                conns.add_metric([name], float(n))
+            for service, counts in sorted(core.connection_counts().items()):
+                for name, n in sorted(counts.items()):
+                    conns.add_metric([service, name], float(n))
             yield conns
         except Exception as e:
             self._failed("connections", e)
 
         flows = CounterMetricFamily("zddd_flows_steered",
                                     "New connections steered to the target by the data plane",
-                                    labels=["target"])
+                                    labels=per_service)
         try:
-            for (_, name), n in core.flows_steered().items():
-                flows.add_metric([name], float(n))
+            for (service, name), n in sorted(core.flows_steered().items()):
+                flows.add_metric([service, name], float(n))
             yield flows
         except Exception as e:
             self._failed("flows_steered", e)
@@ -94,7 +120,7 @@ class _KernelCollector:
             self._failed("flow_table", e)
 
         info = InfoMetricFamily("zddd_build", "zddd's version and data-plane backend")
-        info.add_metric([], {"version": __version__, "backend": snap.backend})
+        info.add_metric([], {"version": __version__, "backend": core.backend_name()})
         yield info
 
     def _failed(self, what: str, e: Exception) -> None:
@@ -130,13 +156,16 @@ class MetricsServer(Listener, Observer):
 
     def __init__(self, core: Steering):
         super().__init__()
-        backend = core.snapshot().backend
+        view = CoreView(core)
+        backend = view.backend_name()
         events = CollectorRegistry()
-        self.switches = Counter("zddd_switches", "Switch requests by target and result",
-                                ["target", "result"], registry=events)
-        for target in ALL_TARGETS + ("invalid",):
-            for result in RESULTS:
-                self.switches.labels(target, result)
+        self.switches = Counter("zddd_switches", "Switch requests by service, target and result",
+                                ["service", "target", "result"], registry=events)
+        for service in view.services():
+            self._add_service(service)
+        # One histogram for all services: a commit's time is the backend's and does not depend
+        # on the service (SPEC: it does not grow with their number); per service it would be
+        # 24 series more for each.
         self.duration = Histogram("zddd_switch_duration_seconds",
                                   "Switch request received to data plane committed",
                                   ["backend"], buckets=DURATION_BUCKETS, registry=events)
@@ -147,7 +176,7 @@ class MetricsServer(Listener, Observer):
         self.errors = Counter("zddd_collection_errors", "Scrape-time reads that failed",
                               registry=events)
         self.registry = CollectorRegistry()
-        self.registry.register(_Exported(_KernelCollector(core, self.errors), events))
+        self.registry.register(_Exported(_KernelCollector(view, self.errors), events))
         self.core = core
         self._pending: dict[asyncio.StreamWriter, None] = {}  # oldest first
         self._rendered: bytes | None = None
@@ -221,9 +250,27 @@ class MetricsServer(Listener, Observer):
             if line in (b"\r\n", b"\n", b""):
                 return first
 
-    def switch_result(self, service: str, target: str, result: str,
-                      seconds: float | None) -> None:
-        self.switches.labels(target, result).inc()
+    def _add_service(self, service: str) -> None:
+        for target in SWITCH_TARGETS:
+            for result in RESULTS:
+                self.switches.labels(service, target, result)
+
+    def services_changed(self, added: list[str], removed: list[str]) -> None:
+        """A reload added or removed services: their counters start at 0 or go away."""
+        for service in removed:
+            for target in SWITCH_TARGETS:
+                for result in RESULTS:
+                    try:
+                        self.switches.remove(service, target, result)
+                    except KeyError:
+                        pass
+        for service in added:
+            self._add_service(service)
+
+    def switch_result(self, *event) -> None:
+        # (service, target, result, seconds); a core of one service leaves the service out.
+        service, target, result, seconds = event if len(event) == 4 else (DEFAULT, *event)
+        self.switches.labels(service, target, result).inc()
         if seconds is not None:
             self.duration.labels(self.backend).observe(seconds)
 
