@@ -127,7 +127,7 @@ def test_uses_only_exported_names_labels_and_values(dashboard, exported):
             "zddd_draining", "zddd_target_up", "zddd_target_connections",
             "zddd_flows_steered_total", "zddd_drift_repairs_total",
             "zddd_collection_errors_total", "zddd_build_info",
-            "zddd_last_switch_timestamp_seconds"}
+            "zddd_last_switch_timestamp_seconds", "zddd_target_weight"}
     assert spec <= used
 
 
