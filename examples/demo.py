@@ -356,7 +356,7 @@ def main_two_services(backend: str) -> int:
         print()
         for host, a in c.apps.items():
             after = service_status(a.zddd, "web")
-            keys = ("active_target", "last_switch_usec")
+            keys = ("active_target", "last_switch_usec", "last_switch_timestamp_usec")
             same = all(after[k] == web_before[host][k] for k in keys)
             print(f"{host} web: {after['active_target']} before and after, never switched: "
                   f"{'yes' if same else 'NO'}")
