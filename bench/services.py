@@ -12,7 +12,9 @@ private bus, and one zddd with N services `s00`.. in the `[services.NAME]` form,
   with 64 services within 2x that with 1 (a switch changes one element, whatever N is).
 - keep-alive req/s through the last service's listen port ÷ straight to its main vhost: wrk
   (-t1 -c16) in alternating pairs, the median ratio (the last listen port: a lookup that
-  grew with N would show there first).
+  grew with N would show there first). Goal: with 64 services no more than 0.05 below the
+  ratio with 1 (the per-packet cost does not grow with N; the ratio itself is the backend's,
+  see bench/backends.py).
 - zddd's RSS and idle CPU: VmRSS, and user+system time over --idle seconds with nothing but
   the health probes (2N targets a second).
 - connection counting: 10,000 established connections through the listen ports, spread evenly
@@ -43,7 +45,7 @@ BACKENDS = ("nftables", "tc", "xdp", "sk_lookup")
 COUNTS = (1, 64)
 LISTEN, MAIN, BACKUP = 10000, 20000, 30000
 SERVICE_INTERFACE = "org.zddd.Steering1.Service"
-GOALS = {"switch_growth": 2.0, "ratio": 0.95}
+GOALS = {"switch_growth": 2.0, "ratio_drop": 0.05}
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 # Run in the client namespace: opens one connection to APP:port per port given on the command
@@ -274,8 +276,7 @@ def report(rows: dict[str, dict[int, dict]], args) -> int:
               f"{y['switch_p50']:.0f}/{y['switch_p99']:.0f}")
         sw += mark(y["switch_p50"] <= GOALS["switch_growth"] * max(x["switch_p50"], 5))
         ratio = f"{x['ratio']:.3f} | {y['ratio']:.3f}"
-        if backend != "nftables":  # conntrack's NAT costs nftables ~5 % at any N
-            ratio += mark(y["ratio"] >= GOALS["ratio"])
+        ratio += mark(y["ratio"] >= x["ratio"] - GOALS["ratio_drop"])
         rss = f"{x['rss']:.0f} | {y['rss']:.0f}"
         idle = f"{x['idle_cpu']:.1f} | {y['idle_cpu']:.1f}"
         count = (f"{x['count_idle']:.1f}/{x['count_held']:.1f} | "
@@ -283,8 +284,8 @@ def report(rows: dict[str, dict[int, dict]], args) -> int:
         drain = f"{x['drain_cpu']:.0f} | {y['drain_cpu']:.0f}"
         print(f"{backend:<10} {sw:>24} {ratio:>16} {rss:>12} {idle:>12} {count:>26} "
               f"{drain:>12}")
-    print(f"goals: switch p50 with {b} services <= {GOALS['switch_growth']:.0f}x that with {a} "
-          f"(or 5 µs); BPF listen/direct >= {GOALS['ratio']} with {b}")
+    print(f"goals: with {b} services, switch p50 <= {GOALS['switch_growth']:.0f}x that with {a} "
+          f"(or 5 µs) and listen/direct >= that with {a} - {GOALS['ratio_drop']}")
     return 0 if ok else 1
 
 
