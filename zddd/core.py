@@ -100,6 +100,8 @@ class Health(Protocol):
 class Connections(Protocol):
     def count(self, ports: dict, listen_ports: frozenset[int] = frozenset()) -> dict: ...
 
+    def any(self, ports: dict, listen_ports: frozenset[int] = frozenset()) -> bool: ...
+
 
 class AlwaysUp:
     def is_up(self, service: str, target: str) -> bool:
@@ -220,6 +222,15 @@ class ServiceSteering:
     def connection_counts(self) -> dict[str, int]:
         """Established connections per target, read from the kernel now (raises OSError)."""
         return self.host._count([self]).get(self.name, {})
+
+    def has_connections(self, targets: tuple[str, ...]) -> bool:
+        """Whether any of `targets` has an established connection now (the kernel's dump
+        stops at the first; raises OSError)."""
+        connections = self.host.connections
+        if connections is None:
+            return False
+        ports = {t: self.targets[t] for t in targets}
+        return connections.any(ports, frozenset((self.listen_port,)))
 
     def _log(self, event: str, text: str = "") -> str:
         """A log line's start: the event and, with several services, the service."""
@@ -480,10 +491,8 @@ class ServiceSteering:
         if clock() >= drain.deadline:
             return "timeout"
         try:
-            counts = self.connection_counts()
             # A split drains both targets.
-            drained = TARGET_NAMES if drain.target == SPLIT else (drain.target,)
-            if any(counts.get(t, 0) > 0 for t in drained):
+            if self.has_connections(TARGET_NAMES if drain.target == SPLIT else (drain.target,)):
                 return None
         except Exception as e:  # unknown is not zero: keep waiting (the deadline still holds)
             log.warning(self._log("count_failed", "target=%s error=%s"), drain.target,
@@ -527,7 +536,7 @@ class ServiceSteering:
         deadline = clock() + timeout
         while True:
             pending = self.draining in (target, SPLIT)
-            if not pending and self.connection_counts().get(target, 0) == 0:
+            if not pending and not self.has_connections((target,)):
                 return True
             if clock() >= deadline:
                 return False

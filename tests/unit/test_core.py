@@ -106,6 +106,9 @@ class FakeConnections:
     def count(self, ports, listen_ports=frozenset()):
         return {key: self.counts.get(key[1], 0) for key in ports}
 
+    def any(self, ports, listen_ports=frozenset()):
+        return any(self.counts.get(key, 0) for key in ports)
+
 
 class Recorder(Observer):
     def __init__(self):
