@@ -340,8 +340,17 @@ class ServiceSteering:
         old = self.active
         label = weight_target(main) or OFF
         self._cancel_ramp()
-        if ramp:
-            start = self.weight if self.weight is not None else (0 if main > 0 else 100)
+        start = self.weight
+        if start is None and ramp:
+            # From off, a ramp starts from the other end (all backup, or all main), if that
+            # target can take the traffic; else there is nothing to ramp from.
+            start = 0 if main > 0 else 100
+            if not self.host.is_up(self.name, "backup" if start == 0 else "main"):
+                log.info(self._log("ramp_skipped", "reason=%s"),
+                         quote(f"ramping from off needs {'backup' if start == 0 else 'main'} "
+                               "up to take the rest"))
+                start = None
+        if ramp and start is not None and start != main:
             self._begin_ramp(_Ramp(start, main, self.host.wall(), ramp, caller=caller,
                                    was=old, received=received))
             return 0
@@ -706,12 +715,11 @@ class Steering:
             resumes[name] = (mine is not None and mine.target == OFF
                              and bool(mine.draining) and mine.draining == svc.active)
             if mine is not None and mine.ramp_to >= 0:
-                # Where the ramp would be now; the task takes it on from there.
+                # Its first step (below, once the layout stands) commits where it would be now.
                 svc._ramp = _Ramp(mine.ramp_from, mine.ramp_to, mine.ramp_start,
                                   mine.ramp_seconds, caller=mine.last_switch_caller,
                                   was=weight_target(mine.ramp_from) or OFF,
                                   received=self.clock())
-                svc.weight = svc._ramp.at(self.wall())
         # Saved before the kernel changes, as for every switch: a crash in between must not
         # leave a restart to undo what the kernel was just given. A saved drain stays saved.
         self._save({name: saved[name] for name, resume in resumes.items() if resume})

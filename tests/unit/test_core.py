@@ -951,3 +951,34 @@ def test_off_from_a_split_drains_both_targets(rig):
         core.close()
 
     run(scenario())
+
+
+def test_an_adopted_data_plane_follows_a_saved_ramp_without_a_repair(rig):
+    now = time.time()
+    rig.backend.program("backup", rig.config)
+    rig.store.save(SavedState("backup", ramp_from=0, ramp_to=100, ramp_start=now - 10,
+                              ramp_seconds=20))
+
+    async def scenario():
+        core = rig.make()
+        core.wall = time.time
+        core.start()
+        assert 45 <= rig.backend.table["weights"]["default"] <= 55
+        assert core.reconcile() is False and rig.rec.repairs == 0
+        core.close()
+
+    run(scenario())
+
+
+def test_a_ramp_from_off_needs_the_other_target_up_else_it_switches_at_once(tmp_path):
+    rig = Rig(tmp_path, {"initial": "off"}, backup=False)
+
+    async def scenario():
+        core = rig.make()
+        core.wall = time.time
+        core.start()
+        core.switch("main", ramp=30)
+        assert core.snapshot().ramp is None and rig.backend.table["weights"] == {"default": 100}
+        core.close()
+
+    run(scenario())
