@@ -97,8 +97,10 @@ BACKEND ?= nftables
 demo: setup-demo $(if $(filter-out nftables,$(BACKEND)),setup-bpf)
 	$(VPY) examples/demo.py --backend $(BACKEND)
 
+# Both tables, one after the other; the exit status is 1 if either missed a goal.
 bench: setup
-	$(VPY) bench/backends.py
+	status=0; $(VPY) bench/backends.py || status=$$?; $(VPY) bench/weights.py || status=$$?; \
+	exit $$status
 
 # Endurance, not in CI: load through HAProxy, a switch a second and a drain cycle a minute for
 # SOAK_MINUTES (default 30); prints failed requests, zddd's RSS and descriptors, switch p50/p99.
