@@ -255,8 +255,9 @@ class ServiceSteering:
                                   if target != OFF else "a switch to off cannot ramp: it drains")
         old = self.active
         if target != OFF:
-            self._check_health({target: 100}, force, target, caller)
-            return self._steer(100 if target == "main" else 0, ramp, caller, received)
+            main = 100 if target == "main" else 0
+            self._check_health(self._shares(main, ramp), force, target, caller)
+            return self._steer(main, ramp, caller, received)
         # Towards off: drain the active target first, unless told not to.
         self._cancel_ramp()
         timeout = self.service.drain_timeout if drain_timeout is None else drain_timeout
@@ -308,8 +309,21 @@ class ServiceSteering:
             raise InvalidArgument(f"ramp {ramp} s is out of range 0-{MAX_SECONDS}")
         main = weights["main"]
         label = weight_target(main) or OFF
-        self._check_health(weights, force, label, caller)
+        self._check_health(self._shares(main, ramp), force, label, caller)
         return self._steer(main, ramp, caller, received)
+
+    def _ramp_from(self, main: int) -> int:
+        """Main's weight a ramp towards `main` starts from: the current one, or from off the
+        other end (main from 0, backup from 100, or the reverse)."""
+        return self.weight if self.weight is not None else (0 if main > 0 else 100)
+
+    def _shares(self, main: int, ramp: float | None) -> dict[str, int]:
+        """The most each target gets on the way to main's weight `main`: with a ramp, whatever
+        it gets at either end (a ramp from off to main starts all on backup)."""
+        if not ramp:
+            return {"main": main, "backup": 100 - main}
+        start = self._ramp_from(main)
+        return {"main": max(start, main), "backup": 100 - min(start, main)}
 
     def _check_health(self, weights: dict[str, int], force: bool, label: str,
                       caller: str) -> None:
@@ -330,7 +344,7 @@ class ServiceSteering:
         label = weight_target(main) or OFF
         self._cancel_ramp()
         if ramp:
-            start = self.weight if self.weight is not None else (0 if main > 0 else 100)
+            start = self._ramp_from(main)
             self._begin_ramp(_Ramp(start, main, self.host.wall(), ramp, caller=caller,
                                    was=old, received=received))
             return 0

@@ -378,3 +378,23 @@ def test_off_from_a_split_drains_both_targets(lab):
     assert steered(z) == "off"
     wait_for(lambda: len(switched.switched()) >= 2, 5, "Switched to off")
     assert tuple(switched.switched()[-1][:2]) == ("split", "off")
+
+
+def test_a_ramp_that_gives_an_unhealthy_target_a_share_is_refused_unless_forced(lab):
+    # From off, a ramp to main starts all on backup (main's weight from 0): backup gets a share
+    # on the way, so it must pass its probe like any target given more than 0.
+    z = lab.start_zddd({"initial": "off"})
+    lab.backup.stop()
+    wait_for(lambda: scrape_metrics(lab.app).get(
+        'zddd_target_up{service="default",target="backup"}') == 0, 10, "backup's probe to fail")
+    plane = z.data_plane()
+    err, body = z.call("SwitchWithOptions", "sa{sv}", "main",
+                       {"ramp_usec": Variant("t", 3_000_000)})
+    assert err == E + "TargetUnhealthy", (err, body)
+    assert z.prop("ActiveTarget") == "off" and z.data_plane() == plane
+    r = z.zddctl("weights", "main=100", "--ramp", "3")
+    assert r.returncode == 1 and "backup" in r.stderr, (r.stdout, r.stderr)
+    assert z.prop("ActiveTarget") == "off" and z.data_plane() == plane
+    # Straight to main gives backup nothing: no probe of backup needed.
+    assert z.zddctl("switch", "main").returncode == 0
+    assert z.prop("Weights") == {"main": 100, "backup": 0}
