@@ -711,12 +711,14 @@ class Steering:
             resumes[name] = (mine is not None and mine.target == OFF
                              and bool(mine.draining) and mine.draining == svc.active)
             if mine is not None and mine.ramp_to >= 0:
-                # Where the ramp would be now; the task takes it on from there.
+                # Resumed below: its first step commits where it would be now. The weight
+                # stays what the kernel (or the saved step) has until then, so that step
+                # sees the difference and commits it (set here, the kernel would keep the
+                # weight of before the restart until the reconciler called it drift).
                 svc._ramp = _Ramp(mine.ramp_from, mine.ramp_to, mine.ramp_start,
                                   mine.ramp_seconds, caller=mine.last_switch_caller,
                                   was=weight_target(mine.ramp_from) or OFF,
                                   received=self.clock())
-                svc.weight = svc._ramp.at(self.wall())
         # Saved before the kernel changes, as for every switch: a crash in between must not
         # leave a restart to undo what the kernel was just given. A saved drain stays saved.
         self._save({name: saved[name] for name, resume in resumes.items() if resume})

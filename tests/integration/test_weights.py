@@ -305,6 +305,9 @@ def test_a_ramp_survives_kill_9_and_resumes_where_it_would_have_been(lab):
     assert time.time() >= start + seconds - 0.5
     assert z.prop("Weights") == {"main": 100, "backup": 0}
     assert "resumed_ramp=100" in z.log()
+    # The restart itself moved the kernel to the schedule: nothing for the reconciler to find.
+    assert "drift_repaired" not in z.log()
+    assert scrape_metrics(lab.app)["zddd_drift_repairs_total"] == 0
 
 
 def test_a_switch_during_a_ramp_replaces_it(lab):
@@ -398,3 +401,22 @@ def test_a_ramp_that_gives_an_unhealthy_target_a_share_is_refused_unless_forced(
     # Straight to main gives backup nothing: no probe of backup needed.
     assert z.zddctl("switch", "main").returncode == 0
     assert z.prop("Weights") == {"main": 100, "backup": 0}
+
+
+@pytest.mark.backends("nftables")  # its split chains name the weight: the kernel's, exactly
+def test_a_resumed_slow_ramp_puts_its_weight_in_the_kernel_at_start(lab):
+    # 200 s from 0 to 100: a point every 2 s. A restart 6 s in must give the kernel the
+    # ramp's weight at once, not leave the weight of before the kill for the reconciler to
+    # "repair" as drift.
+    z = lab.start_zddd({"initial": "backup"})
+    assert z.zddctl("switch", "main", "--ramp", "200").returncode == 0
+    wait_for(lambda: z.prop("Weights")["main"] >= 1, 5, "the ramp's first point")
+    z.kill()
+    before = z.steered_to()
+    time.sleep(5)
+    z.start()
+    weight = z.prop("Weights")["main"]
+    assert weight >= 3, weight
+    assert z.steered_to() == f"split_{weight}", (before, weight)
+    time.sleep(1)
+    assert "drift_repaired" not in z.log()
