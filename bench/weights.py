@@ -158,7 +158,7 @@ def independence(groups: list[int], mains: list[bool]) -> tuple[float, int]:
     total_main = sum(mains)
     statistic = 0.0
     for key in keys:
-        in_group = [m for g, m in zip(groups, mains) if g == key]
+        in_group = [m for g, m in zip(groups, mains, strict=True) if g == key]
         size, main = len(in_group), sum(in_group)
         for observed, share in ((main, total_main / n), (size - main, 1 - total_main / n)):
             expected = size * share

@@ -6,6 +6,7 @@ and a drain from a split."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import threading
@@ -276,7 +277,7 @@ def test_a_ramp_moves_the_weights_every_second_and_switches_once_at_its_end(lab)
     assert mains == sorted(mains), mains  # only ever up
     assert mains[-1] == 100 and len(set(mains)) >= 4, mains
     times = [started] + [t for t, _ in steps]
-    gaps = [b - a for a, b in zip(times, times[1:])]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
     assert max(gaps) <= 1.5, gaps  # at least one step a second (with scheduling slack)
     assert [tuple(s[:2]) for s in switched.switched()] == [("backup", "main")]
     assert z.status()["services"]["default"]["ramp"] is None
