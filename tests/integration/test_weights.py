@@ -271,7 +271,10 @@ def test_a_ramp_moves_the_weights_every_second_and_switches_once_at_its_end(lab)
     wait_for(lambda: z.prop("ActiveTarget") == "main", 10, "the ramp to end")
     ended = time.monotonic()
     assert 3.5 <= ended - started <= 6, ended - started
-    time.sleep(0.5)
+    wait_for(lambda: props.weights() and props.weights()[-1][1]["main"] == 100, 5,
+             "PropertiesChanged with main's 100")
+    wait_for(lambda: switched.switched(), 5, "Switched")
+    time.sleep(0.3)
     steps = [(t, w["main"]) for t, w in props.weights() if t >= started]
     mains = [w for _, w in steps]
     assert mains == sorted(mains), mains  # only ever up
@@ -346,6 +349,9 @@ def test_switch_with_options_ramp_usec_is_a_slow_start(lab):
     assert time.monotonic() - started < 1.5
     assert z.prop("Weights")["main"] < 50
     wait_for(lambda: z.prop("ActiveTarget") == "main", 10, "the slow start to end")
+    # The signal may come a moment after the property reads main.
+    wait_for(lambda: props.weights() and props.weights()[-1][1]["main"] == 100, 5,
+             "PropertiesChanged with main's 100")
     mains = [w["main"] for _, w in props.weights()]
     assert mains == sorted(mains) and mains[-1] == 100 and len(mains) >= 3, mains
     wait_for(lambda: switched.switched(), 5, "Switched")
