@@ -294,6 +294,8 @@ def test_a_ramp_survives_kill_9_and_resumes_where_it_would_have_been(lab):
     assert r.returncode == 0, r.stderr
     ramp = z.status()["services"]["default"]["ramp"]
     start = ramp["started_usec"] / 1e6
+    assert (ramp["main_from"], ramp["main_to"], ramp["seconds"]) == (0, 100, seconds), ramp
+    assert "ramp:          main 0 % \u2192 100 % over 12 s" in z.zddctl("status").stdout
     time.sleep(2)
     z.kill()
     # The data plane outlives the daemon: still split, at the weight it had.
