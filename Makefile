@@ -99,11 +99,12 @@ SERVICES ?= 1
 demo: setup-demo $(if $(filter-out nftables,$(BACKEND)),setup-bpf)
 	$(VPY) examples/demo.py --backend $(BACKEND) --services $(SERVICES)
 
-# Two tables: the backends side by side (bench/backends.py), then 1 against 64 services per
-# backend (bench/services.py). Both run even if the first misses a goal; the worse status wins.
+# Three tables: the backends side by side (bench/backends.py), 1 against 64 services per
+# backend (bench/services.py), and weights (bench/weights.py). All run even if one misses a
+# goal; the worse exit status wins.
 bench: setup
-	@status=0; $(VPY) bench/backends.py || status=$$?; \
-	$(VPY) bench/services.py || { s=$$?; [ $$s -gt $$status ] && status=$$s; }; exit $$status
+	@status=0; for b in backends services weights; do \
+	  $(VPY) bench/$$b.py || { s=$$?; [ $$s -gt $$status ] && status=$$s; }; done; exit $$status
 
 # Endurance, not in CI: load through HAProxy, a switch a second and a drain cycle a minute for
 # SOAK_MINUTES (default 30); prints failed requests, zddd's RSS and descriptors, switch p50/p99.

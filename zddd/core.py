@@ -266,8 +266,9 @@ class ServiceSteering:
                                   if target != OFF else "a switch to off cannot ramp: it drains")
         old = self.active
         if target != OFF:
-            self._check_health({target: 100}, force, target, caller)
-            return self._steer(100 if target == "main" else 0, ramp, caller, received)
+            main = 100 if target == "main" else 0
+            self._check_health(self._shares(main, ramp), force, target, caller)
+            return self._steer(main, ramp, caller, received)
         # Towards off: drain the active target first, unless told not to.
         self._cancel_ramp()
         timeout = self.service.drain_timeout if drain_timeout is None else drain_timeout
@@ -319,8 +320,21 @@ class ServiceSteering:
             raise InvalidArgument(f"ramp {ramp} s is out of range 0-{MAX_SECONDS}")
         main = weights["main"]
         label = weight_target(main) or OFF
-        self._check_health(weights, force, label, caller)
+        self._check_health(self._shares(main, ramp), force, label, caller)
         return self._steer(main, ramp, caller, received)
+
+    def _ramp_from(self, main: int) -> int:
+        """Main's weight a ramp towards `main` starts from: the current one, or from off the
+        other end (main from 0, backup from 100, or the reverse)."""
+        return self.weight if self.weight is not None else (0 if main > 0 else 100)
+
+    def _shares(self, main: int, ramp: float | None) -> dict[str, int]:
+        """The most each target gets on the way to main's weight `main`: with a ramp, whatever
+        it gets at either end (a ramp from off to main starts all on backup)."""
+        if not ramp:
+            return {"main": main, "backup": 100 - main}
+        start = self._ramp_from(main)
+        return {"main": max(start, main), "backup": 100 - min(start, main)}
 
     def _check_health(self, weights: dict[str, int], force: bool, label: str,
                       caller: str) -> None:
@@ -340,17 +354,8 @@ class ServiceSteering:
         old = self.active
         label = weight_target(main) or OFF
         self._cancel_ramp()
-        start = self.weight
-        if start is None and ramp:
-            # From off, a ramp starts from the other end (all backup, or all main), if that
-            # target can take the traffic; else there is nothing to ramp from.
-            start = 0 if main > 0 else 100
-            if not self.host.is_up(self.name, "backup" if start == 0 else "main"):
-                log.info(self._log("ramp_skipped", "reason=%s"),
-                         quote(f"ramping from off needs {'backup' if start == 0 else 'main'} "
-                               "up to take the rest"))
-                start = None
-        if ramp and start is not None and start != main:
+        start = self._ramp_from(main)
+        if ramp and start != main:  # (a ramp to where the service is changes nothing)
             self._begin_ramp(_Ramp(start, main, self.host.wall(), ramp, caller=caller,
                                    was=old, received=received))
             return 0
@@ -715,7 +720,10 @@ class Steering:
             resumes[name] = (mine is not None and mine.target == OFF
                              and bool(mine.draining) and mine.draining == svc.active)
             if mine is not None and mine.ramp_to >= 0:
-                # Its first step (below, once the layout stands) commits where it would be now.
+                # Resumed below: its first step commits where it would be now. The weight
+                # stays what the kernel (or the saved step) has until then, so that step
+                # sees the difference and commits it (set here, the kernel would keep the
+                # weight of before the restart until the reconciler called it drift).
                 svc._ramp = _Ramp(mine.ramp_from, mine.ramp_to, mine.ramp_start,
                                   mine.ramp_seconds, caller=mine.last_switch_caller,
                                   was=weight_target(mine.ramp_from) or OFF,

@@ -47,14 +47,18 @@ SNAPSHOTS = {
 @pytest.mark.parametrize("word", SNAPSHOTS)
 def test_agent_words_follow_the_core_state(word):
     assert agent_word(SNAPSHOTS[word]) == word
-    assert agent_word(SNAPSHOTS[word], weights=True) == word  # all to one target: no percent
+    # With weights, main's share even at 100: HAProxy keeps a percentage until told another.
+    with_weights = {"ready up": "ready up 100%", "down": "down", "drain": "drain",
+                    "maint": "maint"}[word]
+    assert agent_word(SNAPSHOTS[word], weights=True) == with_weights
 
 
 @pytest.mark.parametrize("weights, agent_weights, word", [
     ({"main": 30, "backup": 70}, True, "ready up 30%"),
     ({"main": 30, "backup": 70}, False, "ready up"),
     ({"main": 99, "backup": 1}, True, "ready up 99%"),
-    ({"main": 100, "backup": 0}, True, "ready up"),
+    ({"main": 100, "backup": 0}, True, "ready up 100%"),
+    ({"main": 100, "backup": 0}, False, "ready up"),
     ({"main": 0, "backup": 100}, True, "ready up 0%"),
 ])
 def test_agent_weights_give_haproxy_mains_share(weights, agent_weights, word):

@@ -968,17 +968,3 @@ def test_an_adopted_data_plane_follows_a_saved_ramp_without_a_repair(rig):
         core.close()
 
     run(scenario())
-
-
-def test_a_ramp_from_off_needs_the_other_target_up_else_it_switches_at_once(tmp_path):
-    rig = Rig(tmp_path, {"initial": "off"}, backup=False)
-
-    async def scenario():
-        core = rig.make()
-        core.wall = time.time
-        core.start()
-        core.switch("main", ramp=30)
-        assert core.snapshot().ramp is None and rig.backend.table["weights"] == {"default": 100}
-        core.close()
-
-    run(scenario())

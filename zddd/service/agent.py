@@ -2,8 +2,8 @@
 
 HAProxy connects to `[agent] listen`, optionally sends its `agent-send` string, and reads one line:
 `ready up` while steering to a target whose probe passes, `down` while its probe fails, `drain`
-while draining, `maint` when off; with `[agent] weights = true`, `ready up N%` while main's weight
-N is below 100 (the words are HAProxy's, so they live here; the core is told of each poll and
+while draining, `maint` when off; with `[agent] weights = true`, `ready up N%` with main's weight
+N, 100 included (the words are HAProxy's, so they live here; the core is told of each poll and
 answers with its snapshot). One responder serves one service: the daemon starts one per service
 that has an agent endpoint, polling that service. The responder never parses
 input; it only discards what the client sent so that closing does not reset the connection before
@@ -42,9 +42,11 @@ def _weights(snap: Snapshot) -> dict[str, int]:
 def agent_word(snap: Snapshot, *, weights: bool | None = None) -> str:
     """HAProxy's agent-check answer for one service's state. `weights` is the service's
     `[agent] weights` (None: as the snapshot says, `agent_weights`): then, while main has
-    N < 100 percent of the new connections, the answer is `ready up N%`, so HAProxy gives this
+    N percent of the new connections, the answer is `ready up N%`, so HAProxy gives this
     host N % of its normal share (HAProxy reads the words in any order: `ready`, `up` and a
-    percentage each set one thing)."""
+    percentage each set one thing). At 100 too: HAProxy keeps the last percentage it was
+    given until another one comes, so a bare `ready up` after `ready up 10%` would leave the
+    host at 10 % for good."""
     if snap.draining:
         return "drain"
     if snap.active == OFF:
@@ -58,7 +60,7 @@ def agent_word(snap: Snapshot, *, weights: bool | None = None) -> str:
     main = shares.get(MAIN, 100)
     if weights is None:
         weights = bool(getattr(snap, "agent_weights", False))
-    if weights and main < 100:
+    if weights:
         return f"ready up {main}%"
     return "ready up"
 
