@@ -494,6 +494,7 @@ while not select.select([sys.stdin], [], [], 0)[0]:
     print("transfer", done, flush=True)
 print(json.dumps({"transfers": done, "size": size, "names": sorted(names), "error": error}),
       flush=True)
+sys.stdin.read()  # the connection stays open until the test is done (it counts it)
 """
 
 B_LISTEN = 9888
