@@ -20,8 +20,8 @@ private bus, and one zddd with N services `s00`.. in the `[services.NAME]` form,
 - connection counting: 10,000 established connections through the listen ports, spread evenly
   over the services and held open. "count ms" is the median time of a /metrics scrape (zddd
   counts every target's connections for it), idle / with the 10,000 held; "drain CPU" is zddd's
-  CPU while one service drains towards off with its share of them still open (the drain counts
-  its connections every 50 ms), over --drain-hold seconds.
+  CPU while one service drains towards off with its share of them still open (the drain asks
+  whether connections are left every 150 ms), over --drain-hold seconds.
 
 Run as root after `make setup`; use a quiet machine (2 cores: load moves every figure).
 Everything is removed on exit. Exit status: 0 every goal met, 1 a goal missed, 2 could not run.

@@ -8,7 +8,7 @@ The kernel does the filtering (zddd.kernel.sock_diag): the dump asks only for es
 sockets whose local port is a target port, so the agent's clients and everything else on a busy
 host never reach Python, and each reply is read in place, two ports per socket. Decoding every
 message into objects (pyroute2's way) took about 0.2 ms per socket (200 ms for 1000
-connections, measured), far too slow for a count the event loop takes every 50 ms during a
+connections, measured), far too slow for a count the event loop takes every 150 ms during a
 drain.
 
 Connections that a backend steered without changing their local port (sk_lookup: the app
@@ -52,7 +52,7 @@ class ConnectionCounter:
 
     def any(self, ports: dict[K, int], listen_ports: AbstractSet[int] = frozenset()) -> bool:
         """Whether a key of `ports` has an established connection: the dump stops at the first
-        one (a drain asks every 50 ms; with thousands of connections left, reading them all
+        one (a drain asks every 150 ms; with thousands of connections left, reading them all
         each time would cost a good part of a core). Raises OSError."""
         found = self._established(ports, listen_ports, batch=ANY_BATCH)
         try:

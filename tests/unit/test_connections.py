@@ -125,7 +125,7 @@ def test_sockets_on_the_listen_port_are_attributed_by_the_backend(listeners):
 
 
 def test_any_stops_at_the_first_connection_found(listeners, monkeypatch):
-    # A drain asks "any left?" every 50 ms: with 300 connections left it must not read them
+    # A drain asks "any left?" every 150 ms: with 300 connections left it must not read them
     # all (that was a quarter of a core with 10,000 held), and with none it must say so.
     main, backup, _ = listeners
     held = connect(main, 300)
