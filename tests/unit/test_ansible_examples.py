@@ -123,7 +123,7 @@ def test_every_variable_is_in_the_argument_specs_with_its_default_and_the_readme
     assert set(defaults) == set(options) - required, set(defaults) ^ (set(options) - required)
     for name, o in options.items():
         assert name.startswith("zddd_"), name
-        assert o.get("type") in ("str", "int") and o.get("description"), (name, o)
+        assert o.get("type") in ("str", "int", "list") and o.get("description"), (name, o)
         if name in defaults and "{{" not in str(defaults[name]):
             assert o["default"] == defaults[name], (name, o["default"], defaults[name])
     # Every zddd_ variable the role or the playbook reads is one of them.
