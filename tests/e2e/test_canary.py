@@ -4,7 +4,7 @@ balancer's namespace with a config of the test's own, scraping HAProxy's built-i
 zddd's metrics on each app server every second), under steady client load through HAProxy in
 the traffic-port usage (HAProxy sends to :8888, zddd splits each host's new connections).
 
-A good release (r2) is promoted through every step on both hosts with no failed request. A
+A --check reports the steps and changes nothing. A good release (r2) is promoted through every step on both hosts with no failed request. A
 release (r3) whose main vhost answers 500 to one request in five (the test's nginx does so for
 a release holding the file `fail-one-in-five`) is aborted at app1's first step: main's weight back
 to 0, r2 restored, the roll stopped naming app1, the step and the query's value, app2 untouched;
@@ -171,19 +171,39 @@ def canary_roll(lab, c, url, release_name: str):
         time.sleep(0.5)
         started = time.monotonic()
         result = playbook(lab, c, "traffic-port", "-e", f"zddd_release={release_name}",
-                          "-e", json.dumps({
-                              "zddd_canary_steps": STEPS,
-                              "zddd_canary_step_seconds": STEP_SECONDS,
-                              "zddd_canary_query_interval": 1,
-                              "zddd_canary_prometheus_url": url,
-                              "zddd_canary_abort_query": ABORT_QUERY,
-                              "zddd_main_up_wait": 10}),
-                          timeout=170)
+                          "-e", canary_vars(url), timeout=170)
         finished = time.monotonic()
         time.sleep(1.0)
     finally:
         records = load.finish()
     return result, records, started, finished
+
+
+def canary_vars(url: str) -> str:
+    return json.dumps({"zddd_canary_steps": STEPS, "zddd_canary_step_seconds": STEP_SECONDS,
+                       "zddd_canary_query_interval": 1, "zddd_canary_prometheus_url": url,
+                       "zddd_canary_abort_query": ABORT_QUERY, "zddd_main_up_wait": 10})
+
+
+def test_check_mode_reports_the_canary_and_changes_nothing(canary_fleet):
+    lab, c, url = canary_fleet
+    for host in HOSTS:
+        release(app_root(lab, host), "main", "r2", f"{host} main r2")
+    marks = zddd_logs(c)
+
+    result = playbook(lab, c, "traffic-port", "--check", "-e", "zddd_release=r2",
+                      "-e", canary_vars(url))
+
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out[-3000:]
+    for host in HOSTS:
+        assert re.search(rf"{host}.*run a canary \(zddctl weights main=N, N in 10, 50, 100, "
+                         rf"each held {STEP_SECONDS} s, aborted by a sample of", out, re.S), \
+            out[-3000:]
+        assert current(app_root(lab, host)) == "releases/r1"
+        assert c.apps[host].zddd.status()["active_target"] == "main"
+    assert "TASK [zddd_rolling_deploy : Canary step: main=" not in out, out[-3000:]
+    assert switches_since(c, marks) == {host: [] for host in HOSTS}
 
 
 def test_a_good_release_is_promoted_through_every_step(canary_fleet):
