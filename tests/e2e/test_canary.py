@@ -9,7 +9,8 @@ step on both hosts with no failed request. A release (r3) whose main vhost answe
 request in five (the test's nginx does so for a release holding the file `fail-one-in-five`) is
 aborted at app1's first step: main's weight back to 0, r2 restored, the roll stopped naming
 app1, the step and the query's value, app2 untouched; the failed requests the clients saw are
-printed and bounded by the step's weight and length.
+printed and bounded by the step's weight and length. In a health-port lab (`[agent] weights =
+true`), a step of 20 % gives the host a fifth of HAProxy's normal weight and share.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import json
 import re
 import shutil
 import sys
+import threading
 import time
 import urllib.parse
 from pathlib import Path
@@ -87,9 +89,9 @@ def start_nginx_failable(lab: zdddlab.Lab, name: str, ns, app_root_: Path) -> zd
     return proc
 
 
-def canary_cluster(lab: zdddlab.Lab) -> zdddlab.Cluster:
-    """test_ansible's fleet (traffic-port), zddd's metrics on each host's address, HAProxy's
-    exporter on the load balancer's loopback, and Prometheus scraping both every second."""
+def canary_cluster(lab: zdddlab.Lab, usage: str = "traffic-port") -> zdddlab.Cluster:
+    """test_ansible's fleet, zddd's metrics on each host's address (and, for the health-port
+    usage, agent weights), HAProxy's exporter on the load balancer's loopback."""
     lb = lab.netns("lb")
     client = lab.netns("client")
     lab.bridge(lb, f"{zdddlab.LB_APP_ADDR}/24")
@@ -106,11 +108,13 @@ def canary_cluster(lab: zdddlab.Lab) -> zdddlab.Cluster:
             (root / vhost / "current").symlink_to("releases/r1")
         nginx = start_nginx_failable(lab, name, ns, root)
         bus = lab.dbus_daemon(f"{name}-bus")
-        zddd = lab.zddd(f"{name}-zddd", ns, bus,
-                        {**ZDDD_CONFIG, "metrics": {"listen": f"{addr}:{METRICS_PORT}"}})
+        config = {**ZDDD_CONFIG, "metrics": {"listen": f"{addr}:{METRICS_PORT}"}}
+        if usage == "health-port":
+            config["agent"] = {"listen": "[::]:8889", "weights": True}
+        zddd = lab.zddd(f"{name}-zddd", ns, bus, config)
         start_sshd(lab, name, ns, addr, ssh_dir)
         apps[name] = zdddlab.AppServer(name, ns, addr, zddd, nginx)
-    text = zdddlab.HAPROXY_CONFIGS["traffic-port"].read_text()
+    text = zdddlab.HAPROXY_CONFIGS[usage].read_text()
     text += (f"\nfrontend prometheus\n    bind 127.0.0.1:{EXPORTER_PORT}\n"
              "    http-request use-service prometheus-exporter if { path /metrics }\n")
     haproxy = lab.haproxy("haproxy", lb, text)
@@ -273,3 +277,67 @@ def test_a_release_failing_one_request_in_five_is_aborted_at_the_first_step(cana
           f"({rate:.0f} req/s), bound {bound:.1f}", file=sys.stderr)
     assert 0 < len(bad) <= max(bound, 3), (len(bad), bound)
     assert set(answers(records, finished)) == {"app1 main r2", "app2 main r2"}
+
+
+# ---- the health-port usage: the step's share is HAProxy's, through the agent ---------------
+
+@pytest.fixture(scope="module")
+def health_port_fleet():
+    lab = zdddlab.Lab(prefix="canh")
+    try:
+        yield lab, canary_cluster(lab, "health-port")
+    finally:
+        lab.close()
+
+
+def test_health_port_a_step_gives_the_host_its_weight_of_haproxys_share(health_port_fleet):
+    """`[agent] weights = true`: at main=20 the agent answers `ready up 20%`, HAProxy's weight
+    for app1 drops to a fifth of app2's, and the clients' answers follow it (timed canary, no
+    query: app1 only, one step and 100). Needs the shipped health-port.cfg's `weight 100` on
+    the main servers (branch weights): from HAProxy's default weight 1, 20 % is 0."""
+    lab, c = health_port_fleet
+    release(app_root(lab, "app1"), "main", "r2", "app1 main r2")
+    weights: list[tuple[float, str]] = []
+    stopping = threading.Event()
+
+    def sample() -> None:
+        while not stopping.is_set():
+            try:
+                weights.append((time.monotonic(), c.haproxy.stat()["app1"]["weight"]))
+            except (OSError, KeyError):
+                pass
+            stopping.wait(0.05)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    load = lab.loadgen("load", c.client, c.url, workers=4, interval=0.02)
+    sampler.start()
+    try:
+        result = playbook(lab, c, "health-port", "-e", "zddd_release=r2", "-e", "zddd_hosts=app1",
+                          "-e", json.dumps({"zddd_canary_steps": [20, 100],
+                                            "zddd_canary_step_seconds": 8,
+                                            "zddd_main_up_wait": 10}), timeout=120)
+        time.sleep(1.0)
+    finally:
+        stopping.set()
+        sampler.join()
+        records = load.finish()
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out[-3000:]
+    assert "app1: canary step main=20% held 8 s (no abort query)" in out, out[-3000:]
+    assert not failed(records), failed(records)[:5]
+    full = weights[0][1]
+    low = [t for t, w in weights if 0 < int(w) < int(full)]
+    assert low, sorted(set(w for _, w in weights))
+    print(f"HAProxy's weight for app1: {full} normally, "
+          f"{sorted(set(w for _, w in weights if 0 < int(w) < int(full)))} during the step",
+          file=sys.stderr)
+    # The step's window as HAProxy had it (its weight reduced), less a second at each edge.
+    seen = answers(records, low[0] + 1, low[-1] - 1)
+    app1, app2 = seen["app1 main r2"], seen["app2 main r1"]
+    share = app1 / (app1 + app2)
+    print(f"health-port step main=20%: app1 served {app1}, app2 {app2}: app1's share "
+          f"{100 * share:.1f} % (20 % of a normal share: {100 * 0.2 / 1.2:.1f} %)",
+          file=sys.stderr)
+    assert 0.08 < share < 0.27, (share, seen)
+    assert current(app_root(lab, "app1")) == "releases/r2"
+    assert c.apps["app1"].zddd.status()["active_target"] == "main"
