@@ -22,12 +22,14 @@ list (addresses, cookie, inode) for other states, e.g. the listeners on a port.
 from __future__ import annotations
 
 import socket
-from typing import AbstractSet, Callable, Hashable, Sequence, TypeVar
+from typing import AbstractSet, Callable, Generator, Hashable, Iterator, Sequence, TypeVar
 
 from .kernel import sock_diag
 from .kernel.sock_diag import TCP_ESTABLISHED, Flow, as_flow, port_filter
 
 K = TypeVar("K", bound=Hashable)
+# Sockets on a listen port attributed at a time when only "any?" is asked.
+ANY_BATCH = 64
 
 
 class ConnectionCounter:
@@ -41,12 +43,30 @@ class ConnectionCounter:
               ) -> dict[K, int]:
         """Established connections by key (a target, or a (service, target) pair: `ports`
         maps each to its port), in one dump on a netlink socket opened for this count. With an
-        `attribute` function, the sockets on `listen_ports` are counted for the key it names.
-        Raises OSError if the kernel refuses the dump."""
-        by_port = {port: key for key, port in ports.items()}
+        `attribute` function, the sockets on `listen_ports` are counted for the key it names
+        (one call for them all). Raises OSError if the kernel refuses the dump."""
         counts = dict.fromkeys(ports, 0)
+        for key in self._established(ports, listen_ports, batch=None):
+            counts[key] += 1
+        return counts
+
+    def any(self, ports: dict[K, int], listen_ports: AbstractSet[int] = frozenset()) -> bool:
+        """Whether a key of `ports` has an established connection: the dump stops at the first
+        one (a drain asks every 50 ms; with thousands of connections left, reading them all
+        each time would cost a good part of a core). Raises OSError."""
+        found = self._established(ports, listen_ports, batch=ANY_BATCH)
+        try:
+            return next(found, None) is not None
+        finally:
+            found.close()  # the rest of the dump is dropped with its socket
+
+    def _established(self, ports: dict[K, int], listen_ports: AbstractSet[int],
+                     batch: int | None) -> Generator[K, None, None]:
+        """The key of each established connection, as the dump finds them (sockets on a listen
+        port attributed `batch` at a time, or all at the end with None)."""
+        by_port = {port: key for key, port in ports.items()}
         if not by_port:
-            return counts
+            return
         excluded = self.probe_ports()
         listening = (frozenset(listen_ports) - set(by_port) if self.attribute is not None
                      else frozenset())
@@ -61,15 +81,20 @@ class ConnectionCounter:
                     sport, dport = unpack_ports(data, start + 4)
                     mine = by_port.get(sport)
                     if mine is not None and dport not in excluded:
-                        counts[mine] += 1
+                        yield mine
                     elif sport in listening:
                         src, dst = unpack_addresses(data, start + 8)
                         steered.append(as_flow(family, src, sport, dst, dport))
-        if steered and self.attribute is not None:
-            for key in self.attribute(steered):
-                if key in counts:
-                    counts[key] += 1  # type: ignore[index]  # a key of `ports`, as checked
-        return counts
+                        if batch is not None and len(steered) >= batch:
+                            yield from self._attributed(steered, ports)
+                            steered = []
+        yield from self._attributed(steered, ports)
+
+    def _attributed(self, flows: list[Flow], ports: dict[K, int]) -> Iterator[K]:
+        if flows and self.attribute is not None:
+            for key in self.attribute(flows):
+                if key in ports:
+                    yield key  # type: ignore[misc]  # a key of `ports`, as checked
 
     # The one place a count reads the kernel (a test counts the rows that reach Python here).
     _dump = staticmethod(sock_diag.dump)

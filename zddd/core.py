@@ -100,6 +100,8 @@ class Health(Protocol):
 class Connections(Protocol):
     def count(self, ports: dict, listen_ports: frozenset[int] = frozenset()) -> dict: ...
 
+    def any(self, ports: dict, listen_ports: frozenset[int] = frozenset()) -> bool: ...
+
 
 class AlwaysUp:
     def is_up(self, service: str, target: str) -> bool:
@@ -221,6 +223,15 @@ class ServiceSteering:
         """Established connections per target, read from the kernel now (raises OSError)."""
         return self.host._count([self]).get(self.name, {})
 
+    def has_connections(self, targets: tuple[str, ...]) -> bool:
+        """Whether any of `targets` has an established connection now (the kernel's dump
+        stops at the first; raises OSError)."""
+        connections = self.host.connections
+        if connections is None:
+            return False
+        ports = {t: self.targets[t] for t in targets}
+        return connections.any(ports, frozenset((self.listen_port,)))
+
     def _log(self, event: str, text: str = "") -> str:
         """A log line's start: the event and, with several services, the service."""
         where = "" if self.host.config.single else f" service={self.name}"
@@ -329,8 +340,17 @@ class ServiceSteering:
         old = self.active
         label = weight_target(main) or OFF
         self._cancel_ramp()
-        if ramp:
-            start = self.weight if self.weight is not None else (0 if main > 0 else 100)
+        start = self.weight
+        if start is None and ramp:
+            # From off, a ramp starts from the other end (all backup, or all main), if that
+            # target can take the traffic; else there is nothing to ramp from.
+            start = 0 if main > 0 else 100
+            if not self.host.is_up(self.name, "backup" if start == 0 else "main"):
+                log.info(self._log("ramp_skipped", "reason=%s"),
+                         quote(f"ramping from off needs {'backup' if start == 0 else 'main'} "
+                               "up to take the rest"))
+                start = None
+        if ramp and start is not None and start != main:
             self._begin_ramp(_Ramp(start, main, self.host.wall(), ramp, caller=caller,
                                    was=old, received=received))
             return 0
@@ -480,10 +500,8 @@ class ServiceSteering:
         if clock() >= drain.deadline:
             return "timeout"
         try:
-            counts = self.connection_counts()
             # A split drains both targets.
-            drained = TARGET_NAMES if drain.target == SPLIT else (drain.target,)
-            if any(counts.get(t, 0) > 0 for t in drained):
+            if self.has_connections(TARGET_NAMES if drain.target == SPLIT else (drain.target,)):
                 return None
         except Exception as e:  # unknown is not zero: keep waiting (the deadline still holds)
             log.warning(self._log("count_failed", "target=%s error=%s"), drain.target,
@@ -527,7 +545,7 @@ class ServiceSteering:
         deadline = clock() + timeout
         while True:
             pending = self.draining in (target, SPLIT)
-            if not pending and self.connection_counts().get(target, 0) == 0:
+            if not pending and not self.has_connections((target,)):
                 return True
             if clock() >= deadline:
                 return False
@@ -697,12 +715,11 @@ class Steering:
             resumes[name] = (mine is not None and mine.target == OFF
                              and bool(mine.draining) and mine.draining == svc.active)
             if mine is not None and mine.ramp_to >= 0:
-                # Where the ramp would be now; the task takes it on from there.
+                # Its first step (below, once the layout stands) commits where it would be now.
                 svc._ramp = _Ramp(mine.ramp_from, mine.ramp_to, mine.ramp_start,
                                   mine.ramp_seconds, caller=mine.last_switch_caller,
                                   was=weight_target(mine.ramp_from) or OFF,
                                   received=self.clock())
-                svc.weight = svc._ramp.at(self.wall())
         # Saved before the kernel changes, as for every switch: a crash in between must not
         # leave a restart to undo what the kernel was just given. A saved drain stays saved.
         self._save({name: saved[name] for name, resume in resumes.items() if resume})

@@ -122,3 +122,39 @@ def test_sockets_on_the_listen_port_are_attributed_by_the_backend(listeners):
     assert ConnectionCounter().count(ports) == {"main": 1, "backup": 0}
     for s in held:
         s.close()
+
+
+def test_any_stops_at_the_first_connection_found(listeners, monkeypatch):
+    # A drain asks "any left?" every 50 ms: with 300 connections left it must not read them
+    # all (that was a quarter of a core with 10,000 held), and with none it must say so.
+    main, backup, _ = listeners
+    held = connect(main, 300)
+    rows = []
+    dump = ConnectionCounter._dump
+
+    def counting(diag, family, bytecode, seq):
+        for row in dump(diag, family, bytecode, seq):
+            rows.append(row)
+            yield row
+
+    monkeypatch.setattr(ConnectionCounter, "_dump", staticmethod(counting))
+    counter = ConnectionCounter()
+    assert counter.any({"main": main.getsockname()[1]}) is True
+    assert len(rows) == 1, len(rows)
+    assert counter.any({"backup": backup.getsockname()[1]}) is False
+    for s in held:
+        s.close()
+    assert counter.any({"main": main.getsockname()[1]}) is False
+
+
+def test_any_attributes_sockets_on_a_listen_port(listeners):
+    listen, main, _ = listeners
+    held = connect(listen, 3)
+    ports = {"main": main.getsockname()[1], "backup": 1}
+    nobody = ConnectionCounter(attribute=lambda flows: [None for _ in flows])
+    mine = ConnectionCounter(attribute=lambda flows: ["backup" for _ in flows])
+    listening = {listen.getsockname()[1]}
+    assert nobody.any(ports, listening) is False
+    assert mine.any(ports, listening) is True
+    for s in held:
+        s.close()

@@ -106,6 +106,9 @@ class FakeConnections:
     def count(self, ports, listen_ports=frozenset()):
         return {key: self.counts.get(key[1], 0) for key in ports}
 
+    def any(self, ports, listen_ports=frozenset()):
+        return any(self.counts.get(key, 0) for key in ports)
+
 
 class Recorder(Observer):
     def __init__(self):
@@ -945,6 +948,37 @@ def test_off_from_a_split_drains_both_targets(rig):
         rig.conns.counts = {}
         await asyncio.sleep(0.2)
         assert core.active == "off" and rig.backend.table["weights"] == {"default": None}
+        core.close()
+
+    run(scenario())
+
+
+def test_an_adopted_data_plane_follows_a_saved_ramp_without_a_repair(rig):
+    now = time.time()
+    rig.backend.program("backup", rig.config)
+    rig.store.save(SavedState("backup", ramp_from=0, ramp_to=100, ramp_start=now - 10,
+                              ramp_seconds=20))
+
+    async def scenario():
+        core = rig.make()
+        core.wall = time.time
+        core.start()
+        assert 45 <= rig.backend.table["weights"]["default"] <= 55
+        assert core.reconcile() is False and rig.rec.repairs == 0
+        core.close()
+
+    run(scenario())
+
+
+def test_a_ramp_from_off_needs_the_other_target_up_else_it_switches_at_once(tmp_path):
+    rig = Rig(tmp_path, {"initial": "off"}, backup=False)
+
+    async def scenario():
+        core = rig.make()
+        core.wall = time.time
+        core.start()
+        core.switch("main", ramp=30)
+        assert core.snapshot().ramp is None and rig.backend.table["weights"] == {"default": 100}
         core.close()
 
     run(scenario())
