@@ -16,17 +16,20 @@ BPF_DEBS := python3-bpfcc bpftool
 # tests.
 TEST_DEBS := $(DEMO_DEBS) $(BPF_DEBS) python3-pytest python3-hypothesis python3-pytest-xdist \
         systemd wrk ansible-core openssh-server bash-completion
+# The canary e2e test's Prometheus (2.42, run as a plain binary with the test's config), without
+# its recommended node exporter: the test needs none, and the package would start it.
+PROM_DEBS := prometheus
 
 .PHONY: setup setup-demo setup-bpf test test-fast test-integration test-e2e test-system lint \
         demo bench soak deb clean
 
-# apt-get only when a package is missing (after one apt-get update).
+# apt-get only when a package is missing (after one apt-get update); $(2): apt-get's options.
 define install_missing
 	@missing=$$(for p in $(1); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null \
 	    | grep -q 'install ok installed' || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 	    echo "installing:" $$missing; \
-	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
+	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(2) $$missing; \
 	fi
 endef
 
@@ -52,6 +55,7 @@ $(VENV)/.setup-bpf-done: $(VENV)/.setup-demo-done
 
 $(VENV)/.setup-done: $(VENV)/.setup-demo-done $(VENV)/.setup-bpf-done
 	$(call install_missing,$(TEST_DEBS))
+	$(call install_missing,$(PROM_DEBS),--no-install-recommends)
 	touch $@
 
 # The whole suite. pytest's exit code 5 ("no tests ran") fails like any other. Unit and

@@ -11,7 +11,10 @@ Topology (network namespaces of this machine, removed at the end):
 
 HAProxy sends traffic to each host's :8888 (the "traffic port" usage). While the client sends
 requests without pause, the demo flips app1 main -> backup -> main and drains app2 to off and
-back, then prints who answered in each phase and how long each data-plane commit took.
+back, then runs a canary on app1 (backup first, then `zddctl weights main=10`, `main=50`,
+`switch main`, each step held 3 s), then prints who answered in each phase, the share of app1's
+answers each of its targets served in each canary step (measured by the client), and how long
+each data-plane commit took.
 
 With `--services 2` (`make demo SERVICES=2`) every host runs two apps, `web` and `api`, each a
 zddd service with its own listen port, vhosts and agent (packaging/zddd.toml's two-service
@@ -43,6 +46,12 @@ HOSTS = ("app1", "app2")
 VHOSTS = tuple(f"{h} {v}" for h in HOSTS for v in ("main", "backup"))
 STEADY = ("both hosts on main", "app1 on backup", "app1 back on main", "app2 off",
           "app2 back on main")
+# The canary on app1 after them: main's weight in each step, and the step's phase.
+CANARY = ((10, "app1 canary main=10%"), (50, "app1 canary main=50%"),
+          (100, "app1 canary main=100%"))
+# How far a step's measured share of main may be from its weight before the demo calls it
+# wrong: a few hundred requests per step, so a few points of chance either way.
+CANARY_TOLERANCE = 12
 # What each steady phase must (True) or must not (False) have served. The phases while a
 # zddctl call runs are left out: the commit happens at some moment inside them.
 EXPECT = {
@@ -52,6 +61,9 @@ EXPECT = {
     STEADY[2]: {"app1 main": True, "app1 backup": False, "app2 main": True},
     STEADY[3]: {"app1 main": True, "app2 main": False, "app2 backup": False},
     STEADY[4]: {"app1 main": True, "app2 main": True},
+    CANARY[0][1]: {"app1 main": True, "app1 backup": True, "app2 main": True},
+    CANARY[1][1]: {"app1 main": True, "app1 backup": True, "app2 main": True},
+    CANARY[2][1]: {"app1 main": True, "app1 backup": False, "app2 main": True},
 }
 
 
@@ -115,6 +127,23 @@ def main(backend: str) -> int:
             timeline.say(host, f"{command} returned after {took * 1000:.0f} ms; data-plane "
                          f"commit {usec} µs", at=returned)
 
+        def weights(host: str, zddd: zdddlab.Zddd, main_weight: int, *, then: str) -> None:
+            command = f"zddctl weights main={main_weight}"
+            phase(f"{host}: {command}")
+            started = time.monotonic()
+            zddd.ctl("weights", f"main={main_weight}")
+            returned = time.monotonic()
+            phase(then)
+            status = zddd.status()
+            took = returned - started
+            commits.append((host, f"weights main={main_weight}", status["last_switch_usec"],
+                            took))
+            split = status.get("weights") or next(
+                (one.get("weights") for one in status.get("services", {}).values()), None)
+            timeline.say(host, f"{command} returned after {took * 1000:.0f} ms; data-plane "
+                         f"commit {status['last_switch_usec']} µs; weights now {split}",
+                         at=returned)
+
         stopping = threading.Event()
         watcher = threading.Thread(target=watch_haproxy, args=(c.haproxy, timeline, stopping),
                                    daemon=True)
@@ -139,12 +168,23 @@ def main(backend: str) -> int:
             zdddlab.wait_for(lambda: c.haproxy.servers()["app2"] == "UP", 15,
                             "HAProxy to put app2 back")
             time.sleep(2.0)
+            # The canary: app1 to backup (the new release would be deployed on main now),
+            # then main's weight in steps; each new connection picks its target once.
+            switch("app1", app1, "backup", then="app1 on backup again")
+            time.sleep(1.0)
+            for weight, name in CANARY:
+                if weight < 100:
+                    weights("app1", app1, weight, then=name)
+                else:
+                    switch("app1", app1, "main", then=name)
+                time.sleep(3.0)
         finally:
             records = load.finish()
             stopping.set()
             watcher.join()
         timeline.say("client", f"stopped after {len(records)} requests")
         problems = report(records, phases, commits, backend)
+        problems += canary_report(records, phases)
     print()
     if problems:
         print(f"FAILED ({backend}):\n  " + "\n  ".join(problems))
@@ -204,6 +244,27 @@ def report(records: list[dict], phases: list[tuple[str, float]],
                 problems.append(f"phase '{phase}': {counts[answer]} '{answer}' answers, "
                                 "expected none")
     return [prefix + p for p in problems]
+
+
+def canary_report(records: list[dict], phases: list[tuple[str, float]]) -> list[str]:
+    """Print the share of app1's answers each target served in each canary step, as the client
+    counted them; return the steps whose share of main is off by more than CANARY_TOLERANCE."""
+    bounds = [(name, start, phases[i + 1][1] if i + 1 < len(phases) else float("inf"))
+              for i, (name, start) in enumerate(phases)]
+    print()
+    print("canary on app1, measured by the client (app1's answers in each step):")
+    print(f"{'step':<24}{'weight':>8}{'app1 main':>12}{'app1 backup':>13}{'main share':>12}")
+    problems = []
+    for weight, step in CANARY:
+        start, end = next((b, e) for name, b, e in bounds if name == step)
+        seen = Counter(r["body"] for r in records if r["ok"] and start <= r["t"] < end)
+        main, backup = seen["app1 main"], seen["app1 backup"]
+        share = 100 * main / (main + backup) if main + backup else float("nan")
+        print(f"{step:<24}{str(weight) + ' %':>8}{main:>12}{backup:>13}{share:>10.1f} %")
+        if not abs(share - weight) <= CANARY_TOLERANCE:
+            problems.append(f"canary step {step}: main served {share:.1f} % of app1's answers, "
+                            f"weight {weight} %")
+    return problems
 
 
 # ---- two services per host (--services 2) ------------------------------------------------

@@ -12,6 +12,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -123,7 +124,7 @@ def test_every_variable_is_in_the_argument_specs_with_its_default_and_the_readme
     assert set(defaults) == set(options) - required, set(defaults) ^ (set(options) - required)
     for name, o in options.items():
         assert name.startswith("zddd_"), name
-        assert o.get("type") in ("str", "int") and o.get("description"), (name, o)
+        assert o.get("type") in ("str", "int", "list") and o.get("description"), (name, o)
         if name in defaults and "{{" not in str(defaults[name]):
             assert o["default"] == defaults[name], (name, o["default"], defaults[name])
     # Every zddd_ variable the role or the playbook reads is one of them.
@@ -251,3 +252,45 @@ def test_a_free_lock_is_taken_once(tmp_path):
     assert json.loads(path.read_text())["pid"] == 0
     again = lock("take", str(path), "r3", "app1", tmp=tmp_path)
     assert again.returncode == 1 and "another rolling deploy holds the lock" in again.stdout
+
+
+# ---- canary steps ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("extra, word", [
+    ({"zddd_canary_steps": [50, 10]}, "got steps [50, 10]"),
+    ({"zddd_canary_steps": [0, 100]}, "got steps [0, 100]"),
+    ({"zddd_canary_steps": [10, 150]}, "got steps [10, 150]"),
+    ({"zddd_canary_steps": [10, 100], "zddd_canary_abort_query": "up == 0"},
+     "needs zddd_canary_prometheus_url"),
+])
+def test_bad_canary_variables_stop_the_roll_before_touching_a_host(tmp_path, extra, word):
+    r = ansible("ansible-playbook", "-i", str(ANSIBLE / "vagrant.ini"), str(PLAYBOOK),
+                "-e", "zddd_release=r2", "-e", "zddd_lb_url=http://lb/", "-e", json.dumps(extra),
+                tmp=tmp_path)
+    assert r.returncode != 0
+    assert "zddd_canary_steps must be a list of main's percents" in r.stdout, r.stdout[-2000:]
+    assert word in r.stdout, r.stdout[-2000:]
+    # The check comes before anything connects to a host.
+    assert "UNREACHABLE" not in r.stdout, r.stdout[-2000:]
+
+
+WATCH = ROLE / "files" / "canary_watch.py"
+
+
+def test_a_canary_step_without_a_query_is_held_for_its_seconds():
+    started = time.monotonic()
+    r = subprocess.run([sys.executable, str(WATCH), "", "", "1.5", "5", "app1", "10"],
+                       capture_output=True, text=True, timeout=30)
+    took = time.monotonic() - started
+    assert r.returncode == 0, r
+    assert r.stdout.strip() == "app1: canary step main=10% held 1.5 s (no abort query)"
+    assert 1.5 <= took < 5, took
+
+
+def test_a_canary_step_whose_prometheus_cannot_be_asked_aborts_naming_host_and_step():
+    # Port 9 on loopback: nothing listens there, every ask is refused at once.
+    r = subprocess.run([sys.executable, str(WATCH), "http://127.0.0.1:9", "up == 0", "30", "0.2",
+                        "app2", "50"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2, r
+    assert r.stdout.startswith("app2: canary step main=50% not watched: Prometheus at "
+                               "http://127.0.0.1:9 could not be asked 3 times in a row"), r.stdout
