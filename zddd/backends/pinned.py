@@ -348,6 +348,11 @@ class ActiveWriter:
         assert self._slot is not None
         self._slot.write(value, index)
 
+    def read(self, index: int = 0) -> int:
+        """Element `index` of the map `adopt` took."""
+        assert self._slot is not None
+        return self._slot.read(index)
+
     def forget(self) -> None:
         if self._slot is not None:
             self._slot.close()

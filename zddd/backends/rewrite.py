@@ -12,7 +12,7 @@ Kernel layout, per backend, under `<bpf_pin_dir>/<backend>/` (tc/ or xdp/):
              straight to a target port forgets a steered flow of the same addresses)
     active   array[MAX_SERVICES]: per slot 0 for off, else 1 + main's weight (percent of new
              connections to main). Created mmapable: a switch of one service is one 4-byte
-             store into zddd's mapping of it (SlotWriter).
+             store into zddd's mapping of it (pinned.ActiveWriter).
     counts   per-CPU hash: target port -> new flows steered; 65536/65537 -> entries added/deleted
     stamp    array[1]: magic, LAYOUT_VERSION, digest of the build
     ingress  the ingress program (tc classifier or XDP), pinned
@@ -78,7 +78,6 @@ import ctypes
 import errno
 import hashlib
 import logging
-import mmap
 import os
 import secrets
 import shutil
@@ -371,66 +370,6 @@ def counter_ports(desired: Desired) -> tuple[tuple[tuple[str, str], int], ...]:
     return tuple(((s.name, name), port) for s in desired.services for name, port in s.ports)
 
 
-# An array map's elements are 8-byte aligned: the mapping holds a u32 value every 2 words.
-ELEMENT_WORDS = 2
-
-
-class SlotWriter:
-    """The `active` array a flip writes, open and mapped once: a store of one service's value
-    is one aligned 4-byte store into the mapping, which the programs' next lookup sees (no
-    syscall, no reader sees half of it). A map without BPF_F_MMAPABLE (not zddd's making) is
-    written with BPF_MAP_UPDATE_ELEM. A rebuilt map is a new map: `forget` drops the old one,
-    `adopt` takes the one a read opened."""
-
-    def __init__(self) -> None:
-        self._fd = -1
-        self._id = 0
-        self._mmap: mmap.mmap | None = None
-        self._slots: memoryview | None = None
-
-    def adopt(self, fd: int) -> None:
-        map_id = kbpf.map_info(fd).id
-        if self._fd >= 0 and map_id == self._id:
-            return
-        self.forget()
-        self._fd = os.dup(fd)
-        self._id = map_id
-        try:
-            self._mmap = mmap.mmap(self._fd, mmap.PAGESIZE, mmap.MAP_SHARED,
-                                   mmap.PROT_READ | mmap.PROT_WRITE)
-        except OSError:  # EINVAL: not mmapable
-            self._mmap = None
-        else:
-            self._slots = memoryview(self._mmap).cast("I")
-
-    def read(self, slot: int) -> int:
-        if self._slots is not None:
-            return self._slots[slot * ELEMENT_WORDS]
-        raw = kbpf.map_lookup(self._fd, struct.pack("=I", slot), 4)
-        return struct.unpack("=I", raw)[0] if raw else 0
-
-    def write(self, path: str, stores: tuple[tuple[int, int], ...]) -> None:
-        if self._fd < 0:
-            with pinned.Pinned(path) as fd:
-                self.adopt(fd)
-        for slot, value in stores:
-            if self._slots is not None:
-                self._slots[slot * ELEMENT_WORDS] = value
-            else:
-                kbpf.map_update(self._fd, struct.pack("=I", slot), struct.pack("=I", value))
-
-    def forget(self) -> None:
-        if self._slots is not None:
-            self._slots.release()
-            self._slots = None
-        if self._mmap is not None:
-            self._mmap.close()
-            self._mmap = None
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-
-
 class RewriteBackend(Backend):
     """A rewriting backend; tc.py and xdp.py say which program goes on ingress."""
 
@@ -441,7 +380,7 @@ class RewriteBackend(Backend):
 
     def __init__(self) -> None:
         self._ipr = None
-        self._active = SlotWriter()
+        self._active = pinned.ActiveWriter()
         self._counters: _Counters | None = None
         self._known_prog_ids: set[int] = set()  # programs this instance saw pinned as its own
         self.compile_seconds: float | None = None
@@ -1015,7 +954,8 @@ class RewriteBackend(Backend):
             Detach: self._detach_step}, self._flip)
 
     def _flip(self, flip) -> None:  # a Stores (pinned.carry_out is typed for Flip)
-        self._active.write(flip.path, flip.stores)
+        for slot, value in flip.stores:
+            self._active.write(flip.path, value, slot)
 
     @staticmethod
     def _refuse(step: Refuse) -> None:
@@ -1038,7 +978,7 @@ class RewriteBackend(Backend):
         row = step.row
         directory = step.directory
         if step.reset:
-            self._active.write(os.path.join(directory, "active"), ((row.slot, 0),))
+            self._active.write(os.path.join(directory, "active"), 0, row.slot)
         _write_targets(directory, (row,))
         with pinned.Pinned(os.path.join(directory, "services")) as fd:
             kbpf.map_update(fd, struct.pack("=I", row.listen_port),
@@ -1055,7 +995,7 @@ class RewriteBackend(Backend):
                 kbpf.map_delete(targets, struct.pack("=I", port))
                 kbpf.map_delete(counts, struct.pack("=I", port))
         if step.slot is not None:
-            self._active.write(os.path.join(directory, "active"), ((step.slot, 0),))
+            self._active.write(os.path.join(directory, "active"), 0, step.slot)
 
     @staticmethod
     def _missing(step: Missing) -> None:

@@ -125,6 +125,7 @@ class ActiveSlot:
 
     def __init__(self, map_fd: int):
         self.mapped = False
+        self._fd = map_fd  # the caller's: it keeps it open while this is used
         # An array map's elements are 8-byte aligned in its memory: element i of u32s is the
         # (2 * i)th u32 of the mapping.
         info = map_info(map_fd)
@@ -154,6 +155,13 @@ class ActiveSlot:
             struct.pack_into("=I", self._key, 0, index)
             struct.pack_into("=I", self._value, 0, value)
             _bpf(BPF_MAP_UPDATE_ELEM, self._attr)
+
+    def read(self, index: int = 0) -> int:
+        """The value in element `index` (0 if the map has none there)."""
+        if self.mapped:
+            return self._slot[index * self._stride]
+        raw = map_lookup(self._fd, struct.pack("=I", index), 4)
+        return struct.unpack("=I", raw)[0] if raw else 0
 
     def close(self) -> None:
         if self.mapped:
