@@ -233,7 +233,8 @@ class ServiceSteering:
         connections = self.host.connections
         if connections is None:
             return False
-        ports = {t: self.targets[t] for t in targets}
+        # Keyed as the backend attributes connections on the listen port: (service, target).
+        ports = {(self.name, t): self.targets[t] for t in targets}
         return connections.any(ports, frozenset((self.listen_port,)))
 
     def _log(self, event: str, text: str = "") -> str:

@@ -107,7 +107,7 @@ class FakeConnections:
         return {key: self.counts.get(key[1], 0) for key in ports}
 
     def any(self, ports, listen_ports=frozenset()):
-        return any(self.counts.get(key, 0) for key in ports)
+        return any(self.counts.get(key[1], 0) for key in ports)
 
 
 class Recorder(Observer):
