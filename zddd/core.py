@@ -162,7 +162,7 @@ class ServiceSteering:
         self.host = host
         self.service = service
         self.name = service.name
-        self.weight: int | None = None  # main's percent in the kernel; None: off
+        self.weight: int | None = None  # main's percent the kernel steers by (a drain keeps it); None: off
         self.last_switch_usec = 0
         self.last_switch_timestamp = 0
         self.last_switch_caller = ""
@@ -189,11 +189,6 @@ class ServiceSteering:
     @property
     def targets(self) -> dict[str, int]:
         return {name: t.port for name, t in self.service.targets.items()}
-
-    @property
-    def kernel_weight(self) -> int | None:
-        """What the kernel should hold for this service now (a drain keeps steering)."""
-        return self.weight
 
     def snapshot(self) -> Snapshot:
         weights = ({"main": 0, "backup": 0} if self.weight is None
@@ -769,7 +764,7 @@ class Steering:
 
     def _desired(self, weights: dict[str, int | None] | None = None) -> Desired:
         """The layout with every service's current weight, or the ones `weights` gives."""
-        now = {name: svc.kernel_weight for name, svc in self.services.items()}
+        now = {name: svc.weight for name, svc in self.services.items()}  # a drain keeps steering
         return Desired.from_config(self.config, {**now, **(weights or {})})
 
     def _commit(self, weights: dict[str, int | None], current: KernelState | None) -> int:
