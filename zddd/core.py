@@ -162,7 +162,7 @@ class ServiceSteering:
         self.host = host
         self.service = service
         self.name = service.name
-        self.weight: int | None = None  # main's percent the kernel steers by (a drain keeps it); None: off
+        self.weight: int | None = None  # main's percent the kernel steers by; None: off
         self.last_switch_usec = 0
         self.last_switch_timestamp = 0
         self.last_switch_caller = ""
