@@ -183,16 +183,18 @@ def test_active_slot_writes_every_value_whole(mmapable):
 def test_slot_writer_stores_each_service_in_its_own_element(mmapable, tmp_path):
     """The many-service `active` array: a store to one slot lands in that element (the
     kernel lays array elements out 8 bytes apart) and in no other."""
-    from zddd.backends.rewrite import MAX_SERVICES, SlotWriter
+    from zddd.backends.pinned import ActiveWriter
+    from zddd.backends.rewrite import MAX_SERVICES
 
     flags = kbpf.BPF_F_MMAPABLE if mmapable else 0
     fd = kbpf.map_create(kbpf.BPF_MAP_TYPE_ARRAY, 4, 4, MAX_SERVICES, flags)
-    writer = SlotWriter()
+    writer = ActiveWriter()
     try:
         writer.adopt(fd)
         for slot in range(MAX_SERVICES):
-            writer.write("", ((slot, slot + 1),))
-        writer.write("", ((7, 0), (MAX_SERVICES - 1, 101)))
+            writer.write("", slot + 1, slot)
+        writer.write("", 0, 7)
+        writer.write("", 101, MAX_SERVICES - 1)
         want = [0 if slot == 7 else 101 if slot == MAX_SERVICES - 1 else slot + 1
                 for slot in range(MAX_SERVICES)]
         got = [struct.unpack("=I", kbpf.map_lookup(fd, struct.pack("=I", slot), 4))[0]
