@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 from .api import MAX_SECONDS
-from .backends import (ApplyError, Backend, Desired, KernelState, NewerLayout, target_weight,
-                       weight_target)
+from .backends import (OLDER_LAYOUT, ApplyError, Backend, Desired, KernelState, NewerLayout,
+                       target_weight, weight_target)
 from .config import ALL_TARGETS, OFF, SPLIT, TARGET_NAMES, Config, Service
 from .errors import BackendFailure, InvalidArgument, InvalidConfig, InvalidTarget, TargetUnhealthy
 from .logfmt import quote
@@ -733,7 +733,9 @@ class Steering:
         self._save({name: saved[name] for name, resume in resumes.items() if resume})
         # (a resumed ramp is saved as it stands now, with its start and end)
         if kernel is None or not kernel.intact:
-            if kernel is not None:
+            if kernel is not None and any(p.startswith(OLDER_LAYOUT) for p in kernel.problems):
+                log.info("event=layout_upgraded problems=%s", quote("; ".join(kernel.problems)))
+            elif kernel is not None:
                 log.warning("event=layout_rebuilt problems=%s", quote("; ".join(kernel.problems)))
             try:
                 self._commit({}, kernel)

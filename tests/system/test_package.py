@@ -392,8 +392,12 @@ def test_bpf_drop_in_applies_and_keeps_nftables_working(machine):
 
 def _switch_results(m: Machine) -> dict[str, int]:
     out = m.sh("curl -sSf 127.0.0.1:9488/metrics", check=True).stdout
-    return {t: int(float(v)) for t, v in re.findall(
-        r'zddd_switches_total\{result="ok",target="(\w+)"\} ([\d.]+)', out)}
+    results = {}
+    for labels, value in re.findall(r'^zddd_switches_total\{([^}]*)\} ([\d.]+)$', out, re.M):
+        named = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+        if named.get("result") == "ok":
+            results[named["target"]] = int(float(value))
+    return results
 
 
 def test_app_reload_hook(machine):

@@ -146,6 +146,11 @@ class Desired:
         return {port: (s, name) for s in self.services for name, port in s.ports}
 
 
+# A problem that starts with one of these says the kernel holds an older zddd's layout: its
+# rebuild is an upgrade, not damage (the core logs it at info, not as a warning).
+OLDER_LAYOUT = ("older layout", "layout version", "layout v1")
+
+
 @dataclass(frozen=True)
 class KernelState:
     """What `read` found. `weights` has, for each service of the desired layout that the
