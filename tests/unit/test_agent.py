@@ -264,9 +264,6 @@ def test_the_responder_answers_for_its_service_with_its_weights_setting():
 
 
 def test_without_a_setting_the_snapshot_says_whether_the_agent_gives_weights():
-    names = {f.name for f in dataclasses.fields(Snapshot)}
-    if "agent_weights" not in names:
-        pytest.skip("this core's Snapshot has no agent_weights")
     split = snap("split", weights={"main": 25, "backup": 75})
     assert agent_word(split) == "ready up"
     assert agent_word(dataclasses.replace(split, agent_weights=True)) == "ready up 25%"
