@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-import types
 
 import pytest
 
@@ -22,18 +21,11 @@ def run(coro):
 
 
 def snap(active: str, draining: str = "", up=None, weights=None) -> Snapshot:
-    """A snapshot of one service; `weights` only where the core's Snapshot has them."""
-    kw = dict(active=active, draining=draining, backend="nftables", listen_port=8888,
-              targets={"main": 8080, "backup": 80},
-              up={"main": True, "backup": True} if up is None else up)
-    names = {f.name for f in dataclasses.fields(Snapshot)}
-    if "service" in names:
-        kw["service"] = "default"
-    if weights is not None:
-        kw["weights"] = weights
-        if "weights" not in names:  # a core before weights: the same fields, duck-typed
-            return types.SimpleNamespace(**kw)
-    return Snapshot(**kw)
+    """A snapshot of service "default"."""
+    return Snapshot(active=active, draining=draining, backend="nftables", listen_port=8888,
+                    targets={"main": 8080, "backup": 80},
+                    up={"main": True, "backup": True} if up is None else up,
+                    service="default", weights=weights or {})
 
 
 SNAPSHOTS = {
